@@ -1,0 +1,145 @@
+"""MonitoringSystem's HTTP side: /metrics, /healthz, /readyz and the task/agent API (aiohttp).
+
+Write endpoints need an operator's bearer token (``Authorization: Bearer <token>``).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+
+from . import protocol
+from .exceptions import SubmissionRefused, UnknownTask
+
+if TYPE_CHECKING:
+    from .coordinator import CoordinatorAgent
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 256 * 1024
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message}, status)
+
+
+class MonitoringServer:
+    def __init__(self, coordinator: CoordinatorAgent, host: str, port: int) -> None:
+        self.coordinator = coordinator
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.add_routes([
+            web.get("/metrics", self.metrics),
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+            web.get("/api/status", self.status),
+            web.get("/api/agents", self.agents),
+            web.post("/api/tasks", self.submit),
+            web.get("/api/tasks", self.recent_tasks),
+            web.get("/api/tasks/{task_id}", self.task),
+        ])
+        self.app = app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        if self.port == 0 and server is not None:
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        log.info("monitoring on http://%s:%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- probes and metrics -------------------------------------------------------------------
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = self.coordinator.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        c = self.coordinator
+        checks = {
+            "broker_connected": c.messages.connected,
+            "consumers_active": c.messages.active_consumers > 0,
+            "accepting": c.accepting,
+        }
+        ready = all(checks.values())
+        return _json({"ready": ready, "checks": checks}, 200 if ready else 503)
+
+    # --- API ----------------------------------------------------------------------------------
+
+    async def status(self, request: web.Request) -> web.Response:
+        return _json(self.coordinator.status_view())
+
+    async def agents(self, request: web.Request) -> web.Response:
+        return _json({"agents": self.coordinator.agents_view()})
+
+    async def recent_tasks(self, request: web.Request) -> web.Response:
+        try:
+            limit = max(1, min(int(request.query.get("limit", "50")), 500))
+        except ValueError:
+            return _error(400, "limit must be an integer")
+        tasks = self.coordinator.state.store.recent(limit)
+        return _json({"tasks": [t.public_view() for t in tasks]})
+
+    async def task(self, request: web.Request) -> web.Response:
+        try:
+            task = self.coordinator.state.get_task(request.match_info["task_id"])
+        except UnknownTask:
+            return _error(404, "no such task")
+        return _json(task.public_view())
+
+    async def submit(self, request: web.Request) -> web.Response:
+        operator = self._operator(request)
+        if operator is None:
+            return _error(401, "an operator bearer token is required (Authorization: Bearer ...)")
+        if not self.coordinator.accepting:
+            return _error(503, "coordinator is not accepting tasks right now")
+        try:
+            body = await request.read()
+            spec = protocol.TaskSubmit.model_validate_json(body)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        except ValidationError as exc:
+            problems = [
+                {"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"]}
+                for e in exc.errors(include_url=False, include_input=False)
+            ]
+            return _json({"error": "invalid task", "problems": problems}, 422)
+        if spec.reply_to is not None:
+            return _error(422, "reply_to is for AMQP clients; poll GET /api/tasks/{id} instead")
+        try:
+            task, duplicate = self.coordinator.submit(
+                spec, submitted_by=operator, default_id=uuid.uuid4().hex
+            )
+        except SubmissionRefused as exc:
+            return _error(429, str(exc))
+        return _json({"task_id": task.id, "status": task.status.value, "duplicate": duplicate},
+                     200 if duplicate else 202)
+
+    def _operator(self, request: web.Request) -> str | None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        principal = self.coordinator.keyring.operator_for_token(token.strip())
+        return principal.id if principal is not None else None

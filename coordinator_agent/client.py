@@ -1,0 +1,121 @@
+"""CoordinatorClient: submit tasks over AMQP and wait for their results (the operator's side).
+
+Replies come to a queue of the client's own, named once, so they survive reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from . import constants as c
+from . import protocol
+from .keyring import Keyring
+from .messaging import MessageHandler, coordinator_topology
+from .security import AuthorizationManager, SecurityManager
+from .settings import Settings
+
+REPLY_QUEUE_EXPIRES_MS = 5 * 60 * 1000
+
+
+class CoordinatorClient:
+    def __init__(self, settings: Settings, keyring: Keyring, principal_id: str) -> None:
+        self.settings = settings
+        self.principal_id = principal_id
+        self.coordinator_id = settings.name
+        self.security = SecurityManager(
+            keyring.subset(principal_id), principal_id,
+            coordinator_id=settings.name,
+            max_message_bytes=settings.limits.max_message_bytes,
+            ttl_s=settings.security.message_ttl_s,
+            replay_window_s=settings.security.replay_window_s,
+        )
+        self.reply_queue = f"ca.client.{principal_id}.{uuid.uuid4().hex[:12]}"
+        self.messages = MessageHandler(
+            settings.broker_url, self.security, name=f"client:{principal_id}",
+            authorizer=AuthorizationManager(self.security),
+            publish_timeout_s=settings.limits.publish_timeout_s,
+        )
+        self.messages.add_topology(self._declare)
+        self.messages.consume(self.reply_queue, self._on_reply, prefetch=512,
+                              requeue_on_error=False)
+        self.accepted: dict[str, protocol.TaskAccepted] = {}
+        self.completed: dict[str, protocol.TaskCompleted] = {}
+        #: Every completion notice received, duplicates included (tests count them).
+        self.notices: list[protocol.TaskCompleted] = []
+        self._waiters: dict[str, list[asyncio.Future[protocol.TaskCompleted]]] = {}
+
+    async def _declare(self, channel: AbstractChannel) -> None:
+        await coordinator_topology(self.coordinator_id)(channel)
+        await channel.declare_queue(
+            self.reply_queue, durable=False, auto_delete=False,
+            arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS, "x-queue-type": "classic"},
+        )
+
+    async def __aenter__(self) -> CoordinatorClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        await self.messages.start()
+
+    async def close(self) -> None:
+        await self.messages.close()
+
+    async def submit(
+        self,
+        description: str,
+        *,
+        kind: str | None = None,
+        required_capabilities: list[str] | None = None,
+        input: Any = None,
+        timeout_s: float | None = None,
+        max_retries: int | None = None,
+        task_id: str | None = None,
+    ) -> str:
+        """Publish a task.submit (confirmed by the broker); returns the task id."""
+        task_id = task_id or uuid.uuid4().hex
+        spec = protocol.TaskSubmit(
+            task_id=task_id, description=description, kind=kind,
+            required_capabilities=required_capabilities or [], input=input,
+            timeout_s=timeout_s, max_retries=max_retries, reply_to=self.reply_queue,
+        )
+        await self.messages.publish(spec, peer=self.coordinator_id,
+                                    exchange=c.COORDINATOR_EXCHANGE,
+                                    routing_key=c.tasks_key(self.coordinator_id))
+        return task_id
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> protocol.TaskCompleted:
+        done = self.completed.get(task_id)
+        if done is not None:
+            return done
+        future: asyncio.Future[protocol.TaskCompleted] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(task_id, []).append(future)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            waiters = self._waiters.get(task_id, [])
+            if future in waiters:
+                waiters.remove(future)
+
+    async def _on_reply(
+        self, envelope: protocol.Envelope, message: AbstractIncomingMessage
+    ) -> None:
+        payload = envelope.payload
+        if isinstance(payload, protocol.TaskAccepted):
+            self.accepted[payload.task_id] = payload
+        elif isinstance(payload, protocol.TaskCompleted):
+            self.notices.append(payload)
+            self.completed.setdefault(payload.task_id, payload)
+            for future in self._waiters.pop(payload.task_id, []):
+                if not future.done():
+                    future.set_result(payload)
+
+
+__all__ = ["CoordinatorClient"]

@@ -1,0 +1,73 @@
+"""Names on the wire: exchanges, queues, routing keys, headers. One place, so docs and code agree."""
+
+from __future__ import annotations
+
+from typing import Final
+
+PROTOCOL_VERSION: Final = 1
+CONTENT_TYPE: Final = "application/vnd.coordinator-agent.v1+fernet"
+
+# Everything below is namespaced by the coordinator's name (settings.name), so several
+# deployments, test runs or demos can share one broker. Standby coordinators share a name.
+
+#: Agents and clients publish everything for the coordinator here (direct exchange).
+COORDINATOR_EXCHANGE: Final = "ca.coordinator"
+#: The coordinator publishes to agents here (direct exchange); routing key: agent_key().
+AGENTS_EXCHANGE: Final = "ca.agents"
+
+
+def tasks_queue(coordinator: str) -> str:
+    """Work that must not be lost: submissions, results, hello/goodbye (quorum queue)."""
+    return f"ca.{coordinator}.tasks"
+
+
+def tasks_key(coordinator: str) -> str:
+    return f"{coordinator}.tasks"
+
+
+def status_queue(coordinator: str) -> str:
+    """Frequent, replaceable telemetry: heartbeats, metrics, progress (bounded classic queue)."""
+    return f"ca.{coordinator}.status"
+
+
+def status_key(coordinator: str) -> str:
+    return f"{coordinator}.status"
+
+
+def agent_queue(coordinator: str, agent_id: str) -> str:
+    return f"ca.{coordinator}.agent.{agent_id}"
+
+
+def agent_key(coordinator: str, agent_id: str) -> str:
+    return f"{coordinator}.agent.{agent_id}"
+
+
+def dead_letter_exchange(coordinator: str) -> str:
+    """Rejected, expired and poison messages (fanout exchange)."""
+    return f"ca.{coordinator}.dlx"
+
+
+def dead_letter_queue(coordinator: str) -> str:
+    return f"ca.{coordinator}.dead-letter"
+
+
+#: Which key encrypted the body: the principal id of the sender.
+HEADER_SENDER: Final = "x-ca-sender"
+#: Set on messages the coordinator dead-letters itself.
+HEADER_REJECT_REASON: Final = "x-ca-reject-reason"
+HEADER_REJECT_DETAIL: Final = "x-ca-reject-detail"
+HEADER_ORIGINAL_ROUTING_KEY: Final = "x-ca-original-routing-key"
+HEADER_ORIGINAL_EXCHANGE: Final = "x-ca-original-exchange"
+
+#: Redeliveries after which the broker dead-letters a poison message on the tasks queue.
+TASKS_DELIVERY_LIMIT: Final = 5
+#: Heartbeats older than this are worthless: the broker drops them (not dead-lettered).
+STATUS_MESSAGE_TTL_MS: Final = 60_000
+STATUS_QUEUE_MAX_LENGTH: Final = 100_000
+#: An agent's queue disappears after it has had no consumer for this long.
+AGENT_QUEUE_EXPIRES_MS: Final = 10 * 60 * 1000
+
+#: Message types that carry work and go to the durable tasks queue; the rest go to status.
+TASK_LANE_TYPES: Final = frozenset(
+    {"task.submit", "task.result", "agent.hello", "agent.goodbye"}
+)

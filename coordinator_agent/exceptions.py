@@ -1,0 +1,102 @@
+"""The exception tree. Everything this package raises on purpose derives from CoordinatorError::
+
+    CoordinatorError
+    ├── ConfigError                 bad settings or keyring file
+    ├── RejectedMessage             an inbound message failed a check       (reason, sender, message_id)
+    │   ├── ProtocolError           not a valid v1 message
+    │   └── SecurityError           failed a security check
+    │       └── AuthorizationError  authentic, but not allowed
+    ├── TransportError              the broker failed us (connect, publish, confirm, timeout)
+    │   ├── PublishTimeout          no confirm within the publish timeout
+    │   └── Unroutable              returned by the broker: no queue for that routing key
+    ├── DiscoveryError              the service registry failed us
+    ├── StateError
+    │   ├── IllegalTransition       a task state change the table forbids   (task_id)
+    │   └── UnknownTask             (task_id)
+    ├── PlanningError               no route for a task                     (task_id)
+    └── SubmissionRefused           at the open-task limit: submit again later
+
+Foreign exceptions (aio-pika, cryptography, pydantic, consul) are translated once, at the module
+that talks to them; domain code never sees them. Messages never contain payloads or secrets.
+"""
+
+from __future__ import annotations
+
+
+class CoordinatorError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigError(CoordinatorError):
+    pass
+
+
+class RejectedMessage(CoordinatorError):
+    """A message that failed a check; ``reason`` is a short, bounded label used in metrics."""
+
+    def __init__(
+        self, reason: str, detail: str = "", *, sender: str | None = None,
+        message_id: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.sender = sender
+        self.message_id = message_id
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class ProtocolError(RejectedMessage):
+    pass
+
+
+class SecurityError(RejectedMessage):
+    pass
+
+
+class AuthorizationError(SecurityError):
+    pass
+
+
+class TransportError(CoordinatorError):
+    pass
+
+
+class PublishTimeout(TransportError):
+    pass
+
+
+class Unroutable(TransportError):
+    pass
+
+
+class DiscoveryError(CoordinatorError):
+    pass
+
+
+class StateError(CoordinatorError):
+    pass
+
+
+class IllegalTransition(StateError):
+    def __init__(self, task_id: str, current: str, target: str) -> None:
+        self.task_id = task_id
+        self.current = current
+        self.target = target
+        super().__init__(f"task {task_id}: illegal transition {current} -> {target}")
+
+
+class UnknownTask(StateError):
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"unknown task {task_id}")
+
+
+class PlanningError(CoordinatorError):
+    def __init__(self, task_id: str, reason: str) -> None:
+        self.task_id = task_id
+        self.reason = reason
+        super().__init__(f"task {task_id}: {reason}")
+
+
+class SubmissionRefused(CoordinatorError):
+    """The coordinator is at its open-task limit (limits.max_pending_tasks)."""

@@ -1,0 +1,466 @@
+"""MessageHandler: the aio-pika transport shared by the coordinator, agents and clients.
+
+It owns one connection and supervises it itself instead of relying on RobustConnection (whose
+restore has known gaps: cancelled consumers and weakly held queues are not always brought back).
+On every (re)connect it declares the topology and starts every registered consumer again.
+
+Inbound: security checks -> authorization -> handler -> ack. A rejected message is republished
+to the dead-letter exchange with its reason, counted and logged without payload, then acked.
+Outbound: sealed by SecurityManager, published with confirms, ``mandatory`` and a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from pydantic import SecretStr
+
+from . import constants as c
+from . import protocol
+from .exceptions import PublishTimeout, RejectedMessage, TransportError, Unroutable
+from .metrics import Metrics
+from .security import AuthorizationManager, SecurityManager
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[protocol.Envelope, AbstractIncomingMessage], Awaitable[None]]
+Topology = Callable[[AbstractChannel], Awaitable[None]]
+
+_BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError)
+
+
+@dataclass
+class _Consumer:
+    queue: str
+    handler: Handler
+    prefetch: int
+    #: Quorum queues count deliveries and dead-letter poison messages; classic queues do not,
+    #: so a handler crash there dead-letters at once instead of requeueing forever.
+    requeue_on_error: bool
+
+
+def mask_url(url: str) -> str:
+    """amqp://user:secret@host/ -> amqp://user:******@host/"""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    return f"{scheme}{sep}{creds.split(':', 1)[0]}:******@{host}"
+
+
+class MessageHandler:
+    def __init__(
+        self,
+        broker_url: SecretStr,
+        security: SecurityManager,
+        *,
+        name: str,
+        authorizer: AuthorizationManager | None = None,
+        metrics: Metrics | None = None,
+        publish_timeout_s: float = 10.0,
+        reconnect_delay_s: float = 0.5,
+        max_reconnect_delay_s: float = 5.0,
+    ) -> None:
+        self._url = broker_url
+        self.security = security
+        self.authorizer = authorizer
+        self.metrics = metrics
+        self.name = name
+        self.publish_timeout_s = publish_timeout_s
+        self._reconnect_delay_s = reconnect_delay_s
+        self._max_reconnect_delay_s = max_reconnect_delay_s
+        self._topology: list[Topology] = []
+        self._consumers: list[_Consumer] = []
+        self._connection: AbstractConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._ready = asyncio.Event()
+        self._consuming = True
+        self._closing = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._in_progress: set[asyncio.Task[Any]] = set()
+        self._consumer_channels: list[AbstractChannel] = []
+        self._consumer_tags: list[tuple[AbstractQueue, str]] = []
+        self.connections_made = 0
+        self.active_consumers = 0
+
+    def __repr__(self) -> str:
+        return f"MessageHandler(name={self.name!r}, url={self.url_for_display!r})"
+
+    @property
+    def url_for_display(self) -> str:
+        return mask_url(self._url.get_secret_value())
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set()
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def add_topology(self, declare: Topology) -> None:
+        """Register declarations to run on every (re)connect, before consumers start."""
+        self._topology.append(declare)
+
+    def consume(
+        self, queue: str, handler: Handler, *, prefetch: int, requeue_on_error: bool = True
+    ) -> None:
+        self._consumers.append(_Consumer(queue, handler, prefetch, requeue_on_error))
+
+    async def start(self, timeout: float = 15.0) -> None:
+        """Connect (retrying) and return once topology and consumers are up."""
+        self._closing = False
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"{self.name}-amqp")
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            await self.close()
+            raise TransportError(
+                f"cannot reach RabbitMQ at {self.url_for_display} within {timeout:g}s — "
+                "is it running? (`make services` starts it)"
+            ) from None
+
+    async def stop_consuming(self) -> None:
+        """Cancel consumers (graceful stop). Channels stay open so in-flight work can still ack."""
+        self._consuming = False
+        for queue, tag in self._consumer_tags:
+            with contextlib.suppress(*_BROKER_ERRORS, TimeoutError):
+                await queue.cancel(tag, timeout=5)
+        self._consumer_tags.clear()
+        self.active_consumers = 0
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait for messages being handled to finish; False if some were still running."""
+        if not self._in_progress:
+            return True
+        _, pending = await asyncio.wait(set(self._in_progress), timeout=timeout)
+        return not pending
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        await self._close_connection()
+
+    async def force_reconnect(self) -> None:
+        """Drop the connection; the supervisor reconnects (used by tests and on channel errors)."""
+        await self._close_connection()
+
+    # --- connection supervision ---------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        delay = self._reconnect_delay_s
+        failing_since: float | None = None
+        while not self._closing:
+            lost = asyncio.Event()
+            try:
+                await self._connect(lost)
+            except (*_BROKER_ERRORS, TimeoutError) as exc:
+                await self._close_connection()
+                if failing_since is None:  # log once per outage, not once per retry
+                    failing_since = time.monotonic()
+                    log.warning("broker %s unreachable (%s); retrying", self.url_for_display,
+                                type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_reconnect_delay_s)
+                continue
+            if failing_since is not None:
+                log.info("broker connection back after %.1fs", time.monotonic() - failing_since)
+                failing_since = None
+            delay = self._reconnect_delay_s
+            await lost.wait()
+            self._ready.clear()
+            self._set_connected(False)
+            if not self._closing:
+                log.warning("broker connection lost; reconnecting")
+                await self._close_connection()
+
+    async def _connect(self, lost: asyncio.Event) -> None:
+        connection = await aio_pika.connect(
+            self._url.get_secret_value(),
+            timeout=10,
+            client_properties={"connection_name": self.name},
+        )
+        self._connection = connection
+        connection.close_callbacks.add(lambda *_: lost.set())
+        publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        publish_channel.close_callbacks.add(lambda *_: lost.set())
+        for declare in self._topology:
+            await declare(publish_channel)
+        self._exchanges = {}
+        self._publish_channel = publish_channel
+        self._consumer_channels = []
+        self._consumer_tags = []
+        if self._consuming:
+            for consumer in self._consumers:
+                channel = await connection.channel()
+                channel.close_callbacks.add(lambda *_: lost.set())
+                await channel.set_qos(prefetch_count=consumer.prefetch)
+                queue = await channel.get_queue(consumer.queue, ensure=False)
+                tag = await queue.consume(self._callback(consumer))
+                self._consumer_channels.append(channel)
+                self._consumer_tags.append((queue, tag))
+        self.active_consumers = len(self._consumer_channels)
+        self.connections_made += 1
+        if self.connections_made > 1 and self.metrics:
+            self.metrics.broker_reconnects.inc()
+        self._set_connected(True)
+        self._ready.set()
+
+    def _set_connected(self, up: bool) -> None:
+        if not up:
+            self.active_consumers = 0
+        if self.metrics:
+            self.metrics.broker_connected.set(1 if up else 0)
+
+    async def _close_connection(self) -> None:
+        self._ready.clear()
+        self._set_connected(False)
+        connection, self._connection = self._connection, None
+        self._publish_channel = None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(*_BROKER_ERRORS, asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(connection.close(), 5)
+
+    # --- inbound ------------------------------------------------------------------------------
+
+    def _callback(
+        self, consumer: _Consumer
+    ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._in_progress.add(task)
+            try:
+                await self._handle(consumer, message)
+            finally:
+                if task is not None:
+                    self._in_progress.discard(task)
+
+        return on_message
+
+    async def _handle(self, consumer: _Consumer, message: AbstractIncomingMessage) -> None:
+        try:
+            envelope = self.security.open(
+                message.body, message.headers, redelivered=bool(message.redelivered)
+            )
+            if self.authorizer is not None:
+                self.authorizer.authorize(envelope)
+            await consumer.handler(envelope, message)
+        except RejectedMessage as exc:
+            await self.dead_letter(message, exc.reason, exc.detail, sender=exc.sender)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("handler failed for a %s message on %s", message.type, consumer.queue)
+            if self.metrics:
+                self.metrics.messages_rejected.labels("handler_error").inc()
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await message.nack(requeue=consumer.requeue_on_error)
+            return
+        if self.metrics:
+            self.metrics.messages_received.labels(envelope.type).inc()
+            self.metrics.message_latency.labels(envelope.type).observe(
+                max(0.0, time.time() - envelope.sent_at)
+            )
+        with contextlib.suppress(*_BROKER_ERRORS):
+            await message.ack()
+
+    async def dead_letter(
+        self, message: AbstractIncomingMessage, reason: str, detail: str,
+        *, sender: str | None = None,
+    ) -> None:
+        """Park a rejected message with its reason, then ack it. Never raises."""
+        if self.metrics:
+            self.metrics.messages_rejected.labels(reason).inc()
+        log.warning(
+            "rejected message id=%s sender=%s reason=%s: %s",
+            str(message.message_id)[:64], (sender or "?")[:128], reason, detail,
+        )
+        headers = {
+            **{k: v for k, v in (message.headers or {}).items() if not k.startswith("x-ca-reject")},
+            c.HEADER_REJECT_REASON: reason,
+            c.HEADER_REJECT_DETAIL: detail[:512],
+            c.HEADER_ORIGINAL_EXCHANGE: message.exchange or "",
+            c.HEADER_ORIGINAL_ROUTING_KEY: message.routing_key or "",
+        }
+        parked = aio_pika.Message(
+            message.body,
+            headers=headers,
+            message_id=message.message_id,
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        try:
+            await self._publish_raw(
+                c.dead_letter_exchange(self.security.coordinator_id), "", parked, mandatory=True
+            )
+        except TransportError:
+            # The broker's own dead-lettering still keeps it (without our reason).
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await message.reject(requeue=False)
+            return
+        with contextlib.suppress(*_BROKER_ERRORS):
+            await message.ack()
+
+    # --- outbound -----------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        payload: protocol.Model,
+        *,
+        peer: str,
+        exchange: str,
+        routing_key: str,
+        persistent: bool = True,
+        correlation_id: str | None = None,
+        message_id: str | None = None,
+        expiration_s: float | None = None,
+    ) -> protocol.Envelope:
+        """Seal and publish; returns the envelope once the broker has confirmed it."""
+        envelope = protocol.make_envelope(
+            payload, sender=self.security.principal_id, correlation_id=correlation_id,
+            message_id=message_id,
+        )
+        body, headers = self.security.seal(envelope, peer)
+        message = aio_pika.Message(
+            body,
+            headers=headers,
+            message_id=envelope.id,
+            type=envelope.type,
+            correlation_id=correlation_id,
+            content_type=c.CONTENT_TYPE,
+            delivery_mode=(aio_pika.DeliveryMode.PERSISTENT if persistent
+                           else aio_pika.DeliveryMode.NOT_PERSISTENT),
+            expiration=expiration_s,
+        )
+        await self._publish_raw(exchange, routing_key, message, mandatory=True)
+        if self.metrics:
+            self.metrics.messages_published.labels(envelope.type).inc()
+        return envelope
+
+    async def _publish_raw(
+        self, exchange: str, routing_key: str, message: aio_pika.Message, *, mandatory: bool
+    ) -> None:
+        deadline = time.monotonic() + self.publish_timeout_s
+        try:
+            await asyncio.wait_for(self._ready.wait(), self.publish_timeout_s)
+            target = await self._exchange(exchange)
+            remaining = max(0.05, deadline - time.monotonic())
+            await target.publish(message, routing_key, mandatory=mandatory, timeout=remaining)
+        except aiormq.exceptions.PublishError as exc:
+            self._count_publish_error("unroutable")
+            raise Unroutable(f"no queue bound for {exchange!r}/{routing_key!r}") from exc
+        except TimeoutError as exc:
+            self._count_publish_error("timeout")
+            raise PublishTimeout(
+                f"publish to {exchange!r} not confirmed within {self.publish_timeout_s:g}s"
+            ) from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            self._count_publish_error("nacked")
+            raise TransportError(f"broker refused message for {exchange!r}") from exc
+        except _BROKER_ERRORS as exc:
+            self._count_publish_error("connection")
+            raise TransportError(f"publish failed: {type(exc).__name__}") from exc
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        channel = self._publish_channel
+        if channel is None:
+            raise TransportError("not connected")
+        if name == "":
+            return channel.default_exchange
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = await channel.get_exchange(name, ensure=False)
+            self._exchanges[name] = exchange
+        return exchange
+
+    def _count_publish_error(self, kind: str) -> None:
+        if self.metrics:
+            self.metrics.publish_errors.labels(kind).inc()
+
+
+# --- topology ---------------------------------------------------------------------------------
+
+
+def coordinator_topology(coordinator: str) -> Topology:
+    """Exchanges, the coordinator's queues and its dead-letter queue (idempotent, so agents and
+    clients declare them too and may start before the coordinator)."""
+
+    async def declare(channel: AbstractChannel) -> None:
+        direct, fanout = aio_pika.ExchangeType.DIRECT, aio_pika.ExchangeType.FANOUT
+        inbound = await channel.declare_exchange(c.COORDINATOR_EXCHANGE, direct, durable=True)
+        await channel.declare_exchange(c.AGENTS_EXCHANGE, direct, durable=True)
+        dlx_name = c.dead_letter_exchange(coordinator)
+        dlx = await channel.declare_exchange(dlx_name, fanout, durable=True)
+        dlq = await channel.declare_queue(
+            c.dead_letter_queue(coordinator), durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await dlq.bind(dlx)
+        tasks = await channel.declare_queue(
+            c.tasks_queue(coordinator),
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": c.TASKS_DELIVERY_LIMIT,
+                "x-dead-letter-exchange": dlx_name,
+            },
+        )
+        await tasks.bind(inbound, c.tasks_key(coordinator))
+        status = await channel.declare_queue(
+            c.status_queue(coordinator),
+            durable=True,
+            arguments={
+                "x-queue-type": "classic",
+                "x-message-ttl": c.STATUS_MESSAGE_TTL_MS,
+                "x-max-length": c.STATUS_QUEUE_MAX_LENGTH,
+                "x-overflow": "drop-head",
+            },
+        )
+        await status.bind(inbound, c.status_key(coordinator))
+
+    return declare
+
+
+def agent_topology(coordinator: str, agent_id: str) -> Topology:
+    declare_coordinator = coordinator_topology(coordinator)
+
+    async def declare(channel: AbstractChannel) -> None:
+        await declare_coordinator(channel)
+        queue = await channel.declare_queue(
+            c.agent_queue(coordinator, agent_id),
+            durable=True,
+            arguments={
+                "x-queue-type": "classic",
+                "x-expires": c.AGENT_QUEUE_EXPIRES_MS,
+                "x-dead-letter-exchange": c.dead_letter_exchange(coordinator),
+            },
+        )
+        await queue.bind(c.AGENTS_EXCHANGE, c.agent_key(coordinator, agent_id))
+
+    return declare
+
+
+def lane_for(coordinator: str, message_type: str) -> str:
+    """Routing key on COORDINATOR_EXCHANGE for a message type sent to the coordinator."""
+    if message_type in c.TASK_LANE_TYPES:
+        return c.tasks_key(coordinator)
+    return c.status_key(coordinator)

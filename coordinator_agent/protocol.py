@@ -1,0 +1,272 @@
+"""Wire protocol v1: the envelope, every payload, and the pure codec (bytes <-> models).
+
+The envelope is a discriminated union on ``type``: one validation pass picks the payload model.
+Everything is ``extra="forbid"`` and bounded, because agent output is untrusted input.
+Encryption is not done here; see ``security.py``. ``docs/PROTOCOL.md`` is the prose version.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, TypeAlias, Union
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
+
+from .constants import PROTOCOL_VERSION
+from .exceptions import ProtocolError
+
+Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")]
+Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+ShortText = Annotated[str, Field(max_length=1024)]
+Description = Annotated[str, Field(min_length=1, max_length=8192)]
+Labels = Annotated[list[Label], Field(max_length=64)]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- agent -> coordinator -------------------------------------------------------------------
+
+
+class AgentHello(Model):
+    kind: Label
+    capabilities: Labels = []
+    max_concurrency: int = Field(1, ge=1, le=10_000)
+    version: Annotated[str, Field(max_length=64)] = ""
+
+
+class AgentStatus(Model):
+    """Heartbeat. Self-contained, so a restarted coordinator rebuilds its view from heartbeats."""
+
+    kind: Label
+    capabilities: Labels = []
+    max_concurrency: int = Field(1, ge=1, le=10_000)
+    state: Literal["ready", "busy", "draining"] = "ready"
+    in_flight: int = Field(0, ge=0)
+    load: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class AgentMetrics(Model):
+    values: Annotated[dict[Label, float], Field(max_length=64)]
+
+
+class AgentGoodbye(Model):
+    reason: ShortText = ""
+
+
+class TaskProgress(Model):
+    task_id: Identifier
+    attempt: int = Field(ge=1)
+    progress: float = Field(ge=0.0, le=1.0)
+    message: ShortText = ""
+
+
+class TaskResult(Model):
+    task_id: Identifier
+    attempt: int = Field(ge=1)
+    success: bool
+    output: JsonValue = None
+    error: ShortText | None = None
+    duration_s: float = Field(0.0, ge=0.0)
+
+
+# --- coordinator -> agent -------------------------------------------------------------------
+
+
+class TaskAssign(Model):
+    task_id: Identifier
+    attempt: int = Field(ge=1)
+    description: Description
+    input: JsonValue = None
+    timeout_s: float = Field(gt=0)
+
+
+class TaskCancel(Model):
+    task_id: Identifier
+    attempt: int | None = Field(None, ge=1)
+    reason: ShortText = ""
+
+
+class AgentDrain(Model):
+    reason: ShortText = ""
+
+
+# --- client <-> coordinator -----------------------------------------------------------------
+
+
+class TaskSubmit(Model):
+    #: Idempotency key; a re-submitted id returns the existing task. Default: the envelope id.
+    task_id: Identifier | None = None
+    description: Description
+    kind: Label | None = None
+    required_capabilities: Labels = []
+    input: JsonValue = None
+    timeout_s: float | None = Field(None, gt=0, le=86_400)
+    max_retries: int | None = Field(None, ge=0, le=20)
+    #: Queue for task.accepted / task.completed (default exchange); omitted = no replies.
+    reply_to: Annotated[str, Field(max_length=255)] | None = None
+
+
+class TaskAccepted(Model):
+    task_id: Identifier
+    status: str
+    duplicate: bool = False
+
+
+class AttemptSummary(Model):
+    attempt: int
+    agent_id: str
+    outcome: str
+    error: str | None = None
+    duration_s: float | None = None
+
+
+class TaskCompleted(Model):
+    task_id: Identifier
+    status: Literal["succeeded", "failed", "cancelled", "rejected"]
+    output: JsonValue = None
+    error: str | None = None
+    attempts: list[AttemptSummary] = []
+
+
+Payload: TypeAlias = (
+    AgentHello | AgentStatus | AgentMetrics | AgentGoodbye | TaskProgress | TaskResult
+    | TaskAssign | TaskCancel | AgentDrain | TaskSubmit | TaskAccepted | TaskCompleted
+)
+
+PAYLOAD_TYPES: dict[str, type[Model]] = {
+    "agent.hello": AgentHello,
+    "agent.status": AgentStatus,
+    "agent.metrics": AgentMetrics,
+    "agent.goodbye": AgentGoodbye,
+    "task.progress": TaskProgress,
+    "task.result": TaskResult,
+    "task.assign": TaskAssign,
+    "task.cancel": TaskCancel,
+    "agent.drain": AgentDrain,
+    "task.submit": TaskSubmit,
+    "task.accepted": TaskAccepted,
+    "task.completed": TaskCompleted,
+}
+MESSAGE_TYPES = frozenset(PAYLOAD_TYPES)
+TYPE_OF_PAYLOAD = {model: name for name, model in PAYLOAD_TYPES.items()}
+
+
+class _EnvelopeBase(Model):
+    v: Literal[1]
+    id: Identifier
+    sender: Identifier
+    sent_at: float
+    correlation_id: Identifier | None = None
+
+
+def _envelope_class(type_name: str, payload_model: type[Model]) -> type[_EnvelopeBase]:
+    class_name = "".join(part.title() for part in type_name.split(".")) + "Envelope"
+    return type(
+        class_name,
+        (_EnvelopeBase,),
+        {
+            "__annotations__": {"type": Literal[type_name], "payload": payload_model},  # type: ignore[valid-type]
+            "__module__": __name__,
+        },
+    )
+
+
+_ENVELOPE_CLASSES = [_envelope_class(t, m) for t, m in PAYLOAD_TYPES.items()]
+
+
+class Envelope(Model):
+    """A decoded message: what every handler receives."""
+
+    v: int
+    id: str
+    type: str
+    sender: str
+    sent_at: float
+    correlation_id: str | None = None
+    payload: Any
+
+
+# One discriminated union over every envelope class: pydantic validates the JSON in one pass.
+_ENVELOPE_ADAPTER: TypeAdapter[Any] = TypeAdapter(
+    Annotated[Union[tuple(_ENVELOPE_CLASSES)], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007
+)
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+def make_envelope(
+    payload: Model, *, sender: str, correlation_id: str | None = None, message_id: str | None = None
+) -> Envelope:
+    return Envelope(
+        v=PROTOCOL_VERSION,
+        id=message_id or new_message_id(),
+        type=TYPE_OF_PAYLOAD[type(payload)],
+        sender=sender,
+        sent_at=time.time(),
+        correlation_id=correlation_id,
+        payload=payload,
+    )
+
+
+def encode(envelope: Envelope) -> bytes:
+    """Envelope -> UTF-8 JSON bytes (before encryption)."""
+    return orjson.dumps(
+        {
+            "v": envelope.v,
+            "id": envelope.id,
+            "type": envelope.type,
+            "sender": envelope.sender,
+            "sent_at": envelope.sent_at,
+            "correlation_id": envelope.correlation_id,
+            "payload": envelope.payload.model_dump(mode="json"),
+        }
+    )
+
+
+def decode(data: bytes) -> Envelope:
+    """UTF-8 JSON bytes (after decryption) -> validated Envelope, or ProtocolError."""
+    try:
+        parsed = _ENVELOPE_ADAPTER.validate_json(data)
+    except ValidationError as exc:
+        raise _protocol_error(exc, data) from None
+    return Envelope.model_construct(
+        v=parsed.v,
+        id=parsed.id,
+        type=parsed.type,
+        sender=parsed.sender,
+        sent_at=parsed.sent_at,
+        correlation_id=parsed.correlation_id,
+        payload=parsed.payload,
+    )
+
+
+def _protocol_error(exc: ValidationError, data: bytes) -> ProtocolError:
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0]
+    kind, loc = first["type"], first["loc"]
+    if kind == "json_invalid":
+        return ProtocolError("malformed", "body is not valid JSON")
+    if not loc:
+        return ProtocolError("malformed", "envelope must be a JSON object")
+    if kind == "union_tag_not_found":
+        return ProtocolError("malformed", "envelope has no 'type'")
+    if kind == "union_tag_invalid":
+        return ProtocolError("unknown_type", f"unknown message type {_peek(data, 'type')!r}")
+    if len(loc) >= 2 and loc[1] == "v":
+        return ProtocolError("unsupported_version", f"protocol version {_peek(data, 'v')!r}")
+    where = ", ".join(".".join(str(p) for p in e["loc"][1:]) for e in errors[:3])
+    return ProtocolError("malformed", f"invalid fields: {where}")
+
+
+def _peek(data: bytes, key: str) -> object:
+    try:
+        value = orjson.loads(data).get(key)
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, (int, str)) and len(str(value)) <= 64 else "<invalid>"

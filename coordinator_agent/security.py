@@ -1,0 +1,195 @@
+"""SecurityManager (seal/open every message) and AuthorizationManager (who may say what).
+
+Each principal has its own Fernet key. Traffic between the coordinator and principal P is
+encrypted under P's key in both directions, so a key lets its holder speak only as P, and only to
+the coordinator. Inbound checks run cheapest first:
+
+    size -> known sender -> decrypt with TTL -> schema -> sender binding -> replay -> authorization
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from . import protocol
+from .constants import HEADER_SENDER
+from .exceptions import AuthorizationError, SecurityError
+from .keyring import Keyring, Role
+
+#: What each role may send. The coordinator's own messages are checked by the receiving side.
+POLICY: Mapping[str, frozenset[str]] = {
+    "agent": frozenset(
+        {"agent.hello", "agent.status", "agent.metrics", "agent.goodbye",
+         "task.progress", "task.result"}
+    ),
+    "operator": frozenset({"task.submit"}),
+    "coordinator": frozenset(
+        {"task.assign", "task.cancel", "agent.drain", "task.accepted", "task.completed"}
+    ),
+}
+#: Message types in which an agent reports on a task: it must have been assigned that task.
+TASK_REPORTS = frozenset({"task.progress", "task.result"})
+
+
+class ReplayGuard:
+    """Remembers message ids for ``window_s``; a second sighting of an id is a replay."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def check_and_remember(self, message_id: str, now: float) -> bool:
+        """True if new. Expired ids are pruned from the front (ids arrive in time order)."""
+        seen = self._seen
+        while seen:
+            oldest_id, expires = next(iter(seen.items()))
+            if expires > now:
+                break
+            del seen[oldest_id]
+        if message_id in seen:
+            return False
+        seen[message_id] = now + self.window_s
+        return True
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+class SecurityManager:
+    """Seals outbound envelopes and opens inbound bodies, raising SecurityError/ProtocolError."""
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        principal_id: str,
+        *,
+        coordinator_id: str,
+        max_message_bytes: int,
+        ttl_s: int,
+        replay_window_s: int,
+    ) -> None:
+        self.principal_id = principal_id
+        self.coordinator_id = coordinator_id
+        self.is_coordinator = principal_id == coordinator_id
+        self.max_message_bytes = max_message_bytes
+        self.ttl_s = ttl_s
+        self.replay = ReplayGuard(replay_window_s)
+        self._keyring = keyring
+        self._fernets: dict[str, MultiFernet] = {}
+        if not self.is_coordinator and keyring.get(principal_id) is None:
+            raise SecurityError("unknown_sender", f"no key for principal {principal_id!r}")
+
+    def __repr__(self) -> str:
+        return f"SecurityManager(principal={self.principal_id!r})"
+
+    def reload(self, keyring: Keyring) -> None:
+        """Swap in a rotated keyring without restarting."""
+        self._keyring = keyring
+        self._fernets.clear()
+
+    def role_of(self, principal_id: str) -> Role | str | None:
+        if principal_id == self.coordinator_id:
+            return "coordinator"
+        principal = self._keyring.get(principal_id)
+        return principal.role if principal else None
+
+    def _fernet(self, key_owner: str) -> MultiFernet | None:
+        fernet = self._fernets.get(key_owner)
+        if fernet is None:
+            principal = self._keyring.get(key_owner)
+            if principal is None:
+                return None
+            fernet = MultiFernet([Fernet(k.get_secret_value()) for k in principal.keys])
+            self._fernets[key_owner] = fernet
+        return fernet
+
+    def _key_owner(self, peer: str) -> str | None:
+        """Whose key protects traffic between us and ``peer``."""
+        if self.is_coordinator:
+            return peer
+        return self.principal_id if peer == self.coordinator_id else None
+
+    # --- outbound -----------------------------------------------------------------------------
+
+    def seal(self, envelope: protocol.Envelope, peer: str) -> tuple[bytes, dict[str, str]]:
+        """Encode and encrypt for ``peer``; returns (body, headers)."""
+        owner = self._key_owner(peer)
+        fernet = self._fernet(owner) if owner else None
+        if fernet is None:
+            raise SecurityError("unknown_sender", f"no key for peer {peer!r}")
+        return fernet.encrypt(protocol.encode(envelope)), {HEADER_SENDER: envelope.sender}
+
+    # --- inbound ------------------------------------------------------------------------------
+
+    def open(
+        self, body: bytes, headers: Mapping[str, object] | None, *, redelivered: bool = False
+    ) -> protocol.Envelope:
+        if len(body) > self.max_message_bytes:
+            raise SecurityError("oversized", f"{len(body)} bytes > {self.max_message_bytes}")
+        sender = (headers or {}).get(HEADER_SENDER)
+        if isinstance(sender, bytes):
+            sender = sender.decode("utf-8", "replace")
+        if not isinstance(sender, str) or not sender:
+            raise SecurityError("unknown_sender", f"missing {HEADER_SENDER} header")
+        owner = self._key_owner(sender)
+        fernet = self._fernet(owner) if owner else None
+        if fernet is None:
+            raise SecurityError("unknown_sender", f"unknown sender {sender[:128]!r}", sender=None)
+        try:
+            plaintext = fernet.decrypt(body, ttl=self.ttl_s)
+        except InvalidToken:
+            raise self._why_invalid(fernet, body, sender) from None
+        envelope = protocol.decode(plaintext)
+        if envelope.sender != sender:
+            raise SecurityError(
+                "sender_mismatch", "envelope sender differs from header", sender=sender,
+                message_id=envelope.id,
+            )
+        # A broker redelivery repeats an id legitimately; handlers are idempotent for it.
+        if not self.replay.check_and_remember(envelope.id, time.time()) and not redelivered:
+            raise SecurityError("replayed", "message id seen before", sender=sender,
+                                message_id=envelope.id)
+        return envelope
+
+    def _why_invalid(self, fernet: MultiFernet, body: bytes, sender: str) -> SecurityError:
+        try:
+            stamped = fernet.extract_timestamp(body)  # verifies the signature, not the age
+        except InvalidToken:
+            return SecurityError("invalid_token", "not signed with the sender's key", sender=sender)
+        age = int(time.time()) - stamped
+        if age < 0:
+            return SecurityError("expired", f"stamped {-age}s in the future", sender=sender)
+        return SecurityError("expired", f"{age}s old > ttl {self.ttl_s}s", sender=sender)
+
+
+class AuthorizationManager:
+    """Role x message-type policy; agents may report only on themselves and their own tasks."""
+
+    def __init__(
+        self,
+        security: SecurityManager,
+        is_assigned: Callable[[str, str], bool] | None = None,
+        policy: Mapping[str, frozenset[str]] = POLICY,
+    ) -> None:
+        self.security = security
+        self.is_assigned = is_assigned
+        self.policy = policy
+
+    def authorize(self, envelope: protocol.Envelope) -> None:
+        role = self.security.role_of(envelope.sender)
+        if role is None or envelope.type not in self.policy.get(role, frozenset()):
+            raise AuthorizationError(
+                "forbidden", f"role {role} may not send {envelope.type}",
+                sender=envelope.sender, message_id=envelope.id,
+            )
+        if envelope.type in TASK_REPORTS and self.is_assigned is not None:
+            task_id = envelope.payload.task_id
+            if not self.is_assigned(envelope.sender, task_id):
+                raise AuthorizationError(
+                    "not_assigned", f"task {task_id} was never assigned to this agent",
+                    sender=envelope.sender, message_id=envelope.id,
+                )

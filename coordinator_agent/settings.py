@@ -1,0 +1,153 @@
+"""One typed settings object: defaults < ``config/coordinator.yaml`` < ``COORDINATOR_*`` env vars.
+
+Nested fields use a double underscore in the environment, e.g. ``COORDINATOR_LIMITS__MAX_RETRIES=5``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .exceptions import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("config/coordinator.yaml")
+CONFIG_ENV = "COORDINATOR_CONFIG"
+#: cryptography's Fernet accepts tokens stamped up to this far in the future.
+FERNET_MAX_CLOCK_SKEW_S = 60
+
+
+class Limits(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    max_message_bytes: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_output_bytes: int = Field(64 * 1024, ge=256)
+    max_in_flight_per_agent: int = Field(32, ge=1)
+    max_pending_tasks: int = Field(100_000, ge=1)
+    task_timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(2, ge=0, le=20)
+    publish_timeout_s: float = Field(10.0, gt=0)
+    drain_timeout_s: float = Field(15.0, gt=0)
+
+
+class SecuritySettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    #: A Fernet token older than this is rejected as expired.
+    message_ttl_s: int = Field(120, ge=5)
+    #: Message ids are remembered this long; must cover TTL plus Fernet's 60 s clock-skew bound.
+    replay_window_s: int = Field(180, ge=5)
+
+    @field_validator("replay_window_s")
+    @classmethod
+    def _window_covers_ttl(cls, v: int, info: Any) -> int:
+        needed = info.data.get("message_ttl_s", 0) + FERNET_MAX_CLOCK_SKEW_S
+        if v < needed:
+            raise ValueError(f"must be at least message_ttl_s + {FERNET_MAX_CLOCK_SKEW_S} ({needed})")
+        return v
+
+
+class Liveness(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    #: Missed-heartbeat multiples after which an agent is suspect (no new work) and then dead.
+    suspect_after: float = Field(2.5, gt=1)
+    dead_after: float = Field(5.0, gt=1)
+
+    @field_validator("dead_after")
+    @classmethod
+    def _dead_after_suspect(cls, v: float, info: Any) -> float:
+        if v <= info.data.get("suspect_after", 0):
+            raise ValueError("must be greater than suspect_after")
+        return v
+
+
+class Settings(BaseSettings):
+    """Everything the coordinator, workers and CLI read from configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="COORDINATOR_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    name: str = "coordinator"
+    broker_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    registry_url: str | None = None
+    registry_token: SecretStr | None = None
+    monitoring_host: str = "127.0.0.1"
+    monitoring_port: int = Field(9464, ge=0, le=65535)
+    log_level: str = "INFO"
+    keyring_path: Path = Path("var/keyring.json")
+    data_dir: Path = Path("var")
+    prefetch: int = Field(256, ge=1, le=65535)
+    limits: Limits = Limits()
+    security: SecuritySettings = SecuritySettings()
+    liveness: Liveness = Liveness()
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, v: str) -> str:
+        level = v.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit arguments (CLI flags) win over the environment, which wins over the file.
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / f"{self.name}.sqlite3"
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return read_config_file(config_path())
+
+
+def config_path() -> Path | None:
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        return Path(explicit)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist (set {CONFIG_ENV})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, turning validation errors into one readable ConfigError."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None

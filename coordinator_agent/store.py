@@ -1,0 +1,64 @@
+"""Durable task store (SQLite, WAL). A task is written before the message that created or
+changed it is acknowledged, so a coordinator killed with SIGKILL loses nothing it accepted."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+from .tasks import TERMINAL, TaskRecord
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    open INTEGER NOT NULL,          -- not terminal, or terminal but not yet notified
+    updated_at REAL NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_open ON tasks(open) WHERE open = 1;
+"""
+
+
+class TaskStore:
+    def __init__(self, path: Path | str) -> None:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        # WAL + synchronous=NORMAL survives a process crash (not a power cut) at ~20 us a write.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def save(self, task: TaskRecord) -> None:
+        is_open = int(task.status not in TERMINAL or not task.notified)
+        self._db.execute(
+            "INSERT OR REPLACE INTO tasks (id, status, open, updated_at, data) VALUES (?,?,?,?,?)",
+            (task.id, task.status.value, is_open, task.updated_at, orjson.dumps(task.to_dict())),
+        )
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        row = self._db.execute("SELECT data FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return TaskRecord.from_dict(orjson.loads(row[0])) if row else None
+
+    def open_tasks(self) -> Iterator[TaskRecord]:
+        """Tasks a restarted coordinator must carry on with."""
+        for (data,) in self._db.execute(
+            "SELECT data FROM tasks WHERE open = 1 ORDER BY updated_at"
+        ):
+            yield TaskRecord.from_dict(orjson.loads(data))
+
+    def recent(self, limit: int) -> list[TaskRecord]:
+        rows = self._db.execute(
+            "SELECT data FROM tasks ORDER BY updated_at DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [TaskRecord.from_dict(orjson.loads(r[0])) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status"))
+
+    def close(self) -> None:
+        self._db.close()

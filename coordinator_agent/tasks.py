@@ -1,0 +1,131 @@
+"""Task records and their state machine. Illegal moves raise; every attempt is kept."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .exceptions import IllegalTransition
+
+
+class TaskStatus(enum.StrEnum):
+    PENDING = "pending"  # accepted, waiting for an agent
+    ASSIGNED = "assigned"  # sent to an agent, no word from it yet
+    RUNNING = "running"  # the agent reported progress
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.PENDING: frozenset({TaskStatus.ASSIGNED, TaskStatus.FAILED, TaskStatus.CANCELLED}),
+    TaskStatus.ASSIGNED: frozenset(
+        {TaskStatus.RUNNING, TaskStatus.PENDING, *TERMINAL}
+    ),
+    TaskStatus.RUNNING: frozenset({TaskStatus.PENDING, *TERMINAL}),
+    TaskStatus.SUCCEEDED: frozenset(),
+    TaskStatus.FAILED: frozenset(),
+    TaskStatus.CANCELLED: frozenset(),
+}
+
+
+class AttemptOutcome(enum.StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # the agent reported an error
+    TIMEOUT = "timeout"
+    AGENT_LOST = "agent_lost"  # the agent died or left with the task
+    UNDELIVERABLE = "undeliverable"  # the broker could not deliver the assignment
+    SUPERSEDED = "superseded"  # another attempt finished first
+
+
+@dataclass
+class Attempt:
+    number: int
+    agent_id: str
+    started_at: float
+    deadline: float
+    outcome: AttemptOutcome = AttemptOutcome.RUNNING
+    ended_at: float | None = None
+    error: str | None = None
+    duration_s: float | None = None
+
+    def end(self, outcome: AttemptOutcome, error: str | None = None) -> None:
+        self.outcome = outcome
+        self.error = error
+        self.ended_at = time.time()
+
+
+@dataclass
+class TaskRecord:
+    id: str
+    description: str
+    kind: str | None = None
+    required_capabilities: list[str] = field(default_factory=list)
+    input: Any = None
+    timeout_s: float = 60.0
+    max_retries: int = 2
+    reply_to: str | None = None
+    submitted_by: str = ""
+    status: TaskStatus = TaskStatus.PENDING
+    attempts: list[Attempt] = field(default_factory=list)
+    output: Any = None
+    error: str | None = None
+    progress: float = 0.0
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    #: The terminal notice (task.completed) has been published to reply_to.
+    notified: bool = False
+    #: Why the router chose what it chose (filled by the planner).
+    routing: dict[str, Any] = field(default_factory=dict)
+
+    def move(self, target: TaskStatus) -> None:
+        if target not in TRANSITIONS[self.status]:
+            raise IllegalTransition(self.id, self.status.value, target.value)
+        self.status = target
+        self.updated_at = time.time()
+
+    @property
+    def current_attempt(self) -> Attempt | None:
+        if self.attempts and self.attempts[-1].outcome is AttemptOutcome.RUNNING:
+            return self.attempts[-1]
+        return None
+
+    def attempt(self, number: int) -> Attempt | None:
+        return self.attempts[number - 1] if 0 < number <= len(self.attempts) else None
+
+    def was_assigned_to(self, agent_id: str) -> bool:
+        return any(a.agent_id == agent_id for a in self.attempts)
+
+    @property
+    def retries_left(self) -> int:
+        # An assignment the broker could not deliver never reached an agent: it costs no retry.
+        used = sum(a.outcome is not AttemptOutcome.UNDELIVERABLE for a in self.attempts)
+        return self.max_retries + 1 - used
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskRecord:
+        data = dict(data)
+        data["status"] = TaskStatus(data["status"])
+        data["attempts"] = [
+            Attempt(**{**a, "outcome": AttemptOutcome(a["outcome"])}) for a in data["attempts"]
+        ]
+        return cls(**data)
+
+    def public_view(self) -> dict[str, Any]:
+        """What the API and CLI show: no reply queue, bounded."""
+        view = self.to_dict()
+        view.pop("reply_to", None)
+        view.pop("notified", None)
+        return view

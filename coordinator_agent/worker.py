@@ -1,0 +1,256 @@
+"""Agent SDK: ``WorkerAgent`` speaks the agent side of the protocol.
+
+    async def handle(task: TaskContext) -> Any:
+        await task.report(0.5, "half way")
+        return {"words": len(task.description.split())}
+
+    await WorkerAgent("agent-1", "development", handle, settings=s, keyring=k).run()
+
+It says hello, heartbeats with its load, runs at most ``max_concurrency`` tasks at once (the
+broker's prefetch enforces it), reports progress and results, ignores an assignment it already has
+or has finished, and on stop drains: no new work, running tasks finish, then goodbye.
+An assignment is acked only after its result is confirmed by the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from . import __version__
+from . import constants as c
+from . import protocol
+from .exceptions import TransportError
+from .keyring import Keyring
+from .messaging import MessageHandler, agent_topology, lane_for
+from .security import AuthorizationManager, SecurityManager
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+FINISHED_MEMORY = 10_000
+
+
+@dataclass
+class TaskContext:
+    task_id: str
+    attempt: int
+    description: str
+    input: Any
+    timeout_s: float
+    _agent: WorkerAgent
+
+    async def report(self, progress: float, message: str = "") -> None:
+        """Tell the coordinator how far along this task is (0.0 - 1.0). Best effort."""
+        report = protocol.TaskProgress(task_id=self.task_id, attempt=self.attempt,
+                                       progress=max(0.0, min(1.0, progress)),
+                                       message=message[:1024])
+        with contextlib.suppress(TransportError):
+            await self._agent.send(report)
+
+
+TaskHandler = Callable[[TaskContext], Awaitable[Any]]
+
+
+class WorkerAgent:
+    def __init__(
+        self,
+        agent_id: str,
+        kind: str,
+        handler: TaskHandler,
+        *,
+        settings: Settings,
+        keyring: Keyring,
+        capabilities: list[str] | None = None,
+        max_concurrency: int = 1,
+    ) -> None:
+        self.agent_id = agent_id
+        self.kind = kind
+        self.handler = handler
+        self.settings = settings
+        self.capabilities = sorted(set(capabilities or []))
+        self.max_concurrency = max_concurrency
+        self.coordinator_id = settings.name
+        self.security = SecurityManager(
+            keyring.subset(agent_id), agent_id,
+            coordinator_id=settings.name,
+            max_message_bytes=settings.limits.max_message_bytes,
+            ttl_s=settings.security.message_ttl_s,
+            replay_window_s=settings.security.replay_window_s,
+        )
+        self.messages = MessageHandler(
+            settings.broker_url, self.security, name=f"agent:{agent_id}",
+            authorizer=AuthorizationManager(self.security),
+            publish_timeout_s=settings.limits.publish_timeout_s,
+        )
+        self.messages.add_topology(agent_topology(settings.name, agent_id))
+        self.messages.consume(c.agent_queue(settings.name, agent_id), self._on_message,
+                              prefetch=max_concurrency, requeue_on_error=False)
+        self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._finished: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._state = "ready"
+        self._stop = asyncio.Event()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.completed = 0
+        self.failed = 0
+
+    def __repr__(self) -> str:
+        return f"WorkerAgent(id={self.agent_id!r}, kind={self.kind!r})"
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.messages.start()
+        await self.send(protocol.AgentHello(kind=self.kind, capabilities=self.capabilities,
+                                            max_concurrency=self.max_concurrency,
+                                            version=__version__))
+        await self._send_status()
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        log.info("agent %s (%s) started", self.agent_id, self.kind)
+
+    async def run(self) -> None:
+        """Start, serve until ``request_stop()`` (or a signal via the CLI), then stop."""
+        await self.start()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Drain: stop taking work, let running tasks finish (bounded), say goodbye."""
+        timeout = self.settings.limits.drain_timeout_s if timeout is None else timeout
+        self._state = "draining"
+        with contextlib.suppress(TransportError):
+            await self._send_status()
+        await self.messages.stop_consuming()
+        if self._running:
+            _, late = await asyncio.wait(set(self._running.values()), timeout=timeout)
+            for task in late:
+                task.cancel()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        with contextlib.suppress(TransportError):
+            await self.send(protocol.AgentGoodbye(reason="stopped"))
+        await self.messages.close()
+        log.info("agent %s stopped", self.agent_id)
+
+    # --- outbound -----------------------------------------------------------------------------
+
+    async def send(self, payload: protocol.Model) -> None:
+        message_type = protocol.TYPE_OF_PAYLOAD[type(payload)]
+        lane = lane_for(self.coordinator_id, message_type)
+        durable = lane == c.tasks_key(self.coordinator_id)
+        await self.messages.publish(
+            payload, peer=self.coordinator_id, exchange=c.COORDINATOR_EXCHANGE, routing_key=lane,
+            persistent=durable,
+            # Telemetry is worthless once its token has expired; let the broker drop it.
+            expiration_s=None if durable else self.settings.security.message_ttl_s,
+        )
+
+    async def _send_status(self) -> None:
+        busy = self.in_flight >= self.max_concurrency
+        await self.send(protocol.AgentStatus(
+            kind=self.kind, capabilities=self.capabilities,
+            max_concurrency=self.max_concurrency,
+            state="draining" if self._state == "draining" else ("busy" if busy else "ready"),
+            in_flight=self.in_flight, load=min(1.0, self.in_flight / self.max_concurrency),
+        ))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.liveness.heartbeat_interval_s)
+            try:
+                await self._send_status()
+            except TransportError as exc:
+                log.debug("heartbeat not sent: %s", exc)
+
+    # --- inbound ------------------------------------------------------------------------------
+
+    async def _on_message(
+        self, envelope: protocol.Envelope, message: AbstractIncomingMessage
+    ) -> None:
+        payload = envelope.payload
+        if envelope.sender != self.coordinator_id:
+            return
+        if isinstance(payload, protocol.TaskAssign):
+            await self._run_assignment(payload)
+        elif isinstance(payload, protocol.TaskCancel):
+            for (task_id, attempt), task in list(self._running.items()):
+                if task_id == payload.task_id and payload.attempt in (None, attempt):
+                    task.cancel()
+        elif isinstance(payload, protocol.AgentDrain):
+            log.info("coordinator asked agent %s to drain", self.agent_id)
+            self.request_stop()
+
+    async def _run_assignment(self, assign: protocol.TaskAssign) -> None:
+        key = (assign.task_id, assign.attempt)
+        if key in self._finished:
+            return  # a redelivery of work already reported: ack it and move on
+        running = self._running.get(key)
+        if running is None:
+            running = asyncio.create_task(self._execute(assign), name=f"task-{assign.task_id}")
+            self._running[key] = running
+        # Redelivered while running (after a reconnect): wait for the same run, then ack.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(running)
+
+    async def _execute(self, assign: protocol.TaskAssign) -> None:
+        key = (assign.task_id, assign.attempt)
+        ctx = TaskContext(assign.task_id, assign.attempt, assign.description, assign.input,
+                          assign.timeout_s, self)
+        started = time.monotonic()
+        try:
+            output = await asyncio.wait_for(self.handler(ctx), assign.timeout_s)
+            result = protocol.TaskResult(task_id=assign.task_id, attempt=assign.attempt,
+                                         success=True, output=output,
+                                         duration_s=time.monotonic() - started)
+            self.completed += 1
+        except asyncio.CancelledError:
+            self._running.pop(key, None)
+            self._remember(key)
+            raise
+        except Exception as exc:
+            self.failed += 1
+            error = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            result = protocol.TaskResult(task_id=assign.task_id, attempt=assign.attempt,
+                                         success=False, error=error[:1024],
+                                         duration_s=time.monotonic() - started)
+        try:
+            await self._send_result(result)
+        finally:
+            self._running.pop(key, None)
+        self._remember(key)
+
+    async def _send_result(self, result: protocol.TaskResult) -> None:
+        """Results must not be lost: retry through broker outages until confirmed."""
+        delay = 0.2
+        while True:
+            try:
+                await self.send(result)
+                return
+            except TransportError as exc:
+                log.warning("result for %s not sent yet (%s); retrying", result.task_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _remember(self, key: tuple[str, int]) -> None:
+        self._finished[key] = None
+        while len(self._finished) > FINISHED_MEMORY:
+            self._finished.popitem(last=False)
