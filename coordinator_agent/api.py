@@ -70,6 +70,7 @@ class MonitoringServer:
     # --- probes and metrics -------------------------------------------------------------------
 
     async def metrics(self, request: web.Request) -> web.Response:
+        self.coordinator.refresh_gauges()  # exact at scrape time, not up to a sweep old
         body = self.coordinator.metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

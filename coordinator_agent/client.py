@@ -35,7 +35,7 @@ class CoordinatorClient:
         )
         self.reply_queue = f"ca.client.{principal_id}.{uuid.uuid4().hex[:12]}"
         self.messages = MessageHandler(
-            settings.broker_url, self.security, name=f"client:{principal_id}",
+            settings.broker_url, self.security, name=f"{settings.name}/client:{principal_id}",
             authorizer=AuthorizationManager(self.security),
             publish_timeout_s=settings.limits.publish_timeout_s,
         )

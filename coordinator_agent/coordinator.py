@@ -65,7 +65,7 @@ class CoordinatorAgent:
         self.messages = MessageHandler(
             settings.broker_url,
             self.security,
-            name=f"coordinator:{settings.name}",
+            name=f"{settings.name}/coordinator",
             authorizer=self.authorizer,
             metrics=self.metrics,
             publish_timeout_s=settings.limits.publish_timeout_s,
@@ -513,7 +513,7 @@ class CoordinatorAgent:
                     self._finish(task, TaskStatus.FAILED,
                                  error=f"no agent can run it (kind={task.kind}, capabilities="
                                  f"{task.required_capabilities}) within {task.timeout_s:g}s")
-        self._update_gauges()
+        self.refresh_gauges()
 
     def _abandon_timed_out(self, task: TaskRecord, attempt: Attempt) -> None:
         cancel = protocol.TaskCancel(task_id=task.id, attempt=attempt.number, reason="timeout")
@@ -525,7 +525,7 @@ class CoordinatorAgent:
     def _could_ever_run(task: TaskRecord, agent: AgentRecord) -> bool:
         return agent.liveness is not AgentLiveness.DEAD and matches(task, agent)
 
-    def _update_gauges(self) -> None:
+    def refresh_gauges(self) -> None:
         by_liveness = self.state.count_by_liveness()
         for liveness, count in by_liveness.items():
             self.metrics.agents_by_liveness.labels(liveness).set(count)

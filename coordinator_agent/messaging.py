@@ -464,3 +464,23 @@ def lane_for(coordinator: str, message_type: str) -> str:
     if message_type in c.TASK_LANE_TYPES:
         return c.tasks_key(coordinator)
     return c.status_key(coordinator)
+
+
+async def delete_namespace(
+    broker_url: SecretStr, coordinator: str, agent_ids: list[str] | tuple[str, ...] = ()
+) -> None:
+    """Remove a coordinator's queues and dead-letter exchange (demo and test clean-up)."""
+    connection = await aio_pika.connect(broker_url.get_secret_value(), timeout=10)
+    async with connection:
+        names = [c.tasks_queue(coordinator), c.status_queue(coordinator),
+                 c.dead_letter_queue(coordinator),
+                 *(c.agent_queue(coordinator, agent_id) for agent_id in agent_ids)]
+        for name in names:
+            channel = await connection.channel()
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await channel.queue_delete(name)
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await channel.close()
+        channel = await connection.channel()
+        with contextlib.suppress(*_BROKER_ERRORS):
+            await channel.exchange_delete(c.dead_letter_exchange(coordinator))

@@ -87,7 +87,7 @@ class WorkerAgent:
             replay_window_s=settings.security.replay_window_s,
         )
         self.messages = MessageHandler(
-            settings.broker_url, self.security, name=f"agent:{agent_id}",
+            settings.broker_url, self.security, name=f"{settings.name}/agent:{agent_id}",
             authorizer=AuthorizationManager(self.security),
             publish_timeout_s=settings.limits.publish_timeout_s,
         )

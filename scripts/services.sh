@@ -317,7 +317,7 @@ ensure_consul() {
     # Serialise concurrent runs (install/start) of this script.
     if have flock; then
         exec 9>"$CACHE_DIR/.lock"
-        flock -w 300 9 || die "consul: timed out waiting for lock $CACHE_DIR/.lock"
+        flock -w 120 9 || die "consul: timed out waiting for lock $CACHE_DIR/.lock"
         if leader="$(consul_leader "$url")"; then
             log "consul: OK at $url (leader $leader)"
             return 0
@@ -359,7 +359,7 @@ ensure_consul() {
         printf '\n==== %s: %s starting consul dev agent\n' "$(date -u +%FT%TZ)" "$PROG"
     } >>"$CONSUL_LOG"
     setsid nohup "$bin" agent -dev -client 127.0.0.1 -bind 127.0.0.1 \
-        -pid-file "$CONSUL_PIDFILE" </dev/null >>"$CONSUL_LOG" 2>&1 &
+        -pid-file "$CONSUL_PIDFILE" </dev/null >>"$CONSUL_LOG" 2>&1 9>&- &
     local started=$!
     if leader="$(wait_consul_leader "$url" "$CONSUL_WAIT" "$started")"; then
         [ -s "$CONSUL_PIDFILE" ] || echo "$started" >"$CONSUL_PIDFILE"

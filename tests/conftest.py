@@ -1,0 +1,41 @@
+"""Shared fixtures. Integration tests run against a real RabbitMQ (and Consul where needed).
+
+Service addresses come from the environment first (COORDINATOR_TEST_BROKER_URL), then the
+loopback default. A missing service stops the run with a message saying how to start it: a
+test suite that silently skips its integration tests proves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+import pytest
+
+DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def broker_url_from_env() -> str:
+    return os.environ.get("COORDINATOR_TEST_BROKER_URL", DEFAULT_BROKER_URL)
+
+
+def _reachable(url: str) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 5672), 3):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> str:
+    url = broker_url_from_env()
+    if not _reachable(url):
+        raise pytest.UsageError(
+            f"RabbitMQ is not reachable at {urlparse(url).hostname}:{urlparse(url).port or 5672}. "
+            "Start it with `make services` (or `rabbitmq-server -detached`), or point "
+            "COORDINATOR_TEST_BROKER_URL at one."
+        )
+    return url
