@@ -252,12 +252,12 @@ def _protocol_error(exc: ValidationError, data: bytes) -> ProtocolError:
     kind, loc = first["type"], first["loc"]
     if kind == "json_invalid":
         return ProtocolError("malformed", "body is not valid JSON")
-    if not loc:
-        return ProtocolError("malformed", "envelope must be a JSON object")
     if kind == "union_tag_not_found":
         return ProtocolError("malformed", "envelope has no 'type'")
     if kind == "union_tag_invalid":
         return ProtocolError("unknown_type", f"unknown message type {_peek(data, 'type')!r}")
+    if not loc:
+        return ProtocolError("malformed", "envelope must be a JSON object")
     if len(loc) >= 2 and loc[1] == "v":
         return ProtocolError("unsupported_version", f"protocol version {_peek(data, 'v')!r}")
     where = ", ".join(".".join(str(p) for p in e["loc"][1:]) for e in errors[:3])

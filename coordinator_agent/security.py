@@ -17,7 +17,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from . import protocol
 from .constants import HEADER_SENDER
-from .exceptions import AuthorizationError, SecurityError
+from .exceptions import AuthorizationError, RejectedMessage, SecurityError
 from .keyring import Keyring, Role
 
 #: What each role may send. The coordinator's own messages are checked by the receiving side.
@@ -143,7 +143,11 @@ class SecurityManager:
             plaintext = fernet.decrypt(body, ttl=self.ttl_s)
         except InvalidToken:
             raise self._why_invalid(fernet, body, sender) from None
-        envelope = protocol.decode(plaintext)
+        try:
+            envelope = protocol.decode(plaintext)
+        except RejectedMessage as exc:
+            exc.sender = sender  # authentic: the key proves who sent this broken message
+            raise
         if envelope.sender != sender:
             raise SecurityError(
                 "sender_mismatch", "envelope sender differs from header", sender=sender,

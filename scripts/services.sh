@@ -367,7 +367,9 @@ ensure_consul() {
         log "consul: for clients: export CONSUL_HTTP_ADDR=$CONSUL_DEFAULT_ADDR"
         return 0
     fi
-    tail -n 15 "$CONSUL_LOG" | sed "s/^/$PROG:   log: /" >&2
+    # Show only this run's part of the log.
+    awk '/^==== /{n=0} {l[n++]=$0} END{for(i=(n>15?n-15:0);i<n;i++) print l[i]}' "$CONSUL_LOG" |
+        sed "s/^/$PROG:   log: /" >&2
     die "consul: dev agent did not come up with a leader at $url (log tail above)" \
         "see $CONSUL_LOG; is port 8500/8300/8301/8600 already in use? (ss -ltnp)"
 }

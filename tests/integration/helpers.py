@@ -41,10 +41,11 @@ def subprocess_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[Any]:
-    log = log_path.open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "coordinator_agent", *args], env=env, stdout=log, stderr=log,
-    )
+    """Start `python -m coordinator_agent ARGS`, its output appended to ``log_path``."""
+    with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "coordinator_agent", *args], env=env, stdout=log, stderr=log,
+        )
 
 
 def close_broker_connections(name_prefix: str) -> int:
@@ -56,8 +57,7 @@ def close_broker_connections(name_prefix: str) -> int:
     closed = 0
     for line in listing.splitlines():
         pid, _, props = line.partition("\t")
-        match = re.search(r'"connection_name",longstr,"?<<"([^"]*)">>', props) or re.search(
-            r'connection_name[^"]*"([^"]+)"', props)
+        match = re.search(r'\{"connection_name","([^"]*)"\}', props)
         if pid.startswith("<") and match and match.group(1).startswith(name_prefix):
             subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test: closed by broker"],
                            capture_output=True, timeout=60, check=True)

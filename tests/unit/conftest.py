@@ -3,60 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from coordinator_agent.keyring import Keyring
-from coordinator_agent.security import SecurityManager
 from coordinator_agent.settings import Liveness
 from coordinator_agent.state import StateManager
 from coordinator_agent.store import TaskStore
-
-COORDINATOR_ID = "coord"
-AGENT_ID = "agent-1"
-OTHER_AGENT_ID = "agent-2"
-OPERATOR_ID = "op-1"
-MAX_MESSAGE_BYTES = 64 * 1024
-TTL_S = 120
-REPLAY_WINDOW_S = 180
-
-
-@pytest.fixture
-def keyring() -> Keyring:
-    ring = Keyring()
-    ring.generate(AGENT_ID, "agent")
-    ring.generate(OTHER_AGENT_ID, "agent")
-    ring.generate(OPERATOR_ID, "operator")
-    return ring
-
-
-@pytest.fixture
-def make_security(keyring: Keyring) -> Callable[..., SecurityManager]:
-    """SecurityManager for a principal; agents and operators get only their own keyring entry."""
-
-    def make(principal_id: str = COORDINATOR_ID, **overrides: int) -> SecurityManager:
-        ring = keyring if principal_id == COORDINATOR_ID else keyring.subset(principal_id)
-        options = {
-            "max_message_bytes": MAX_MESSAGE_BYTES,
-            "ttl_s": TTL_S,
-            "replay_window_s": REPLAY_WINDOW_S,
-            **overrides,
-        }
-        return SecurityManager(ring, principal_id, coordinator_id=COORDINATOR_ID, **options)
-
-    return make
-
-
-@pytest.fixture
-def coordinator_security(make_security: Callable[..., SecurityManager]) -> SecurityManager:
-    return make_security(COORDINATOR_ID)
-
-
-@pytest.fixture
-def agent_security(make_security: Callable[..., SecurityManager]) -> SecurityManager:
-    return make_security(AGENT_ID)
 
 
 @pytest.fixture

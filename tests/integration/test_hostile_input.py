@@ -1,0 +1,118 @@
+"""Hostile and broken messages sent over the wire are dead-lettered with a reason and counted,
+while valid traffic keeps flowing. Messages are crafted by hand, as an outside client would."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import aio_pika
+import orjson
+from cryptography.fernet import Fernet
+
+from coordinator_agent import constants as c
+from coordinator_agent.client import CoordinatorClient
+from coordinator_agent.coordinator import CoordinatorAgent
+from coordinator_agent.keyring import Keyring
+from coordinator_agent.settings import Settings
+
+from .conftest import OPERATOR, StartWorker
+from .helpers import wait_until
+
+
+def envelope(sender: str, type_: str, payload: dict[str, Any], **extra: Any) -> bytes:
+    return orjson.dumps({"v": 1, "id": uuid.uuid4().hex, "type": type_, "sender": sender,
+                         "sent_at": time.time(), "payload": payload, **extra})
+
+
+def key_of(keyring: Keyring, principal: str) -> Fernet:
+    return Fernet(keyring.principals[principal].keys[0].get_secret_value())
+
+
+STATUS = {"kind": "general", "capabilities": [], "max_concurrency": 1}
+
+
+async def test_hostile_messages_are_dead_lettered_with_reasons_and_traffic_flows(
+    coordinator: CoordinatorAgent, start_worker: StartWorker, client: CoordinatorClient,
+    keyring: Keyring, settings: Settings,
+) -> None:
+    await start_worker("agent-1")
+    await wait_until(lambda: len(coordinator.state.agents) == 1, 5, "agent")
+    a1, a2 = key_of(keyring, "agent-1"), key_of(keyring, "agent-2")
+    valid_status = a1.encrypt(envelope("agent-3", "agent.status", STATUS))
+    a3 = key_of(keyring, "agent-3")
+    replayable = a3.encrypt(envelope("agent-3", "agent.status", STATUS))
+    hostile: list[tuple[str, bytes, str | None]] = [
+        ("invalid_token", b"this is not a fernet token", "agent-1"),
+        ("invalid_token", Fernet(Fernet.generate_key()).encrypt(
+            envelope("agent-1", "agent.status", STATUS)), "agent-1"),
+        ("invalid_token", a2.encrypt(envelope("agent-1", "agent.status", STATUS)), "agent-1"),
+        ("unknown_sender", a1.encrypt(envelope("mallory", "agent.status", STATUS)), "mallory"),
+        ("unknown_sender", a1.encrypt(envelope("agent-1", "agent.status", STATUS)), None),
+        ("malformed", a1.encrypt(b"{not json"), "agent-1"),
+        ("malformed", a1.encrypt(envelope("agent-1", "agent.status", {"kind": 5})), "agent-1"),
+        ("unknown_type", a1.encrypt(envelope("agent-1", "agent.dance", {})), "agent-1"),
+        ("unsupported_version",
+         a1.encrypt(envelope("agent-1", "agent.status", STATUS, v=2)), "agent-1"),
+        ("sender_mismatch", valid_status, "agent-1"),
+        ("expired", a1.encrypt_at_time(envelope("agent-1", "agent.status", STATUS),
+                                       int(time.time()) - 3600), "agent-1"),
+        ("oversized", b"x" * (settings.limits.max_message_bytes + 1), "agent-1"),
+        ("forbidden", key_of(keyring, OPERATOR).encrypt(envelope(
+            OPERATOR, "task.result", {"task_id": "t1", "attempt": 1, "success": True})),
+         OPERATOR),
+        ("forbidden", a1.encrypt(envelope("agent-1", "task.submit", {"description": "x"})),
+         "agent-1"),
+        ("not_assigned", a1.encrypt(envelope(
+            "agent-1", "task.result", {"task_id": "someone-else", "attempt": 1,
+                                       "success": True})), "agent-1"),
+        ("replayed", replayable, "agent-3"),  # the first copy below is accepted
+    ]
+
+    connection = await aio_pika.connect(settings.broker_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(c.COORDINATOR_EXCHANGE)
+
+        async def send(body: bytes, sender: str | None, lane: str) -> None:
+            headers = {c.HEADER_SENDER: sender} if sender else {}
+            await exchange.publish(aio_pika.Message(body, headers=headers), lane)
+
+        await send(replayable, "agent-3", c.status_key(settings.name))
+        ids = []
+        for i, (_, body, sender) in enumerate(hostile):
+            lane = c.tasks_key(settings.name) if i % 2 else c.status_key(settings.name)
+            await send(body, sender, lane)
+            ids.append(await client.submit(f"valid task {i}"))
+
+        results = await asyncio.gather(*(client.wait(task_id, 20) for task_id in ids))
+        assert [r.status for r in results] == ["succeeded"] * len(hostile)
+
+        expected = Counter(reason for reason, _, _ in hostile)
+        rejected = coordinator.metrics.messages_rejected
+        await wait_until(
+            lambda: sum(rejected.labels(r)._value.get() for r in expected) == len(hostile), 10,
+            "every hostile message counted")
+        for reason, count in expected.items():
+            assert rejected.labels(reason)._value.get() == count, reason
+
+        dead_letters = await channel.get_queue(c.dead_letter_queue(settings.name))
+        seen: Counter[str] = Counter()
+        for _ in range(200):
+            message = await dead_letters.get(fail=False, no_ack=True)
+            if message is None:
+                if sum(seen.values()) >= len(hostile):
+                    break
+                await asyncio.sleep(0.05)
+                continue
+            headers = message.headers or {}
+            seen[str(headers[c.HEADER_REJECT_REASON])] += 1
+            assert headers[c.HEADER_ORIGINAL_EXCHANGE] == c.COORDINATOR_EXCHANGE
+            assert headers[c.HEADER_REJECT_DETAIL]
+        assert seen == expected
+    # The agent that was impersonated is still fine, and so is the coordinator.
+    assert coordinator.ready
+    assert coordinator.state.agents["agent-1"].liveness.value == "healthy"
