@@ -32,7 +32,7 @@ demo: install services
 	$(BIN)/coordinator-agent demo --agents 3 --tasks 30
 
 lint: install
-	$(BIN)/ruff check coordinator_agent tests bench
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 unit: install

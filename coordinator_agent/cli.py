@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", parents=[common], help="run the coordinator until SIGTERM/Ctrl-C")
 
     worker = sub.add_parser("worker", parents=[common], help="run an example agent")
-    worker.add_argument("--id", default=_env("COORDINATOR_AGENT_ID"), required=
-                        _env("COORDINATOR_AGENT_ID") is None, help="agent id [COORDINATOR_AGENT_ID]")
+    agent_id = _env("COORDINATOR_AGENT_ID")
+    worker.add_argument("--id", default=agent_id, required=agent_id is None,
+                        help="agent id [COORDINATOR_AGENT_ID]")
     worker.add_argument("--kind", default=_env("COORDINATOR_AGENT_KIND", "general"),
                         help="agent kind [COORDINATOR_AGENT_KIND]")
     worker.add_argument("--capabilities", default=_env("COORDINATOR_AGENT_CAPABILITIES", ""),
@@ -286,7 +287,9 @@ def _print(args: argparse.Namespace, data: Any, text: str) -> None:
 def monitoring_url(args: argparse.Namespace, settings: Settings) -> str:
     if args.url:
         return str(args.url).rstrip("/")
-    host = "127.0.0.1" if settings.monitoring_host in ("0.0.0.0", "::") else settings.monitoring_host  # noqa: S104
+    host = settings.monitoring_host
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - listening everywhere; talk to loopback
+        host = "127.0.0.1"
     return f"http://{host}:{settings.monitoring_port}"
 
 
@@ -384,11 +387,11 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         _print(args, {"principal": args.principal, "file": args.out},
                f"wrote {args.principal}'s keys to {args.out} (mode 0600)")
     elif action == "token":
-        principal = keyring.get(args.principal)
-        if principal is None or principal.api_token is None:
+        operator = keyring.get(args.principal)
+        if operator is None or operator.api_token is None:
             raise ConfigError(f"{args.principal!r} is not an operator in {path}")
         # Printed on request only, for `Authorization: Bearer ...`; never logged.
-        print(principal.api_token.get_secret_value())
+        print(operator.api_token.get_secret_value())
     return 0
 
 

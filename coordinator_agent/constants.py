@@ -1,4 +1,5 @@
-"""Names on the wire: exchanges, queues, routing keys, headers. One place, so docs and code agree."""
+"""Names on the wire: exchanges, queues, routing keys, headers. One place, so docs and code
+agree."""
 
 from __future__ import annotations
 

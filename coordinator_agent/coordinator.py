@@ -121,8 +121,9 @@ class CoordinatorAgent:
         await self.monitoring.stop()
         self.state.store.close()
         self._stopped.set()
-        log.info("coordinator %s stopped%s", self.settings.name,
-                 "" if drained else " (some messages were still in progress; they will be redelivered)")
+        if not drained:
+            log.warning("stopped with messages still in progress; the broker redelivers them")
+        log.info("coordinator %s stopped", self.settings.name)
 
     @property
     def ready(self) -> bool:
@@ -170,9 +171,8 @@ class CoordinatorAgent:
         if existing is not None:
             return existing, True
         if len(self.state.tasks) >= self.settings.limits.max_pending_tasks:
-            raise SubmissionRefused(
-                f"{len(self.state.tasks)} tasks open, limit {self.settings.limits.max_pending_tasks}"
-            )
+            raise SubmissionRefused(f"{len(self.state.tasks)} tasks open, the limit is "
+                                    f"{self.settings.limits.max_pending_tasks}")
         limits = self.settings.limits
         task = TaskRecord(
             id=task_id,
@@ -437,7 +437,7 @@ class CoordinatorAgent:
     def _completed(self, task: TaskRecord) -> protocol.TaskCompleted:
         return protocol.TaskCompleted(
             task_id=task.id,
-            status=task.status.value,  # type: ignore[arg-type]
+            status=task.status.value,
             output=task.output,
             error=task.error,
             attempts=[
@@ -506,13 +506,11 @@ class CoordinatorAgent:
             attempt = task.current_attempt
             if attempt is not None and now > attempt.deadline:
                 self._abandon_timed_out(task, attempt)
-            elif task.status is TaskStatus.PENDING and now - task.updated_at > task.timeout_s:
-                if not any(
-                    self._could_ever_run(task, a) for a in self.state.agents.values()
-                ):
-                    self._finish(task, TaskStatus.FAILED,
-                                 error=f"no agent can run it (kind={task.kind}, capabilities="
-                                 f"{task.required_capabilities}) within {task.timeout_s:g}s")
+            elif (task.status is TaskStatus.PENDING and now - task.updated_at > task.timeout_s
+                  and not any(self._could_ever_run(task, a) for a in self.state.agents.values())):
+                self._finish(task, TaskStatus.FAILED,
+                             error=f"no agent can run it (kind={task.kind}, capabilities="
+                             f"{task.required_capabilities}) within {task.timeout_s:g}s")
         self.refresh_gauges()
 
     def _abandon_timed_out(self, task: TaskRecord, attempt: Attempt) -> None:

@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from . import protocol
 from .client import CoordinatorClient
 from .coordinator import CoordinatorAgent
 from .keyring import Keyring
@@ -156,7 +157,7 @@ async def _batch(
     ids = [await client.submit(**demo_task(i)) for i in range(tasks)]
     bar = ProgressBar(tasks, "tasks", enabled=not as_json)
     pending = {asyncio.ensure_future(client.wait(task_id, 120)) for task_id in ids}
-    results = []
+    results: list[protocol.TaskCompleted] = []
     while pending:
         done, pending = await asyncio.wait(pending, timeout=0.25)
         results.extend(f.result() for f in done if f.exception() is None)

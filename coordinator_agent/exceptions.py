@@ -2,7 +2,7 @@
 
     CoordinatorError
     ├── ConfigError                 bad settings or keyring file
-    ├── RejectedMessage             an inbound message failed a check       (reason, sender, message_id)
+    ├── RejectedMessage             an inbound message failed a check  (reason, sender, message_id)
     │   ├── ProtocolError           not a valid v1 message
     │   └── SecurityError           failed a security check
     │       └── AuthorizationError  authentic, but not allowed

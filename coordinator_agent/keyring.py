@@ -144,4 +144,4 @@ def _new_key() -> SecretStr:
 def _role(value: object) -> Role:
     if value not in ROLES:
         raise ValueError("unknown role")
-    return value  # type: ignore[return-value]
+    return value

@@ -169,7 +169,7 @@ def _envelope_class(type_name: str, payload_model: type[Model]) -> type[_Envelop
         class_name,
         (_EnvelopeBase,),
         {
-            "__annotations__": {"type": Literal[type_name], "payload": payload_model},  # type: ignore[valid-type]
+            "__annotations__": {"type": Literal[type_name], "payload": payload_model},
             "__module__": __name__,
         },
     )
@@ -192,7 +192,7 @@ class Envelope(Model):
 
 # One discriminated union over every envelope class: pydantic validates the JSON in one pass.
 _ENVELOPE_ADAPTER: TypeAdapter[Any] = TypeAdapter(
-    Annotated[Union[tuple(_ENVELOPE_CLASSES)], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007
+    Annotated[Union[tuple(_ENVELOPE_CLASSES)], Field(discriminator="type")]  # type: ignore[arg-type]  # noqa: UP007
 )
 
 

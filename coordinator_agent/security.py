@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -115,7 +116,7 @@ class SecurityManager:
 
     # --- outbound -----------------------------------------------------------------------------
 
-    def seal(self, envelope: protocol.Envelope, peer: str) -> tuple[bytes, dict[str, str]]:
+    def seal(self, envelope: protocol.Envelope, peer: str) -> tuple[bytes, dict[str, Any]]:
         """Encode and encrypt for ``peer``; returns (body, headers)."""
         owner = self._key_owner(peer)
         fernet = self._fernet(owner) if owner else None

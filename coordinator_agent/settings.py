@@ -1,6 +1,7 @@
 """One typed settings object: defaults < ``config/coordinator.yaml`` < ``COORDINATOR_*`` env vars.
 
-Nested fields use a double underscore in the environment, e.g. ``COORDINATOR_LIMITS__MAX_RETRIES=5``.
+Nested fields use a double underscore in the environment, for example
+``COORDINATOR_LIMITS__MAX_RETRIES=5``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ class SecuritySettings(BaseModel):
     def _window_covers_ttl(cls, v: int, info: Any) -> int:
         needed = info.data.get("message_ttl_s", 0) + FERNET_MAX_CLOCK_SKEW_S
         if v < needed:
-            raise ValueError(f"must be at least message_ttl_s + {FERNET_MAX_CLOCK_SKEW_S} ({needed})")
+            raise ValueError(
+                f"must be at least message_ttl_s + {FERNET_MAX_CLOCK_SKEW_S} ({needed})"
+            )
         return v
 
 

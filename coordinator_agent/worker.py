@@ -25,9 +25,8 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from . import __version__
+from . import __version__, protocol
 from . import constants as c
-from . import protocol
 from .exceptions import TransportError
 from .keyring import Keyring
 from .messaging import MessageHandler, agent_topology, lane_for

@@ -43,7 +43,7 @@ def subprocess_env(settings: Settings, **extra: str) -> dict[str, str]:
 def spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[Any]:
     """Start `python -m coordinator_agent ARGS`, its output appended to ``log_path``."""
     with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(  # noqa: S603
+        return subprocess.Popen(
             [sys.executable, "-m", "coordinator_agent", *args], env=env, stdout=log, stderr=log,
         )
 
