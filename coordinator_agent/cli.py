@@ -270,7 +270,7 @@ def _describe_result(result: dict[str, Any]) -> str:
     if result.get("error"):
         lines.append(f"  error: {result['error']}")
     if result.get("output") is not None:
-        lines.append("  output: " + json.dumps(result["output"], indent=2).replace("\n", "\n  "))
+        lines.append("  output: " + json.dumps(result["output"]))
     for attempt in result.get("attempts", []):
         lines.append(f"  attempt {attempt['attempt']} on {attempt['agent_id']}: "
                      f"{attempt['outcome']}")
@@ -314,8 +314,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     print(f"coordinator {status['name']}: {'ready' if status['ready'] else 'NOT READY'}, "
           f"broker {'up' if status['broker_connected'] else 'DOWN'}, up {status['uptime_s']}s")
     print("agents: " + ", ".join(f"{k} {v}" for k, v in status["agents"].items()))
-    print("open tasks: " + ", ".join(f"{k} {v}" for k, v in status["tasks_open"].items() if v)
-          or "open tasks: none")
+    open_tasks = ", ".join(f"{k} {v}" for k, v in status["tasks_open"].items() if v)
+    print(f"open tasks: {open_tasks or 'none'}")
     print("totals: " + ", ".join(f"{k} {v}" for k, v in status["totals"].items()))
     return 0
 
