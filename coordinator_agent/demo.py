@@ -97,6 +97,8 @@ async def _start_agents(settings: Settings, count: int) -> list[asyncio.subproce
         processes.append(await asyncio.create_subprocess_exec(
             sys.executable, "-m", "coordinator_agent", "worker", "--id", f"demo-agent-{i}",
             "--kind", kind, "--capabilities", capabilities, "--concurrency", "2", env=env,
+            # Own session: Ctrl-C reaches the demo only, which then stops agents gracefully.
+            start_new_session=True,
         ))
     return processes
 
