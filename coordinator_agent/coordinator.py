@@ -23,7 +23,13 @@ from prometheus_client import CollectorRegistry
 from . import constants as c
 from . import protocol
 from .api import MonitoringServer
-from .exceptions import AuthorizationError, SubmissionRefused, TransportError, Unroutable
+from .exceptions import (
+    AuthorizationError,
+    ConfigError,
+    SubmissionRefused,
+    TransportError,
+    Unroutable,
+)
 from .keyring import Keyring
 from .messaging import MessageHandler, coordinator_topology
 from .metrics import Metrics
@@ -81,6 +87,7 @@ class CoordinatorAgent:
         self._loops: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self.started_at = time.time()
+        self._keyring_mtime = self._keyring_file_mtime()
         self.accepting = False
         self.monitoring = MonitoringServer(self, settings.monitoring_host, settings.monitoring_port)
 
@@ -482,11 +489,33 @@ class CoordinatorAgent:
 
     # --- periodic -----------------------------------------------------------------------------
 
+    def _keyring_file_mtime(self) -> float | None:
+        try:
+            return self.settings.keyring_path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def _reload_keyring_if_changed(self) -> None:
+        """Pick up `keys generate/rotate` without a restart (the file is replaced atomically)."""
+        mtime = self._keyring_file_mtime()
+        if mtime is None or mtime == self._keyring_mtime:
+            return
+        self._keyring_mtime = mtime
+        try:
+            keyring = Keyring.load(self.settings.keyring_path)
+        except ConfigError as exc:
+            log.warning("keyring changed but could not be loaded, keeping the old one: %s", exc)
+            return
+        self.keyring = keyring
+        self.security.reload(keyring)
+        log.info("keyring reloaded: %d principals", len(keyring.principals))
+
     async def _sweep_loop(self) -> None:
         last_notify_retry = time.monotonic()
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             try:
+                self._reload_keyring_if_changed()
                 self._sweep(time.time())
                 if time.monotonic() - last_notify_retry > 5 and self.messages.connected:
                     last_notify_retry = time.monotonic()

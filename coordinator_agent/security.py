@@ -60,6 +60,28 @@ class ReplayGuard:
         return len(self._seen)
 
 
+class PeerKeys:
+    """One principal's keys, newest first. Rotation-friendly: the coordinator answers a peer
+    with the key that peer last used, so a rotated key can be rolled out to the coordinator
+    first and to the agent later without either side failing to read the other."""
+
+    def __init__(self, keys: list[Fernet]) -> None:
+        self.keys = keys
+        self.multi = MultiFernet(keys)
+        self.current = 0
+
+    def decrypt(self, token: bytes, ttl: int) -> bytes:
+        order = [self.current, *(i for i in range(len(self.keys)) if i != self.current)]
+        for index in order:
+            try:
+                plaintext = self.keys[index].decrypt(token, ttl=ttl)
+            except InvalidToken:
+                continue
+            self.current = index
+            return plaintext
+        raise InvalidToken
+
+
 class SecurityManager:
     """Seals outbound envelopes and opens inbound bodies, raising SecurityError/ProtocolError."""
 
@@ -80,7 +102,7 @@ class SecurityManager:
         self.ttl_s = ttl_s
         self.replay = ReplayGuard(replay_window_s)
         self._keyring = keyring
-        self._fernets: dict[str, MultiFernet] = {}
+        self._peers: dict[str, PeerKeys] = {}
         if not self.is_coordinator and keyring.get(principal_id) is None:
             raise SecurityError("unknown_sender", f"no key for principal {principal_id!r}")
 
@@ -88,9 +110,17 @@ class SecurityManager:
         return f"SecurityManager(principal={self.principal_id!r})"
 
     def reload(self, keyring: Keyring) -> None:
-        """Swap in a rotated keyring without restarting."""
-        self._keyring = keyring
-        self._fernets.clear()
+        """Swap in a rotated keyring without restarting, remembering which key each peer uses."""
+        old_keyring, old_peers = self._keyring, self._peers
+        self._keyring, self._peers = keyring, {}
+        for owner, old in old_peers.items():
+            before, after = old_keyring.get(owner), keyring.get(owner)
+            peer = self._keys(owner)
+            if before is None or after is None or peer is None:
+                continue
+            in_use = before.keys[old.current].get_secret_value()
+            secrets_now = [k.get_secret_value() for k in after.keys]
+            peer.current = secrets_now.index(in_use) if in_use in secrets_now else 0
 
     def role_of(self, principal_id: str) -> Role | str | None:
         if principal_id == self.coordinator_id:
@@ -98,15 +128,15 @@ class SecurityManager:
         principal = self._keyring.get(principal_id)
         return principal.role if principal else None
 
-    def _fernet(self, key_owner: str) -> MultiFernet | None:
-        fernet = self._fernets.get(key_owner)
-        if fernet is None:
+    def _keys(self, key_owner: str) -> PeerKeys | None:
+        peer = self._peers.get(key_owner)
+        if peer is None:
             principal = self._keyring.get(key_owner)
             if principal is None:
                 return None
-            fernet = MultiFernet([Fernet(k.get_secret_value()) for k in principal.keys])
-            self._fernets[key_owner] = fernet
-        return fernet
+            peer = PeerKeys([Fernet(k.get_secret_value()) for k in principal.keys])
+            self._peers[key_owner] = peer
+        return peer
 
     def _key_owner(self, peer: str) -> str | None:
         """Whose key protects traffic between us and ``peer``."""
@@ -119,10 +149,12 @@ class SecurityManager:
     def seal(self, envelope: protocol.Envelope, peer: str) -> tuple[bytes, dict[str, Any]]:
         """Encode and encrypt for ``peer``; returns (body, headers)."""
         owner = self._key_owner(peer)
-        fernet = self._fernet(owner) if owner else None
-        if fernet is None:
+        keys = self._keys(owner) if owner else None
+        if keys is None:
             raise SecurityError("unknown_sender", f"no key for peer {peer!r}")
-        return fernet.encrypt(protocol.encode(envelope)), {HEADER_SENDER: envelope.sender}
+        # An agent always uses its newest key; the coordinator follows what the peer uses.
+        key = keys.keys[keys.current if self.is_coordinator else 0]
+        return key.encrypt(protocol.encode(envelope)), {HEADER_SENDER: envelope.sender}
 
     # --- inbound ------------------------------------------------------------------------------
 
@@ -137,13 +169,13 @@ class SecurityManager:
         if not isinstance(sender, str) or not sender:
             raise SecurityError("unknown_sender", f"missing {HEADER_SENDER} header")
         owner = self._key_owner(sender)
-        fernet = self._fernet(owner) if owner else None
-        if fernet is None:
+        keys = self._keys(owner) if owner else None
+        if keys is None:
             raise SecurityError("unknown_sender", f"unknown sender {sender[:128]!r}", sender=None)
         try:
-            plaintext = fernet.decrypt(body, ttl=self.ttl_s)
+            plaintext = keys.decrypt(body, ttl=self.ttl_s)
         except InvalidToken:
-            raise self._why_invalid(fernet, body, sender) from None
+            raise self._why_invalid(keys.multi, body, sender) from None
         try:
             envelope = protocol.decode(plaintext)
         except RejectedMessage as exc:

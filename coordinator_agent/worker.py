@@ -132,6 +132,8 @@ class WorkerAgent:
 
     async def stop(self, timeout: float | None = None) -> None:
         """Drain: stop taking work, let running tasks finish (bounded), say goodbye."""
+        if self._state == "stopped":
+            return
         timeout = self.settings.limits.drain_timeout_s if timeout is None else timeout
         self._state = "draining"
         with contextlib.suppress(TransportError):
@@ -148,6 +150,7 @@ class WorkerAgent:
         with contextlib.suppress(TransportError):
             await self.send(protocol.AgentGoodbye(reason="stopped"))
         await self.messages.close()
+        self._state = "stopped"
         log.info("agent %s stopped", self.agent_id)
 
     # --- outbound -----------------------------------------------------------------------------
