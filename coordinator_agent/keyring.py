@@ -103,6 +103,8 @@ class Keyring:
                 for pid, entry in raw["principals"].items()
             }
             for principal in principals.values():
+                if not principal.keys:
+                    raise ValueError("principal without keys")
                 for key in principal.keys:
                     Fernet(key.get_secret_value())
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -258,7 +258,7 @@ def _protocol_error(exc: ValidationError, data: bytes) -> ProtocolError:
         return ProtocolError("unknown_type", f"unknown message type {_peek(data, 'type')!r}")
     if not loc:
         return ProtocolError("malformed", "envelope must be a JSON object")
-    if len(loc) >= 2 and loc[1] == "v":
+    if len(loc) >= 2 and loc[1] == "v" and kind != "missing":
         return ProtocolError("unsupported_version", f"protocol version {_peek(data, 'v')!r}")
     where = ", ".join(".".join(str(p) for p in e["loc"][1:]) for e in errors[:3])
     return ProtocolError("malformed", f"invalid fields: {where}")

@@ -18,7 +18,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from . import protocol
 from .constants import HEADER_SENDER
-from .exceptions import AuthorizationError, RejectedMessage, SecurityError
+from .exceptions import AuthorizationError, ConfigError, RejectedMessage, SecurityError
 from .keyring import Keyring, Role
 
 #: What each role may send. The coordinator's own messages are checked by the receiving side.
@@ -65,9 +65,10 @@ class PeerKeys:
     with the key that peer last used, so a rotated key can be rolled out to the coordinator
     first and to the agent later without either side failing to read the other."""
 
-    def __init__(self, keys: list[Fernet]) -> None:
-        self.keys = keys
-        self.multi = MultiFernet(keys)
+    def __init__(self, secrets: list[str]) -> None:
+        self.secrets = secrets  # kept to recognise the key in use after a reload
+        self.keys = [Fernet(s) for s in secrets]
+        self.multi = MultiFernet(self.keys)
         self.current = 0
 
     def decrypt(self, token: bytes, ttl: int) -> bytes:
@@ -104,23 +105,24 @@ class SecurityManager:
         self._keyring = keyring
         self._peers: dict[str, PeerKeys] = {}
         if not self.is_coordinator and keyring.get(principal_id) is None:
-            raise SecurityError("unknown_sender", f"no key for principal {principal_id!r}")
+            raise ConfigError(f"the keyring has no key for principal {principal_id!r}")
+        if self.is_coordinator and keyring.get(coordinator_id) is not None:
+            # It would be given the coordinator's role: refuse rather than guess.
+            raise ConfigError(f"the keyring has a principal named like the coordinator "
+                              f"({coordinator_id!r}); rename one of them")
 
     def __repr__(self) -> str:
         return f"SecurityManager(principal={self.principal_id!r})"
 
     def reload(self, keyring: Keyring) -> None:
         """Swap in a rotated keyring without restarting, remembering which key each peer uses."""
-        old_keyring, old_peers = self._keyring, self._peers
+        old_peers = self._peers
         self._keyring, self._peers = keyring, {}
         for owner, old in old_peers.items():
-            before, after = old_keyring.get(owner), keyring.get(owner)
             peer = self._keys(owner)
-            if before is None or after is None or peer is None:
-                continue
-            in_use = before.keys[old.current].get_secret_value()
-            secrets_now = [k.get_secret_value() for k in after.keys]
-            peer.current = secrets_now.index(in_use) if in_use in secrets_now else 0
+            in_use = old.secrets[old.current]
+            if peer is not None and in_use in peer.secrets:
+                peer.current = peer.secrets.index(in_use)
 
     def role_of(self, principal_id: str) -> Role | str | None:
         if principal_id == self.coordinator_id:
@@ -134,7 +136,7 @@ class SecurityManager:
             principal = self._keyring.get(key_owner)
             if principal is None:
                 return None
-            peer = PeerKeys([Fernet(k.get_secret_value()) for k in principal.keys])
+            peer = PeerKeys([k.get_secret_value() for k in principal.keys])
             self._peers[key_owner] = peer
         return peer
 

@@ -12,7 +12,12 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from .exceptions import ConfigError
 
@@ -41,7 +46,7 @@ class SecuritySettings(BaseModel):
     #: A Fernet token older than this is rejected as expired.
     message_ttl_s: int = Field(120, ge=5)
     #: Message ids are remembered this long; must cover TTL plus Fernet's 60 s clock-skew bound.
-    replay_window_s: int = Field(180, ge=5)
+    replay_window_s: int = Field(180, ge=5, validate_default=True)
 
     @field_validator("replay_window_s")
     @classmethod
@@ -60,7 +65,7 @@ class Liveness(BaseModel):
     heartbeat_interval_s: float = Field(2.0, gt=0)
     #: Missed-heartbeat multiples after which an agent is suspect (no new work) and then dead.
     suspect_after: float = Field(2.5, gt=1)
-    dead_after: float = Field(5.0, gt=1)
+    dead_after: float = Field(5.0, gt=1, validate_default=True)
 
     @field_validator("dead_after")
     @classmethod
@@ -154,3 +159,5 @@ def load_settings(**overrides: Any) -> Settings:
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from None
+    except SettingsError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None

@@ -12,7 +12,12 @@ from cryptography.fernet import Fernet
 
 from coordinator_agent import protocol
 from coordinator_agent.constants import HEADER_SENDER
-from coordinator_agent.exceptions import AuthorizationError, ProtocolError, SecurityError
+from coordinator_agent.exceptions import (
+    AuthorizationError,
+    ConfigError,
+    ProtocolError,
+    SecurityError,
+)
 from coordinator_agent.keyring import Keyring
 from coordinator_agent.security import POLICY, AuthorizationManager, ReplayGuard, SecurityManager
 from coordinator_agent.settings import Liveness, load_settings
@@ -160,10 +165,18 @@ def test_coordinator_cannot_seal_for_unknown_peer(coordinator_security: Security
 
 
 def test_principal_without_key_cannot_build_security_manager(keyring: Keyring) -> None:
-    with pytest.raises(SecurityError) as info:
+    with pytest.raises(ConfigError, match="no key for principal 'stranger'"):
         SecurityManager(keyring, "stranger", coordinator_id=COORDINATOR_ID,
-                        max_message_bytes=MAX_MESSAGE_BYTES, ttl_s=TTL_S, replay_window_s=REPLAY_WINDOW_S)
-    assert info.value.reason == "unknown_sender"
+                        max_message_bytes=MAX_MESSAGE_BYTES, ttl_s=TTL_S,
+                        replay_window_s=REPLAY_WINDOW_S)
+
+
+def test_keyring_principal_named_like_the_coordinator_is_refused(keyring: Keyring) -> None:
+    keyring.generate(COORDINATOR_ID, "agent")
+    with pytest.raises(ConfigError, match="named like the coordinator"):
+        SecurityManager(keyring, COORDINATOR_ID, coordinator_id=COORDINATOR_ID,
+                        max_message_bytes=MAX_MESSAGE_BYTES, ttl_s=TTL_S,
+                        replay_window_s=REPLAY_WINDOW_S)
 
 
 def test_old_key_still_opens_after_rotation_and_reload(
@@ -190,6 +203,71 @@ def test_old_key_still_opens_after_rotation_and_reload(
     coordinator_security.reload(keyring)
     body, headers = sealed()
     assert _reject(coordinator_security, body, headers).reason == "invalid_token"
+
+
+
+def _manager(keyring: Keyring, principal_id: str) -> SecurityManager:
+    return SecurityManager(keyring, principal_id, coordinator_id=COORDINATOR_ID,
+                           max_message_bytes=MAX_MESSAGE_BYTES, ttl_s=TTL_S,
+                           replay_window_s=REPLAY_WINDOW_S)
+
+
+def _drain() -> protocol.Envelope:
+    return protocol.make_envelope(protocol.AgentDrain(reason="r"), sender=COORDINATOR_ID)
+
+
+def _rotate_in_file(path: Path) -> None:
+    """What `keys rotate` does: another process loads, rotates and rewrites the file."""
+    ring = Keyring.load(path)
+    ring.rotate(AGENT_ID)
+    ring.save(path)
+
+
+@pytest.mark.parametrize("talked_before_rotation", [True, False])
+def test_coordinator_answers_with_the_key_the_agent_uses(
+    keyring: Keyring, tmp_path: Path, talked_before_rotation: bool
+) -> None:
+    path = tmp_path / "keyring.json"
+    keyring.save(path)
+    agent = _manager(Keyring.load(path).subset(AGENT_ID), AGENT_ID)  # still has the old key
+    coordinator = _manager(Keyring.load(path), COORDINATOR_ID)
+    if talked_before_rotation:
+        coordinator.open(*agent.seal(protocol.make_envelope(_status(), sender=AGENT_ID),
+                                     COORDINATOR_ID))
+
+    _rotate_in_file(path)
+    coordinator.reload(Keyring.load(path))
+    # The agent has not received its new key yet: it keeps writing with the old one...
+    coordinator.open(*agent.seal(protocol.make_envelope(_status(), sender=AGENT_ID),
+                                 COORDINATOR_ID))
+    # ...and must still be able to read what the coordinator sends back.
+    assert agent.open(*coordinator.seal(_drain(), AGENT_ID)).type == "agent.drain"
+
+    # Once the agent has the new key it writes with it, and the coordinator follows.
+    new_agent = _manager(Keyring.load(path).subset(AGENT_ID), AGENT_ID)
+    coordinator.open(*new_agent.seal(protocol.make_envelope(_status(), sender=AGENT_ID),
+                                     COORDINATOR_ID))
+    body, headers = coordinator.seal(_drain(), AGENT_ID)
+    assert new_agent.open(body, headers).type == "agent.drain"
+    assert _reject(agent, body, headers).reason == "invalid_token"  # old key only: too old
+
+
+def test_coordinator_follows_agent_key_when_keyring_rotated_in_place(
+    keyring: Keyring, tmp_path: Path
+) -> None:
+    # Same as above, but the rotated keyring handed to reload() is the very object the
+    # manager already holds (rotate() mutates principals in place), which is what an
+    # in-process caller naturally does: keyring.rotate(...); security.reload(keyring).
+    path = tmp_path / "agent.json"
+    keyring.subset(AGENT_ID).save(path)
+    agent = _manager(Keyring.load(path), AGENT_ID)  # its own copy of the old key
+    coordinator = _manager(keyring, COORDINATOR_ID)
+    coordinator.open(*agent.seal(protocol.make_envelope(_status(), sender=AGENT_ID),
+                                 COORDINATOR_ID))
+
+    keyring.rotate(AGENT_ID)
+    coordinator.reload(keyring)
+    assert agent.open(*coordinator.seal(_drain(), AGENT_ID)).type == "agent.drain"
 
 
 # --- forgeries ------------------------------------------------------------------------------
@@ -281,6 +359,8 @@ def test_valid_token_with_invalid_envelope_is_protocol_error(
     with pytest.raises(ProtocolError) as info:
         coordinator_security.open(body, {HEADER_SENDER: AGENT_ID})
     assert info.value.reason == "malformed"
+    # The key proves who sent the broken message, so the rejection is attributed to them.
+    assert info.value.sender == AGENT_ID
 
 
 # --- time -----------------------------------------------------------------------------------
