@@ -26,14 +26,10 @@ class CoordinatorClient:
         self.settings = settings
         self.principal_id = principal_id
         self.coordinator_id = settings.name
-        self.security = SecurityManager(
-            keyring.subset(principal_id), principal_id,
-            coordinator_id=settings.name,
-            max_message_bytes=settings.limits.max_message_bytes,
-            ttl_s=settings.security.message_ttl_s,
-            replay_window_s=settings.security.replay_window_s,
+        self.security = SecurityManager.from_settings(
+            settings, keyring.subset(principal_id), principal_id
         )
-        self.reply_queue = f"ca.client.{principal_id}.{uuid.uuid4().hex[:12]}"
+        self.reply_queue = f"{c.CLIENT_QUEUE_PREFIX}{principal_id}.{uuid.uuid4().hex[:12]}"
         self.messages = MessageHandler(
             settings.broker_url, self.security, name=f"{settings.name}/client:{principal_id}",
             authorizer=AuthorizationManager(self.security),

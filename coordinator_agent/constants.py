@@ -43,6 +43,11 @@ def agent_key(coordinator: str, agent_id: str) -> str:
     return f"{coordinator}.agent.{agent_id}"
 
 
+#: Clients reply queues are named CLIENT_QUEUE_PREFIX + principal + "." + anything; the
+#: coordinator refuses to reply anywhere else.
+CLIENT_QUEUE_PREFIX: Final = "ca.client."
+
+
 def dead_letter_exchange(coordinator: str) -> str:
     """Rejected, expired and poison messages (fanout exchange)."""
     return f"ca.{coordinator}.dlx"
@@ -68,7 +73,7 @@ STATUS_QUEUE_MAX_LENGTH: Final = 100_000
 #: An agent's queue disappears after it has had no consumer for this long.
 AGENT_QUEUE_EXPIRES_MS: Final = 10 * 60 * 1000
 
-#: Message types that carry work and go to the durable tasks queue; the rest go to status.
-TASK_LANE_TYPES: Final = frozenset(
-    {"task.submit", "task.result", "agent.hello", "agent.goodbye"}
-)
+#: Frequent, replaceable messages: the status lane, a short token lifetime, not persisted.
+#: Everything else carries work: the durable tasks lane and a long token lifetime, because it
+#: may wait in a queue while its receiver restarts (handlers are idempotent for it).
+TELEMETRY_TYPES: Final = frozenset({"agent.status", "agent.metrics", "task.progress"})

@@ -43,6 +43,8 @@ from .tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 0.25
+#: Assignments the broker could not deliver cost no retry, up to this many per task.
+MAX_UNDELIVERABLE = 10
 
 
 class CoordinatorAgent:
@@ -59,14 +61,7 @@ class CoordinatorAgent:
         self.metrics = Metrics(registry)
         self.state = StateManager(TaskStore(settings.store_path), settings.liveness)
         self.planner = CoordinationPlanner(settings.limits.max_in_flight_per_agent, router)
-        self.security = SecurityManager(
-            self.keyring,
-            settings.name,
-            coordinator_id=settings.name,
-            max_message_bytes=settings.limits.max_message_bytes,
-            ttl_s=settings.security.message_ttl_s,
-            replay_window_s=settings.security.replay_window_s,
-        )
+        self.security = SecurityManager.from_settings(settings, self.keyring, settings.name)
         self.authorizer = AuthorizationManager(self.security, self.state.is_assigned)
         self.messages = MessageHandler(
             settings.broker_url,
@@ -176,6 +171,9 @@ class CoordinatorAgent:
         task_id = spec.task_id or default_id
         existing = self.state.find_task(task_id)
         if existing is not None:
+            if existing.submitted_by != submitted_by:
+                # Never show one principal another's task, nor let it hijack the id.
+                raise SubmissionRefused(f"task id {task_id} is already used by another client")
             return existing, True
         if len(self.state.tasks) >= self.settings.limits.max_pending_tasks:
             raise SubmissionRefused(f"{len(self.state.tasks)} tasks open, the limit is "
@@ -208,7 +206,7 @@ class CoordinatorAgent:
         sender = envelope.sender
         now = time.time()
         if isinstance(payload, protocol.AgentStatus | protocol.AgentHello):
-            self._on_agent_seen(sender, payload, now)
+            self._on_agent_seen(sender, payload, now, redelivered=bool(message.redelivered))
         elif isinstance(payload, protocol.TaskResult):
             self._touch(sender, now)
             self._on_result(sender, payload)
@@ -225,6 +223,13 @@ class CoordinatorAgent:
             self._on_goodbye(sender)
 
     async def _on_submit(self, envelope: protocol.Envelope, spec: protocol.TaskSubmit) -> None:
+        if spec.reply_to is not None and not spec.reply_to.startswith(
+            f"{c.CLIENT_QUEUE_PREFIX}{envelope.sender}."
+        ):
+            raise AuthorizationError(
+                "forbidden", f"reply_to must be one of the sender's own "
+                f"{c.CLIENT_QUEUE_PREFIX}{envelope.sender}.* queues",
+                sender=envelope.sender, message_id=envelope.id)
         try:
             task, duplicate = self.submit(spec, submitted_by=envelope.sender,
                                           default_id=envelope.id)
@@ -242,11 +247,13 @@ class CoordinatorAgent:
                 self._spawn(self._reply(spec.reply_to, envelope.sender, self._completed(task)))
 
     def _on_agent_seen(
-        self, agent_id: str, info: protocol.AgentHello | protocol.AgentStatus, now: float
+        self, agent_id: str, info: protocol.AgentHello | protocol.AgentStatus, now: float,
+        *, redelivered: bool = False,
     ) -> None:
         previous = self.state.agents.get(agent_id)
-        if isinstance(info, protocol.AgentHello) and previous is not None and previous.in_flight:
-            # A hello means a fresh process: whatever the old one was doing is gone.
+        if (isinstance(info, protocol.AgentHello) and not redelivered
+                and previous is not None and previous.in_flight):
+            # A (first-delivery) hello means a fresh process: what the old one ran is gone.
             self._lose_agent_tasks(previous, "agent restarted")
         agent, became_assignable = self.state.observe_agent(agent_id, info, now)
         self.metrics.operations.labels("heartbeat").inc()
@@ -297,7 +304,11 @@ class CoordinatorAgent:
         if result.success:
             output, error = self._bounded_output(result.output)
             if error is not None:
-                self._retry_or_fail(task, attempt, AttemptOutcome.FAILED, error)
+                if attempt is current:
+                    self._retry_or_fail(task, attempt, AttemptOutcome.FAILED, error)
+                else:
+                    attempt.end(AttemptOutcome.FAILED, error)
+                    self.state.save(task)
                 return
             attempt.end(AttemptOutcome.SUCCEEDED)
             if current is not None and current is not attempt:
@@ -330,7 +341,9 @@ class CoordinatorAgent:
         if agent is not None:
             agent.in_flight.discard(task.id)
         self.planner.record_outcome(task, agent, False)
-        if self.planner.should_retry(task) or outcome is AttemptOutcome.UNDELIVERABLE:
+        undeliverable_retry = (outcome is AttemptOutcome.UNDELIVERABLE
+                               and task.undeliverable_attempts <= MAX_UNDELIVERABLE)
+        if self.planner.should_retry(task) or undeliverable_retry:
             task.move(TaskStatus.PENDING)
             self.state.totals["retried"] += 1
             self.metrics.task_retries.labels(outcome.value).inc()
@@ -377,7 +390,7 @@ class CoordinatorAgent:
         if not task.status.terminal:
             attempt = task.current_attempt
             if attempt is not None:
-                self._abandon(task, attempt, AttemptOutcome.FAILED)
+                self._abandon(task, attempt, AttemptOutcome.CANCELLED)
             self._finish(task, TaskStatus.CANCELLED, error=reason)
         return task
 

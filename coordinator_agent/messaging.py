@@ -271,10 +271,13 @@ class MessageHandler:
             raise
         except Exception:
             log.exception("handler failed for a %s message on %s", message.type, consumer.queue)
-            if self.metrics:
-                self.metrics.messages_rejected.labels("handler_error").inc()
-            with contextlib.suppress(*_BROKER_ERRORS):
-                await message.nack(requeue=consumer.requeue_on_error)
+            if consumer.requeue_on_error:
+                if self.metrics:
+                    self.metrics.messages_rejected.labels("handler_error").inc()
+                with contextlib.suppress(*_BROKER_ERRORS):
+                    await message.nack(requeue=True)
+            else:
+                await self.dead_letter(message, "handler_error", "the handler raised")
             return
         if self.metrics:
             self.metrics.messages_received.labels(envelope.type).inc()
@@ -461,9 +464,9 @@ def agent_topology(coordinator: str, agent_id: str) -> Topology:
 
 def lane_for(coordinator: str, message_type: str) -> str:
     """Routing key on COORDINATOR_EXCHANGE for a message type sent to the coordinator."""
-    if message_type in c.TASK_LANE_TYPES:
-        return c.tasks_key(coordinator)
-    return c.status_key(coordinator)
+    if message_type in c.TELEMETRY_TYPES:
+        return c.status_key(coordinator)
+    return c.tasks_key(coordinator)
 
 
 async def delete_namespace(

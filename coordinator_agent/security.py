@@ -17,9 +17,10 @@ from typing import Any
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from . import protocol
-from .constants import HEADER_SENDER
+from .constants import HEADER_SENDER, TELEMETRY_TYPES
 from .exceptions import AuthorizationError, ConfigError, RejectedMessage, SecurityError
 from .keyring import Keyring, Role
+from .settings import Settings
 
 #: What each role may send. The coordinator's own messages are checked by the receiving side.
 POLICY: Mapping[str, frozenset[str]] = {
@@ -95,12 +96,14 @@ class SecurityManager:
         max_message_bytes: int,
         ttl_s: int,
         replay_window_s: int,
+        durable_ttl_s: int | None = None,
     ) -> None:
         self.principal_id = principal_id
         self.coordinator_id = coordinator_id
         self.is_coordinator = principal_id == coordinator_id
         self.max_message_bytes = max_message_bytes
         self.ttl_s = ttl_s
+        self.durable_ttl_s = max(ttl_s, durable_ttl_s or ttl_s)
         self.replay = ReplayGuard(replay_window_s)
         self._keyring = keyring
         self._peers: dict[str, PeerKeys] = {}
@@ -111,11 +114,28 @@ class SecurityManager:
             raise ConfigError(f"the keyring has a principal named like the coordinator "
                               f"({coordinator_id!r}); rename one of them")
 
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, keyring: Keyring, principal_id: str
+    ) -> SecurityManager:
+        return cls(
+            keyring,
+            principal_id,
+            coordinator_id=settings.name,
+            max_message_bytes=settings.limits.max_message_bytes,
+            ttl_s=settings.security.message_ttl_s,
+            durable_ttl_s=settings.security.durable_message_ttl_s,
+            replay_window_s=settings.security.replay_window_s,
+        )
+
     def __repr__(self) -> str:
         return f"SecurityManager(principal={self.principal_id!r})"
 
     def reload(self, keyring: Keyring) -> None:
         """Swap in a rotated keyring without restarting, remembering which key each peer uses."""
+        if self.is_coordinator and keyring.get(self.coordinator_id) is not None:
+            raise ConfigError(f"the keyring has a principal named like the coordinator "
+                              f"({self.coordinator_id!r}); rename one of them")
         old_peers = self._peers
         self._keyring, self._peers = keyring, {}
         for owner, old in old_peers.items():
@@ -175,7 +195,7 @@ class SecurityManager:
         if keys is None:
             raise SecurityError("unknown_sender", f"unknown sender {sender[:128]!r}", sender=None)
         try:
-            plaintext = keys.decrypt(body, ttl=self.ttl_s)
+            plaintext = keys.decrypt(body, ttl=self.durable_ttl_s)
         except InvalidToken:
             raise self._why_invalid(keys.multi, body, sender) from None
         try:
@@ -188,8 +208,13 @@ class SecurityManager:
                 "sender_mismatch", "envelope sender differs from header", sender=sender,
                 message_id=envelope.id,
             )
+        now = time.time()
+        if envelope.type in TELEMETRY_TYPES and now - envelope.sent_at > self.ttl_s:
+            raise SecurityError("expired", f"{envelope.type} older than {self.ttl_s}s",
+                                sender=sender, message_id=envelope.id)
         # A broker redelivery repeats an id legitimately; handlers are idempotent for it.
-        if not self.replay.check_and_remember(envelope.id, time.time()) and not redelivered:
+        seen_key = f"{sender}/{envelope.id}"
+        if not self.replay.check_and_remember(seen_key, now) and not redelivered:
             raise SecurityError("replayed", "message id seen before", sender=sender,
                                 message_id=envelope.id)
         return envelope
@@ -202,7 +227,7 @@ class SecurityManager:
         age = int(time.time()) - stamped
         if age < 0:
             return SecurityError("expired", f"stamped {-age}s in the future", sender=sender)
-        return SecurityError("expired", f"{age}s old > ttl {self.ttl_s}s", sender=sender)
+        return SecurityError("expired", f"{age}s old > ttl {self.durable_ttl_s}s", sender=sender)
 
 
 class AuthorizationManager:

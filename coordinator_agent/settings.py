@@ -43,9 +43,12 @@ class Limits(BaseModel):
 class SecuritySettings(BaseModel):
     model_config = {"extra": "forbid"}
 
-    #: A Fernet token older than this is rejected as expired.
+    #: Telemetry (heartbeats, metrics, progress) older than this is rejected as expired.
     message_ttl_s: int = Field(120, ge=5)
-    #: Message ids are remembered this long; must cover TTL plus Fernet's 60 s clock-skew bound.
+    #: Messages that carry work may wait in a durable queue while their receiver is down.
+    durable_message_ttl_s: int = Field(86_400, ge=60)
+    #: Message ids are remembered this long; must cover the telemetry TTL plus Fernet's 60 s
+    #: clock-skew bound. Older work messages are harmless when replayed: handlers are idempotent.
     replay_window_s: int = Field(180, ge=5, validate_default=True)
 
     @field_validator("replay_window_s")
@@ -82,7 +85,8 @@ class Settings(BaseSettings):
         env_prefix="COORDINATOR_", env_nested_delimiter="__", extra="forbid"
     )
 
-    name: str = "coordinator"
+    #: Also the coordinator's principal id and the namespace of its queues.
+    name: str = Field("coordinator", pattern=r"^[A-Za-z0-9_.:@-]{1,64}$")
     broker_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     registry_url: str | None = None
     registry_token: SecretStr | None = None

@@ -26,7 +26,8 @@ class TaskStatus(enum.StrEnum):
 TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
-    TaskStatus.PENDING: frozenset({TaskStatus.ASSIGNED, TaskStatus.FAILED, TaskStatus.CANCELLED}),
+    # pending -> succeeded: a late success of an earlier attempt, after it was given up on.
+    TaskStatus.PENDING: frozenset({TaskStatus.ASSIGNED, *TERMINAL}),
     TaskStatus.ASSIGNED: frozenset(
         {TaskStatus.RUNNING, TaskStatus.PENDING, *TERMINAL}
     ),
@@ -45,6 +46,7 @@ class AttemptOutcome(enum.StrEnum):
     AGENT_LOST = "agent_lost"  # the agent died or left with the task
     UNDELIVERABLE = "undeliverable"  # the broker could not deliver the assignment
     SUPERSEDED = "superseded"  # another attempt finished first
+    CANCELLED = "cancelled"  # the task was cancelled while this attempt ran
 
 
 @dataclass
@@ -104,6 +106,10 @@ class TaskRecord:
 
     def was_assigned_to(self, agent_id: str) -> bool:
         return any(a.agent_id == agent_id for a in self.attempts)
+
+    @property
+    def undeliverable_attempts(self) -> int:
+        return sum(a.outcome is AttemptOutcome.UNDELIVERABLE for a in self.attempts)
 
     @property
     def retries_left(self) -> int:

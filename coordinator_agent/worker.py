@@ -6,8 +6,8 @@
 
     await WorkerAgent("agent-1", "development", handle, settings=s, keyring=k).run()
 
-It says hello, heartbeats with its load, runs at most ``max_concurrency`` tasks at once (the
-broker's prefetch enforces it), reports progress and results, ignores an assignment it already has
+It says hello, heartbeats with its load, runs at most ``max_concurrency`` tasks at once,
+reports progress and results, ignores an assignment it already has
 or has finished, and on stop drains: no new work, running tasks finish, then goodbye.
 An assignment is acked only after its result is confirmed by the broker.
 """
@@ -36,6 +36,8 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 FINISHED_MEMORY = 10_000
+#: Deliveries beyond max_concurrency, so task.cancel and agent.drain reach a busy agent.
+CONTROL_HEADROOM = 8
 
 
 @dataclass
@@ -78,13 +80,7 @@ class WorkerAgent:
         self.capabilities = sorted(set(capabilities or []))
         self.max_concurrency = max_concurrency
         self.coordinator_id = settings.name
-        self.security = SecurityManager(
-            keyring.subset(agent_id), agent_id,
-            coordinator_id=settings.name,
-            max_message_bytes=settings.limits.max_message_bytes,
-            ttl_s=settings.security.message_ttl_s,
-            replay_window_s=settings.security.replay_window_s,
-        )
+        self.security = SecurityManager.from_settings(settings, keyring.subset(agent_id), agent_id)
         self.messages = MessageHandler(
             settings.broker_url, self.security, name=f"{settings.name}/agent:{agent_id}",
             authorizer=AuthorizationManager(self.security),
@@ -92,7 +88,9 @@ class WorkerAgent:
         )
         self.messages.add_topology(agent_topology(settings.name, agent_id))
         self.messages.consume(c.agent_queue(settings.name, agent_id), self._on_message,
-                              prefetch=max_concurrency, requeue_on_error=False)
+                              prefetch=max_concurrency + CONTROL_HEADROOM,
+                              requeue_on_error=False)
+        self._slots = asyncio.Semaphore(max_concurrency)
         self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._finished: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._state = "ready"
@@ -219,7 +217,8 @@ class WorkerAgent:
                           assign.timeout_s, self)
         started = time.monotonic()
         try:
-            output = await asyncio.wait_for(self.handler(ctx), assign.timeout_s)
+            async with self._slots:
+                output = await asyncio.wait_for(self.handler(ctx), assign.timeout_s)
             result = protocol.TaskResult(task_id=assign.task_id, attempt=assign.attempt,
                                          success=True, output=output,
                                          duration_s=time.monotonic() - started)

@@ -58,8 +58,13 @@ async def test_hostile_messages_are_dead_lettered_with_reasons_and_traffic_flows
         ("unsupported_version",
          a1.encrypt(envelope("agent-1", "agent.status", STATUS, v=2)), "agent-1"),
         ("sender_mismatch", valid_status, "agent-1"),
-        ("expired", a1.encrypt_at_time(envelope("agent-1", "agent.status", STATUS),
-                                       int(time.time()) - 3600), "agent-1"),
+        # An hour-old heartbeat (telemetry lives minutes), a two-day-old result (work: a day).
+        ("expired", a1.encrypt_at_time(
+            envelope("agent-1", "agent.status", STATUS, sent_at=time.time() - 3600),
+            int(time.time()) - 3600), "agent-1"),
+        ("expired", a1.encrypt_at_time(envelope(
+            "agent-1", "task.result", {"task_id": "t1", "attempt": 1, "success": True}),
+            int(time.time()) - 2 * 86_400), "agent-1"),
         ("oversized", b"x" * (settings.limits.max_message_bytes + 1), "agent-1"),
         ("forbidden", key_of(keyring, OPERATOR).encrypt(envelope(
             OPERATOR, "task.result", {"task_id": "t1", "attempt": 1, "success": True})),
