@@ -23,6 +23,7 @@ from coordinator_agent.worker import TaskHandler, WorkerAgent
 
 AGENT_IDS = ("agent-1", "agent-2", "agent-3")
 OPERATOR = "operator-1"
+OTHER_OPERATOR = "operator-2"
 
 
 @pytest.fixture
@@ -37,6 +38,7 @@ def keyring(tmp_path: Path) -> Keyring:
     for agent_id in AGENT_IDS:
         ring.generate(agent_id, "agent")
     ring.generate(OPERATOR, "operator")
+    ring.generate(OTHER_OPERATOR, "operator")
     ring.save(tmp_path / "keyring.json")
     return ring
 

@@ -19,7 +19,7 @@ from coordinator_agent.coordinator import CoordinatorAgent
 from coordinator_agent.keyring import Keyring
 from coordinator_agent.settings import Settings
 
-from .conftest import OPERATOR, StartWorker
+from .conftest import OPERATOR, OTHER_OPERATOR, StartWorker
 from .helpers import wait_until
 
 
@@ -121,3 +121,32 @@ async def test_hostile_messages_are_dead_lettered_with_reasons_and_traffic_flows
     # The agent that was impersonated is still fine, and so is the coordinator.
     assert coordinator.ready
     assert coordinator.state.agents["agent-1"].liveness.value == "healthy"
+
+
+async def test_clients_cannot_redirect_replies_or_reuse_another_clients_task_id(
+    coordinator: CoordinatorAgent, start_worker: StartWorker, client: CoordinatorClient,
+    keyring: Keyring, settings: Settings,
+) -> None:
+    await start_worker("agent-1")
+    mine = await client.submit("mine", task_id="shared-id", input={"op": "stats", "text": "a"})
+    assert (await client.wait(mine, 10)).status == "succeeded"
+
+    async with CoordinatorClient(settings, keyring, OTHER_OPERATOR) as other:
+        await other.submit("take over", task_id="shared-id")
+        refused = await other.wait("shared-id", 10)
+    assert refused.status == "rejected" and refused.output is None
+    assert "another client" in (refused.error or "")
+
+    # A reply queue that is not the sender's own (here: the coordinator's tasks queue).
+    operator_key = key_of(keyring, OPERATOR)
+    body = operator_key.encrypt(envelope(OPERATOR, "task.submit", {
+        "description": "x", "reply_to": c.tasks_queue(settings.name)}))
+    connection = await aio_pika.connect(settings.broker_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(c.COORDINATOR_EXCHANGE)
+        await exchange.publish(aio_pika.Message(body, headers={c.HEADER_SENDER: OPERATOR}),
+                               c.tasks_key(settings.name))
+    forbidden = coordinator.metrics.messages_rejected.labels("forbidden")
+    await wait_until(lambda: forbidden._value.get() == 1, 10, "the redirect rejected")
+    assert coordinator.state.totals["submitted"] == 1
