@@ -138,9 +138,11 @@ def setup_logging(level: str) -> None:
         level=level, stream=sys.stderr,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
-    # aiormq/aio-pika log connection URLs and tracebacks of expected disconnects at ERROR.
-    logging.getLogger("aiormq").setLevel(max(logging.WARNING, logging.getLevelName(level)))
-    logging.getLogger("aio_pika").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # aiormq/aio-pika log every failed connection attempt at ERROR; MessageHandler reports
+    # outages itself, once each. Their own lines come back with --log-level DEBUG.
+    quiet = logging.DEBUG if level == "DEBUG" else logging.CRITICAL
+    logging.getLogger("aiormq").setLevel(quiet)
+    logging.getLogger("aio_pika").setLevel(quiet)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
