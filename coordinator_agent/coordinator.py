@@ -341,9 +341,11 @@ class CoordinatorAgent:
         if agent is not None:
             agent.in_flight.discard(task.id)
         self.planner.record_outcome(task, agent, False)
-        undeliverable_retry = (outcome is AttemptOutcome.UNDELIVERABLE
-                               and task.undeliverable_attempts <= MAX_UNDELIVERABLE)
-        if self.planner.should_retry(task) or undeliverable_retry:
+        if outcome is AttemptOutcome.UNDELIVERABLE:
+            retry = task.undeliverable_attempts <= MAX_UNDELIVERABLE
+        else:
+            retry = self.planner.should_retry(task)
+        if retry:
             task.move(TaskStatus.PENDING)
             self.state.totals["retried"] += 1
             self.metrics.task_retries.labels(outcome.value).inc()
