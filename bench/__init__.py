@@ -1,0 +1,1 @@
+"""Benchmarks with in-run baselines (see docs/PERFORMANCE.md). Run ``python bench/run_all.py``."""
