@@ -410,6 +410,8 @@ class CoordinatorAgent:
         cap = self.settings.limits.max_in_flight_per_agent
         agents = self.state.agents.values()
         free = sum(max(0, a.free_slots(cap)) for a in agents if a.assignable)
+        if free <= 0 or not self._pending:
+            return  # a backlog with no free agent costs nothing per wake
         for task_id in list(self._pending):
             if free <= 0:
                 return

@@ -365,7 +365,8 @@ class MessageHandler:
     ) -> None:
         deadline = time.monotonic() + self.publish_timeout_s
         try:
-            await asyncio.wait_for(self._ready.wait(), self.publish_timeout_s)
+            if not self._ready.is_set():
+                await asyncio.wait_for(self._ready.wait(), self.publish_timeout_s)
             target = await self._exchange(exchange)
             remaining = max(0.05, deadline - time.monotonic())
             await target.publish(message, routing_key, mandatory=mandatory, timeout=remaining)
