@@ -223,6 +223,17 @@ def group_cpu_seconds(leaders: Iterable[int]) -> float:
 
 
 def broker_cpu_seconds() -> float:
-    """CPU time of the local RabbitMQ (beam.smp). The broker is shared: this includes whatever
-    else it did meanwhile, so treat it as an upper bound."""
-    return sum(cpu for _, comm, _, cpu in _proc_stats() if comm == "beam.smp")
+    """CPU time of the local RabbitMQ server (its beam.smp; not the short-lived ones of
+    rabbitmqctl). The broker is shared: this includes whatever else it did meanwhile, so treat
+    it as an upper bound."""
+    total = 0.0
+    for pid, comm, _, cpu in _proc_stats():
+        if comm != "beam.smp":
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"rabbit\x00boot" in cmdline:
+            total += cpu
+    return total
