@@ -113,5 +113,3 @@ class CoordinatorClient:
                 if not future.done():
                     future.set_result(payload)
 
-
-__all__ = ["CoordinatorClient"]
