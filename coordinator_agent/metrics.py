@@ -72,6 +72,57 @@ class Metrics:
             "coordinator_broker_reconnects_total", "Broker connections re-established.",
             registry=r,
         )
+        # --- discovery (ServiceRegistry) ---
+        self.registry_up = Gauge(
+            "coordinator_registry_up",
+            "1 while the service registry (Consul) answers; 0 when degraded or not configured.",
+            registry=r,
+        )
+        self.registry_errors = Counter(
+            "coordinator_registry_errors_total", "Failed calls to the service registry, by "
+            "operation.", ["operation"], registry=r,
+        )
+        self.agent_in_flight = Gauge(
+            "coordinator_agent_in_flight", "Tasks in flight on live agents, by agent kind.",
+            ["kind"], registry=r,
+        )
+        self.agent_capacity = Gauge(
+            "coordinator_agent_capacity", "Task slots of assignable agents, by agent kind.",
+            ["kind"], registry=r,
+        )
+        # --- routing (CoordinationPlanner) ---
+        self.routing_decisions = Counter(
+            "coordinator_routing_decisions_total", "Routing decisions, by chosen kind and "
+            "whether the fallback kind was used.", ["kind", "fallback"], registry=r,
+        )
+        self.routing_confidence = Histogram(
+            "coordinator_routing_confidence", "Confidence of the chosen kind per decision.",
+            registry=r, buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+        )
+        self.routing_fallbacks = Counter(
+            "coordinator_routing_fallbacks_total", "Decisions that used the fallback kind "
+            "or moved to the next alternative, by reason.", ["reason"], registry=r,
+        )
+        self.routing_accuracy = Gauge(
+            "coordinator_routing_accuracy_ratio",
+            "Share of routed tasks that succeeded on the first attempt.", registry=r,
+        )
+        self.routing_fallback_rate = Gauge(
+            "coordinator_routing_fallback_ratio", "Share of decisions that used a fallback.",
+            registry=r,
+        )
+        self.routing_average_confidence = Gauge(
+            "coordinator_routing_confidence_average", "Mean confidence of the chosen kinds.",
+            registry=r,
+        )
+        self.routing_kind_success = Gauge(
+            "coordinator_routing_kind_success_ratio", "Learned success rate, by agent kind.",
+            ["kind"], registry=r,
+        )
+        self.escalations = Counter(
+            "coordinator_escalations_total", "Tasks that exhausted their fallback chain.",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
