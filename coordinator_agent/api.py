@@ -85,7 +85,12 @@ class MonitoringServer:
             "accepting": c.accepting,
         }
         ready = all(checks.values())
-        return _json({"ready": ready, "checks": checks}, 200 if ready else 503)
+        # Without its registry the coordinator still works (on heartbeats): degraded, not unready.
+        registry = c.registry_state
+        body = {"ready": ready, "checks": checks, "registry": registry,
+                "status": "ready" if ready and registry != "degraded" else
+                ("degraded" if ready else "not_ready")}
+        return _json(body, 200 if ready else 503)
 
     # --- API ----------------------------------------------------------------------------------
 

@@ -26,17 +26,21 @@ from .api import MonitoringServer
 from .exceptions import (
     AuthorizationError,
     ConfigError,
+    DiscoveryError,
+    NotRegistered,
     SubmissionRefused,
     TransportError,
     Unroutable,
 )
 from .keyring import Keyring
+from .liveness import AgentLiveness
 from .messaging import MessageHandler, coordinator_topology
 from .metrics import Metrics
 from .planner import CoordinationPlanner, Router, matches
+from .registry import Episode, ServiceRegistry, registry_from_settings
 from .security import AuthorizationManager, SecurityManager
 from .settings import Settings
-from .state import AgentLiveness, AgentRecord, StateManager
+from .state import AgentRecord, StateManager
 from .store import TaskStore
 from .tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
 
@@ -55,6 +59,7 @@ class CoordinatorAgent:
         *,
         registry: CollectorRegistry | None = None,
         router: Router | None = None,
+        service_registry: ServiceRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.keyring = keyring if keyring is not None else Keyring.load(settings.keyring_path)
@@ -85,6 +90,10 @@ class CoordinatorAgent:
         self._keyring_mtime = self._keyring_file_mtime()
         self.accepting = False
         self.monitoring = MonitoringServer(self, settings.monitoring_host, settings.monitoring_port)
+        #: Consul, or None: discovery by AMQP announcements alone.
+        self.registry = (service_registry if service_registry is not None
+                         else registry_from_settings(settings))
+        self._registry_episode = Episode("service registry")
 
     def __repr__(self) -> str:
         return f"CoordinatorAgent(name={self.settings.name!r})"
@@ -100,6 +109,8 @@ class CoordinatorAgent:
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
             asyncio.create_task(self._sweep_loop(), name="sweep"),
         ]
+        if self.registry is not None:
+            self._loops.append(asyncio.create_task(self._registry_loop(), name="registry"))
         self._wake.set()
         log.info("coordinator %s started (broker %s)", self.settings.name,
                  self.messages.url_for_display)
@@ -120,6 +131,7 @@ class CoordinatorAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
         await self.messages.close()
+        await self._leave_registry()
         await self.monitoring.stop()
         self.state.store.close()
         self._stopped.set()
@@ -130,6 +142,14 @@ class CoordinatorAgent:
     @property
     def ready(self) -> bool:
         return self.accepting and self.messages.connected and self.messages.active_consumers > 0
+
+    @property
+    def registry_state(self) -> str:
+        """``disabled`` (no registry configured), ``ok`` or ``degraded`` (unreachable)."""
+        if self.registry is None:
+            return "disabled"
+        return "degraded" if self._registry_episode.degraded or not self.state.registry_trusted \
+            else "ok"
 
     def _restore(self) -> None:
         """Carry on with what a previous run (perhaps killed) left open."""
@@ -452,8 +472,8 @@ class CoordinatorAgent:
             log.warning("assignment of %s to %s failed: %s", task.id, attempt.agent_id, exc)
             if isinstance(exc, Unroutable):
                 agent = self.state.agents.get(attempt.agent_id)
-                if agent is not None and agent.liveness is AgentLiveness.HEALTHY:
-                    agent.liveness = AgentLiveness.SUSPECT  # its queue is gone
+                if agent is not None:
+                    self.state.suspect(agent, "queue_gone")
             self._retry_or_fail(task, attempt, AttemptOutcome.UNDELIVERABLE, str(exc))
 
     # --- outbound notices ---------------------------------------------------------------------
@@ -543,10 +563,7 @@ class CoordinatorAgent:
                 log.exception("sweep failed")
 
     def _sweep(self, now: float) -> None:
-        for agent in self.state.sweep_liveness(now):
-            log.warning("agent %s is dead (silent %.1fs); reassigning %d tasks", agent.id,
-                        now - agent.last_seen, len(agent.in_flight))
-            self._lose_agent_tasks(agent, "agent stopped heartbeating")
+        self._bury(self.state.sweep_liveness(now), now)
         self.state.forget_departed(now)
         for task in list(self.state.tasks.values()):
             attempt = task.current_attempt
@@ -565,11 +582,91 @@ class CoordinatorAgent:
         self._retry_or_fail(task, attempt, AttemptOutcome.TIMEOUT,
                             f"no result within {task.timeout_s:g}s")
 
+    def _bury(self, dead: list[AgentRecord], now: float) -> None:
+        for agent in dead:
+            log.warning("agent %s is dead (%s, silent %.1fs, registry %s); reassigning %d tasks",
+                        agent.id, agent.liveness_reason, now - agent.last_seen,
+                        agent.registry.value if agent.registry else "-", len(agent.in_flight))
+            self._lose_agent_tasks(agent, f"agent is dead ({agent.liveness_reason})")
+
     @staticmethod
     def _could_ever_run(task: TaskRecord, agent: AgentRecord) -> bool:
         return agent.liveness is not AgentLiveness.DEAD and matches(task, agent)
 
+    # --- the service registry -----------------------------------------------------------------
+
+    def _health_url(self) -> str:
+        advertised = self.settings.registry.advertise_url
+        if advertised:
+            return advertised
+        host = self.settings.monitoring_host
+        host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host  # noqa: S104 - a check
+        return f"http://{host}:{self.monitoring.port}/healthz"
+
+    async def _registry_loop(self) -> None:
+        """Register this coordinator, then follow its agents with blocking queries.
+
+        While the registry is unreachable the coordinator runs on heartbeats alone; errors are
+        logged once per episode, and the watch (and the registration, which a restarted dev
+        Consul forgets) resumes by itself.
+        """
+        assert self.registry is not None
+        registry, name, episode = self.registry, self.settings.name, self._registry_episode
+        index, registered, backoff = 0, False, 0.5
+        while True:
+            started = time.monotonic()
+            try:
+                if not registered:
+                    await registry.register_coordinator(name, self._health_url())
+                    registered = True
+                new_index, entries = await registry.watch_agents(name, index)
+            except NotRegistered:
+                registered = False
+                continue
+            except DiscoveryError as exc:
+                self.metrics.registry_errors.labels(exc.operation).inc()
+                self.metrics.registry_up.set(0)
+                if episode.failed(exc, time.time()):
+                    self.state.registry_lost()
+                registered, index = False, 0
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            episode.succeeded(time.time())
+            self.metrics.registry_up.set(1)
+            backoff = 0.5
+            died, woke = self.state.observe_registry(entries, time.time())
+            self._bury(died, time.time())
+            if woke:
+                self._wake.set()
+            # An index that went backwards means the registry was reset: start over.
+            index = new_index if new_index >= index else 0
+            if time.monotonic() - started < 0.05:
+                await asyncio.sleep(0.05)  # never spin on a registry that answers at once
+
+    async def _leave_registry(self) -> None:
+        if self.registry is None:
+            return
+        with contextlib.suppress(DiscoveryError):
+            await self.registry.deregister_coordinator(self.settings.name)
+        await self.registry.close()
+
     def refresh_gauges(self) -> None:
+        self.metrics.registry_up.set(1 if self.registry_state == "ok" else 0)
+        cap = self.settings.limits.max_in_flight_per_agent
+        in_flight: dict[str, int] = {}
+        capacity: dict[str, int] = {}
+        for agent in self.state.agents.values():
+            if agent.liveness.gone or not agent.heard:
+                continue
+            in_flight[agent.kind] = in_flight.get(agent.kind, 0) + len(agent.in_flight)
+            capacity[agent.kind] = capacity.get(agent.kind, 0) + (
+                agent.capacity(cap) if agent.assignable else 0)
+        self.metrics.agent_in_flight.clear()  # kinds that left go with them
+        self.metrics.agent_capacity.clear()
+        for kind, count in in_flight.items():
+            self.metrics.agent_in_flight.labels(kind).set(count)
+            self.metrics.agent_capacity.labels(kind).set(capacity[kind])
         by_liveness = self.state.count_by_liveness()
         for liveness, count in by_liveness.items():
             self.metrics.agents_by_liveness.labels(liveness).set(count)
@@ -588,6 +685,7 @@ class CoordinatorAgent:
             "name": self.settings.name,
             "ready": self.ready,
             "broker_connected": self.messages.connected,
+            "registry": self.registry_state,
             "uptime_s": round(time.time() - self.started_at, 1),
             "agents": self.state.count_by_liveness(),
             "tasks_open": self.state.status_counts(),

@@ -9,7 +9,8 @@
     ├── TransportError              the broker failed us (connect, publish, confirm, timeout)
     │   ├── PublishTimeout          no confirm within the publish timeout
     │   └── Unroutable              returned by the broker: no queue for that routing key
-    ├── DiscoveryError              the service registry failed us
+    ├── DiscoveryError              the service registry failed us     (operation)
+    │   └── NotRegistered           the registry does not know this service (service_id)
     ├── StateError
     │   ├── IllegalTransition       a task state change the table forbids   (task_id)
     │   └── UnknownTask             (task_id)
@@ -70,7 +71,19 @@ class Unroutable(TransportError):
 
 
 class DiscoveryError(CoordinatorError):
-    pass
+    """A call to the service registry failed; ``operation`` is a bounded label for metrics."""
+
+    def __init__(self, operation: str, detail: str) -> None:
+        super().__init__(f"registry {operation} failed: {detail}")
+        self.operation = operation
+
+
+class NotRegistered(DiscoveryError):
+    """The registry lost a registration (for example a dev Consul restarted): register again."""
+
+    def __init__(self, operation: str, service_id: str) -> None:
+        super().__init__(operation, f"{service_id} is not registered")
+        self.service_id = service_id
 
 
 class StateError(CoordinatorError):

@@ -69,6 +69,8 @@ class Liveness(BaseModel):
     #: Missed-heartbeat multiples after which an agent is suspect (no new work) and then dead.
     suspect_after: float = Field(2.5, gt=1)
     dead_after: float = Field(5.0, gt=1, validate_default=True)
+    #: On-time heartbeats a suspect agent must send before it gets work again (no flapping).
+    recover_after: int = Field(2, ge=1, le=100)
 
     @field_validator("dead_after")
     @classmethod
@@ -76,6 +78,34 @@ class Liveness(BaseModel):
         if v <= info.data.get("suspect_after", 0):
             raise ValueError("must be greater than suspect_after")
         return v
+
+
+class RegistrySettings(BaseModel):
+    """Consul: the coarse, authoritative catalogue of agents. Heartbeats stay on AMQP."""
+
+    model_config = {"extra": "forbid"}
+
+    #: Consul service name agents register under (their id is the agent id). Several
+    #: coordinators may share it: each one only watches the agents that name it in their meta.
+    agent_service: str = Field("coordinator-agent-worker", pattern=r"^[A-Za-z0-9-]{1,64}$")
+    coordinator_service: str = Field("coordinator-agent", pattern=r"^[A-Za-z0-9-]{1,64}$")
+    #: An agent's TTL check turns critical this long after its last refresh. Agents refresh
+    #: every ttl_s / 3 (with jitter): 1,000 agents cost a Consul agent about 100 updates/s.
+    ttl_s: float = Field(30.0, ge=3)
+    #: Consul removes a service critical this long (its minimum is one minute).
+    deregister_critical_after_s: int = Field(300, ge=60)
+    #: Longest wait of one blocking query; Consul adds up to 1/16 of it as jitter.
+    watch_wait_s: float = Field(30.0, ge=1, le=600)
+    #: Timeout of every other call, so a hung Consul never stalls an agent or the coordinator.
+    call_timeout_s: float = Field(5.0, gt=0)
+    #: URL Consul's HTTP check uses to reach this coordinator's /healthz (default: the
+    #: monitoring address, with 0.0.0.0 read as 127.0.0.1).
+    advertise_url: str | None = None
+    check_interval_s: float = Field(10.0, ge=1)
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_verify: bool = True
 
 
 class Settings(BaseSettings):
@@ -88,8 +118,11 @@ class Settings(BaseSettings):
     #: Also the coordinator's principal id and the namespace of its queues.
     name: str = Field("coordinator", pattern=r"^[A-Za-z0-9_.:@-]{1,64}$")
     broker_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
-    registry_url: str | None = None
+    #: Consul's HTTP address, e.g. http://127.0.0.1:8500; unset = AMQP announcements only.
+    registry_url: str | None = Field(None, pattern=r"^https?://[^\s/]+/?$")
+    #: Consul ACL token (never logged).
     registry_token: SecretStr | None = None
+    registry: RegistrySettings = RegistrySettings()
     monitoring_host: str = "127.0.0.1"
     monitoring_port: int = Field(9464, ge=0, le=65535)
     log_level: str = "INFO"

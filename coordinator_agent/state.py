@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import enum
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .exceptions import UnknownTask
+from .liveness import AgentLiveness, RegistryHealth, judge
 from .settings import Liveness
 from .store import TaskStore
 from .tasks import TaskRecord, TaskStatus
 
-
-class AgentLiveness(enum.StrEnum):
-    HEALTHY = "healthy"
-    SUSPECT = "suspect"  # missed heartbeats: no new work, tasks kept
-    DEAD = "dead"  # silent too long: in-flight tasks are reassigned
-    DRAINING = "draining"  # stopping gracefully: no new work, tasks finish
-    LEFT = "left"  # said goodbye
+if TYPE_CHECKING:
+    from .registry import RegisteredAgent
 
 
 @dataclass
@@ -34,8 +29,17 @@ class AgentRecord:
     reported_in_flight: int = 0
     reported_load: float = 0.0
     liveness: AgentLiveness = AgentLiveness.HEALTHY
+    #: Why it has that liveness (see liveness.judge).
+    liveness_reason: str = "ok"
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
+    #: Signal 1: heard on AMQP at all (an agent known only from the registry is not).
+    heard: bool = True
+    beats_since_suspect: int = 0
+    #: Signal 2: its check in the registry; None = not registered or no registry configured.
+    registry: RegistryHealth | None = None
+    #: The agent's queue as it registered it (informational).
+    queue: str = ""
     #: Task ids the coordinator has assigned to this agent and not yet seen finish.
     in_flight: set[str] = field(default_factory=set)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -58,11 +62,17 @@ class AgentRecord:
             "kind": self.kind,
             "capabilities": sorted(self.capabilities),
             "liveness": self.liveness.value,
+            "liveness_reason": self.liveness_reason,
+            "signals": {
+                "amqp": ({"heard": True, "last_seen_s": round(now - self.last_seen, 3)}
+                         if self.heard else {"heard": False, "last_seen_s": None}),
+                "consul": self.registry.value if self.registry is not None else None,
+            },
             "state": self.reported_state,
             "max_concurrency": self.max_concurrency,
             "in_flight": len(self.in_flight),
             "load": round(self.reported_load, 3),
-            "last_seen_s": round(now - self.last_seen, 3),
+            "last_seen_s": round(now - self.last_seen, 3) if self.heard else None,
             "completed": self.completed,
             "failed": self.failed,
             "version": self.version,
@@ -78,6 +88,8 @@ class StateManager:
         self.store = store
         self.liveness = liveness
         self.agents: dict[str, AgentRecord] = {}
+        #: False while the registry is unreachable: its last word is then no signal at all.
+        self.registry_trusted = False
         self.tasks: dict[str, TaskRecord] = {}  # non-terminal or not yet notified
         self.recent: OrderedDict[str, TaskRecord] = OrderedDict()  # finished, newest last
         self.totals: dict[str, int] = {"submitted": 0, "succeeded": 0, "failed": 0,
@@ -91,16 +103,19 @@ class StateManager:
         """Record a hello or heartbeat; returns (record, became_assignable)."""
         record = self.agents.get(agent_id)
         was_assignable = record is not None and record.assignable
-        if record is None or record.liveness in (AgentLiveness.DEAD, AgentLiveness.LEFT):
-            record = AgentRecord(agent_id, info.kind, frozenset(info.capabilities),
-                                 info.max_concurrency, first_seen=now)
-            if agent_id in self.agents:
-                record.in_flight = self.agents[agent_id].in_flight
-            self.agents[agent_id] = record
+        if record is None or record.liveness.gone:
+            fresh = AgentRecord(agent_id, info.kind, frozenset(info.capabilities),
+                                info.max_concurrency, first_seen=now)
+            if record is not None:
+                fresh.in_flight = record.in_flight
+                fresh.registry = record.registry
+            record = self.agents[agent_id] = fresh
         record.kind = info.kind
         record.capabilities = frozenset(info.capabilities)
         record.max_concurrency = info.max_concurrency
         record.last_seen = now
+        record.heard = True
+        record.beats_since_suspect += 1
         if isinstance(info, protocol.AgentHello):
             record.version = info.version
             record.reported_state = "ready"
@@ -108,39 +123,85 @@ class StateManager:
             record.reported_state = info.state
             record.reported_in_flight = info.in_flight
             record.reported_load = info.load
-        record.liveness = (
-            AgentLiveness.DRAINING if record.reported_state == "draining"
-            else AgentLiveness.HEALTHY
-        )
+        self._judge(record, now)
         return record, record.assignable and not was_assignable
+
+    def observe_registry(
+        self, entries: list[RegisteredAgent], now: float
+    ) -> tuple[list[AgentRecord], bool]:
+        """Apply the registry's view; returns (agents that just died, anyone became assignable)."""
+        self.registry_trusted = True
+        listed = {entry.service.agent_id: entry for entry in entries}
+        for agent_id, entry in listed.items():
+            if agent_id not in self.agents:
+                service = entry.service
+                self.agents[agent_id] = AgentRecord(
+                    agent_id, service.kind, frozenset(service.capabilities),
+                    service.max_concurrency, version=service.version, first_seen=now,
+                    last_seen=now, heard=False, liveness=AgentLiveness.REGISTERED,
+                    liveness_reason="not_heard", queue=service.queue)
+        died: list[AgentRecord] = []
+        woke = False
+        for record in list(self.agents.values()):
+            listing = listed.get(record.id)
+            if listing is not None:
+                record.registry = RegistryHealth(listing.health.value)
+                record.queue = listing.service.queue
+            elif record.registry is not None:
+                record.registry = RegistryHealth.ABSENT
+            if not record.heard and listing is None:
+                del self.agents[record.id]  # known only from the registry, which dropped it
+                continue
+            was_assignable = record.assignable
+            if self._judge(record, now):
+                died.append(record)
+            woke = woke or (record.assignable and not was_assignable)
+        return died, woke
+
+    def registry_lost(self) -> None:
+        """The registry cannot be reached: judge on heartbeats alone until it answers again."""
+        self.registry_trusted = False
+
+    def suspect(self, record: AgentRecord, reason: str) -> None:
+        """Take an agent out of rotation for a reason found elsewhere (e.g. its queue is gone)."""
+        if record.liveness is AgentLiveness.HEALTHY:
+            record.liveness = AgentLiveness.SUSPECT
+            record.liveness_reason = reason
+            record.beats_since_suspect = 0
 
     def agent_left(self, agent_id: str) -> AgentRecord | None:
         record = self.agents.get(agent_id)
         if record is not None:
             record.liveness = AgentLiveness.LEFT
+            record.liveness_reason = "goodbye"
         return record
 
     def sweep_liveness(self, now: float) -> list[AgentRecord]:
-        """Advance liveness from missed heartbeats; returns the agents that just died."""
-        interval = self.liveness.heartbeat_interval_s
-        suspect_after = interval * self.liveness.suspect_after
-        dead_after = interval * self.liveness.dead_after
-        died: list[AgentRecord] = []
-        for record in self.agents.values():
-            if record.liveness in (AgentLiveness.DEAD, AgentLiveness.LEFT):
-                continue
-            silent = now - record.last_seen
-            if silent >= dead_after:
-                record.liveness = AgentLiveness.DEAD
-                died.append(record)
-            elif silent >= suspect_after and record.liveness is AgentLiveness.HEALTHY:
-                record.liveness = AgentLiveness.SUSPECT
-        return died
+        """Advance liveness as time passes; returns the agents that just died."""
+        return [record for record in list(self.agents.values()) if self._judge(record, now)]
+
+    def _judge(self, record: AgentRecord, now: float) -> bool:
+        """Apply liveness.judge; True when the agent just died. Dead and left agents stay so."""
+        if record.liveness.gone:
+            return False
+        verdict = judge(
+            record.liveness, heard=record.heard, silent_s=now - record.last_seen,
+            registry=record.registry if self.registry_trusted else None,
+            reported_draining=record.reported_state == "draining",
+            beats_since_suspect=record.beats_since_suspect, config=self.liveness,
+        )
+        if verdict.suspicion:
+            record.beats_since_suspect = 0
+        record.liveness_reason = verdict.reason
+        if verdict.liveness is record.liveness:
+            return False
+        record.liveness = verdict.liveness
+        return verdict.liveness is AgentLiveness.DEAD
 
     def forget_departed(self, now: float, keep_s: float = 600.0) -> None:
         gone = [
             a.id for a in self.agents.values()
-            if a.liveness in (AgentLiveness.DEAD, AgentLiveness.LEFT)
+            if a.liveness.gone
             and not a.in_flight and now - a.last_seen > keep_s
         ]
         for agent_id in gone:

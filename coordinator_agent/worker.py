@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -27,9 +28,10 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from . import __version__, protocol
 from . import constants as c
-from .exceptions import TransportError
+from .exceptions import DiscoveryError, NotRegistered, TransportError
 from .keyring import Keyring
 from .messaging import MessageHandler, agent_topology, lane_for
+from .registry import AgentService, Episode, ServiceRegistry, registry_from_settings
 from .security import AuthorizationManager, SecurityManager
 from .settings import Settings
 
@@ -72,6 +74,7 @@ class WorkerAgent:
         keyring: Keyring,
         capabilities: list[str] | None = None,
         max_concurrency: int = 1,
+        registry: ServiceRegistry | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.kind = kind
@@ -96,6 +99,10 @@ class WorkerAgent:
         self._state = "ready"
         self._stop = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
+        #: Consul (from settings.registry_url), or None: announced over AMQP alone.
+        self.registry = registry if registry is not None else registry_from_settings(settings)
+        self._registry_episode = Episode(f"agent {agent_id}: service registry")
+        self._registration: asyncio.Task[None] | None = None
         self.completed = 0
         self.failed = 0
 
@@ -115,6 +122,8 @@ class WorkerAgent:
                                             version=__version__))
         await self._send_status()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        if self.registry is not None:
+            self._registration = asyncio.create_task(self._registry_loop(), name="registry")
         log.info("agent %s (%s) started", self.agent_id, self.kind)
 
     async def run(self) -> None:
@@ -136,6 +145,9 @@ class WorkerAgent:
         self._state = "draining"
         with contextlib.suppress(TransportError):
             await self._send_status()
+        if self.registry is not None and self._registration is not None:
+            self._registration.cancel()
+            await self._registry_call(self.registry.mark_draining)
         await self.messages.stop_consuming()
         if self._running:
             _, late = await asyncio.wait(set(self._running.values()), timeout=timeout)
@@ -148,6 +160,10 @@ class WorkerAgent:
         with contextlib.suppress(TransportError):
             await self.send(protocol.AgentGoodbye(reason="stopped"))
         await self.messages.close()
+        if self.registry is not None:
+            if self._registration is not None:
+                await self._registry_call(self.registry.deregister_agent)  # last, as it left
+            await self.registry.close()
         self._state = "stopped"
         log.info("agent %s stopped", self.agent_id)
 
@@ -180,6 +196,50 @@ class WorkerAgent:
                 await self._send_status()
             except TransportError as exc:
                 log.debug("heartbeat not sent: %s", exc)
+
+    # --- the service registry -----------------------------------------------------------------
+
+    def _service(self) -> AgentService:
+        return AgentService(
+            agent_id=self.agent_id, kind=self.kind, coordinator=self.coordinator_id,
+            capabilities=tuple(self.capabilities), max_concurrency=self.max_concurrency,
+            version=__version__, queue=c.agent_queue(self.coordinator_id, self.agent_id),
+        )
+
+    async def _registry_loop(self) -> None:
+        """Register, then keep the TTL check passing; re-register if the registry forgot us.
+
+        Refreshes come every ttl/3 with jitter, so 1,000 agents cost a Consul agent about
+        100 calls/s at the default 30 s TTL, and never in step with each other.
+        """
+        assert self.registry is not None
+        registry = self.registry
+        period = self.settings.registry.ttl_s / 3
+        registered = False
+        while True:
+            try:
+                if registered:
+                    await registry.refresh_agent(self.agent_id)
+                else:
+                    await registry.register_agent(self._service())
+                    registered = True
+                self._registry_episode.succeeded(time.time())
+            except NotRegistered:
+                registered = False
+                continue
+            except DiscoveryError as exc:
+                # Register again once it answers: a restarted (dev) registry forgot us.
+                registered = False
+                self._registry_episode.failed(exc, time.time())
+                await asyncio.sleep(min(period, 2.0))
+                continue
+            await asyncio.sleep(period * random.uniform(0.8, 1.0))  # jitter: never in step
+
+    async def _registry_call(self, call: Callable[[str], Awaitable[None]]) -> None:
+        try:
+            await call(self.agent_id)
+        except DiscoveryError as exc:
+            log.info("agent %s: %s", self.agent_id, exc)
 
     # --- inbound ------------------------------------------------------------------------------
 

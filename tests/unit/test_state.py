@@ -108,18 +108,34 @@ def test_silent_healthy_agent_goes_straight_to_dead(state: StateManager) -> None
     assert record.liveness is AgentLiveness.DEAD
 
 
-def test_heartbeat_after_suspect_makes_agent_healthy(state: StateManager) -> None:
+def test_suspect_agent_recovers_only_after_recover_after_beats(state: StateManager) -> None:
     record, _ = state.observe_agent("a1", _hello(), now=T0)
     state.sweep_liveness(SUSPECT_AT)
     assert record.liveness is AgentLiveness.SUSPECT
 
+    # One heartbeat is not enough (hysteresis: recover_after = 2 by default).
     again, became_assignable = state.observe_agent("a1", _status(), now=SUSPECT_AT + 0.5)
     assert again is record
+    assert not became_assignable
+    assert (record.liveness, record.liveness_reason) == (AgentLiveness.SUSPECT, "recovering")
+    _, became_assignable = state.observe_agent("a1", _status(), now=SUSPECT_AT + 1.5)
     assert became_assignable
     assert record.liveness is AgentLiveness.HEALTHY
     assert record.assignable
     # The silence clock restarted with the heartbeat.
-    assert state.sweep_liveness(SUSPECT_AT + 1) == []
+    assert state.sweep_liveness(SUSPECT_AT + 2) == []
+    assert record.liveness is AgentLiveness.HEALTHY
+
+
+def test_a_new_silence_restarts_the_recovery_count(state: StateManager) -> None:
+    record, _ = state.observe_agent("a1", _hello(), now=T0)
+    state.sweep_liveness(SUSPECT_AT)
+    state.observe_agent("a1", _status(), now=SUSPECT_AT + 0.5)  # 1 of 2
+    gap = SUSPECT_AT + 0.5 + 2.0 * 2.5
+    state.sweep_liveness(gap)  # silent again: the count starts over
+    state.observe_agent("a1", _status(), now=gap + 0.1)
+    assert record.liveness is AgentLiveness.SUSPECT
+    state.observe_agent("a1", _status(), now=gap + 0.2)
     assert record.liveness is AgentLiveness.HEALTHY
 
 
@@ -192,7 +208,8 @@ def test_count_by_liveness(state: StateManager) -> None:
     state.observe_agent("a3", _hello(), now=T0)
     state.agent_left("a3")
     counts = state.count_by_liveness()
-    assert counts == {"healthy": 1, "suspect": 0, "dead": 0, "draining": 1, "left": 1}
+    assert counts == {"healthy": 1, "suspect": 0, "dead": 0, "draining": 1, "left": 1,
+                      "registered": 0}
 
 
 def test_free_slots_respect_cap() -> None:
