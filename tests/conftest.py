@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.request
 from urllib.parse import urlparse
 
 import pytest
@@ -37,5 +38,37 @@ def broker_url() -> str:
             f"RabbitMQ is not reachable at {urlparse(url).hostname}:{urlparse(url).port or 5672}. "
             "Start it with `make services` (or `rabbitmq-server -detached`), or point "
             "COORDINATOR_TEST_BROKER_URL at one."
+        )
+    return url
+
+
+DEFAULT_CONSUL_URL = "http://127.0.0.1:8500"
+
+
+def consul_url_from_env() -> str:
+    """CONSUL_HTTP_ADDR (``host:port`` or a URL), as Consul's own tools read it."""
+    addr = os.environ.get("CONSUL_HTTP_ADDR", "").strip()
+    if not addr:
+        return DEFAULT_CONSUL_URL
+    return addr if "://" in addr else f"http://{addr}"
+
+
+def consul_leader(url: str) -> str | None:
+    """The address of the cluster's leader, or None when no Consul answers at ``url``."""
+    try:
+        with urllib.request.urlopen(f"{url}/v1/status/leader", timeout=3) as response:
+            leader = response.read().decode().strip().strip('"')
+    except OSError:
+        return None
+    return leader or None
+
+
+@pytest.fixture(scope="session")
+def consul_url() -> str:
+    url = consul_url_from_env()
+    if consul_leader(url) is None:
+        raise pytest.UsageError(
+            f"Consul is not reachable (or has no leader) at {url}. Start a dev agent with "
+            "`make services` (it installs Consul when absent), or point CONSUL_HTTP_ADDR at one."
         )
     return url
