@@ -9,15 +9,17 @@ Rules, first match wins (``judge``):
 
 1. never heard on AMQP                                   -> registered  (listed, never assigned)
 2. silent on AMQP for dead_after heartbeats              -> dead        (tasks reassigned)
-3. critical or gone in the registry *and* silent for suspect_after -> dead (both signals agree)
+3. critical in the registry *and* silent for suspect_after -> dead     (both signals agree)
 4. reported draining, or the registry check is "warning" -> draining    (no new work)
-5. critical or gone in the registry, or silent for suspect_after -> suspect (no new work)
+5. critical in the registry, or silent for suspect_after -> suspect     (no new work)
 6. was suspect and fewer than recover_after on-time beats since -> suspect (hysteresis)
 7.                                                       -> healthy
 
 The registry alone never kills an agent that still heartbeats (rule 5: its tasks may well
 finish), and a registry that cannot be reached is no signal at all (``registry=None``): the
-coordinator then runs on heartbeats alone.
+coordinator then runs on heartbeats alone. An agent *missing* from the registry is shown as
+``absent`` but is not suspected: a restarted registry forgets everyone at once (until agents
+register again), and agents written without the SDK may not register at all.
 """
 
 from __future__ import annotations
@@ -45,11 +47,7 @@ class RegistryHealth(enum.StrEnum):
     PASSING = "passing"
     WARNING = "warning"
     CRITICAL = "critical"
-    ABSENT = "absent"  # was in the registry, is no longer (deregistered or reaped)
-
-    @property
-    def bad(self) -> bool:
-        return self in (RegistryHealth.CRITICAL, RegistryHealth.ABSENT)
+    ABSENT = "absent"  # was in the registry, is no longer (deregistered, reaped or forgotten)
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ def judge(
     """The liveness an agent should have now. Callers keep dead and left agents as they are."""
     interval = config.heartbeat_interval_s
     silent = silent_s >= interval * config.suspect_after
-    registry_bad = registry is not None and registry.bad
+    registry_bad = registry is RegistryHealth.CRITICAL
     if not heard:
         return Verdict(AgentLiveness.REGISTERED, "not_heard")
     if silent_s >= interval * config.dead_after:

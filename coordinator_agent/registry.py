@@ -156,15 +156,25 @@ class ConsulRegistry:
         except (consul.ConsulException, aiohttp.ClientError, OSError, ValueError) as exc:
             raise DiscoveryError(operation, f"{type(exc).__name__}: {str(exc)[:200]}") from exc
 
+    async def _require_leader(self) -> None:
+        """Register only once the cluster has a leader: before that the Consul agent accepts a
+        registration locally but cannot sync it to the catalogue until its next anti-entropy
+        round, a minute or more later (seen when a dev agent restarts)."""
+        c = self._consul()
+        leader = await self._call("register", lambda: c.status.leader())
+        if not leader:
+            raise DiscoveryError("register", "the Consul cluster has no leader yet")
+
     async def register_agent(self, service: AgentService) -> None:
+        await self._require_leader()
         check = consul.Check.ttl(f"{self.config.ttl_s:g}s")
         check["DeregisterCriticalServiceAfter"] = f"{self.config.deregister_critical_after_s}s"
         check["Notes"] = TTL_NOTE
+        check["Status"] = "passing"  # from the start: it registers once it is up on AMQP
         c = self._consul()
         await self._call("register", lambda: c.agent.service.register(
             self.config.agent_service, service_id=service.agent_id, tags=service.tags(),
             meta=service.meta(), check=check))
-        await self.refresh_agent(service.agent_id)  # passing from the start, not after a TTL
 
     async def refresh_agent(self, agent_id: str) -> None:
         c = self._consul()
@@ -187,6 +197,7 @@ class ConsulRegistry:
         await self._call("deregister", lambda: c.agent.service.deregister(agent_id))
 
     async def register_coordinator(self, name: str, health_url: str) -> None:
+        await self._require_leader()
         check = consul.Check.http(
             health_url, f"{self.config.check_interval_s:g}s", timeout="3s",
             deregister=f"{self.config.deregister_critical_after_s}s")
@@ -272,6 +283,7 @@ class InMemoryRegistry:
         await self._bump()
 
     async def register_coordinator(self, name: str, health_url: str) -> None:
+        await self._require_leader()
         self._check("register")
         self.coordinators[name] = health_url
 

@@ -54,7 +54,8 @@ def verdict(
          (AgentLiveness.DEAD, "silent")),
         # Critical in Consul but heartbeating: no new work, but not dead (tasks may finish).
         ({"registry": RegistryHealth.CRITICAL}, (AgentLiveness.SUSPECT, "registry_critical")),
-        ({"registry": RegistryHealth.ABSENT}, (AgentLiveness.SUSPECT, "registry_critical")),
+        # Missing from the registry (e.g. a restarted dev Consul forgot it): shown, not judged.
+        ({"registry": RegistryHealth.ABSENT}, (AgentLiveness.HEALTHY, "ok")),
         # Both signals agree: dead before the heartbeat limit alone would say so.
         ({"registry": RegistryHealth.CRITICAL, "silent_s": SUSPECT_S},
          (AgentLiveness.DEAD, "silent_and_critical")),
@@ -133,12 +134,14 @@ def test_critical_and_silent_is_dead_sooner_than_silence_alone(state: StateManag
     assert record.liveness_reason == "silent_and_critical"
 
 
-def test_an_agent_gone_from_the_registry_counts_as_critical(state: StateManager) -> None:
+def test_an_agent_gone_from_the_registry_is_shown_absent_and_keeps_working(
+    state: StateManager,
+) -> None:
     record, _ = state.observe_agent("a1", _hello(), T0)
     state.observe_registry([_listing("a1")], T0)
     state.observe_registry([], T0 + 1)
     assert record.registry is RegistryHealth.ABSENT
-    assert record.liveness is AgentLiveness.SUSPECT
+    assert record.assignable
 
 
 def test_an_agent_that_never_registered_runs_on_heartbeats_alone(state: StateManager) -> None:
