@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from . import protocol
 from .exceptions import SubmissionRefused, UnknownTask
+from .statuspage import status_page
 
 if TYPE_CHECKING:
     from .coordinator import CoordinatorAgent
@@ -41,6 +42,7 @@ class MonitoringServer:
         self._runner: web.AppRunner | None = None
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.add_routes([
+            web.get("/", status_page),
             web.get("/metrics", self.metrics),
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),

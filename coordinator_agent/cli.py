@@ -12,17 +12,30 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import __version__
-from .exceptions import ConfigError, CoordinatorError
+from .exceptions import ConfigError, CoordinatorError, TransportError
 from .keyring import ROLES, Keyring
+from .progress import (
+    Rates,
+    agents_table,
+    clean,
+    format_table,
+    status_summary,
+    use_colour,
+    watch_frame,
+)
 from .settings import CONFIG_ENV, Settings, load_settings
 
 log = logging.getLogger("coordinator_agent")
@@ -30,6 +43,15 @@ log = logging.getLogger("coordinator_agent")
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
+
+
+def _flag(name: str) -> bool:
+    """A boolean option's environment variable: set and not 0/false/no/off means on."""
+    return (os.environ.get(name) or "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _csv(value: str | None) -> list[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-level", help="DEBUG, INFO, WARNING... [COORDINATOR_LOG_LEVEL]")
     common.add_argument("--monitoring-port", type=int,
                         help="HTTP port for metrics and API [COORDINATOR_MONITORING_PORT]")
-    common.add_argument("--json", action="store_true",
-                        default=_env("COORDINATOR_JSON", "") not in ("", "0"),
+    common.add_argument("--json", action="store_true", default=_flag("COORDINATOR_JSON"),
                         help="machine-readable output [COORDINATOR_JSON=1]")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -63,54 +84,90 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--capabilities", default=_env("COORDINATOR_AGENT_CAPABILITIES", ""),
                         help="comma-separated [COORDINATOR_AGENT_CAPABILITIES]")
     worker.add_argument("--concurrency", type=int,
-                        default=int(_env("COORDINATOR_AGENT_CONCURRENCY", "4") or 4),
+                        default=_env("COORDINATOR_AGENT_CONCURRENCY", "4"),
                         help="tasks at once [COORDINATOR_AGENT_CONCURRENCY]")
 
     submit = sub.add_parser("submit", parents=[common], help="submit a task over AMQP")
     submit.add_argument("description")
-    submit.add_argument("--kind", help="only agents of this kind")
-    submit.add_argument("--capability", action="append", default=[],
-                        help="required capability (repeatable)")
-    submit.add_argument("--input", help="task input as JSON, e.g. '{\"op\": \"hash\"}'")
-    submit.add_argument("--task-id", help="idempotency key (default: generated)")
-    submit.add_argument("--timeout", type=float, help="seconds per attempt")
-    submit.add_argument("--wait", action="store_true", help="wait for the result")
-    submit.add_argument("--wait-timeout", type=float, default=120.0)
+    submit.add_argument("--kind", default=_env("COORDINATOR_TASK_KIND"),
+                        help="only agents of this kind [COORDINATOR_TASK_KIND]")
+    submit.add_argument("--capability", action="append", default=None,
+                        help="required capability, repeatable "
+                        "[COORDINATOR_TASK_CAPABILITIES, comma-separated]")
+    submit.add_argument("--input", default=_env("COORDINATOR_TASK_INPUT"),
+                        help="task input as JSON, e.g. '{\"op\": \"hash\"}' "
+                        "[COORDINATOR_TASK_INPUT]")
+    submit.add_argument("--task-id", default=_env("COORDINATOR_TASK_ID"),
+                        help="idempotency key (default: generated) [COORDINATOR_TASK_ID]")
+    submit.add_argument("--timeout", type=float, default=_env("COORDINATOR_TASK_TIMEOUT_S"),
+                        help="seconds per attempt [COORDINATOR_TASK_TIMEOUT_S]")
+    submit.add_argument("--wait", action="store_true", default=_flag("COORDINATOR_WAIT"),
+                        help="wait for the result; a spinner on stderr shows the wait "
+                        "[COORDINATOR_WAIT=1]")
+    submit.add_argument("--wait-timeout", type=float,
+                        default=_env("COORDINATOR_WAIT_TIMEOUT_S", "120"),
+                        help="give up waiting after this many seconds "
+                        "[COORDINATOR_WAIT_TIMEOUT_S]")
     _principal_option(submit)
 
     for name, text in (("status", "coordinator totals"), ("agents", "known agents")):
         cmd = sub.add_parser(name, parents=[common], help=text)
         _url_option(cmd)
 
+    watch = sub.add_parser("watch", parents=[common],
+                           help="live view: status, agents and latest tasks, until Ctrl-C")
+    _url_option(watch)
+    watch.add_argument("--interval", type=float, default=_env("COORDINATOR_WATCH_INTERVAL", "2"),
+                       help="seconds between frames [COORDINATOR_WATCH_INTERVAL]")
+    watch.add_argument("--tasks", type=int, default=_env("COORDINATOR_WATCH_TASKS", "10"),
+                       help="how many of the latest tasks to show [COORDINATOR_WATCH_TASKS]")
+    watch.add_argument("--once", action="store_true", default=_flag("COORDINATOR_WATCH_ONCE"),
+                       help="print one frame and exit [COORDINATOR_WATCH_ONCE=1]")
+
     check = sub.add_parser("check", parents=[common],
                            help="probe: exit 0 if the coordinator is ready (or config is valid)")
     _url_option(check)
     check.add_argument("--config-only", action="store_true",
-                       help="only validate configuration and keyring")
+                       default=_flag("COORDINATOR_CHECK_CONFIG_ONLY"),
+                       help="only validate configuration and keyring "
+                       "[COORDINATOR_CHECK_CONFIG_ONLY=1]")
 
     keys = sub.add_parser("keys", help="manage the keyring")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     gen = keys_sub.add_parser("generate", parents=[common], help="add a principal")
-    gen.add_argument("--principal", required=True)
-    gen.add_argument("--role", choices=ROLES, required=True)
+    _keys_principal(gen)
+    role = _env("COORDINATOR_KEYS_ROLE")
+    gen.add_argument("--role", choices=ROLES, default=role, required=role is None,
+                     help="[COORDINATOR_KEYS_ROLE]")
     rot = keys_sub.add_parser("rotate", parents=[common], help="new key; old ones still decrypt")
-    rot.add_argument("--principal", required=True)
+    _keys_principal(rot)
     keys_sub.add_parser("list", parents=[common], help="principals and roles, no secrets")
     exp = keys_sub.add_parser("export", parents=[common],
                               help="write one principal's own keyring file (mode 0600)")
-    exp.add_argument("--principal", required=True)
-    exp.add_argument("--out", required=True)
+    _keys_principal(exp)
+    out = _env("COORDINATOR_KEYS_OUT")
+    exp.add_argument("--out", default=out, required=out is None, help="[COORDINATOR_KEYS_OUT]")
     tok = keys_sub.add_parser("token", parents=[common], help="print an operator's API token")
-    tok.add_argument("--principal", required=True)
+    _keys_principal(tok)
 
     demo = sub.add_parser("demo", parents=[common],
                           help="coordinator + agent processes + tasks, then a summary")
-    demo.add_argument("--agents", type=int, default=3)
-    demo.add_argument("--tasks", type=int, default=30)
-    demo.add_argument("--forever", action="store_true",
-                      help="keep a steady trickle of tasks until Ctrl-C (make run)")
-    demo.add_argument("--rate", type=float, default=2.0, help="tasks per second with --forever")
+    demo.add_argument("--agents", type=int, default=_env("COORDINATOR_DEMO_AGENTS", "3"),
+                      help="[COORDINATOR_DEMO_AGENTS]")
+    demo.add_argument("--tasks", type=int, default=_env("COORDINATOR_DEMO_TASKS", "30"),
+                      help="[COORDINATOR_DEMO_TASKS]")
+    demo.add_argument("--forever", action="store_true", default=_flag("COORDINATOR_DEMO_FOREVER"),
+                      help="keep a steady trickle of tasks until Ctrl-C (make run) "
+                      "[COORDINATOR_DEMO_FOREVER=1]")
+    demo.add_argument("--rate", type=float, default=_env("COORDINATOR_DEMO_RATE", "2"),
+                      help="tasks per second with --forever [COORDINATOR_DEMO_RATE]")
     return parser
+
+
+def _keys_principal(cmd: argparse.ArgumentParser) -> None:
+    principal = _env("COORDINATOR_KEYS_PRINCIPAL")
+    cmd.add_argument("--principal", default=principal, required=principal is None,
+                     help="principal id [COORDINATOR_KEYS_PRINCIPAL]")
 
 
 def _principal_option(cmd: argparse.ArgumentParser) -> None:
@@ -160,6 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `coordinator-agent watch | head`: the reader left; say nothing more, and stop Python
+        # from complaining when it flushes stdout on the way out.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 # --- long-running commands ---------------------------------------------------------------------
@@ -241,19 +304,25 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             task_input = json.loads(args.input)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--input is not valid JSON: {exc.msg}") from None
+    capabilities = args.capability or _csv(_env("COORDINATOR_TASK_CAPABILITIES"))
     keyring = Keyring.load(settings.keyring_path)
+    principal = operator_id(keyring, args.principal)
+    require_broker(settings.broker_url.get_secret_value())
 
     async def body() -> int:
-        async with CoordinatorClient(settings, keyring, operator_id(keyring, args.principal)) as c:
+        async with CoordinatorClient(settings, keyring, principal) as c:
             task_id = await c.submit(
-                args.description, kind=args.kind, required_capabilities=args.capability,
+                args.description, kind=args.kind, required_capabilities=capabilities,
                 input=task_input, timeout_s=args.timeout, task_id=args.task_id,
             )
             if not args.wait:
                 _print(args, {"task_id": task_id, "status": "submitted"}, f"submitted {task_id}")
                 return 0
-            spinner = Spinner(f"task {task_id}", enabled=not args.json)
-            with spinner:
+
+            def phase() -> str:
+                return "accepted" if task_id in c.accepted else "submitted"
+
+            with Spinner(f"task {task_id}", detail=phase):
                 done = await c.wait(task_id, args.wait_timeout)
             result = done.model_dump(mode="json")
             _print(args, result, _describe_result(result))
@@ -270,7 +339,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 def _describe_result(result: dict[str, Any]) -> str:
     lines = [f"{result['task_id']}: {result['status']}"]
     if result.get("error"):
-        lines.append(f"  error: {result['error']}")
+        lines.append(f"  error: {clean(result['error'])}")  # the agent's words: untrusted
     if result.get("output") is not None:
         lines.append("  output: " + json.dumps(result["output"]))
     for attempt in result.get("attempts", []):
@@ -283,7 +352,49 @@ def _print(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data) if args.json else text)
 
 
-# --- HTTP-backed commands ----------------------------------------------------------------------
+# --- reaching services, and saying what to do when we cannot ------------------------------------
+
+
+def describe_error(exc: BaseException) -> str:
+    """A few words for an operator: ``connection refused``, not ``[Errno 111] ...``."""
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        if not isinstance(exc.reason, BaseException):
+            return str(exc.reason)
+        exc = exc.reason
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return "cannot resolve the host name"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    return str(exc) or type(exc).__name__
+
+
+def require_broker(url: str, timeout: float = 3.0) -> None:
+    """Fail fast, and helpfully, when nothing listens where the broker should be.
+
+    Only for interactive commands: ``run`` and ``worker`` keep retrying instead, because in a
+    container or at boot the broker may simply come up a little later.
+    """
+    from .messaging import mask_url
+
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    except ValueError:
+        raise ConfigError(f"broker URL {mask_url(url)} has an invalid port") from None
+    try:
+        with socket.create_connection((parts.hostname or "localhost", port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise TransportError(
+            f"cannot reach RabbitMQ at {mask_url(url)} ({describe_error(exc)}) — start it with "
+            "`make services`, or point --broker-url / COORDINATOR_BROKER_URL at a running broker"
+        ) from None
 
 
 def monitoring_url(args: argparse.Namespace, settings: Settings) -> str:
@@ -295,50 +406,139 @@ def monitoring_url(args: argparse.Namespace, settings: Settings) -> str:
     return f"http://{host}:{settings.monitoring_port}"
 
 
+def _origin(url: str) -> str:
+    from .messaging import mask_url
+
+    parts = urlsplit(url)
+    return mask_url(f"{parts.scheme}://{parts.netloc}")
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, Any]:
+    """GET a JSON document from the monitoring API: (HTTP status, body)."""
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise ConfigError(f"{_origin(url)} is not an http(s) URL — check --url / COORDINATOR_URL")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
-            return response.status, json.loads(response.read())
+            code, raw = response.status, response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+        code, raw = exc.code, exc.read()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         raise CoordinatorError(
-            f"cannot reach the coordinator at {url} ({reason}) — is `coordinator-agent run` up?"
+            f"cannot reach the coordinator's monitoring API at {_origin(url)} "
+            f"({describe_error(exc)}) — is `coordinator-agent run` running? "
+            "(--url or COORDINATOR_URL say where it listens)"
+        ) from None
+    try:
+        return code, json.loads(raw or b"{}")
+    except ValueError:
+        raise CoordinatorError(
+            f"{_origin(url)} answered {urlsplit(url).path} with HTTP {code} but no JSON — "
+            "does --url / COORDINATOR_URL point at the coordinator's monitoring port?"
         ) from None
 
 
+def api_get(base: str, path: str) -> Any:
+    """A GET that must succeed (the read-only API answers 200 or something is wrong)."""
+    code, body = http_get(base + path)
+    if code != 200:
+        detail = body.get("error") if isinstance(body, dict) else None
+        raise CoordinatorError(
+            f"the coordinator at {_origin(base)} answered {path} with HTTP {code}"
+            f"{f' ({detail})' if detail else ''} — is it the same version as this command?"
+        )
+    return body
+
+
+# --- read-only commands ------------------------------------------------------------------------
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    _, status = http_get(monitoring_url(args, settings) + "/api/status")
+    status = api_get(monitoring_url(args, settings), "/api/status")
     if args.json:
         print(json.dumps(status))
         return 0
-    print(f"coordinator {status['name']}: {'ready' if status['ready'] else 'NOT READY'}, "
-          f"broker {'up' if status['broker_connected'] else 'DOWN'}, up {status['uptime_s']}s")
-    print("agents: " + ", ".join(f"{k} {v}" for k, v in status["agents"].items()))
-    open_tasks = ", ".join(f"{k} {v}" for k, v in status["tasks_open"].items() if v)
-    print(f"open tasks: {open_tasks or 'none'}")
-    print("totals: " + ", ".join(f"{k} {v}" for k, v in status["totals"].items()))
+    print(status_summary(status, colour=use_colour(sys.stdout)))
     return 0
 
 
 def cmd_agents(args: argparse.Namespace, settings: Settings) -> int:
-    _, body = http_get(monitoring_url(args, settings) + "/api/agents")
-    agents = body["agents"]
+    agents = api_get(monitoring_url(args, settings), "/api/agents")["agents"]
     if args.json:
         print(json.dumps(agents))
         return 0
-    columns = ["id", "kind", "liveness", "state", "in_flight", "max_concurrency", "load",
-               "completed", "failed", "last_seen_s"]
-    print(format_table(columns, [[a[col] for col in columns] for a in agents]))
+    print(agents_table(agents, colour=use_colour(sys.stdout)))
     return 0
 
 
-def format_table(columns: list[str], rows: list[list[Any]]) -> str:
-    cells = [columns, *[[str(v) for v in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines) if rows else lines[0] + "\n(none)"
+# Cursor home, hide/show the cursor, line wrapping off/on, clear to the end of line/screen.
+HOME, CLEAR = "\x1b[H", "\x1b[2J"
+HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
+NO_WRAP, WRAP = "\x1b[?7l", "\x1b[?7h"
+CLEAR_LINE, CLEAR_BELOW = "\x1b[K", "\x1b[J"
+
+
+def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    """Redraw status, agents and the latest tasks every --interval seconds until Ctrl-C.
+
+    On a terminal each frame replaces the last one; otherwise (a pipe, a log) frames follow one
+    another as plain blocks, and with --json each frame is one JSON object on one line.
+    """
+    if args.interval <= 0:
+        raise ConfigError("--interval must be more than 0 seconds")
+    base = monitoring_url(args, settings)
+    out = sys.stdout
+    live = out.isatty() and not args.json
+    colour = use_colour(out)
+    rates = Rates()
+    limit = max(1, min(args.tasks, 500))
+    frames = 0
+    if live:
+        # A plain `kill` must also give the terminal its cursor and line wrapping back.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        out.write(HIDE_CURSOR + NO_WRAP + CLEAR)
+    try:
+        while True:
+            now, error = time.time(), None
+            status: dict[str, Any] | None = None
+            agents: list[dict[str, Any]] = []
+            tasks: list[dict[str, Any]] = []
+            try:
+                status = api_get(base, "/api/status")
+                agents = api_get(base, "/api/agents")["agents"]
+                tasks = api_get(base, f"/api/tasks?limit={limit}")["tasks"]
+            except CoordinatorError as exc:
+                if args.once:
+                    raise
+                error = str(exc)
+            rate = rates.update(status.get("totals"), time.monotonic()) if status else None
+            if args.json:
+                frame: dict[str, Any] = {"at": round(now, 3), "status": status, "agents": agents,
+                                         "tasks": tasks, "rates": rate}
+                if error is not None:
+                    frame["error"] = error
+                out.write(json.dumps(frame) + "\n")
+            else:
+                text = watch_frame(
+                    url=_origin(base), interval=args.interval, now=now, status=status,
+                    agents=agents, tasks=tasks[:limit], rates=rate, error=error, colour=colour,
+                    columns=shutil.get_terminal_size().columns if live else None,
+                )
+                if live:
+                    out.write(HOME + text.replace("\n", CLEAR_LINE + "\n") + CLEAR_LINE
+                              + CLEAR_BELOW)
+                else:
+                    out.write(("\n" if frames else "") + text + "\n")
+            out.flush()
+            frames += 1
+            if args.once:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0  # the way to stop watching, not an error
+    finally:
+        if live:
+            out.write(WRAP + SHOW_CURSOR + "\n")
+            out.flush()
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
@@ -393,13 +593,15 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         if operator is None or operator.api_token is None:
             raise ConfigError(f"{args.principal!r} is not an operator in {path}")
         # Printed on request only, for `Authorization: Bearer ...`; never logged.
-        print(operator.api_token.get_secret_value())
+        token = operator.api_token.get_secret_value()
+        _print(args, {"principal": operator.id, "token": token}, token)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from .demo import run_demo
 
+    require_broker(settings.broker_url.get_secret_value())
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(run_demo(settings, agents=args.agents, tasks=args.tasks,
                                     as_json=args.json, forever=args.forever, rate=args.rate))
@@ -412,6 +614,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "submit": cmd_submit,
     "status": cmd_status,
     "agents": cmd_agents,
+    "watch": cmd_watch,
     "check": cmd_check,
     "keys": cmd_keys,
     "demo": cmd_demo,
