@@ -43,6 +43,7 @@ from .settings import Settings
 from .state import AgentRecord, StateManager
 from .store import TaskStore
 from .tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
+from .workflows import WorkflowEngine, merged_output_limit
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class CoordinatorAgent:
         self.metrics = Metrics(registry)
         self.state = StateManager(TaskStore(settings.store_path), settings.liveness)
         self.planner = CoordinationPlanner(settings.limits.max_in_flight_per_agent, router)
+        self.workflows = WorkflowEngine(  # composite tasks: fan-out, steps, coalitions, races
+            self.state, create_child=self._create_child, finish=self._finish, cancel=self.cancel,
+            max_merged_bytes=merged_output_limit(settings.limits))
         self.security = SecurityManager.from_settings(settings, self.keyring, settings.name)
         self.authorizer = AuthorizationManager(self.security, self.state.is_assigned)
         self.messages = MessageHandler(
@@ -158,6 +162,8 @@ class CoordinatorAgent:
             if task.status.terminal:
                 self._spawn(self._notify(task))
                 continue
+            if task.workflow is not None:
+                continue  # a composite parent is never assigned: resumed below
             attempt = task.current_attempt
             if task.status is TaskStatus.PENDING or attempt is None:
                 self._pending[task.id] = None
@@ -173,6 +179,7 @@ class CoordinatorAgent:
                 # The crash may have come before the assignment was published; agents ignore
                 # an assignment they already have, so sending it again is safe.
                 self._spawn(self._send_assignment(task, attempt))
+        self.workflows.resume()
         if self.state.tasks:
             log.info("restored %d open tasks (%d pending)", len(self.state.tasks),
                      len(self._pending))
@@ -210,12 +217,23 @@ class CoordinatorAgent:
             reply_to=spec.reply_to,
             submitted_by=submitted_by,
         )
+        composite = self.workflows.prepare(task, spec)  # before the first save, for a restart
         self.state.add_task(task)
         self.metrics.tasks_submitted.inc()
         self.metrics.operations.labels("task_submit").inc()
-        self._pending[task.id] = None
+        if composite:
+            self.workflows.launch(task)  # never assigned itself: its children are
+        else:
+            self._pending[task.id] = None
         self._wake.set()
         return task, False
+
+    def _create_child(self, child: TaskRecord) -> None:
+        """A composite task's child (workflows.py): an ordinary task from here on."""
+        self.state.add_task(child)
+        self.metrics.operations.labels("task_child").inc()
+        self._pending[child.id] = None
+        self._wake.set()
 
     # --- inbound messages ---------------------------------------------------------------------
 
@@ -398,6 +416,8 @@ class CoordinatorAgent:
         self.metrics.task_duration.labels(status.value).observe(task.updated_at - task.created_at)
         self.metrics.operations.labels(f"task_{status.value}").inc()
         self._spawn(self._notify(task))
+        if task.parent_id is not None or task.workflow is not None:
+            self.workflows.on_finished(task)  # advance its parent, or stop its children
 
     def _lose_agent_tasks(self, agent: AgentRecord, why: str) -> None:
         for task_id in list(agent.in_flight):
@@ -441,6 +461,9 @@ class CoordinatorAgent:
                 continue
             decision = self.planner.select(task, agents)
             if decision.agent is None:
+                if (decision.reason == "no_matching_agent"
+                        and self.workflows.try_coalition(task, agents)):
+                    self._pending.pop(task_id, None)  # split across agents (workflows.py)
                 continue
             self._pending.pop(task_id, None)
             self._assign(task, decision.agent)

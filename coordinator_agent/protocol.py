@@ -12,7 +12,15 @@ import uuid
 from typing import Annotated, Any, Literal, TypeAlias, Union
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from .constants import PROTOCOL_VERSION
 from .exceptions import ProtocolError
@@ -97,6 +105,30 @@ class AgentDrain(Model):
 # --- client <-> coordinator -----------------------------------------------------------------
 
 
+#: Most sub-tasks or steps one composite task may have (also bounds a planner's answer).
+MAX_CHILDREN = 64
+
+
+class SubtaskSpec(Model):
+    """One sub-task of a fan-out, or one step of a sequential hand-off (see ``workflows.py``)."""
+
+    description: Description
+    kind: Label | None = None
+    required_capabilities: Labels = []
+    #: Omitted (null): the sub-task, or the first step, gets the parent's input.
+    input: JsonValue = None
+    timeout_s: float | None = Field(None, gt=0, le=86_400)
+
+
+Children = Annotated[list[SubtaskSpec], Field(min_length=1, max_length=MAX_CHILDREN)]
+
+
+class Decomposition(Model):
+    """What an agent of kind ``planner`` must answer when asked to decompose a task."""
+
+    subtasks: Children
+
+
 class TaskSubmit(Model):
     #: Idempotency key; a re-submitted id returns the existing task. Default: the envelope id.
     task_id: Identifier | None = None
@@ -108,6 +140,53 @@ class TaskSubmit(Model):
     max_retries: int | None = Field(None, ge=0, le=20)
     #: Queue for task.accepted / task.completed (default exchange); omitted = no replies.
     reply_to: Annotated[str, Field(max_length=255)] | None = None
+    # --- composite tasks (workflows.py); a composite task is never assigned to an agent itself.
+    #: Fan-out: run these concurrently and merge their outputs.
+    subtasks: Children | None = None
+    #: Fan-out planned by an agent of kind ``planner`` (its output: a ``Decomposition``).
+    decompose: bool = False
+    #: Sequential hand-off: each step gets ``{"input": ..., "previous": <step before's output>}``.
+    steps: Children | None = None
+    #: Fan-out only: sub-tasks running at once (default 8).
+    max_concurrency: int | None = Field(None, ge=1, le=MAX_CHILDREN)
+    #: Fan-out only: what a failed sub-task does to the rest (default ``fail``).
+    on_subtask_error: Literal["skip", "fail", "retry"] | None = None
+    #: Fan-out with ``on_subtask_error="retry"``: runs of a failed sub-task after its first
+    #: (each run has its own ``max_retries`` attempts); default 1.
+    subtask_retries: int | None = Field(None, ge=0, le=10)
+    #: Fan-out only: ``combine`` (deterministic, the default) or an agent of kind ``synthesizer``.
+    merge: Literal["combine", "synthesizer"] | None = None
+    #: ``merge="synthesizer"`` only: the synthesizer's own input, next to the merged results.
+    merge_input: JsonValue = None
+
+    @model_validator(mode="after")
+    def _one_composition(self) -> TaskSubmit:
+        shapes = [name for name, given in (("subtasks", self.subtasks is not None),
+                                           ("decompose", self.decompose),
+                                           ("steps", self.steps is not None)) if given]
+        if len(shapes) > 1:
+            raise ValueError(f"{' and '.join(shapes)} are mutually exclusive: give one of them")
+        if shapes and (self.kind is not None or self.required_capabilities):
+            raise ValueError(f"a task with {shapes[0]} is never assigned itself: give kind and "
+                             "required_capabilities per sub-task or step instead")
+        fan_out_only = [name for name, given in (
+            ("max_concurrency", self.max_concurrency is not None),
+            ("on_subtask_error", self.on_subtask_error is not None),
+            ("subtask_retries", self.subtask_retries is not None),
+            ("merge", self.merge is not None),
+            ("merge_input", self.merge_input is not None)) if given]
+        if fan_out_only and shapes not in (["subtasks"], ["decompose"]):
+            raise ValueError(f"{', '.join(fan_out_only)} only apply to a fan-out "
+                             "(subtasks or decompose)")
+        if self.merge_input is not None and self.merge != "synthesizer":
+            raise ValueError('merge_input is for the synthesizer: it needs merge="synthesizer"')
+        if self.subtask_retries is not None and self.on_subtask_error != "retry":
+            raise ValueError('subtask_retries needs on_subtask_error="retry"')
+        return self
+
+    @property
+    def composite(self) -> bool:
+        return self.subtasks is not None or self.decompose or self.steps is not None
 
 
 class TaskAccepted(Model):
@@ -249,6 +328,9 @@ def _protocol_error(exc: ValidationError, data: bytes) -> ProtocolError:
     if len(loc) >= 2 and loc[1] == "v" and kind != "missing":
         return ProtocolError("unsupported_version", f"protocol version {_peek(data, 'v')!r}")
     where = ", ".join(".".join(str(p) for p in e["loc"][1:]) for e in errors[:3])
+    if kind == "value_error":  # our own validators' words, never a payload value
+        message = str(first["msg"]).removeprefix("Value error, ")[:300]
+        return ProtocolError("malformed", f"invalid {where or 'payload'}: {message}")
     return ProtocolError("malformed", f"invalid fields: {where}")
 
 

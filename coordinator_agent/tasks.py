@@ -88,6 +88,12 @@ class TaskRecord:
     notified: bool = False
     #: Why the router chose what it chose (filled by the planner).
     routing: dict[str, Any] = field(default_factory=dict)
+    #: Composite tasks (workflows.py): the parent of a child task, never assigned itself.
+    parent_id: str | None = None
+    #: Composite tasks: every child created so far, in order of creation.
+    child_ids: list[str] = field(default_factory=list)
+    #: Composite tasks: the engine's JSON-able state; None for an ordinary task.
+    workflow: dict[str, Any] | None = None
 
     def move(self, target: TaskStatus) -> None:
         if target not in TRANSITIONS[self.status]:
@@ -134,4 +140,12 @@ class TaskRecord:
         view = self.to_dict()
         view.pop("reply_to", None)
         view.pop("notified", None)
+        if self.workflow is not None:
+            # The children's summaries, without the specs and inputs they were built from.
+            view["workflow"] = {k: v for k, v in self.workflow.items()
+                                if k not in WORKFLOW_PRIVATE_KEYS}
         return view
+
+
+#: Parts of a workflow state that ``public_view`` leaves out (large, and inputs are the client's).
+WORKFLOW_PRIVATE_KEYS = frozenset({"specs", "merge_input"})
