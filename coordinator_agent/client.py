@@ -74,13 +74,19 @@ class CoordinatorClient:
         timeout_s: float | None = None,
         max_retries: int | None = None,
         task_id: str | None = None,
+        **fields: Any,
     ) -> str:
-        """Publish a task.submit (confirmed by the broker); returns the task id."""
+        """Publish a task.submit (confirmed by the broker); returns the task id.
+
+        ``fields`` are the other ``task.submit`` fields, e.g. ``subtasks=[...]``,
+        ``steps=[...]``, ``decompose=True``, ``on_subtask_error="skip"`` (see PROTOCOL.md);
+        pydantic's ValidationError says what is wrong with them before anything is sent.
+        """
         task_id = task_id or uuid.uuid4().hex
         spec = protocol.TaskSubmit(
             task_id=task_id, description=description, kind=kind,
             required_capabilities=required_capabilities or [], input=input,
-            timeout_s=timeout_s, max_retries=max_retries, reply_to=self.reply_queue,
+            timeout_s=timeout_s, max_retries=max_retries, reply_to=self.reply_queue, **fields,
         )
         await self.messages.publish(spec, peer=self.coordinator_id,
                                     exchange=c.COORDINATOR_EXCHANGE,
