@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install services run test unit integration lint bench demo clean
+.PHONY: help install services tools run test unit integration lint bench demo clean
 
 help:
 	@echo "make run       coordinator + demo agents with a trickle of tasks (Ctrl-C to stop)"
@@ -25,6 +25,9 @@ install: $(STAMP)
 services:
 	bash scripts/services.sh all
 
+tools:
+	bash scripts/tools.sh all
+
 run: install services
 	$(BIN)/coordinator-agent demo --forever --agents 3 --rate 2
 
@@ -41,7 +44,7 @@ unit: install
 integration: install services
 	$(BIN)/python -m pytest tests/integration -q
 
-test: install services lint
+test: install services tools lint
 	$(BIN)/python -m pytest -q -ra
 
 bench: install services
