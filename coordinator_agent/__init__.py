@@ -1,15 +1,22 @@
-"""coordinator_agent: a broker-based coordinator for fleets of worker agents."""
+"""coordinator_agent: a broker-based coordinator for fleets of worker agents.
+
+The heavy parts (coordinator, worker, client: aio-pika, aiohttp, Consul) load on first use, so
+the CLI's ``--help`` and probe commands start quickly.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .client import CoordinatorClient  # after __version__: modules import it
-from .coordinator import CoordinatorAgent
-from .exceptions import (
+from .exceptions import (  # after __version__: modules import it
     AuthorizationError,
     ConfigError,
     CoordinatorError,
+    DiscoveryError,
+    NotRegistered,
     ProtocolError,
     PublishTimeout,
     RejectedMessage,
@@ -18,9 +25,33 @@ from .exceptions import (
     TransportError,
     Unroutable,
 )
-from .keyring import Keyring
-from .settings import Settings, load_settings
-from .worker import TaskContext, WorkerAgent
+
+if TYPE_CHECKING:
+    from .client import CoordinatorClient
+    from .coordinator import CoordinatorAgent
+    from .keyring import Keyring
+    from .settings import Settings, load_settings
+    from .worker import TaskContext, WorkerAgent
+
+_LAZY = {
+    "CoordinatorAgent": "coordinator",
+    "CoordinatorClient": "client",
+    "Keyring": "keyring",
+    "Settings": "settings",
+    "TaskContext": "worker",
+    "WorkerAgent": "worker",
+    "load_settings": "settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AuthorizationError",
@@ -28,7 +59,9 @@ __all__ = [
     "CoordinatorAgent",
     "CoordinatorClient",
     "CoordinatorError",
+    "DiscoveryError",
     "Keyring",
+    "NotRegistered",
     "ProtocolError",
     "PublishTimeout",
     "RejectedMessage",
