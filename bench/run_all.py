@@ -3,6 +3,7 @@
     .venv/bin/python bench/run_all.py            # full: 2000 burst / 300 sequential tasks,
                                                  # 20000 status messages, 3 rounds (~5 min)
     .venv/bin/python bench/run_all.py --quick    # smoke run (~1 min)
+    .venv/bin/python bench/run_all.py --only routing   # the planner alone, no broker
 
 Needs RabbitMQ on 127.0.0.1:5672 (`make services`). Figures are medians of the rounds; every
 ratio compares with a baseline measured in the same run, because the machine is shared.
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import e2e_tasks
+import routing_decision
 import status_ingest
 from _common import ROOT, table, verdict
 
@@ -57,7 +59,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 200 burst / 50 sequential tasks, 2000 status, 1 round")
-    parser.add_argument("--only", choices=["e2e", "status"], help="run one benchmark")
+    parser.add_argument("--only", choices=["e2e", "status", "routing"],
+                        help="run one benchmark")
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args()
@@ -93,6 +96,18 @@ def main() -> int:
         except Exception:
             traceback.print_exc()
             failures.append("status")
+
+    if args.only in (None, "routing"):
+        print(flush=True)
+        try:
+            # No broker: the planner alone, 100k outcomes and 1000 agents even in a quick run.
+            routing = routing_decision.run(decisions=2000 if args.quick else 20_000,
+                                           records=500 if args.quick else 5000)
+            results["routing"] = routing
+            checks |= routing_decision.targets(routing)
+        except Exception:
+            traceback.print_exc()
+            failures.append("routing")
 
     print(f"\nsummary ({'quick' if args.quick else 'full'} run, {args.rounds} round(s), "
           f"{time.monotonic() - started:.0f}s)")

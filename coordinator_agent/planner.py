@@ -1,19 +1,59 @@
-"""CoordinationPlanner: which agent gets a task, and what happens when an attempt fails.
+"""CoordinationPlanner: which kind of agent, which agent, and what to do when an attempt fails.
 
-This first planner filters by hard constraints (kind, required capabilities, health, free
-capacity) and picks the least-loaded agent. Scoring is behind ``Router`` so a learning router
-can replace ``LeastLoadedRouter`` without touching the coordinator.
+A decision, cheapest step first:
+
+1. Hard constraints (explicit ``kind``, ``required_capabilities``) filter the agents; the healthy
+   ones (``AgentRecord.assignable``) are grouped by kind with their load. The grouping is reused
+   for ``agent_snapshot_s`` while the agent records stay the same (see ``_Fleet``), so a decision
+   does not walk a thousand agents.
+2. The description is analysed (``analysis.py``) and every kind with a healthy agent is scored::
+
+       confidence = base + w_pattern * pattern + w_domain * domain
+                    + w_complexity * complexity - w_workload * workload       (clipped to [0, 1])
+
+   ``pattern`` is the learned term from ``patterns.py``: similarity- and recency-weighted success
+   *centred on zero*, ``(2 x successes - outcomes) / (outcomes + prior)`` where every outcome
+   counts with its similarity, its decay and (for successes) its quality. Centring matters: a
+   plain success rate can only add confidence, so a kind that keeps failing would never lose
+   its place. Centred, failures push the term towards -1, successes towards +1, and a kind
+   nobody has tried sits at 0 (neutral). The prior (``learning.prior_weight`` neutral
+   pseudo-outcomes) makes each success raise confidence a step smaller than the last, towards
+   the bound ``base + w_pattern + ...``, and keeps one unlucky outcome from swinging a decision.
+3. The best kind is taken when its confidence reaches ``threshold``; otherwise the configured
+   fallback kind, when it has a healthy agent. The other kinds, best first, are the alternatives
+   that :meth:`CoordinationPlanner.next_step` walks through when attempts fail.
+4. Within the kind: least loaded (or power of two choices) among healthy agents with a free slot,
+   preferring agents that have not already failed this task. A busy kind is waited for rather
+   than replaced by a worse one: its load already counts in its confidence.
+
+Everything the decision used is written to ``task.routing`` (JSON-able) for operators.
 """
 
 from __future__ import annotations
 
+import enum
+import operator
 import random
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
+from .analysis import TaskAnalysis, TaskAnalyzer
+from .metrics import Metrics
+from .patterns import Outcome, PatternStore
+from .routing_config import Balance, Complexity, RoutingConfig, default_routing_config
 from .state import AgentRecord
-from .tasks import AttemptOutcome, TaskRecord
+from .tasks import Attempt, AttemptOutcome, TaskRecord
+
+#: Attempts that say nothing about the kind: never delivered, overtaken, or cancelled.
+NOT_LEARNED = frozenset({AttemptOutcome.RUNNING, AttemptOutcome.UNDELIVERABLE,
+                         AttemptOutcome.SUPERSEDED, AttemptOutcome.CANCELLED})
+FAILURES = frozenset({AttemptOutcome.FAILED, AttemptOutcome.TIMEOUT, AttemptOutcome.AGENT_LOST})
+MAX_ALTERNATIVES_RECORDED = 8
+OTHER_KIND = "other"
+_COUNTERS = ("decisions", "fallbacks", "confidence_sum", "first_tries", "first_try_successes")
 
 
 @dataclass(frozen=True)
@@ -21,30 +61,18 @@ class RoutingDecision:
     agent: AgentRecord | None
     reason: str
     details: dict[str, Any] = field(default_factory=dict)
+    kind: str | None = None
+    confidence: float | None = None
+    fallback_used: bool = False
 
 
 class Router(Protocol):
+    """A custom router replaces the learned choice (used when given to the planner)."""
+
     def choose(self, task: TaskRecord, candidates: Sequence[AgentRecord]) -> RoutingDecision: ...
 
     def record_outcome(self, task: TaskRecord, agent: AgentRecord | None, success: bool) -> None:
         ...
-
-
-class LeastLoadedRouter:
-    """Lowest in-flight / capacity wins; ties are broken at random so load spreads."""
-
-    def __init__(self, in_flight_cap: int) -> None:
-        self.in_flight_cap = in_flight_cap
-
-    def choose(self, task: TaskRecord, candidates: Sequence[AgentRecord]) -> RoutingDecision:
-        best = min(
-            candidates,
-            key=lambda a: (len(a.in_flight) / a.capacity(self.in_flight_cap), random.random()),
-        )
-        return RoutingDecision(best, "least_loaded", {"candidates": len(candidates)})
-
-    def record_outcome(self, task: TaskRecord, agent: AgentRecord | None, success: bool) -> None:
-        return None
 
 
 def matches(task: TaskRecord, agent: AgentRecord) -> bool:
@@ -54,20 +82,388 @@ def matches(task: TaskRecord, agent: AgentRecord) -> bool:
     return agent.capabilities.issuperset(task.required_capabilities)
 
 
+@dataclass(frozen=True, slots=True)
+class KindScore:
+    """One kind's confidence and the parts it is made of (factors before weighting)."""
+
+    kind: str
+    confidence: float
+    raw: float  # before clipping; ranks kinds that both clip at 1.0
+    pattern: float
+    evidence: float
+    success_rate: float | None
+    domain: float
+    complexity: float
+    workload: float
+
+    def parts(self) -> dict[str, Any]:
+        rate = None if self.success_rate is None else round(self.success_rate, 4)
+        return {"pattern": round(self.pattern, 4), "evidence": round(self.evidence, 3),
+                "success_rate": rate, "domain": round(self.domain, 4),
+                "complexity": self.complexity, "workload": round(self.workload, 4),
+                "raw": round(self.raw, 4)}
+
+
+class FallbackAction(enum.StrEnum):
+    RETRY = "retry"  # same kind again, after delay_s
+    ALTERNATIVE = "alternative"  # the next kind of the recorded decision
+    ESCALATE = "escalate"  # give up: the task fails with its chain recorded
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackStep:
+    action: FallbackAction
+    kind: str | None
+    delay_s: float
+    reason: str
+
+
+class _Pool:
+    """Healthy agents of one kind that pass the hard constraints, as (agent, capacity)."""
+
+    __slots__ = ("capacity", "entries", "used")
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[AgentRecord, int]] = []
+        self.capacity = 0
+        self.used = 0  # refreshed whenever the kind is picked from
+
+    @property
+    def workload(self) -> float:
+        return self.used / self.capacity if self.capacity else 1.0
+
+
+class _Fleet:
+    """The agents grouped by kind at one moment, and the pools per hard constraint.
+
+    Grouping a thousand agents costs more than the rest of a decision, so it is reused for
+    ``agent_snapshot_s`` while the set of agent records stays the same. What it can get wrong
+    is bounded: loads are re-read live for the chosen kind, and the chosen agent is checked
+    live before it is returned.
+    """
+
+    __slots__ = ("by_kind", "members", "taken_at", "views")
+
+    def __init__(self, members: list[AgentRecord], taken_at: float, cap: int) -> None:
+        self.members = members
+        self.taken_at = taken_at
+        by_kind: dict[str, list[tuple[AgentRecord, int, bool]]] = {}
+        pools: dict[str, _Pool] = {}  # the view without constraints, built in the same pass
+        for agent in members:
+            kind = agent.kind
+            group = by_kind.get(kind)
+            if group is None:
+                group = by_kind[kind] = []
+            limit = agent.max_concurrency
+            capacity = limit if limit < cap else cap
+            healthy = agent.assignable
+            group.append((agent, capacity, healthy))
+            if healthy:
+                pool = pools.get(kind)
+                if pool is None:
+                    pool = pools[kind] = _Pool()
+                used = len(agent.in_flight)
+                pool.entries.append((agent, capacity))
+                pool.capacity += capacity
+                pool.used += used if used < capacity else capacity
+        self.by_kind = by_kind
+        self.views: dict[tuple[str | None, frozenset[str]], tuple[dict[str, _Pool], bool]] = {
+            (None, frozenset()): (pools, bool(members)),
+        }
+
+    def same_members(self, members: list[AgentRecord]) -> bool:
+        old = self.members
+        return len(old) == len(members) and all(map(operator.is_, old, members))
+
+    def view(self, kind: str | None, caps: frozenset[str]) -> tuple[dict[str, _Pool], bool]:
+        """(pools by kind, whether any agent at all passes the constraints)."""
+        key = (kind, caps)
+        found = self.views.get(key)
+        if found is None:
+            found = self.views[key] = self._build(kind, caps)
+        return found
+
+    def _build(self, kind: str | None, caps: frozenset[str]) -> tuple[dict[str, _Pool], bool]:
+        if kind is not None and not caps:
+            base = self.views[(None, frozenset())][0]
+            pool = base.get(kind)
+            return ({kind: pool} if pool is not None else {}), kind in self.by_kind
+        if kind is None:
+            groups = list(self.by_kind.items())
+        else:
+            groups = [(kind, self.by_kind.get(kind, []))]
+        pools: dict[str, _Pool] = {}
+        able = False
+        for name, group in groups:
+            for agent, capacity, healthy in group:
+                if caps and not agent.capabilities.issuperset(caps):
+                    continue
+                able = True
+                if not healthy:
+                    continue
+                pool = pools.get(name)
+                if pool is None:
+                    pool = pools[name] = _Pool()
+                used = len(agent.in_flight)
+                pool.entries.append((agent, capacity))
+                pool.capacity += capacity
+                pool.used += used if used < capacity else capacity
+        return pools, able
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    analysis: TaskAnalysis
+    scores: list[KindScore]  # best first
+    chosen: KindScore
+    fallback_used: bool
+    label: str  # short, bounded: metrics and RoutingDecision.reason
+    reason: str  # for people
+
+
 class CoordinationPlanner:
-    def __init__(self, in_flight_cap: int, router: Router | None = None) -> None:
+    """Routes tasks and learns from their outcomes; see the module docstring."""
+
+    def __init__(
+        self,
+        in_flight_cap: int,
+        router: Router | None = None,
+        *,
+        config: RoutingConfig | None = None,
+        store_path: Path | str | None = None,
+        store: PatternStore | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
         self.in_flight_cap = in_flight_cap
-        self.router: Router = router or LeastLoadedRouter(in_flight_cap)
+        self.router = router
+        self.config = config if config is not None else default_routing_config()
+        learning = self.config.learning
+        self.store = store if store is not None else PatternStore(
+            store_path, half_life_s=learning.half_life_s,
+            partial_match_weight=learning.partial_match_weight,
+            max_outcomes=learning.max_outcomes,
+        )
+        self.analyzer = TaskAnalyzer(self.config)
+        self.metrics = metrics
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        self._kind_complexity: dict[str, frozenset[Complexity]] = {
+            kind: frozenset(spec.complexity) for kind, spec in self.config.kinds.items()
+        }
+        self._labels: set[str] = set(self.config.kinds) | {self.config.fallback_kind}
+        self._fleet_cache: _Fleet | None = None
+        stored = self.store.counters()
+        self._counters: dict[str, float] = {name: stored.get(name, 0.0) for name in _COUNTERS}
+        self._unsaved = False  # decisions counted since the counters were last written
+
+    # --- selection ----------------------------------------------------------------------------
 
     def select(self, task: TaskRecord, agents: Iterable[AgentRecord]) -> RoutingDecision:
-        """Pick an agent now, or say why none can take the task yet."""
+        """Pick an agent now and record why in ``task.routing``, or say why none can take it."""
+        if self.router is not None:
+            return self._select_with_router(task, agents)
+        members = list(agents)
+        decision = self._select(task, members)
+        if decision.agent is None and self._fleet_cache is None:
+            decision = self._select(task, members)  # the grouping was stale: regrouped, again
+        return decision
+
+    def _select(self, task: TaskRecord, members: list[AgentRecord]) -> RoutingDecision:
+        pools, able = self._fleet(members).view(task.kind, frozenset(task.required_capabilities))
+        if not able:
+            return RoutingDecision(None, "no_matching_agent")
+        if not pools:
+            return RoutingDecision(None, "no_free_agent")
+        analysis = self.analyzer.analyze(task.description)
+        plan = self._plan(task, analysis, {k: p.workload for k, p in pools.items()})
+        chosen = plan.chosen
+        pool = pools[chosen.kind]
+        agent = self._pick(task, chosen.kind, pool)
+        if agent is None:
+            return RoutingDecision(None, "no_free_agent", {"kind": chosen.kind},
+                                   kind=chosen.kind, confidence=chosen.confidence)
+        details = self._record_decision(task, plan, agent, len(pool.entries))
+        return RoutingDecision(agent, plan.label, details, kind=chosen.kind,
+                               confidence=chosen.confidence, fallback_used=plan.fallback_used)
+
+    def score_kinds(
+        self, analysis: TaskAnalysis, workloads: Mapping[str, float], now: float | None = None
+    ) -> list[KindScore]:
+        """Confidence of each kind in ``workloads`` (kind -> load in [0, 1]), best first."""
+        w = self.config.weights
+        prior = self.config.learning.prior_weight
+        when = self._clock() if now is None else now
+        evidence = self.store.evidence(analysis.keywords, workloads, now=when)
+        scores = []
+        for kind, load in workloads.items():
+            ev = evidence.get(kind)
+            pattern = ev.pattern(prior) if ev is not None else 0.0
+            domain = analysis.domain_match.get(kind, 0.0)
+            handled = self._kind_complexity.get(kind)
+            # A kind without a vocabulary entry is not known to be bad at anything.
+            cx = 1.0 if handled is None or analysis.complexity in handled else 0.0
+            raw = (w.base + w.pattern * pattern + w.domain * domain + w.complexity * cx
+                   - w.workload * load)
+            scores.append(KindScore(
+                kind, min(1.0, max(0.0, raw)), raw, pattern,
+                ev.weight if ev is not None else 0.0,
+                ev.success_rate if ev is not None else None, domain, cx, load,
+            ))
+        fallback = self.config.fallback_kind
+        # Rounded, so that float noise does not decide a tie: the fallback kind, then the name.
+        scores.sort(key=lambda s: (-round(s.raw, 9), s.kind != fallback, s.kind))
+        return scores
+
+    def _fleet(self, members: list[AgentRecord]) -> _Fleet:
+        now = time.monotonic()
+        fleet = self._fleet_cache
+        if (fleet is None or now - fleet.taken_at > self.config.agent_snapshot_s
+                or not fleet.same_members(members)):
+            fleet = self._fleet_cache = _Fleet(members, now, self.in_flight_cap)
+        return fleet
+
+    def _plan(self, task: TaskRecord, analysis: TaskAnalysis,
+              workloads: Mapping[str, float]) -> _Plan:
+        scores = self.score_kinds(analysis, workloads)
+        best = scores[0]
+        threshold = self.config.threshold
+        if task.kind is not None:
+            return _Plan(analysis, scores, best, False, "explicit_kind",
+                         f"the task asks for kind {task.kind!r}")
+        pinned = task.routing.get("next_kind")
+        for score in scores:
+            if score.kind == pinned:
+                return _Plan(analysis, scores, score, False, "fallback_chain",
+                             f"fallback chain: {task.routing.get('next_action')} on {pinned!r}")
+        if best.confidence >= threshold:
+            return _Plan(analysis, scores, best, False, "confident",
+                         f"{best.kind!r} at {best.confidence:.2f} reaches the threshold "
+                         f"{threshold:.2f}")
+        fallback = self.config.fallback_kind
+        for score in scores:
+            if score.kind == fallback:
+                return _Plan(analysis, scores, score, True, "below_threshold",
+                             f"best kind {best.kind!r} at {best.confidence:.2f} is below the "
+                             f"threshold {threshold:.2f}: fallback kind {fallback!r}")
+        return _Plan(analysis, scores, best, False, "no_fallback_agent",
+                     f"best kind {best.kind!r} at {best.confidence:.2f} is below the threshold "
+                     f"{threshold:.2f}, and the fallback kind {fallback!r} has no healthy "
+                     f"agent: best kind taken")
+
+    def _pick(self, task: TaskRecord, kind: str, pool: _Pool) -> AgentRecord | None:
+        """An agent of the pool with a free slot, checked live; None when all are busy."""
+        cap = self.in_flight_cap
+        caps = task.required_capabilities
+        while pool.entries:
+            agent = self._choose(task, pool)
+            if agent is None:
+                return None
+            if (agent.kind == kind and agent.assignable and agent.free_slots(cap) > 0
+                    and agent.capabilities.issuperset(caps)):
+                return agent
+            # The grouping is stale (an agent fell ill, changed kind, or shrank): drop what is
+            # stale in this pool now, and regroup the fleet at the next decision.
+            self._fleet_cache = None
+            pool.entries = [(a, c) for a, c in pool.entries
+                            if a is not agent and a.kind == kind and a.assignable]
+        return None
+
+    def _choose(self, task: TaskRecord, pool: _Pool) -> AgentRecord | None:
+        entries = pool.entries
+        tried: set[str] = set()
+        if task.attempts:
+            tried = {a.agent_id for a in task.attempts if a.outcome is not AttemptOutcome.SUCCEEDED}
+        if self.config.balance is Balance.TWO_CHOICES and not tried and len(entries) > 2:
+            for _ in range(4):  # a full agent in the sample: draw again, then scan
+                (a, cap_a), (b, cap_b) = self._rng.sample(entries, 2)
+                load_a, load_b = len(a.in_flight) / cap_a, len(b.in_flight) / cap_b
+                if load_a < 1.0 or load_b < 1.0:
+                    if load_a == load_b:
+                        return a if self._rng.random() < 0.5 else b
+                    return a if load_a < load_b else b
+        # Least loaded, live; agents that already failed this task only if nobody else is free.
+        best: list[AgentRecord] = []
+        best_load = 2.0
+        spare: AgentRecord | None = None
+        total = 0
+        for agent, capacity in entries:
+            used = len(agent.in_flight)
+            if used >= capacity:
+                total += capacity
+                continue
+            total += used
+            if tried and agent.id in tried:
+                if spare is None:
+                    spare = agent
+                continue
+            load = used / capacity
+            if load < best_load:
+                best_load = load
+                best = [agent]
+            elif load == best_load:
+                best.append(agent)
+        pool.used = total
+        if not best:
+            return spare
+        return best[0] if len(best) == 1 else self._rng.choice(best)
+
+    def _record_decision(
+        self, task: TaskRecord, plan: _Plan, agent: AgentRecord, candidates: int
+    ) -> dict[str, Any]:
+        chosen = plan.chosen
+        confidence = round(chosen.confidence, 4)
+        previous = task.routing
+        chain = [*previous.get("chain", []), {
+            "attempt": len(task.attempts) + 1, "kind": chosen.kind, "agent_id": agent.id,
+            "confidence": confidence, "reason": plan.label,
+        }]
+        routing: dict[str, Any] = {
+            "agent_id": agent.id,
+            "kind": chosen.kind,
+            "confidence": confidence,
+            "parts": chosen.parts(),
+            "threshold": self.config.threshold,
+            "fallback_used": plan.fallback_used,
+            "reason": plan.reason,
+            "alternatives": [
+                {"kind": s.kind, "confidence": round(s.confidence, 4)}
+                for s in plan.scores if s.kind != chosen.kind
+            ][:MAX_ALTERNATIVES_RECORDED],
+            "analysis": plan.analysis.to_dict(),
+            "balance": self.config.balance.value,
+            "candidates": candidates,
+            "chain": chain,
+        }
+        if "learned" in previous:
+            routing["learned"] = previous["learned"]
+        task.routing = routing
+        counters = self._counters
+        counters["decisions"] += 1
+        counters["confidence_sum"] += chosen.confidence
+        self._unsaved = True
+        if plan.fallback_used:
+            counters["fallbacks"] += 1
+        if self.metrics is not None:
+            self.metrics.routing_decisions.labels(
+                self._label(chosen.kind), "true" if plan.fallback_used else "false"
+            ).inc()
+            self.metrics.routing_confidence.observe(chosen.confidence)
+            if plan.fallback_used:
+                self.metrics.routing_fallbacks.labels(plan.label).inc()
+        return routing
+
+    def _select_with_router(
+        self, task: TaskRecord, agents: Iterable[AgentRecord]
+    ) -> RoutingDecision:
+        assert self.router is not None
         able = [a for a in agents if matches(task, a)]
         if not able:
             return RoutingDecision(None, "no_matching_agent")
         ready = [a for a in able if a.assignable and a.free_slots(self.in_flight_cap) > 0]
         if not ready:
             return RoutingDecision(None, "no_free_agent")
-        # Prefer agents that have not already failed this task, when there is a choice.
         tried = {a.agent_id for a in task.attempts if a.outcome is not AttemptOutcome.SUCCEEDED}
         fresh = [a for a in ready if a.id not in tried]
         decision = self.router.choose(task, fresh or ready)
@@ -75,8 +471,222 @@ class CoordinationPlanner:
                         "reason": decision.reason, **decision.details}
         return decision
 
+    # --- outcomes and fallback chains ---------------------------------------------------------
+
     def should_retry(self, task: TaskRecord) -> bool:
         return task.retries_left > 0
 
-    def record_outcome(self, task: TaskRecord, agent: AgentRecord | None, success: bool) -> None:
-        self.router.record_outcome(task, agent, success)
+    def record_outcome(
+        self, task: TaskRecord, agent: AgentRecord | None, success: bool, *,
+        quality: float | None = None, duration_s: float | None = None,
+    ) -> None:
+        """Learn from the attempt that just ended (once per attempt, however often called).
+
+        ``quality`` in [0, 1] scales a success (default 1); ``duration_s`` defaults to what the
+        agent reported for the attempt. Attempts that never reached an agent, were overtaken or
+        were cancelled teach nothing about the kind and are skipped.
+        """
+        if self.router is not None:
+            self.router.record_outcome(task, agent, success)
+        attempt = _ended_attempt(task, success)
+        if attempt is None or attempt.outcome in NOT_LEARNED:
+            return
+        learned: list[int] = task.routing.setdefault("learned", [])
+        if attempt.number in learned:
+            return
+        kind = _kind_of(task, attempt.number, agent)
+        if kind is None:
+            return
+        info = task.routing.get("analysis")
+        if not isinstance(info, dict):
+            info = self.analyzer.analyze(task.description).to_dict()
+        first_try = not learned
+        learned.append(attempt.number)
+        if first_try:
+            self._counters["first_tries"] += 1
+            self._counters["first_try_successes"] += int(success)
+        self.store.record(Outcome(
+            keywords=tuple(info.get("keywords", ())), kind=kind, success=success,
+            agent_id=attempt.agent_id, category=str(info.get("category", "general")),
+            complexity=str(info.get("complexity", "medium")),
+            quality=1.0 if quality is None else quality,
+            duration_s=attempt.duration_s if duration_s is None else duration_s,
+            at=self._clock(),
+        ), counters=self._counters)
+        self._unsaved = False
+
+    def next_step(self, task: TaskRecord, outcome: AttemptOutcome | None = None) -> FallbackStep:
+        """After a failed attempt (error, timeout, lost agent): what to do next.
+
+        Retry the same kind up to ``retry.max_retries`` times with exponential backoff, then
+        the next untried alternative of the recorded decision (at most
+        ``retry.max_alternatives``), then escalate. The task's own ``max_retries`` bounds the
+        whole chain. The next :meth:`select` honours the kind returned here.
+        """
+        policy = self.config.retry
+        routing = task.routing
+        last = _ended_attempt(task, success=False)
+        outcome = outcome if outcome is not None else (last.outcome if last else None)
+        kind = routing.get("kind")
+        if outcome is AttemptOutcome.UNDELIVERABLE:
+            return self._step(task, FallbackAction.RETRY, kind, 0.0,
+                              "the assignment never reached the agent: no fault of the kind")
+        if task.retries_left <= 0:
+            return self._escalate(task, f"all {task.max_retries} retries of the task are used")
+        failures = sum(
+            1 for entry in routing.get("chain", ())
+            if entry.get("kind") == kind and _outcome_of(task, entry.get("attempt")) in FAILURES
+        )
+        retries = max(0, failures - 1)
+        if kind is None or retries < policy.max_retries:
+            delay = min(policy.backoff_max_s, policy.backoff_base_s * 2.0**retries)
+            return self._step(task, FallbackAction.RETRY, kind, delay,
+                              f"{outcome}: retry {retries + 1} of {policy.max_retries} on "
+                              f"{kind!r}")
+        if task.kind is not None:
+            return self._escalate(task, f"{kind!r} failed {failures} times and the task "
+                                        "allows no other kind")
+        tried = {entry.get("kind") for entry in routing.get("chain", ())}
+        if len(tried) - 1 < policy.max_alternatives:
+            for alternative in routing.get("alternatives", ()):
+                if alternative.get("kind") not in tried:
+                    if self.metrics is not None:
+                        self.metrics.routing_fallbacks.labels("alternative").inc()
+                    return self._step(task, FallbackAction.ALTERNATIVE, alternative["kind"],
+                                      0.0, f"{kind!r} failed {failures} times: next "
+                                      f"alternative {alternative['kind']!r}")
+        return self._escalate(task, f"{kind!r} failed {failures} times and no alternative "
+                                    "kind is left")
+
+    def _step(self, task: TaskRecord, action: FallbackAction, kind: str | None, delay: float,
+              reason: str) -> FallbackStep:
+        if kind is None:
+            task.routing.pop("next_kind", None)
+        else:
+            task.routing["next_kind"] = kind
+        task.routing["next_action"] = action.value
+        return FallbackStep(action, kind, delay, reason)
+
+    def _escalate(self, task: TaskRecord, reason: str) -> FallbackStep:
+        task.routing.pop("next_kind", None)
+        task.routing["next_action"] = FallbackAction.ESCALATE.value
+        task.routing["escalated"] = reason
+        if self.metrics is not None:
+            self.metrics.escalations.inc()
+        return FallbackStep(FallbackAction.ESCALATE, None, 0.0, reason)
+
+    # --- what it has learned ------------------------------------------------------------------
+
+    def explain(
+        self, description: str, agents: Iterable[AgentRecord] | None = None, *,
+        kind: str | None = None, required_capabilities: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """The decision for a description, without side effects (``route --json``)."""
+        task = TaskRecord(id="explain", description=description, kind=kind,
+                          required_capabilities=list(required_capabilities))
+        analysis = self.analyzer.analyze(description)
+        result: dict[str, Any] = {
+            "analysis": {**analysis.to_dict(), "domain_match": analysis.domain_match},
+            "threshold": self.config.threshold, "kinds": {}, "kind": None,
+            "fallback_used": False, "reason": "", "alternatives": [],
+        }
+        pools: dict[str, _Pool] | None = None
+        if agents is None:
+            names = [kind] if kind else [*self.config.kinds, self.config.fallback_kind]
+            workloads = dict.fromkeys(names, 0.0)
+        else:
+            fleet = _Fleet(list(agents), time.monotonic(), self.in_flight_cap)
+            pools, able = fleet.view(kind, frozenset(required_capabilities))
+            workloads = {k: p.workload for k, p in pools.items()}
+            result["agent"] = None
+            if not workloads:
+                result["reason"] = "no_free_agent" if able else "no_matching_agent"
+                return result
+        plan = self._plan(task, analysis, workloads)
+        result["kinds"] = {s.kind: {"confidence": round(s.confidence, 4), "parts": s.parts()}
+                           for s in plan.scores}
+        result.update(kind=plan.chosen.kind, fallback_used=plan.fallback_used,
+                      reason=plan.reason,
+                      alternatives=[s.kind for s in plan.scores if s is not plan.chosen])
+        if pools is not None:
+            agent = self._pick(task, plan.chosen.kind, pools[plan.chosen.kind])
+            result["agent"] = agent.id if agent is not None else None
+        return result
+
+    def snapshot(self) -> dict[str, Any]:
+        """Routing accuracy (first-try success), fallback rate, confidence, per-kind success."""
+        c = self._counters
+        decisions, tries = c["decisions"], c["first_tries"]
+        kinds = self.store.kinds(now=self._clock())
+        return {
+            "decisions": int(decisions),
+            "fallbacks": int(c["fallbacks"]),
+            "fallback_rate": c["fallbacks"] / decisions if decisions else 0.0,
+            "average_confidence": c["confidence_sum"] / decisions if decisions else 0.0,
+            "first_tries": int(tries),
+            "first_try_successes": int(c["first_try_successes"]),
+            "accuracy": c["first_try_successes"] / tries if tries else 0.0,
+            "outcomes_stored": len(self.store),
+            "kinds": {
+                kind: {"success_rate": round(s.success_rate, 4),
+                       "outcomes": round(s.outcomes, 3),
+                       "mean_duration_s": s.mean_duration_s}
+                for kind, s in sorted(kinds.items())
+            },
+        }
+
+    def export_metrics(self, metrics: Metrics | None = None) -> dict[str, Any]:
+        """Push the snapshot into the routing gauges; returns the snapshot."""
+        snap = self.snapshot()
+        target = metrics if metrics is not None else self.metrics
+        if target is None:
+            return snap
+        target.routing_accuracy.set(snap["accuracy"])
+        target.routing_fallback_rate.set(snap["fallback_rate"])
+        target.routing_average_confidence.set(snap["average_confidence"])
+        by_label: dict[str, list[float]] = {}
+        for kind, stats in snap["kinds"].items():
+            totals = by_label.setdefault(self._label(kind), [0.0, 0.0])
+            totals[0] += stats["outcomes"]
+            totals[1] += stats["outcomes"] * stats["success_rate"]
+        for label, (n, successes) in by_label.items():
+            target.routing_kind_success.labels(label).set(successes / n if n else 0.0)
+        return snap
+
+    def _label(self, kind: str) -> str:
+        """Bounded metric label: configured kinds, then announced ones up to the limit."""
+        if kind in self._labels:
+            return kind
+        if len(self._labels) < self.config.max_kind_labels:
+            self._labels.add(kind)
+            return kind
+        return OTHER_KIND
+
+    def close(self) -> None:
+        """Write the decision counters (if any changed) and close the store."""
+        if self._unsaved:
+            self.store.save_counters(self._counters)
+        self.store.close()
+
+
+def _ended_attempt(task: TaskRecord, success: bool) -> Attempt | None:
+    for attempt in reversed(task.attempts):
+        if success and attempt.outcome is AttemptOutcome.SUCCEEDED:
+            return attempt
+        if not success and attempt.outcome is not AttemptOutcome.RUNNING:
+            return attempt
+    return None
+
+
+def _outcome_of(task: TaskRecord, number: Any) -> AttemptOutcome | None:
+    attempt = task.attempt(number) if isinstance(number, int) else None
+    return attempt.outcome if attempt is not None else None
+
+
+def _kind_of(task: TaskRecord, number: int, agent: AgentRecord | None) -> str | None:
+    for entry in task.routing.get("chain", ()):
+        if entry.get("attempt") == number:
+            return str(entry["kind"])
+    if agent is not None:
+        return agent.kind
+    return task.kind

@@ -1,0 +1,318 @@
+"""PatternStore: every routing outcome, persisted in SQLite and indexed in memory.
+
+A decision must not scan past outcomes, so the store keeps *aggregates* in memory, rebuilt from
+the ``outcomes`` table when it opens: per (keyword, kind), per (exact keyword set, kind) and per
+kind, each a time-decayed count of outcomes and of their value (success x quality).
+
+Similarity of a past outcome P to a task's keywords Q is 1 when P and Q are the same set and
+``partial_match_weight x |P & Q| / |Q|`` otherwise. Summed over outcomes, that is exactly
+``(1 - partial) x exact(Q) + partial / |Q| x sum over k in Q of per_keyword(k)``, so the
+similarity-weighted evidence for a kind costs |Q| + 1 dictionary lookups, however many outcomes
+are stored.
+
+Time decay uses one reference time ``t0``: an outcome at time t is added with weight
+``2 ** ((t - t0) / half_life)``, and every total is read multiplied by
+``2 ** ((t0 - now) / half_life)``. Adding is O(1) and reading costs one power per decision;
+``t0`` moves forward (all aggregates rescaled) before weights grow too large for a float.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outcomes (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    category TEXT NOT NULL,
+    complexity TEXT NOT NULL,
+    keywords TEXT NOT NULL,         -- sorted, space-separated: also the exact-match signature
+    success INTEGER NOT NULL,
+    quality REAL NOT NULL,
+    duration_s REAL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value REAL NOT NULL
+);
+"""
+_INSERT = (
+    "INSERT INTO outcomes (at, kind, agent_id, category, complexity, keywords, success, quality,"
+    " duration_s) VALUES (?,?,?,?,?,?,?,?,?)"
+)
+#: Rescale the aggregates once the newest weight reaches 2**REBASE_EXPONENT.
+REBASE_EXPONENT = 64.0
+PRUNE_EVERY = 1000
+
+
+def signature(keywords: Iterable[str]) -> str:
+    """The exact-match key of a keyword set."""
+    return " ".join(sorted(set(keywords)))
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One finished attempt: which kind (and agent) did what kind of task, and how it went."""
+
+    keywords: tuple[str, ...]
+    kind: str
+    success: bool
+    agent_id: str = ""
+    category: str = "general"
+    complexity: str = "medium"
+    #: How good a success was, in [0, 1]; a failure is worth 0 whatever its quality.
+    quality: float = 1.0
+    duration_s: float | None = None
+    at: float = field(default_factory=time.time)
+
+    @property
+    def value(self) -> float:
+        return min(1.0, max(0.0, self.quality)) if self.success else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """Similarity- and decay-weighted outcomes of one kind for one set of keywords."""
+
+    weight: float  # sum of similarity x decay over matching outcomes
+    value: float  # the same, times each outcome's value
+    exact: float  # decay-weighted outcomes with exactly these keywords
+
+    def pattern(self, prior_weight: float) -> float:
+        """Centred success in (-1, 1): neutral (0) without evidence, towards +1 with successes
+        and towards -1 with failures; ``prior_weight`` neutral pseudo-outcomes damp small
+        samples."""
+        return (2.0 * self.value - self.weight) / (self.weight + prior_weight)
+
+    @property
+    def success_rate(self) -> float | None:
+        return self.value / self.weight if self.weight > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class KindSummary:
+    outcomes: float  # decay-weighted
+    success_rate: float
+    mean_duration_s: float | None
+
+
+#: (decayed outcomes, decayed value). Tuples of floats, not objects: the garbage collector
+#: stops tracking them (and dicts holding only them), so a few hundred thousand aggregates do
+#: not lengthen every full collection.
+_Stat = tuple[float, float]
+#: (outcomes, value, outcomes with a duration, sum of their durations), all decayed.
+_KindStat = tuple[float, float, float, float]
+
+
+class PatternStore:
+    """Outcomes in SQLite (``path=None``: in memory), aggregates in dictionaries."""
+
+    def __init__(
+        self,
+        path: Path | str | None = None,
+        *,
+        half_life_s: float = 7 * 86_400.0,
+        partial_match_weight: float = 0.5,
+        max_outcomes: int = 500_000,
+    ) -> None:
+        self.path = path
+        self.half_life_s = half_life_s
+        self.partial = partial_match_weight
+        self.max_outcomes = max_outcomes
+        target = ":memory:" if path is None else str(path)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._t0 = 0.0  # set by the first outcome
+        self._newest = 0.0
+        self._by_keyword: dict[str, dict[str, _Stat]] = {}
+        self._by_signature: dict[tuple[str, str], _Stat] = {}
+        self._by_kind: dict[str, _KindStat] = {}
+        self._count = 0
+        self._since_prune = 0
+        self._load()
+
+    def __len__(self) -> int:
+        return self._count
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def record(self, outcome: Outcome, *, counters: Mapping[str, float] | None = None) -> None:
+        """Persist one outcome (and, in the same transaction, the planner's counters)."""
+        self._db.execute("BEGIN")
+        try:
+            self._db.execute(_INSERT, _row(outcome))
+            if counters:
+                self._save_counters(counters)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._add(_canonical(outcome.keywords), outcome.kind, outcome.value, outcome.duration_s,
+                  outcome.at)
+        self._count += 1
+        self._since_prune += 1
+        if self._since_prune >= PRUNE_EVERY:
+            self._prune()
+
+    def record_many(self, outcomes: Iterable[Outcome]) -> None:
+        """Bulk import in one transaction (benchmarks, migrations)."""
+        batch = list(outcomes)
+        self._db.execute("BEGIN")
+        try:
+            self._db.executemany(_INSERT, [_row(o) for o in batch])
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        for o in batch:
+            self._add(_canonical(o.keywords), o.kind, o.value, o.duration_s, o.at)
+        self._count += len(batch)
+        self._prune()
+
+    def counters(self) -> dict[str, float]:
+        return {name: value for name, value in self._db.execute("SELECT name, value FROM counters")}
+
+    def save_counters(self, counters: Mapping[str, float]) -> None:
+        self._save_counters(counters)
+
+    def _save_counters(self, counters: Mapping[str, float]) -> None:
+        self._db.executemany(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            list(counters.items()),
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def evidence(
+        self, keywords: Sequence[str], kinds: Collection[str] | None = None, *, now: float
+    ) -> dict[str, Evidence]:
+        """Evidence per kind (only kinds with any) for distinct ``keywords``."""
+        if not keywords:
+            return {}
+        share = self.partial / len(keywords)
+        acc: dict[str, list[float]] = {}
+        for word in keywords:
+            per_kind = self._by_keyword.get(word)
+            if per_kind is None:
+                continue
+            for kind, stat in per_kind.items():
+                if kinds is not None and kind not in kinds:
+                    continue
+                totals = acc.get(kind)
+                if totals is None:
+                    acc[kind] = [stat[0] * share, stat[1] * share, 0.0]
+                else:
+                    totals[0] += stat[0] * share
+                    totals[1] += stat[1] * share
+        if not acc:
+            return {}
+        sig = signature(keywords)
+        rest = 1.0 - self.partial
+        for kind, totals in acc.items():
+            exact = self._by_signature.get((sig, kind))
+            if exact is not None:
+                totals[0] += exact[0] * rest
+                totals[1] += exact[1] * rest
+                totals[2] = exact[0]
+        f = self._decay(now)
+        return {kind: Evidence(t[0] * f, t[1] * f, t[2] * f) for kind, t in acc.items()}
+
+    def kinds(self, *, now: float) -> dict[str, KindSummary]:
+        f = self._decay(now)
+        return {
+            kind: KindSummary(
+                outcomes=n * f,
+                success_rate=v / n if n > 0 else 0.0,
+                mean_duration_s=dsum / dn if dn > 0 else None,
+            )
+            for kind, (n, v, dn, dsum) in self._by_kind.items()
+        }
+
+    # --- aggregates ---------------------------------------------------------------------------
+
+    def _decay(self, now: float) -> float:
+        # No outcome is fresher than now, even if the clock went back: weights stay <= 1, and
+        # the exponent <= 0 can underflow to 0 but never overflow.
+        now = max(now, self._newest)
+        return float(2.0 ** ((self._t0 - now) / self.half_life_s))
+
+    def _add(
+        self, keywords: list[str], kind: str, value: float, duration_s: float | None, at: float
+    ) -> None:
+        """Add one outcome; ``keywords`` must be distinct and sorted (see ``_canonical``)."""
+        if not self._by_kind:
+            self._t0 = self._newest = at
+        self._newest = max(self._newest, at)
+        exponent = (at - self._t0) / self.half_life_s
+        if exponent > REBASE_EXPONENT:
+            self._rebase(at)
+            exponent = 0.0
+        w = float(2.0**exponent)
+        wv = w * value
+        by_keyword = self._by_keyword
+        for word in keywords:
+            per_kind = by_keyword.get(word)
+            if per_kind is None:
+                per_kind = by_keyword[word] = {}
+            stat = per_kind.get(kind)
+            per_kind[kind] = (w, wv) if stat is None else (stat[0] + w, stat[1] + wv)
+        key = (" ".join(keywords), kind)
+        exact = self._by_signature.get(key)
+        self._by_signature[key] = (w, wv) if exact is None else (exact[0] + w, exact[1] + wv)
+        dn, dsum = (w, w * duration_s) if duration_s is not None else (0.0, 0.0)
+        n0, v0, dn0, dsum0 = self._by_kind.get(kind, (0.0, 0.0, 0.0, 0.0))
+        self._by_kind[kind] = (n0 + w, v0 + wv, dn0 + dn, dsum0 + dsum)
+
+    def _rebase(self, t0: float) -> None:
+        k = float(2.0 ** ((self._t0 - t0) / self.half_life_s))
+        self._by_keyword = {
+            word: {kind: (n * k, v * k) for kind, (n, v) in per_kind.items()}
+            for word, per_kind in self._by_keyword.items()
+        }
+        self._by_signature = {key: (n * k, v * k) for key, (n, v) in self._by_signature.items()}
+        self._by_kind = {kind: (n * k, v * k, dn * k, ds * k)
+                         for kind, (n, v, dn, ds) in self._by_kind.items()}
+        self._t0 = t0
+
+    def _load(self) -> None:
+        rows = self._db.execute(
+            "SELECT at, kind, keywords, success, quality, duration_s FROM outcomes ORDER BY id"
+        )
+        for at, kind, words, success, quality, duration in rows:
+            value = min(1.0, max(0.0, quality)) if success else 0.0
+            self._add(words.split(" ") if words else [], kind, value, duration, at)
+            self._count += 1
+
+    def _prune(self) -> None:
+        # The aggregates keep what was pruned until the next open; by then it has decayed.
+        self._since_prune = 0
+        if self._count <= self.max_outcomes:
+            return
+        self._db.execute(
+            "DELETE FROM outcomes WHERE id <= (SELECT MAX(id) FROM outcomes) - ?",
+            (self.max_outcomes,),
+        )
+        self._count = self._db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0]
+
+
+def _canonical(keywords: Iterable[str]) -> list[str]:
+    return sorted(set(keywords))
+
+
+def _row(o: Outcome) -> tuple[object, ...]:
+    return (o.at, o.kind, o.agent_id, o.category, o.complexity, signature(o.keywords),
+            int(o.success), o.quality, o.duration_s)

@@ -1,0 +1,183 @@
+"""Routing configuration: the vocabulary the analyser reads and the knobs of the planner.
+
+The vocabulary lives in YAML, not in code, so operators can teach the router their own kinds of
+agents. The package ships a default (``coordinator_agent/data/routing.yaml``);
+:func:`load_routing_config` reads it or a file of your own and turns every problem into one
+:class:`~coordinator_agent.exceptions.ConfigError` that names the offending field.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from .exceptions import ConfigError
+
+KindName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+def _lower_words(words: list[str]) -> list[str]:
+    cleaned = [w.strip().lower() for w in words]
+    if any(not w or any(ch.isspace() for ch in w) for w in cleaned):
+        raise ValueError("keywords must be single words")
+    return cleaned
+
+
+Words = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=64)]], AfterValidator(_lower_words)
+]
+
+
+class Complexity(enum.StrEnum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+
+class Balance(enum.StrEnum):
+    LEAST_LOADED = "least_loaded"
+    TWO_CHOICES = "two_choices"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KindSpec(_Model):
+    """One kind of agent: what it is for and which words point at it."""
+
+    description: str = ""
+    keywords: Words = []
+    complexity: list[Complexity] = Field(
+        default_factory=lambda: [Complexity.LOW, Complexity.MEDIUM, Complexity.HIGH],
+        min_length=1,
+    )
+
+
+class ComplexityHints(_Model):
+    high: Words = []
+    low: Words = []
+    #: Descriptions with at least this many keywords get one more hint towards "high".
+    long_description_keywords: int = Field(10, ge=1)
+
+
+class Urgency(_Model):
+    critical: Words = []
+    high: Words = []
+    low: Words = []
+
+
+class Weights(_Model):
+    base: float = Field(0.5, ge=0, le=1)
+    pattern: float = Field(0.4, ge=0, le=1)
+    domain: float = Field(0.2, ge=0, le=1)
+    complexity: float = Field(0.1, ge=0, le=1)
+    workload: float = Field(0.1, ge=0, le=1)
+
+
+class RetryPolicy(_Model):
+    #: Further attempts on the same kind before moving to the next alternative kind.
+    max_retries: int = Field(1, ge=0, le=20)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    #: Alternative kinds tried after the first one before escalating.
+    max_alternatives: int = Field(2, ge=0, le=20)
+
+
+class Learning(_Model):
+    #: An outcome weighs half as much after this long (time decay).
+    half_life_s: float = Field(7 * 86_400.0, gt=0)
+    #: Pseudo-outcomes of neutral evidence added to every estimate: unknown is neutral, and a
+    #: handful of outcomes cannot swing the pattern term to an extreme.
+    prior_weight: float = Field(2.0, gt=0)
+    #: Similarity of a past outcome whose keywords cover the task's but are not the same set,
+    #: scaled by the share of the task's keywords it has. An identical set has similarity 1.
+    partial_match_weight: float = Field(0.5, ge=0, le=1)
+    max_keywords: int = Field(12, ge=1, le=64)
+    max_description_chars: int = Field(4000, ge=16)
+    max_outcomes: int = Field(500_000, ge=100)
+
+
+class RoutingConfig(_Model):
+    """Everything the analyser and the planner read; see ``data/routing.yaml``."""
+
+    kinds: dict[KindName, KindSpec] = Field(min_length=1)
+    categories: dict[Annotated[str, Field(min_length=1, max_length=64)], Words] = {}
+    complexity: ComplexityHints = ComplexityHints()
+    urgency: Urgency = Urgency()
+    stopwords: Words = []
+    weights: Weights = Weights()
+    threshold: float = Field(0.6, ge=0, le=1)
+    fallback_kind: KindName = "general"
+    balance: Balance = Balance.LEAST_LOADED
+    retry: RetryPolicy = RetryPolicy()
+    learning: Learning = Learning()
+    #: How long a grouping of the fleet by kind (health, capacity) is reused between decisions
+    #: while the set of agent records stays the same. Loads are read live for the chosen kind
+    #: and the chosen agent is re-checked, so this only delays noticing an agent that became
+    #: healthy again (the coordinator's liveness sweep runs every 0.25 s anyway); 0 regroups
+    #: on every decision.
+    agent_snapshot_s: float = Field(0.25, ge=0, le=10)
+    #: Distinct kind labels in metrics; further kinds are counted as "other".
+    max_kind_labels: int = Field(50, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _backoff_cap(self) -> RoutingConfig:
+        if self.retry.backoff_max_s < self.retry.backoff_base_s:
+            raise ValueError("retry.backoff_max_s must be at least retry.backoff_base_s")
+        return self
+
+
+DEFAULT_RESOURCE = "routing.yaml"
+
+
+@functools.lru_cache(maxsize=1)
+def default_routing_config() -> RoutingConfig:
+    """The vocabulary shipped with the package (parsed once; treat it as read-only)."""
+    resource = resources.files("coordinator_agent").joinpath("data", DEFAULT_RESOURCE)
+    text = resource.read_text(encoding="utf-8")
+    return parse_routing_config(text, f"packaged {DEFAULT_RESOURCE}")
+
+
+def load_routing_config(path: Path | str | None = None) -> RoutingConfig:
+    """Read a routing config file, or the packaged default when ``path`` is None."""
+    if path is None:
+        return default_routing_config()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"routing config {path} does not exist") from exc
+    except OSError as exc:
+        raise ConfigError(f"routing config {path} cannot be read: {exc.strerror}") from exc
+    return parse_routing_config(text, str(path))
+
+
+def parse_routing_config(text: str, source: str = "<string>") -> RoutingConfig:
+    try:
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"routing config {source} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"routing config {source} must hold a mapping at the top level")
+    try:
+        return RoutingConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"routing config {source}: {problems}") from None
