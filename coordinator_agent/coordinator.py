@@ -36,8 +36,9 @@ from .keyring import Keyring
 from .liveness import AgentLiveness
 from .messaging import MessageHandler, coordinator_topology
 from .metrics import Metrics
-from .planner import CoordinationPlanner, Router, matches
+from .planner import CoordinationPlanner, FallbackAction, Router, matches
 from .registry import Episode, ServiceRegistry, registry_from_settings
+from .routing_config import load_routing_config
 from .security import AuthorizationManager, SecurityManager
 from .settings import Settings
 from .state import AgentRecord, StateManager
@@ -66,7 +67,10 @@ class CoordinatorAgent:
         self.keyring = keyring if keyring is not None else Keyring.load(settings.keyring_path)
         self.metrics = Metrics(registry)
         self.state = StateManager(TaskStore(settings.store_path), settings.liveness)
-        self.planner = CoordinationPlanner(settings.limits.max_in_flight_per_agent, router)
+        self.planner = CoordinationPlanner(
+            settings.limits.max_in_flight_per_agent, router,
+            config=load_routing_config(settings.routing_config),
+            store_path=settings.routing_store_path, metrics=self.metrics)
         self.workflows = WorkflowEngine(  # composite tasks: fan-out, steps, coalitions, races
             self.state, create_child=self._create_child, finish=self._finish, cancel=self.cancel,
             max_merged_bytes=merged_output_limit(settings.limits))
@@ -138,6 +142,7 @@ class CoordinatorAgent:
         await self._leave_registry()
         await self.monitoring.stop()
         self.state.store.close()
+        self.planner.close()
         self._stopped.set()
         if not drained:
             log.warning("stopped with messages still in progress; the broker redelivers them")
@@ -380,19 +385,31 @@ class CoordinatorAgent:
             agent.in_flight.discard(task.id)
         self.planner.record_outcome(task, agent, False)
         if outcome is AttemptOutcome.UNDELIVERABLE:
-            retry = task.undeliverable_attempts <= MAX_UNDELIVERABLE
+            delay = 0.0 if task.undeliverable_attempts <= MAX_UNDELIVERABLE else None
+            reason = "too many undeliverable assignments"
         else:
-            retry = self.planner.should_retry(task)
-        if retry:
-            task.move(TaskStatus.PENDING)
-            self.state.totals["retried"] += 1
-            self.metrics.task_retries.labels(outcome.value).inc()
-            self.state.save(task)
-            self._pending[task.id] = None
-            self._wake.set()
-        else:
+            # The fallback chain: retry the kind with backoff, then the next alternative kind.
+            step = self.planner.next_step(task, outcome)
+            delay = None if step.action is FallbackAction.ESCALATE else step.delay_s
+            reason = step.reason
+        if delay is None:
             chain = "; ".join(f"#{a.number} {a.agent_id}: {a.outcome}" for a in task.attempts)
-            self._finish(task, TaskStatus.FAILED, error=f"{error} (attempts: {chain})")
+            log.warning("task %s escalated: %s (attempts: %s)", task.id, reason, chain)
+            self._finish(task, TaskStatus.FAILED,
+                         error=f"{error}; escalated: {reason} (attempts: {chain})")
+            return
+        task.move(TaskStatus.PENDING)
+        self.state.totals["retried"] += 1
+        self.metrics.task_retries.labels(outcome.value).inc()
+        self.state.save(task)
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self._requeue, task.id)
+        else:
+            self._requeue(task.id)
+
+    def _requeue(self, task_id: str) -> None:
+        self._pending[task_id] = None
+        self._wake.set()
 
     def _abandon(self, task: TaskRecord, attempt: Attempt, outcome: AttemptOutcome) -> None:
         attempt.end(outcome)
@@ -460,6 +477,9 @@ class CoordinatorAgent:
                 self._pending.pop(task_id, None)
                 continue
             decision = self.planner.select(task, agents)
+            if self._hedge(task):
+                self._pending.pop(task_id, None)  # raced on two kinds (workflows.py)
+                continue
             if decision.agent is None:
                 if (decision.reason == "no_matching_agent"
                         and self.workflows.try_coalition(task, agents)):
@@ -468,6 +488,21 @@ class CoordinatorAgent:
             self._pending.pop(task_id, None)
             self._assign(task, decision.agent)
             free -= 1
+
+    def _hedge(self, task: TaskRecord) -> bool:
+        """Race a first attempt on the top two kinds when they score within the margin."""
+        hedge = self.planner.config.hedge
+        if not hedge.enabled or task.attempts or task.parent_id is not None or task.kind:
+            return False
+        routing = task.routing
+        alternatives = routing.get("alternatives") or []
+        top = routing.get("confidence")
+        if routing.get("kind") is None or top is None or not alternatives:
+            return False
+        runner_up = alternatives[0]
+        if top - float(runner_up.get("confidence", 0.0)) > hedge.margin:
+            return False
+        return self.workflows.hedge(task, [routing["kind"], runner_up["kind"]])
 
     def _assign(self, task: TaskRecord, agent: AgentRecord) -> None:
         now = time.time()
@@ -675,6 +710,7 @@ class CoordinatorAgent:
         await self.registry.close()
 
     def refresh_gauges(self) -> None:
+        self.planner.export_metrics()
         self.metrics.registry_up.set(1 if self.registry_state == "ok" else 0)
         cap = self.settings.limits.max_in_flight_per_agent
         in_flight: dict[str, int] = {}

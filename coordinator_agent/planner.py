@@ -520,8 +520,9 @@ class CoordinationPlanner:
 
         Retry the same kind up to ``retry.max_retries`` times with exponential backoff, then
         the next untried alternative of the recorded decision (at most
-        ``retry.max_alternatives``), then escalate. The task's own ``max_retries`` bounds the
-        whole chain. The next :meth:`select` honours the kind returned here.
+        ``retry.max_alternatives``); with no other kind allowed or left, the task's remaining
+        retries go to the same kind. The task's own ``max_retries`` bounds the whole chain;
+        when it is used up, escalate. The next :meth:`select` honours the kind returned here.
         """
         policy = self.config.retry
         routing = task.routing
@@ -543,11 +544,8 @@ class CoordinationPlanner:
             return self._step(task, FallbackAction.RETRY, kind, delay,
                               f"{outcome}: retry {retries + 1} of {policy.max_retries} on "
                               f"{kind!r}")
-        if task.kind is not None:
-            return self._escalate(task, f"{kind!r} failed {failures} times and the task "
-                                        "allows no other kind")
         tried = {entry.get("kind") for entry in routing.get("chain", ())}
-        if len(tried) - 1 < policy.max_alternatives:
+        if task.kind is None and len(tried) - 1 < policy.max_alternatives:
             for alternative in routing.get("alternatives", ()):
                 if alternative.get("kind") not in tried:
                     if self.metrics is not None:
@@ -555,8 +553,11 @@ class CoordinationPlanner:
                     return self._step(task, FallbackAction.ALTERNATIVE, alternative["kind"],
                                       0.0, f"{kind!r} failed {failures} times: next "
                                       f"alternative {alternative['kind']!r}")
-        return self._escalate(task, f"{kind!r} failed {failures} times and no alternative "
-                                    "kind is left")
+        # No other kind may or can take it: the task's own retries go to the same kind.
+        delay = min(policy.backoff_max_s, policy.backoff_base_s * 2.0**retries)
+        return self._step(task, FallbackAction.RETRY, kind, delay,
+                          f"{kind!r} failed {failures} times and no other kind is left: retry "
+                          f"({task.retries_left} left)")
 
     def _step(self, task: TaskRecord, action: FallbackAction, kind: str | None, delay: float,
               reason: str) -> FallbackStep:

@@ -111,6 +111,13 @@ class Learning(_Model):
     max_outcomes: int = Field(500_000, ge=100)
 
 
+class Hedge(_Model):
+    """Run the top two kinds at once when their confidences are this close (off by default)."""
+
+    enabled: bool = False
+    margin: float = Field(0.05, ge=0, le=1)
+
+
 class RoutingConfig(_Model):
     """Everything the analyser and the planner read; see ``data/routing.yaml``."""
 
@@ -124,6 +131,7 @@ class RoutingConfig(_Model):
     fallback_kind: KindName = "general"
     balance: Balance = Balance.LEAST_LOADED
     retry: RetryPolicy = RetryPolicy()
+    hedge: Hedge = Hedge()
     learning: Learning = Learning()
     #: How long a grouping of the fleet by kind (health, capacity) is reused between decisions
     #: while the set of agent records stays the same. Loads are read live for the chosen kind

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     #: Consul ACL token (never logged).
     registry_token: SecretStr | None = None
     registry: RegistrySettings = RegistrySettings()
+    #: Routing vocabulary, weights and policies (YAML); unset = the packaged default,
+    #: coordinator_agent/data/routing.yaml. Copy that file to customise it.
+    routing_config: Path | None = None
     monitoring_host: str = "127.0.0.1"
     monitoring_port: int = Field(9464, ge=0, le=65535)
     log_level: str = "INFO"
@@ -156,6 +159,11 @@ class Settings(BaseSettings):
     @property
     def store_path(self) -> Path:
         return self.data_dir / f"{self.name}.sqlite3"
+
+    @property
+    def routing_store_path(self) -> Path:
+        """Where the router's learned outcomes live (see docs/ROUTING.md for backups)."""
+        return self.data_dir / f"{self.name}.routing.sqlite3"
 
 
 class _YamlSource(PydanticBaseSettingsSource):

@@ -621,7 +621,7 @@ def test_fallback_chain_retry_then_alternative_then_escalate(clock: Clock) -> No
                      "max_alternatives: 1}")
     p = CoordinationPlanner(CAP, config=config, metrics=Metrics(registry), clock=clock)
     agents = _fleet(("security", "development", "cicd"), per_kind=3)
-    task = _task(CVE, max_retries=10)
+    task = _task(CVE, max_retries=7)
 
     steps = [_fail_current(p, task, agents, AttemptOutcome.FAILED) for _ in range(3)]
     assert [(s.action, s.kind) for s in steps] == [
@@ -635,10 +635,14 @@ def test_fallback_chain_retry_then_alternative_then_escalate(clock: Clock) -> No
     assert task.routing["kind"] == "development"
     assert task.routing["chain"][-1]["reason"] == "fallback_chain"
     assert step == FallbackStep(FallbackAction.RETRY, "development", 1.0, step.reason)
-    _fail_current(p, task, agents, AttemptOutcome.FAILED)
-    step = _fail_current(p, task, agents, AttemptOutcome.FAILED)
+    # No alternative is left (max_alternatives: 1): the rest of the task's budget (8
+    # attempts) goes to development, then the chain escalates.
+    rest = [_fail_current(p, task, agents, AttemptOutcome.FAILED) for _ in range(4)]
+    assert [(s.action, s.kind) for s in rest[:3]] == [(FallbackAction.RETRY, "development")] * 3
+    assert "no other kind is left" in rest[2].reason
+    step = rest[3]
     assert step.action is FallbackAction.ESCALATE and step.kind is None
-    assert "no alternative" in step.reason
+    assert "retries" in step.reason and len(task.attempts) == 8
     assert task.routing["escalated"] == step.reason
     assert registry.get_sample_value("coordinator_escalations_total") == 1
     assert registry.get_sample_value("coordinator_routing_fallbacks_total",
@@ -662,9 +666,11 @@ def test_explicit_kind_has_no_alternatives(planner: CoordinationPlanner) -> None
     task = _task(CVE, kind="security", max_retries=5)
     assert _fail_current(planner, task, agents, AttemptOutcome.FAILED).action is (
         FallbackAction.RETRY)
-    step = _fail_current(planner, task, agents, AttemptOutcome.FAILED)
-    assert step.action is FallbackAction.ESCALATE
-    assert "no other kind" in step.reason
+    steps = [_fail_current(planner, task, agents, AttemptOutcome.FAILED) for _ in range(5)]
+    # Never another kind: the task's own retries all go to security, then it escalates.
+    assert [(s.action, s.kind) for s in steps[:4]] == [(FallbackAction.RETRY, "security")] * 4
+    assert "no other kind" in steps[3].reason
+    assert steps[4].action is FallbackAction.ESCALATE
 
 
 def test_undeliverable_is_retried_at_once(planner: CoordinationPlanner) -> None:
