@@ -51,6 +51,8 @@ class MonitoringServer:
             web.post("/api/tasks", self.submit),
             web.get("/api/tasks", self.recent_tasks),
             web.get("/api/tasks/{task_id}", self.task),
+            web.get("/api/routing", self.routing),
+            web.get("/api/route", self.route),
         ])
         self.app = app
 
@@ -116,6 +118,23 @@ class MonitoringServer:
         except UnknownTask:
             return _error(404, "no such task")
         return _json(task.public_view())
+
+    async def routing(self, request: web.Request) -> web.Response:
+        """What the router has learned: accuracy, fallback rate, confidence, per-kind success."""
+        return _json(self.coordinator.planner.export_metrics())
+
+    async def route(self, request: web.Request) -> web.Response:
+        """Explain the decision for ``?description=`` (read-only: nothing is submitted)."""
+        description = request.query.get("description", "").strip()
+        if not description or len(description) > protocol.MAX_DESCRIPTION_CHARS:
+            return _error(400, "give ?description= (1 to "
+                          f"{protocol.MAX_DESCRIPTION_CHARS} characters)")
+        capabilities = [c for c in request.query.getall("capability", []) if c]
+        c = self.coordinator
+        explained = c.planner.explain(description, c.state.agents.values(),
+                                      kind=request.query.get("kind") or None,
+                                      required_capabilities=capabilities)
+        return _json(explained)
 
     async def submit(self, request: web.Request) -> web.Response:
         operator = self._operator(request)

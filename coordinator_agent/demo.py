@@ -34,10 +34,12 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 OPERATOR = "demo-operator"
+#: Agents of several kinds, so the router's choices show; every example agent can run every op.
 AGENT_PROFILES = [
-    ("general", "text,hash"),
+    ("development", "text,hash,sleep"),
+    ("security", "text,hash,sleep"),
+    ("cicd", "text,hash,sleep"),
     ("general", "text,hash,sleep"),
-    ("general", "text,sleep"),
 ]
 SENTENCES = [
     "The coordinator routes each task to the agent most likely to succeed.",
@@ -48,16 +50,19 @@ SENTENCES = [
 
 
 def demo_task(index: int) -> dict[str, Any]:
-    """Real, small work: text statistics, hash chains and short waits, in rotation."""
-    kind = index % 3
-    if kind == 0:
+    """Real, small work (text statistics, hash chains, short waits) described the way people
+    describe work, so the router sends each to the kind whose vocabulary it matches."""
+    turn = index % 3
+    if turn == 0:
         text = SENTENCES[index % len(SENTENCES)]
-        return {"description": f"text statistics #{index}",
+        return {"description": f"Refactor the payment module #{index}: code statistics",
                 "required_capabilities": ["text"], "input": {"op": "stats", "text": text}}
-    if kind == 1:
-        return {"description": f"hash chain #{index}", "required_capabilities": ["hash"],
+    if turn == 1:
+        return {"description": f"Scan dependencies for CVE-2024-{1000 + index} vulnerability",
+                "required_capabilities": ["hash"],
                 "input": {"op": "hash", "data": f"block-{index}", "rounds": 2000}}
-    return {"description": f"short wait #{index}", "required_capabilities": ["sleep"],
+    return {"description": f"Deploy release 2.{index} to staging",
+            "required_capabilities": ["sleep"],
             "input": {"op": "sleep", "seconds": round(random.uniform(0.05, 0.3), 3)}}
 
 
@@ -170,10 +175,13 @@ async def _batch(
     for future in pending:
         future.cancel()
     per_agent: dict[str, int] = {}
+    per_kind: dict[str, int] = {}
     for result in results:
         if result.status == "succeeded" and result.attempts:
             agent = result.attempts[-1].agent_id
             per_agent[agent] = per_agent.get(agent, 0) + 1
+            kind = _routed_kind(coordinator, result.task_id)
+            per_kind[kind] = per_kind.get(kind, 0) + 1
     duration = time.monotonic() - started
     succeeded = sum(r.status == "succeeded" for r in results)
     return {
@@ -185,8 +193,14 @@ async def _batch(
         "duration_s": round(duration, 3),
         "tasks_per_s": round(tasks / duration, 1) if duration else None,
         "per_agent": dict(sorted(per_agent.items())),
+        "per_kind": dict(sorted(per_kind.items())),
         "retried": coordinator.state.totals["retried"],
     }
+
+
+def _routed_kind(coordinator: CoordinatorAgent, task_id: str) -> str:
+    task = coordinator.state.find_task(task_id)
+    return str(task.routing.get("kind", "-")) if task is not None else "-"
 
 
 async def _trickle(coordinator: CoordinatorAgent, client: CoordinatorClient, rate: float) -> None:
@@ -203,7 +217,8 @@ async def _trickle(coordinator: CoordinatorAgent, client: CoordinatorClient, rat
         with contextlib.suppress(TimeoutError):
             done = await client.wait(task_id, 120)
             agent = done.attempts[-1].agent_id if done.attempts else "-"
-            print(f"{task_id[:8]} {done.status:<9} on {agent:<13} "
+            kind = _routed_kind(coordinator, task_id)
+            print(f"{task_id[:8]} {done.status:<9} {kind:<12} on {agent:<13} "
                   f"{json.dumps(done.output)[:70] if done.output is not None else done.error}",
                   flush=True)
 

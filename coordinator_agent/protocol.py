@@ -28,7 +28,8 @@ from .exceptions import ProtocolError
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")]
 Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 ShortText = Annotated[str, Field(max_length=1024)]
-Description = Annotated[str, Field(min_length=1, max_length=8192)]
+MAX_DESCRIPTION_CHARS = 8192
+Description = Annotated[str, Field(min_length=1, max_length=MAX_DESCRIPTION_CHARS)]
 Labels = Annotated[list[Label], Field(max_length=64)]
 
 

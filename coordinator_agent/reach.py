@@ -1,0 +1,112 @@
+"""Reaching the services from the CLI, and saying what to do when we cannot.
+
+The monitoring API is read with the standard library (no event loop for a one-shot GET);
+every URL shown to the user goes through ``mask_url`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import urlsplit
+
+from .exceptions import ConfigError, CoordinatorError, TransportError
+from .settings import Settings
+
+
+def describe_error(exc: BaseException) -> str:
+    """A few words for an operator: ``connection refused``, not ``[Errno 111] ...``."""
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        if not isinstance(exc.reason, BaseException):
+            return str(exc.reason)
+        exc = exc.reason
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return "cannot resolve the host name"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    return str(exc) or type(exc).__name__
+
+
+def require_broker(url: str, timeout: float = 3.0) -> None:
+    """Fail fast, and helpfully, when nothing listens where the broker should be.
+
+    Only for interactive commands: ``run`` and ``worker`` keep retrying instead, because in a
+    container or at boot the broker may simply come up a little later.
+    """
+    from .messaging import mask_url
+
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    except ValueError:
+        raise ConfigError(f"broker URL {mask_url(url)} has an invalid port") from None
+    try:
+        with socket.create_connection((parts.hostname or "localhost", port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise TransportError(
+            f"cannot reach RabbitMQ at {mask_url(url)} ({describe_error(exc)}) — start it with "
+            "`make services`, or point --broker-url / COORDINATOR_BROKER_URL at a running broker"
+        ) from None
+
+
+def monitoring_url(args: argparse.Namespace, settings: Settings) -> str:
+    if args.url:
+        return str(args.url).rstrip("/")
+    host = settings.monitoring_host
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - listening everywhere; talk to loopback
+        host = "127.0.0.1"
+    return f"http://{host}:{settings.monitoring_port}"
+
+
+def origin(url: str) -> str:
+    from .messaging import mask_url
+
+    parts = urlsplit(url)
+    return mask_url(f"{parts.scheme}://{parts.netloc}")
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, Any]:
+    """GET a JSON document from the monitoring API: (HTTP status, body)."""
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise ConfigError(f"{origin(url)} is not an http(s) URL — check --url / COORDINATOR_URL")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+            code, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        code, raw = exc.code, exc.read()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise CoordinatorError(
+            f"cannot reach the coordinator's monitoring API at {origin(url)} "
+            f"({describe_error(exc)}) — is `coordinator-agent run` running? "
+            "(--url or COORDINATOR_URL say where it listens)"
+        ) from None
+    try:
+        return code, json.loads(raw or b"{}")
+    except ValueError:
+        raise CoordinatorError(
+            f"{origin(url)} answered {urlsplit(url).path} with HTTP {code} but no JSON — "
+            "does --url / COORDINATOR_URL point at the coordinator's monitoring port?"
+        ) from None
+
+
+def api_get(base: str, path: str) -> Any:
+    """A GET that must succeed (the read-only API answers 200 or something is wrong)."""
+    code, body = http_get(base + path)
+    if code != 200:
+        detail = body.get("error") if isinstance(body, dict) else None
+        raise CoordinatorError(
+            f"the coordinator at {origin(base)} answered {path} with HTTP {code}"
+            f"{f' ({detail})' if detail else ''} — is it the same version as this command?"
+        )
+    return body

@@ -1,0 +1,66 @@
+"""`coordinator-agent route` and `routing`: explanations a person and a script can read."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordinator_agent.routing_cli import route_explanation, routing_summary
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {"COORDINATOR_CONFIG": str(cwd / "empty.yaml"), "COORDINATOR_DATA_DIR": str(cwd),
+           "COORDINATOR_MONITORING_PORT": "1", "PATH": "/usr/bin:/bin"}
+    (cwd / "empty.yaml").write_text("{}\n")
+    return subprocess.run([sys.executable, "-m", "coordinator_agent", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(("description", "kind"), [
+    ("Scan repository for CVE-2024-12345 vulnerability", "security"),
+    ("Deploy release 2.3 to staging", "cicd"),
+    ("Refactor the payment module", "development"),
+])
+def test_route_explains_offline_from_the_configuration(
+    tmp_path: Path, description: str, kind: str
+) -> None:
+    done = run_cli("route", description, "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    explained = json.loads(done.stdout)
+    assert explained["kind"] == kind
+    assert explained["source"].startswith("local")
+    assert set(explained["kinds"][kind]["parts"]) >= {"pattern", "domain", "complexity",
+                                                      "workload"}
+    # Nobody listens on port 1: it says so, and carries on without the coordinator.
+    assert "cannot reach the coordinator" in done.stderr
+
+
+def test_route_table_names_kind_agent_and_reason() -> None:
+    text = route_explanation({
+        "analysis": {"keywords": ["deploy"], "category": "operation", "complexity": "low",
+                     "urgency": "normal", "domains": ["cicd"]},
+        "kinds": {"cicd": {"confidence": 0.8, "parts": {"pattern": 0.1, "domain": 1.0,
+                                                        "complexity": 1.0, "workload": 0.0}},
+                  "general": {"confidence": 0.6, "parts": {}}},
+        "kind": "cicd", "agent": "cicd-1", "reason": "confident", "threshold": 0.6,
+        "source": "coordinator",
+    })
+    lines = text.splitlines()
+    assert lines.index(next(ln for ln in lines if ln.startswith("cicd"))) < lines.index(
+        next(ln for ln in lines if ln.startswith("general")))
+    assert "kind       cicd -> agent cicd-1" in text and "+0.100" in text
+
+
+def test_routing_summary_with_and_without_history() -> None:
+    assert "(nothing learned yet)" in routing_summary({})
+    text = routing_summary({"decisions": 10, "accuracy": 0.9, "first_tries": 10,
+                            "first_try_successes": 9, "fallback_rate": 0.1,
+                            "average_confidence": 0.72, "outcomes_stored": 12,
+                            "kinds": {"security": {"success_rate": 0.75, "outcomes": 4,
+                                                   "mean_duration_s": 0.5}}})
+    assert "first-try success 90.0% (9/10)" in text and "fallback rate 10.0%" in text
+    assert "security" in text and "75.0%" in text
