@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
+from prometheus_client import CollectorRegistry
 
 from coordinator_agent.client import CoordinatorClient
 from coordinator_agent.coordinator import CoordinatorAgent
+from coordinator_agent.keyring import Keyring
+from coordinator_agent.settings import Settings
 from coordinator_agent.worker import TaskContext
 
 from .conftest import StartWorker
@@ -132,3 +138,35 @@ async def test_a_timed_out_agents_task_falls_back_to_the_next_kind(
     assert routing["chain"][2]["reason"] == "fallback_chain"
     assert coordinator.metrics.registry.get_sample_value(
         "coordinator_routing_fallbacks_total", {"reason": "alternative"}) == 1
+
+
+async def test_hedge_races_the_top_two_kinds_and_keeps_the_first_good_result(
+    settings: Settings, keyring: Keyring, start_worker: StartWorker, client: CoordinatorClient,
+    cleanup_namespace: None, tmp_path: Path,
+) -> None:
+    config = yaml.safe_load(files("coordinator_agent").joinpath("data/routing.yaml").read_text())
+    config["hedge"] = {"enabled": True, "margin": 1.0}  # every decision is "close"
+    (tmp_path / "routing.yaml").write_text(yaml.safe_dump(config))
+    hedged = settings.model_copy(update={"routing_config": tmp_path / "routing.yaml"})
+    coordinator = CoordinatorAgent(hedged, keyring, registry=CollectorRegistry())
+    await coordinator.start()
+    try:
+        async def slow_scanner(task: TaskContext) -> Any:
+            await asyncio.sleep(3)
+            return "slow"
+
+        await start_worker("agent-1", "development")
+        await start_worker("agent-2", "security", handler=slow_scanner)
+        await wait_until(lambda: len(coordinator.state.agents) == 2, 5, "two agents")
+        task_id = await client.submit(CVE, input={"op": "echo", "value": "fast"})
+        result = await client.wait(task_id, 10)
+        parent = coordinator.state.get_task(task_id)
+        children = [coordinator.state.get_task(c) for c in parent.child_ids]
+    finally:
+        await coordinator.stop()
+    assert result.status == "succeeded"
+    assert {c.kind for c in children} == {"security", "development"}
+    winner = next(c for c in children if c.status.value == "succeeded")
+    assert winner.kind == "development" and result.output == winner.output
+    loser = next(c for c in children if c is not winner)
+    assert loser.status.value == "cancelled"
