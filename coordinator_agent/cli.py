@@ -92,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--capability", action="append", default=None,
                         help="required capability, repeatable "
                         "[COORDINATOR_TASK_CAPABILITIES, comma-separated]")
+    submit.add_argument("--subtask", action="append", default=[], metavar="DESCRIPTION",
+                        help="fan out: one sub-task per use, run in parallel and merged "
+                        "[COORDINATOR_TASK_SUBTASKS, one per line]")
+    submit.add_argument("--step", action="append", default=[], metavar="DESCRIPTION",
+                        help="a sequential step; each step's output feeds the next "
+                        "[COORDINATOR_TASK_STEPS, one per line]")
+    submit.add_argument("--spec", default=_env("COORDINATOR_TASK_SPEC"), metavar="JSON",
+                        help="more task.submit fields as a JSON object, e.g. '{\"subtasks\": "
+                        "[...], \"on_subtask_error\": \"skip\"}' (see docs/PROTOCOL.md) "
+                        "[COORDINATOR_TASK_SPEC]")
     submit.add_argument("--input", default=_env("COORDINATOR_TASK_INPUT"),
                         help="task input as JSON, e.g. '{\"op\": \"hash\"}' "
                         "[COORDINATOR_TASK_INPUT]")
@@ -305,6 +315,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--input is not valid JSON: {exc.msg}") from None
     capabilities = args.capability or _csv(_env("COORDINATOR_TASK_CAPABILITIES"))
+    fields = composite_fields(args)
     keyring = Keyring.load(settings.keyring_path)
     principal = operator_id(keyring, args.principal)
     require_broker(settings.broker_url.get_secret_value())
@@ -313,7 +324,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         async with CoordinatorClient(settings, keyring, principal) as c:
             task_id = await c.submit(
                 args.description, kind=args.kind, required_capabilities=capabilities,
-                input=task_input, timeout_s=args.timeout, task_id=args.task_id,
+                input=task_input, timeout_s=args.timeout, task_id=args.task_id, **fields,
             )
             if not args.wait:
                 _print(args, {"task_id": task_id, "status": "submitted"}, f"submitted {task_id}")
@@ -334,6 +345,39 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         print(f"coordinator-agent: no result within {args.wait_timeout:g}s "
               "(the task goes on; look it up with GET /api/tasks/ID)", file=sys.stderr)
         return 3
+
+
+def composite_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """--spec, --subtask and --step as task.submit fields, checked before anything is sent."""
+    from pydantic import ValidationError
+
+    from . import protocol
+
+    fields: dict[str, Any] = {}
+    if args.spec:
+        try:
+            fields = json.loads(args.spec)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--spec is not valid JSON: {exc.msg}") from None
+        if not isinstance(fields, dict):
+            raise ConfigError("--spec must be a JSON object of task.submit fields")
+    subtasks = args.subtask or _lines(_env("COORDINATOR_TASK_SUBTASKS"))
+    steps = args.step or _lines(_env("COORDINATOR_TASK_STEPS"))
+    if subtasks:
+        fields["subtasks"] = [{"description": d} for d in subtasks]
+    if steps:
+        fields["steps"] = [{"description": d} for d in steps]
+    try:
+        protocol.TaskSubmit(description=args.description, **fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'task'}: {e['msg']}"
+                             for e in exc.errors(include_url=False, include_input=False))
+        raise ConfigError(f"invalid task: {problems}") from None
+    return fields
+
+
+def _lines(value: str | None) -> list[str]:
+    return [line.strip() for line in (value or "").splitlines() if line.strip()]
 
 
 def _describe_result(result: dict[str, Any]) -> str:

@@ -108,3 +108,34 @@ async def test_submit_wait_from_the_command_line(
                                "--wait", "--principal", OPERATOR)
     assert code == 1
     assert ": failed" in out.splitlines()[0] and "error: " in out
+
+
+async def test_fan_out_and_steps_from_the_command_line(
+    coordinator: CoordinatorAgent, start_worker: StartWorker, settings: Settings,
+) -> None:
+    await start_worker("agent-1", "general")
+    await start_worker("agent-2", "general")
+    code, out, err = await cli(settings, "submit", "three counts", "--subtask", "one two",
+                               "--subtask", "three four five", "--subtask", "six",
+                               "--wait", "--json", "--principal", OPERATOR)
+    assert code == 0, err
+    merged = json.loads(out)["output"]
+    assert [r["output"]["words"] for r in merged["results"]] == [2, 3, 1]
+
+    code, out, err = await cli(settings, "submit", "chain", "--step", "alpha beta",
+                               "--step", "gamma", "--wait", "--json", "--principal", OPERATOR)
+    assert code == 0, err
+    chained = json.loads(out)["output"]
+    assert [s["status"] for s in chained["steps"]] == ["succeeded", "succeeded"]
+
+    spec = {"steps": [{"description": "alpha beta"},
+                      {"description": "digest of step 1", "input": {"op": "hash"}}],
+            "max_retries": 0}
+    code, out, err = await cli(settings, "submit", "chain", "--spec", json.dumps(spec),
+                               "--wait", "--json", "--principal", OPERATOR)
+    assert code == 0, err
+    assert len(json.loads(out)["output"]["steps"]) == 2
+
+    code, out, err = await cli(settings, "submit", "bad", "--subtask", "a", "--step", "b",
+                               "--principal", OPERATOR)
+    assert code != 0 and "mutually exclusive" in err
