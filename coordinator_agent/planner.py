@@ -4,8 +4,8 @@ A decision, cheapest step first:
 
 1. Hard constraints (explicit ``kind``, ``required_capabilities``) filter the agents; the healthy
    ones (``AgentRecord.assignable``) are grouped by kind with their load. The grouping is reused
-   for ``agent_snapshot_s`` while the agent records stay the same (see ``_Fleet``), so a decision
-   does not walk a thousand agents.
+   for ``agent_snapshot_s`` while the agent records stay the same (see ``fleet.py``), so a
+   decision does not walk a thousand agents.
 2. The description is analysed (``analysis.py``) and every kind with a healthy agent is scored::
 
        confidence = base + w_pattern * pattern + w_domain * domain
@@ -22,9 +22,9 @@ A decision, cheapest step first:
 3. The best kind is taken when its confidence reaches ``threshold``; otherwise the configured
    fallback kind, when it has a healthy agent. The other kinds, best first, are the alternatives
    that :meth:`CoordinationPlanner.next_step` walks through when attempts fail.
-4. Within the kind: least loaded (or power of two choices) among healthy agents with a free slot,
-   preferring agents that have not already failed this task. A busy kind is waited for rather
-   than replaced by a worse one: its load already counts in its confidence.
+4. Within the kind (``fleet.py``): least loaded (or power of two choices) among healthy agents
+   with a free slot, preferring agents that have not already failed this task. A busy kind is
+   waited for rather than replaced by a worse one: its load already counts in its confidence.
 
 Everything the decision used is written to ``task.routing`` (JSON-able) for operators.
 """
@@ -32,7 +32,6 @@ Everything the decision used is written to ``task.routing`` (JSON-able) for oper
 from __future__ import annotations
 
 import enum
-import operator
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,9 +40,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .analysis import TaskAnalysis, TaskAnalyzer
+from .fleet import Fleet, Pool, pick
 from .metrics import Metrics
 from .patterns import Outcome, PatternStore
-from .routing_config import Balance, Complexity, RoutingConfig, default_routing_config
+from .routing_config import Complexity, RoutingConfig, default_routing_config
 from .state import AgentRecord
 from .tasks import Attempt, AttemptOutcome, TaskRecord
 
@@ -118,99 +118,6 @@ class FallbackStep:
     reason: str
 
 
-class _Pool:
-    """Healthy agents of one kind that pass the hard constraints, as (agent, capacity)."""
-
-    __slots__ = ("capacity", "entries", "used")
-
-    def __init__(self) -> None:
-        self.entries: list[tuple[AgentRecord, int]] = []
-        self.capacity = 0
-        self.used = 0  # refreshed whenever the kind is picked from
-
-    @property
-    def workload(self) -> float:
-        return self.used / self.capacity if self.capacity else 1.0
-
-
-class _Fleet:
-    """The agents grouped by kind at one moment, and the pools per hard constraint.
-
-    Grouping a thousand agents costs more than the rest of a decision, so it is reused for
-    ``agent_snapshot_s`` while the set of agent records stays the same. What it can get wrong
-    is bounded: loads are re-read live for the chosen kind, and the chosen agent is checked
-    live before it is returned.
-    """
-
-    __slots__ = ("by_kind", "members", "taken_at", "views")
-
-    def __init__(self, members: list[AgentRecord], taken_at: float, cap: int) -> None:
-        self.members = members
-        self.taken_at = taken_at
-        by_kind: dict[str, list[tuple[AgentRecord, int, bool]]] = {}
-        pools: dict[str, _Pool] = {}  # the view without constraints, built in the same pass
-        for agent in members:
-            kind = agent.kind
-            group = by_kind.get(kind)
-            if group is None:
-                group = by_kind[kind] = []
-            limit = agent.max_concurrency
-            capacity = limit if limit < cap else cap
-            healthy = agent.assignable
-            group.append((agent, capacity, healthy))
-            if healthy:
-                pool = pools.get(kind)
-                if pool is None:
-                    pool = pools[kind] = _Pool()
-                used = len(agent.in_flight)
-                pool.entries.append((agent, capacity))
-                pool.capacity += capacity
-                pool.used += used if used < capacity else capacity
-        self.by_kind = by_kind
-        self.views: dict[tuple[str | None, frozenset[str]], tuple[dict[str, _Pool], bool]] = {
-            (None, frozenset()): (pools, bool(members)),
-        }
-
-    def same_members(self, members: list[AgentRecord]) -> bool:
-        old = self.members
-        return len(old) == len(members) and all(map(operator.is_, old, members))
-
-    def view(self, kind: str | None, caps: frozenset[str]) -> tuple[dict[str, _Pool], bool]:
-        """(pools by kind, whether any agent at all passes the constraints)."""
-        key = (kind, caps)
-        found = self.views.get(key)
-        if found is None:
-            found = self.views[key] = self._build(kind, caps)
-        return found
-
-    def _build(self, kind: str | None, caps: frozenset[str]) -> tuple[dict[str, _Pool], bool]:
-        if kind is not None and not caps:
-            base = self.views[(None, frozenset())][0]
-            pool = base.get(kind)
-            return ({kind: pool} if pool is not None else {}), kind in self.by_kind
-        if kind is None:
-            groups = list(self.by_kind.items())
-        else:
-            groups = [(kind, self.by_kind.get(kind, []))]
-        pools: dict[str, _Pool] = {}
-        able = False
-        for name, group in groups:
-            for agent, capacity, healthy in group:
-                if caps and not agent.capabilities.issuperset(caps):
-                    continue
-                able = True
-                if not healthy:
-                    continue
-                pool = pools.get(name)
-                if pool is None:
-                    pool = pools[name] = _Pool()
-                used = len(agent.in_flight)
-                pool.entries.append((agent, capacity))
-                pool.capacity += capacity
-                pool.used += used if used < capacity else capacity
-        return pools, able
-
-
 @dataclass(frozen=True, slots=True)
 class _Plan:
     analysis: TaskAnalysis
@@ -253,7 +160,7 @@ class CoordinationPlanner:
             kind: frozenset(spec.complexity) for kind, spec in self.config.kinds.items()
         }
         self._labels: set[str] = set(self.config.kinds) | {self.config.fallback_kind}
-        self._fleet_cache: _Fleet | None = None
+        self._fleet_cache: Fleet | None = None
         stored = self.store.counters()
         self._counters: dict[str, float] = {name: stored.get(name, 0.0) for name in _COUNTERS}
         self._unsaved = False  # decisions counted since the counters were last written
@@ -316,12 +223,12 @@ class CoordinationPlanner:
         scores.sort(key=lambda s: (-round(s.raw, 9), s.kind != fallback, s.kind))
         return scores
 
-    def _fleet(self, members: list[AgentRecord]) -> _Fleet:
+    def _fleet(self, members: list[AgentRecord]) -> Fleet:
         now = time.monotonic()
         fleet = self._fleet_cache
         if (fleet is None or now - fleet.taken_at > self.config.agent_snapshot_s
                 or not fleet.same_members(members)):
-            fleet = self._fleet_cache = _Fleet(members, now, self.in_flight_cap)
+            fleet = self._fleet_cache = Fleet(members, now, self.in_flight_cap)
         return fleet
 
     def _plan(self, task: TaskRecord, analysis: TaskAnalysis,
@@ -352,62 +259,13 @@ class CoordinationPlanner:
                      f"{threshold:.2f}, and the fallback kind {fallback!r} has no healthy "
                      f"agent: best kind taken")
 
-    def _pick(self, task: TaskRecord, kind: str, pool: _Pool) -> AgentRecord | None:
-        """An agent of the pool with a free slot, checked live; None when all are busy."""
-        cap = self.in_flight_cap
-        caps = task.required_capabilities
-        while pool.entries:
-            agent = self._choose(task, pool)
-            if agent is None:
-                return None
-            if (agent.kind == kind and agent.assignable and agent.free_slots(cap) > 0
-                    and agent.capabilities.issuperset(caps)):
-                return agent
-            # The grouping is stale (an agent fell ill, changed kind, or shrank): drop what is
-            # stale in this pool now, and regroup the fleet at the next decision.
+    def _pick(self, task: TaskRecord, kind: str, pool: Pool) -> AgentRecord | None:
+        """An agent of the pool (see ``fleet.pick``); a stale grouping is regrouped next time."""
+        agent, stale = pick(task, kind, pool, cap=self.in_flight_cap,
+                            balance=self.config.balance, rng=self._rng)
+        if stale:
             self._fleet_cache = None
-            pool.entries = [(a, c) for a, c in pool.entries
-                            if a is not agent and a.kind == kind and a.assignable]
-        return None
-
-    def _choose(self, task: TaskRecord, pool: _Pool) -> AgentRecord | None:
-        entries = pool.entries
-        tried: set[str] = set()
-        if task.attempts:
-            tried = {a.agent_id for a in task.attempts if a.outcome is not AttemptOutcome.SUCCEEDED}
-        if self.config.balance is Balance.TWO_CHOICES and not tried and len(entries) > 2:
-            for _ in range(4):  # a full agent in the sample: draw again, then scan
-                (a, cap_a), (b, cap_b) = self._rng.sample(entries, 2)
-                load_a, load_b = len(a.in_flight) / cap_a, len(b.in_flight) / cap_b
-                if load_a < 1.0 or load_b < 1.0:
-                    if load_a == load_b:
-                        return a if self._rng.random() < 0.5 else b
-                    return a if load_a < load_b else b
-        # Least loaded, live; agents that already failed this task only if nobody else is free.
-        best: list[AgentRecord] = []
-        best_load = 2.0
-        spare: AgentRecord | None = None
-        total = 0
-        for agent, capacity in entries:
-            used = len(agent.in_flight)
-            if used >= capacity:
-                total += capacity
-                continue
-            total += used
-            if tried and agent.id in tried:
-                if spare is None:
-                    spare = agent
-                continue
-            load = used / capacity
-            if load < best_load:
-                best_load = load
-                best = [agent]
-            elif load == best_load:
-                best.append(agent)
-        pool.used = total
-        if not best:
-            return spare
-        return best[0] if len(best) == 1 else self._rng.choice(best)
+        return agent
 
     def _record_decision(
         self, task: TaskRecord, plan: _Plan, agent: AgentRecord, candidates: int
@@ -591,12 +449,12 @@ class CoordinationPlanner:
             "threshold": self.config.threshold, "kinds": {}, "kind": None,
             "fallback_used": False, "reason": "", "alternatives": [],
         }
-        pools: dict[str, _Pool] | None = None
+        pools: dict[str, Pool] | None = None
         if agents is None:
             names = [kind] if kind else [*self.config.kinds, self.config.fallback_kind]
             workloads = dict.fromkeys(names, 0.0)
         else:
-            fleet = _Fleet(list(agents), time.monotonic(), self.in_flight_cap)
+            fleet = Fleet(list(agents), time.monotonic(), self.in_flight_cap)
             pools, able = fleet.view(kind, frozenset(required_capabilities))
             workloads = {k: p.workload for k, p in pools.items()}
             result["agent"] = None

@@ -13,18 +13,12 @@ import pytest
 from pydantic import ValidationError
 
 from coordinator_agent import protocol
-from coordinator_agent.exceptions import PlanningError, ProtocolError
-from coordinator_agent.settings import Liveness
-from coordinator_agent.state import AgentRecord, StateManager
-from coordinator_agent.store import TaskStore
-from coordinator_agent.tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
-from coordinator_agent.workflows import (
+from coordinator_agent.composition import (
     Action,
     Child,
     ChildResult,
     ChildStatus,
     ErrorPolicy,
-    WorkflowEngine,
     child_id,
     coalition_cover,
     combine,
@@ -33,6 +27,12 @@ from coordinator_agent.workflows import (
     step_input,
     to_start,
 )
+from coordinator_agent.exceptions import PlanningError, ProtocolError
+from coordinator_agent.settings import Liveness
+from coordinator_agent.state import AgentRecord, StateManager
+from coordinator_agent.store import TaskStore
+from coordinator_agent.tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
+from coordinator_agent.workflows import WorkflowEngine
 
 # --- a stand-in for the coordinator's side of the engine --------------------------------------
 
