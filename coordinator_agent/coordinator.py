@@ -23,11 +23,10 @@ from prometheus_client import CollectorRegistry
 from . import constants as c
 from . import protocol
 from .api import MonitoringServer
+from .discovery import RegistryWatcher
 from .exceptions import (
     AuthorizationError,
     ConfigError,
-    DiscoveryError,
-    NotRegistered,
     SubmissionRefused,
     TransportError,
     Unroutable,
@@ -37,7 +36,7 @@ from .liveness import AgentLiveness
 from .messaging import MessageHandler, coordinator_topology
 from .metrics import Metrics
 from .planner import CoordinationPlanner, FallbackAction, Router, matches
-from .registry import Episode, ServiceRegistry, registry_from_settings
+from .registry import ServiceRegistry, registry_from_settings
 from .routing_config import load_routing_config
 from .security import AuthorizationManager, SecurityManager
 from .settings import Settings
@@ -99,9 +98,12 @@ class CoordinatorAgent:
         self.accepting = False
         self.monitoring = MonitoringServer(self, settings.monitoring_host, settings.monitoring_port)
         #: Consul, or None: discovery by AMQP announcements alone.
-        self.registry = (service_registry if service_registry is not None
-                         else registry_from_settings(settings))
-        self._registry_episode = Episode("service registry")
+        registry_ = (service_registry if service_registry is not None
+                     else registry_from_settings(settings))
+        #: Consul, or None: discovery by AMQP announcements alone.
+        self.discovery = None if registry_ is None else RegistryWatcher(
+            registry_, settings, self.state, self.metrics, health_url=self._health_url,
+            bury=self._bury, wake=self._wake.set)
 
     def __repr__(self) -> str:
         return f"CoordinatorAgent(name={self.settings.name!r})"
@@ -117,8 +119,8 @@ class CoordinatorAgent:
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
             asyncio.create_task(self._sweep_loop(), name="sweep"),
         ]
-        if self.registry is not None:
-            self._loops.append(asyncio.create_task(self._registry_loop(), name="registry"))
+        if self.discovery is not None:
+            self._loops.append(asyncio.create_task(self.discovery.run(), name="registry"))
         self._wake.set()
         log.info("coordinator %s started (broker %s)", self.settings.name,
                  self.messages.url_for_display)
@@ -139,7 +141,8 @@ class CoordinatorAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
         await self.messages.close()
-        await self._leave_registry()
+        if self.discovery is not None:
+            await self.discovery.leave()  # last: Consul stops sending us its health checks
         await self.monitoring.stop()
         self.state.store.close()
         self.planner.close()
@@ -155,10 +158,7 @@ class CoordinatorAgent:
     @property
     def registry_state(self) -> str:
         """``disabled`` (no registry configured), ``ok`` or ``degraded`` (unreachable)."""
-        if self.registry is None:
-            return "disabled"
-        return "degraded" if self._registry_episode.degraded or not self.state.registry_trusted \
-            else "ok"
+        return "disabled" if self.discovery is None else self.discovery.health
 
     def _restore(self) -> None:
         """Carry on with what a previous run (perhaps killed) left open."""
@@ -651,8 +651,6 @@ class CoordinatorAgent:
     def _could_ever_run(task: TaskRecord, agent: AgentRecord) -> bool:
         return agent.liveness is not AgentLiveness.DEAD and matches(task, agent)
 
-    # --- the service registry -----------------------------------------------------------------
-
     def _health_url(self) -> str:
         advertised = self.settings.registry.advertise_url
         if advertised:
@@ -660,54 +658,6 @@ class CoordinatorAgent:
         host = self.settings.monitoring_host
         host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host  # noqa: S104 - a check
         return f"http://{host}:{self.monitoring.port}/healthz"
-
-    async def _registry_loop(self) -> None:
-        """Register this coordinator, then follow its agents with blocking queries.
-
-        While the registry is unreachable the coordinator runs on heartbeats alone; errors are
-        logged once per episode, and the watch (and the registration, which a restarted dev
-        Consul forgets) resumes by itself.
-        """
-        assert self.registry is not None
-        registry, name, episode = self.registry, self.settings.name, self._registry_episode
-        index, registered, backoff = 0, False, 0.5
-        while True:
-            started = time.monotonic()
-            try:
-                if not registered:
-                    await registry.register_coordinator(name, self._health_url())
-                    registered = True
-                new_index, entries = await registry.watch_agents(name, index)
-            except NotRegistered:
-                registered = False
-                continue
-            except DiscoveryError as exc:
-                self.metrics.registry_errors.labels(exc.operation).inc()
-                self.metrics.registry_up.set(0)
-                if episode.failed(exc, time.time()):
-                    self.state.registry_lost()
-                registered, index = False, 0
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
-            episode.succeeded(time.time())
-            self.metrics.registry_up.set(1)
-            backoff = 0.5
-            died, woke = self.state.observe_registry(entries, time.time())
-            self._bury(died, time.time())
-            if woke:
-                self._wake.set()
-            # An index that went backwards means the registry was reset: start over.
-            index = new_index if new_index >= index else 0
-            if time.monotonic() - started < 0.05:
-                await asyncio.sleep(0.05)  # never spin on a registry that answers at once
-
-    async def _leave_registry(self) -> None:
-        if self.registry is None:
-            return
-        with contextlib.suppress(DiscoveryError):
-            await self.registry.deregister_coordinator(self.settings.name)
-        await self.registry.close()
 
     def refresh_gauges(self) -> None:
         self.planner.export_metrics()
