@@ -24,16 +24,8 @@ CONSUL_PIDFILE="$CACHE_DIR/consul.pid"
 CONSUL_LOG="$CACHE_DIR/consul.log"
 DEBIAN_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
-log() { printf '%s: %s\n' "$PROG" "$*"; }
-warn() { printf '%s: WARNING: %s\n' "$PROG" "$*" >&2; }
-die() {
-    printf '%s: ERROR: %s\n' "$PROG" "$1" >&2
-    shift
-    local line
-    for line in "$@"; do printf '%s:   %s\n' "$PROG" "$line" >&2; done
-    exit 1
-}
-have() { command -v "$1" >/dev/null 2>&1; }
+# shellcheck source=scripts/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
     echo "usage: $0 [rabbitmq|consul|all]" >&2

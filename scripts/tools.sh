@@ -11,15 +11,8 @@ set -euo pipefail
 PROG="tools"
 TARGET="${1:-all}"
 
-log() { printf '%s: %s\n' "$PROG" "$*"; }
-die() {
-    printf '%s: ERROR: %s\n' "$PROG" "$1" >&2
-    shift
-    local line
-    for line in "$@"; do printf '%s:   %s\n' "$PROG" "$line" >&2; done
-    exit 1
-}
-have() { command -v "$1" >/dev/null 2>&1; }
+# shellcheck source=scripts/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
     echo "usage: $0 [promtool|chromium|all]" >&2
