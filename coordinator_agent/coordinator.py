@@ -649,7 +649,8 @@ class CoordinatorAgent:
 
     @staticmethod
     def _could_ever_run(task: TaskRecord, agent: AgentRecord) -> bool:
-        return agent.liveness is not AgentLiveness.DEAD and matches(task, agent)
+        # Only agents that have spoken count: one known from the registry alone may never come.
+        return not agent.liveness.gone and agent.heard and matches(task, agent)
 
     def _health_url(self) -> str:
         advertised = self.settings.registry.advertise_url
