@@ -4,7 +4,7 @@ Agents register a service (id = agent id; tags = kind and capabilities; meta = v
 concurrency, queue, coordinator) with a TTL check they refresh now and then; the coordinator
 watches the agents that name it with blocking queries and registers itself with an HTTP check on
 ``/healthz``. Heartbeats stay on AMQP: Consul is the coarse, authoritative catalogue, so the TTL
-is long (30 s by default) and the check's output never changes (a changed output costs Consul a
+is long (120 s by default) and the check's output never changes (a changed output costs Consul a
 catalogue write on every refresh).
 
 ``ConsulRegistry`` is the real implementation (py-consul); ``InMemoryRegistry`` serves fast unit

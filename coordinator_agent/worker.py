@@ -210,7 +210,7 @@ class WorkerAgent:
         """Register, then keep the TTL check passing; re-register if the registry forgot us.
 
         Refreshes come every ttl/3 with jitter, so 1,000 agents cost a Consul agent about
-        100 calls/s at the default 30 s TTL, and never in step with each other.
+        25 calls/s at the default 120 s TTL, and never in step with each other.
         """
         assert self.registry is not None
         registry = self.registry
