@@ -1,11 +1,14 @@
 """Run every benchmark with its in-run baselines and print a summary against the targets.
 
     .venv/bin/python bench/run_all.py            # full: 2000 burst / 300 sequential tasks,
-                                                 # 20000 status messages, 3 rounds (~5 min)
-    .venv/bin/python bench/run_all.py --quick    # smoke run (~1 min)
+                                                 # 20000 status messages, 3 rounds, discovery
+                                                 # with 10/100/1000 agents (~10 min)
+    .venv/bin/python bench/run_all.py --quick    # smoke run (~2 min)
     .venv/bin/python bench/run_all.py --only routing   # the planner alone, no broker
+    .venv/bin/python bench/run_all.py --only discovery # Consul + liveness alone (~5 min)
 
-Needs RabbitMQ on 127.0.0.1:5672 (`make services`). Figures are medians of the rounds; every
+Needs RabbitMQ on 127.0.0.1:5672, and Consul on 127.0.0.1:8500 for discovery (`make
+services`). Figures are medians of the rounds; every
 ratio compares with a baseline measured in the same run, because the machine is shared.
 Exit status: 0 when the benchmarks ran (targets met or not; --strict: 1 if one is missed),
 2 when a benchmark failed.
@@ -26,6 +29,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import discovery
 import e2e_tasks
 import routing_decision
 import status_ingest
@@ -59,7 +63,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 200 burst / 50 sequential tasks, 2000 status, 1 round")
-    parser.add_argument("--only", choices=["e2e", "status", "routing"],
+    parser.add_argument("--only", choices=["e2e", "status", "routing", "discovery"],
                         help="run one benchmark")
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
@@ -108,6 +112,17 @@ def main() -> int:
         except Exception:
             traceback.print_exc()
             failures.append("routing")
+
+    if args.only in (None, "discovery"):
+        print(flush=True)
+        try:
+            # No target: latencies against the bounds the liveness settings give.
+            results["discovery"] = asyncio.run(
+                discovery.run(fleets=(10, 100), probes=3, deaths=2) if args.quick
+                else discovery.run())
+        except Exception:
+            traceback.print_exc()
+            failures.append("discovery")
 
     print(f"\nsummary ({'quick' if args.quick else 'full'} run, {args.rounds} round(s), "
           f"{time.monotonic() - started:.0f}s)")

@@ -398,7 +398,9 @@ class CoordinationPlanner:
         )
         retries = max(0, failures - 1)
         if kind is None or retries < policy.max_retries:
-            delay = min(policy.backoff_max_s, policy.backoff_base_s * 2.0**retries)
+            # Backoff gives a failing kind a breather; a lost agent is no fault of the task.
+            delay = 0.0 if outcome is AttemptOutcome.AGENT_LOST else min(
+                policy.backoff_max_s, policy.backoff_base_s * 2.0**retries)
             return self._step(task, FallbackAction.RETRY, kind, delay,
                               f"{outcome}: retry {retries + 1} of {policy.max_retries} on "
                               f"{kind!r}")

@@ -134,6 +134,8 @@ class ConsulRegistry:
         if self._client is None:
             cfg = self.config
             verify: bool | str = str(cfg.tls_ca_file) if cfg.tls_ca_file else cfg.tls_verify
+            if self._scheme == "http":
+                verify = False  # else py-consul loads the CA bundle, blocking the loop ~50 ms
             cert = ((str(cfg.tls_cert_file), str(cfg.tls_key_file))
                     if cfg.tls_cert_file and cfg.tls_key_file else None)
             with warnings.catch_warnings():

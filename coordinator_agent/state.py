@@ -103,6 +103,11 @@ class StateManager:
         """Record a hello or heartbeat; returns (record, became_assignable)."""
         record = self.agents.get(agent_id)
         was_assignable = record is not None and record.assignable
+        if (record is not None and record.liveness is AgentLiveness.LEFT
+                and not isinstance(info, protocol.AgentHello)):
+            # A heartbeat sent before the goodbye, overtaken by it (they travel on different
+            # lanes): only a new hello brings an agent that left back.
+            return record, False
         if record is None or record.liveness.gone:
             fresh = AgentRecord(agent_id, info.kind, frozenset(info.capabilities),
                                 info.max_concurrency, first_seen=now)

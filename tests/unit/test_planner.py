@@ -717,3 +717,11 @@ def test_custom_router_is_used() -> None:
     planner.record_outcome(task, decision.agent, True)
     assert outcomes == [True]
     planner.close()
+
+
+def test_a_lost_agent_is_retried_without_backoff(planner: CoordinationPlanner) -> None:
+    agents = _fleet(("security", "development"))
+    step = _fail_current(planner, _task(CVE), agents, AttemptOutcome.AGENT_LOST)
+    assert (step.action, step.delay_s) == (FallbackAction.RETRY, 0.0)
+    step = _fail_current(planner, _task(CVE), agents, AttemptOutcome.TIMEOUT)
+    assert step.action is FallbackAction.RETRY and step.delay_s > 0

@@ -328,3 +328,15 @@ def test_save_and_restore_across_restart(store_path: Path, liveness: Liveness) -
         assert fresh.is_assigned("a1", "running")
     finally:
         reopened.close()
+
+
+def test_a_heartbeat_overtaken_by_the_goodbye_does_not_bring_the_agent_back(
+    state: StateManager,
+) -> None:
+    record, _ = state.observe_agent("a1", _hello(), now=T0)
+    state.agent_left("a1")
+    late, became_assignable = state.observe_agent("a1", _status(), now=T0 + 0.1)
+    assert late is record and not became_assignable
+    assert record.liveness is AgentLiveness.LEFT
+    back, became_assignable = state.observe_agent("a1", _hello(), now=T0 + 1)
+    assert became_assignable and back.liveness is AgentLiveness.HEALTHY
