@@ -40,8 +40,9 @@ def describe_error(exc: BaseException) -> str:
 def require_broker(url: str, timeout: float = 3.0) -> None:
     """Fail fast, and helpfully, when nothing listens where the broker should be.
 
-    Only for interactive commands: ``run`` and ``worker`` keep retrying instead, because in a
-    container or at boot the broker may simply come up a little later.
+    Only for interactive commands: ``run`` and ``worker`` give the broker the connect timeout
+    (15 s) to come up, as it may a little later in a container or at boot, and reconnect on
+    their own once they have connected.
     """
     from .messaging import mask_url
 
