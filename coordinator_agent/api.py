@@ -74,7 +74,7 @@ class MonitoringServer:
     # --- probes and metrics -------------------------------------------------------------------
 
     async def metrics(self, request: web.Request) -> web.Response:
-        self.coordinator.refresh_gauges()  # exact at scrape time, not up to a sweep old
+        self.coordinator.refresh_gauges()  # gauges are set here, exact at scrape time
         body = self.coordinator.metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

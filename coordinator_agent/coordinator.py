@@ -632,7 +632,6 @@ class CoordinatorAgent:
                 self._finish(task, TaskStatus.FAILED,
                              error=f"no agent can run it (kind={task.kind}, capabilities="
                              f"{task.required_capabilities}) within {task.timeout_s:g}s")
-        self.refresh_gauges()
 
     def _abandon_timed_out(self, task: TaskRecord, attempt: Attempt) -> None:
         cancel = protocol.TaskCancel(task_id=task.id, attempt=attempt.number, reason="timeout")
@@ -656,9 +655,7 @@ class CoordinatorAgent:
         advertised = self.settings.registry.advertise_url
         if advertised:
             return advertised
-        host = self.settings.monitoring_host
-        host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host  # noqa: S104 - a check
-        return f"http://{host}:{self.monitoring.port}/healthz"
+        return f"http://{self.settings.monitoring_client_host}:{self.monitoring.port}/healthz"
 
     def refresh_gauges(self) -> None:
         self.planner.export_metrics()

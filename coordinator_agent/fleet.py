@@ -31,6 +31,19 @@ class Pool:
     def workload(self) -> float:
         return self.used / self.capacity if self.capacity else 1.0
 
+    def add(self, agent: AgentRecord, capacity: int) -> None:
+        used = len(agent.in_flight)
+        self.entries.append((agent, capacity))
+        self.capacity += capacity
+        self.used += used if used < capacity else capacity
+
+
+def _pool(pools: dict[str, Pool], kind: str) -> Pool:
+    pool = pools.get(kind)
+    if pool is None:
+        pool = pools[kind] = Pool()
+    return pool
+
 
 class Fleet:
     """The agents grouped by kind at one moment, and the pools per hard constraint.
@@ -58,13 +71,7 @@ class Fleet:
             healthy = agent.assignable
             group.append((agent, capacity, healthy))
             if healthy:
-                pool = pools.get(kind)
-                if pool is None:
-                    pool = pools[kind] = Pool()
-                used = len(agent.in_flight)
-                pool.entries.append((agent, capacity))
-                pool.capacity += capacity
-                pool.used += used if used < capacity else capacity
+                _pool(pools, kind).add(agent, capacity)
         self.by_kind = by_kind
         self.views: dict[tuple[str | None, frozenset[str]], tuple[dict[str, Pool], bool]] = {
             (None, frozenset()): (pools, bool(members)),
@@ -98,15 +105,8 @@ class Fleet:
                 if caps and not agent.capabilities.issuperset(caps):
                     continue
                 able = True
-                if not healthy:
-                    continue
-                pool = pools.get(name)
-                if pool is None:
-                    pool = pools[name] = Pool()
-                used = len(agent.in_flight)
-                pool.entries.append((agent, capacity))
-                pool.capacity += capacity
-                pool.used += used if used < capacity else capacity
+                if healthy:
+                    _pool(pools, name).add(agent, capacity)
         return pools, able
 
 

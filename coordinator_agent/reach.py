@@ -64,10 +64,7 @@ def require_broker(url: str, timeout: float = 3.0) -> None:
 def monitoring_url(args: argparse.Namespace, settings: Settings) -> str:
     if args.url:
         return str(args.url).rstrip("/")
-    host = settings.monitoring_host
-    if host in ("0.0.0.0", "::"):  # noqa: S104 - listening everywhere; talk to loopback
-        host = "127.0.0.1"
-    return f"http://{host}:{settings.monitoring_port}"
+    return f"http://{settings.monitoring_client_host}:{settings.monitoring_port}"
 
 
 def origin(url: str) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import warnings
 from collections.abc import Awaitable, Callable
@@ -28,6 +27,7 @@ import consul
 import consul.aio
 
 from .exceptions import DiscoveryError, NotRegistered
+from .liveness import RegistryHealth
 from .settings import RegistrySettings, Settings
 
 log = logging.getLogger(__name__)
@@ -39,18 +39,13 @@ TTL_NOTE = "heartbeats travel over AMQP"
 DRAINING_NOTE = "draining"
 
 
-class Health(enum.StrEnum):
-    PASSING = "passing"
-    WARNING = "warning"  # the SDK sets this while draining
-    CRITICAL = "critical"
-
-    @classmethod
-    def worst(cls, statuses: list[str]) -> Health:
-        if "critical" in statuses:
-            return cls.CRITICAL
-        if "warning" in statuses:
-            return cls.WARNING
-        return cls.PASSING
+def worst_health(statuses: list[str]) -> RegistryHealth:
+    """A service's health from all its checks (the node's included): the worst of them."""
+    if "critical" in statuses:
+        return RegistryHealth.CRITICAL
+    if "warning" in statuses:  # the SDK sets this while draining
+        return RegistryHealth.WARNING
+    return RegistryHealth.PASSING
 
 
 @dataclass(frozen=True)
@@ -92,7 +87,7 @@ class AgentService:
 @dataclass(frozen=True)
 class RegisteredAgent:
     service: AgentService
-    health: Health
+    health: RegistryHealth
 
 
 class ServiceRegistry(Protocol):
@@ -227,7 +222,7 @@ class ConsulRegistry:
         )
         agents = [
             RegisteredAgent(AgentService.from_consul(node["Service"]),
-                            Health.worst([check["Status"] for check in node.get("Checks", [])]))
+                            worst_health([check["Status"] for check in node.get("Checks", [])]))
             for node in nodes
         ]
         return int(new_index or 0), agents
@@ -259,25 +254,25 @@ class InMemoryRegistry:
         async with self._changed:
             self._changed.notify_all()
 
-    async def set_health(self, agent_id: str, health: Health) -> None:
+    async def set_health(self, agent_id: str, health: RegistryHealth) -> None:
         self.agents[agent_id] = RegisteredAgent(self.agents[agent_id].service, health)
         await self._bump()
 
     async def register_agent(self, service: AgentService) -> None:
         self._check("register")
-        self.agents[service.agent_id] = RegisteredAgent(service, Health.PASSING)
+        self.agents[service.agent_id] = RegisteredAgent(service, RegistryHealth.PASSING)
         await self._bump()
 
     async def refresh_agent(self, agent_id: str) -> None:
         self._check("refresh")
         if agent_id not in self.agents:
             raise NotRegistered("refresh", agent_id)
-        if self.agents[agent_id].health is not Health.PASSING:
-            await self.set_health(agent_id, Health.PASSING)
+        if self.agents[agent_id].health is not RegistryHealth.PASSING:
+            await self.set_health(agent_id, RegistryHealth.PASSING)
 
     async def mark_draining(self, agent_id: str) -> None:
         self._check("drain")
-        await self.set_health(agent_id, Health.WARNING)
+        await self.set_health(agent_id, RegistryHealth.WARNING)
 
     async def deregister_agent(self, agent_id: str) -> None:
         self._check("deregister")

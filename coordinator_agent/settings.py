@@ -159,6 +159,12 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, _YamlSource(settings_cls))
 
     @property
+    def monitoring_client_host(self) -> str:
+        """Where a local client reaches the monitoring server (loopback when it listens on all)."""
+        everywhere = ("", "0.0.0.0", "::")  # noqa: S104 - recognising it, not binding
+        return "127.0.0.1" if self.monitoring_host in everywhere else self.monitoring_host
+
+    @property
     def store_path(self) -> Path:
         return self.data_dir / f"{self.name}.sqlite3"
 

@@ -150,7 +150,7 @@ class StateManager:
         for record in list(self.agents.values()):
             listing = listed.get(record.id)
             if listing is not None:
-                record.registry = RegistryHealth(listing.health.value)
+                record.registry = listing.health
                 record.queue = listing.service.queue
             elif record.registry is not None:
                 record.registry = RegistryHealth.ABSENT

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from coordinator_agent.coordinator import CoordinatorAgent
 from coordinator_agent.settings import Settings
 
 
@@ -20,6 +21,14 @@ async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def task_is(coordinator: CoordinatorAgent, task_id: str, status: str) -> Callable[[], bool]:
+    """A wait_until condition: the coordinator holds the task, in that status."""
+    def check() -> bool:
+        task = coordinator.state.find_task(task_id)
+        return task is not None and task.status.value == status
+    return check
 
 
 def subprocess_env(settings: Settings, **extra: str) -> dict[str, str]:

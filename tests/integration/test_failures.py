@@ -16,7 +16,7 @@ from coordinator_agent.store import TaskStore
 from coordinator_agent.tasks import AttemptOutcome, TaskStatus
 
 from .conftest import StartWorker
-from .helpers import spawn, subprocess_env, wait_until
+from .helpers import spawn, subprocess_env, task_is, wait_until
 
 
 async def test_agent_killed_mid_task_its_task_completes_on_another_agent(
@@ -28,12 +28,7 @@ async def test_agent_killed_mid_task_its_task_completes_on_another_agent(
     try:
         await wait_until(lambda: "agent-1" in coordinator.state.agents, 15, "agent-1 hello")
         task_id = await client.submit("slow", input={"op": "sleep", "seconds": 2})
-
-        def running() -> bool:
-            task = coordinator.state.find_task(task_id)
-            return task is not None and task.status is TaskStatus.RUNNING
-
-        await wait_until(running, 10, "task running on agent-1")
+        await wait_until(task_is(coordinator, task_id, "running"), 10, "task running on agent-1")
         await start_worker("agent-2")
         doomed.send_signal(signal.SIGKILL)
         result = await client.wait(task_id, 20)

@@ -14,7 +14,6 @@ from coordinator_agent.registry import (
     AgentService,
     ConsulRegistry,
     Episode,
-    Health,
     InMemoryRegistry,
     RegisteredAgent,
     registry_from_settings,
@@ -76,7 +75,7 @@ def _hello() -> protocol.AgentHello:
     return protocol.AgentHello(kind="security", capabilities=["scan"], max_concurrency=2)
 
 
-def _listing(agent_id: str, health: Health = Health.PASSING) -> RegisteredAgent:
+def _listing(agent_id: str, health: RegistryHealth = RegistryHealth.PASSING) -> RegisteredAgent:
     return RegisteredAgent(AgentService(agent_id, "security", "c", ("scan",), 3, "9.9", "q"),
                            health)
 
@@ -113,7 +112,7 @@ def test_registry_critical_takes_a_heartbeating_agent_out_of_rotation(
     record, _ = state.observe_agent("a1", _hello(), T0)
     state.observe_registry([_listing("a1")], T0)
     assert record.assignable
-    died, _ = state.observe_registry([_listing("a1", Health.CRITICAL)], T0 + 1)
+    died, _ = state.observe_registry([_listing("a1", RegistryHealth.CRITICAL)], T0 + 1)
     assert died == []
     assert (record.liveness, record.liveness_reason) == (AgentLiveness.SUSPECT,
                                                          "registry_critical")
@@ -129,7 +128,8 @@ def test_critical_and_silent_is_dead_sooner_than_silence_alone(state: StateManag
     record, _ = state.observe_agent("a1", _hello(), T0)
     state.observe_registry([_listing("a1")], T0)
     assert state.sweep_liveness(T0 + SUSPECT_S) == []
-    died, _ = state.observe_registry([_listing("a1", Health.CRITICAL)], T0 + SUSPECT_S + 0.1)
+    critical = [_listing("a1", RegistryHealth.CRITICAL)]
+    died, _ = state.observe_registry(critical, T0 + SUSPECT_S + 0.1)
     assert died == [record]
     assert record.liveness_reason == "silent_and_critical"
 
@@ -153,7 +153,7 @@ def test_an_agent_that_never_registered_runs_on_heartbeats_alone(state: StateMan
 
 def test_an_unreachable_registry_is_no_signal(state: StateManager) -> None:
     record, _ = state.observe_agent("a1", _hello(), T0)
-    state.observe_registry([_listing("a1", Health.CRITICAL)], T0)
+    state.observe_registry([_listing("a1", RegistryHealth.CRITICAL)], T0)
     assert record.liveness is AgentLiveness.SUSPECT
     state.registry_lost()
     state.observe_agent("a1", _hello(), T0 + 1)
@@ -194,10 +194,10 @@ async def test_in_memory_registry_behaves_like_a_registry() -> None:
         await registry.refresh_agent("a1")
     await registry.register_agent(service)
     index, listed = await registry.watch_agents("c", 0)
-    assert listed == [RegisteredAgent(service, Health.PASSING)]
+    assert listed == [RegisteredAgent(service, RegistryHealth.PASSING)]
     await registry.mark_draining("a1")
     later, listed = await registry.watch_agents("c", index)
-    assert later > index and listed[0].health is Health.WARNING
+    assert later > index and listed[0].health is RegistryHealth.WARNING
     registry.available = False
     with pytest.raises(DiscoveryError):
         await registry.watch_agents("c", later)

@@ -25,14 +25,13 @@ from coordinator_agent.liveness import AgentLiveness, RegistryHealth
 from coordinator_agent.registry import (
     AgentService,
     ConsulRegistry,
-    Health,
     RegisteredAgent,
     coordinator_service_id,
 )
 from coordinator_agent.settings import Settings
 
 from ..conftest import StartWorker
-from ..helpers import spawn, subprocess_env, wait_until
+from ..helpers import spawn, subprocess_env, task_is, wait_until
 from .conftest import REGISTRY, check_status, consul_get, in_catalogue, quietly
 
 
@@ -45,7 +44,7 @@ async def test_register_watch_drain_expire_deregister_round_trip(
     try:
         await registry.register_agent(service)
         index, listed = await registry.watch_agents(coordinator_name, 0)
-        assert listed == [RegisteredAgent(service, Health.PASSING)]
+        assert listed == [RegisteredAgent(service, RegistryHealth.PASSING)]
         _, others = await registry.watch_agents(f"{coordinator_name}-other", 0)
         assert others == []  # filtered server-side by the coordinator named in the meta
 
@@ -55,17 +54,17 @@ async def test_register_watch_drain_expire_deregister_round_trip(
         assert not watch.done()
         await registry.mark_draining(service.agent_id)
         changed, listed = await asyncio.wait_for(watch, 3)
-        assert changed > index and listed[0].health is Health.WARNING
+        assert changed > index and listed[0].health is RegistryHealth.WARNING
 
         # No refresh for a TTL: critical.
         started = time.monotonic()
         index = changed
-        while listed[0].health is not Health.CRITICAL:
+        while listed[0].health is not RegistryHealth.CRITICAL:
             assert time.monotonic() - started < REGISTRY.ttl_s + 3, "TTL check never expired"
             index, listed = await registry.watch_agents(coordinator_name, index)
         await registry.refresh_agent(service.agent_id)
         _, listed = await registry.watch_agents(coordinator_name, 0)
-        assert listed[0].health is Health.PASSING
+        assert listed[0].health is RegistryHealth.PASSING
 
         await registry.deregister_agent(service.agent_id)
         assert (await registry.watch_agents(coordinator_name, 0))[1] == []
@@ -136,12 +135,8 @@ async def test_an_agent_killed_with_sigkill_turns_critical_and_its_task_moves(
         await wait_until(lambda: check_status(consul_url, "agent-1") == "passing", 15,
                          "agent-1 registered and passing in Consul")
         task_id = await client.submit("slow", input={"op": "sleep", "seconds": 1.5})
-
-        def running() -> bool:
-            task = coordinator.state.find_task(task_id)
-            return task is not None and task.status.value == "running"
-
-        await wait_until(running, 10, "the task running on agent-1")
+        await wait_until(task_is(coordinator, task_id, "running"), 10,
+                         "the task running on agent-1")
         await start_worker("agent-2")
         doomed.send_signal(signal.SIGKILL)
         killed = time.monotonic()
