@@ -84,18 +84,18 @@ from _common import (
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from coordinator_agent import constants as c
-from coordinator_agent import protocol
-from coordinator_agent.coordinator import SWEEP_INTERVAL_S, CoordinatorAgent
+from coordinator_agent.agent.worker import TaskContext, WorkerAgent
+from coordinator_agent.coordinator.liveness import AgentLiveness, RegistryHealth
+from coordinator_agent.coordinator.service import SWEEP_INTERVAL_S, CoordinatorAgent
+from coordinator_agent.coordinator.tasks import AttemptOutcome, TaskRecord
 from coordinator_agent.exceptions import DiscoveryError
-from coordinator_agent.keyring import Keyring
-from coordinator_agent.liveness import AgentLiveness, RegistryHealth
-from coordinator_agent.messaging import delete_namespace, lane_for
 from coordinator_agent.registry import AgentService, ConsulRegistry, RegisteredAgent
-from coordinator_agent.security import SecurityManager
 from coordinator_agent.settings import RegistrySettings, Settings, load_settings
-from coordinator_agent.tasks import AttemptOutcome, TaskRecord
-from coordinator_agent.worker import TaskContext, WorkerAgent
+from coordinator_agent.wire import constants as c
+from coordinator_agent.wire import protocol
+from coordinator_agent.wire.keyring import Keyring
+from coordinator_agent.wire.messaging import delete_namespace, lane_for
+from coordinator_agent.wire.security import SecurityManager
 
 REGISTRY_URL = "http://127.0.0.1:8500"
 THIS_FILE = Path(__file__).resolve()
@@ -113,7 +113,7 @@ DEFAULT_TTL_S = RegistrySettings().ttl_s
 #: `coordinator-agent worker ARGS` (the CLI's own entry point), in a process the kernel kills
 #: if this one dies without its clean-up (SIGKILL): PR_SET_PDEATHSIG.
 WORKER_BOOT = ("import ctypes, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGKILL); "
-               "from coordinator_agent.cli import main; sys.exit(main(sys.argv[1:]))")
+               "from coordinator_agent.cli.main import main; sys.exit(main(sys.argv[1:]))")
 
 
 # --- small helpers ----------------------------------------------------------------------------

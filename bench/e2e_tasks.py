@@ -57,9 +57,9 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import SecretStr
 
 from coordinator_agent.client import CoordinatorClient
-from coordinator_agent.keyring import Keyring
-from coordinator_agent.messaging import delete_namespace
 from coordinator_agent.settings import load_settings
+from coordinator_agent.wire.keyring import Keyring
+from coordinator_agent.wire.messaging import delete_namespace
 
 #: Design-doc targets, checked against Celery measured in the same run.
 TARGET_THROUGHPUT_VS_CELERY = 1.25
@@ -69,7 +69,7 @@ NOOP_INPUT = {"op": "noop"}
 WARM_UP_TASKS = 30
 UVLOOP_CLI = (
     "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-    "from coordinator_agent.cli import main; sys.exit(main(sys.argv[1:]))"
+    "from coordinator_agent.cli.main import main; sys.exit(main(sys.argv[1:]))"
 )
 STARTUP_TIMEOUT_S = 90.0
 LATENCY_TASK_TIMEOUT_S = 30.0

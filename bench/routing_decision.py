@@ -32,11 +32,11 @@ from typing import Any
 
 from _common import median, percentile, table, verdict
 
-from coordinator_agent.patterns import Outcome
-from coordinator_agent.planner import CoordinationPlanner
-from coordinator_agent.routing_config import default_routing_config
-from coordinator_agent.state import AgentLiveness, AgentRecord
-from coordinator_agent.tasks import Attempt, AttemptOutcome, TaskRecord
+from coordinator_agent.coordinator.state import AgentLiveness, AgentRecord
+from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
+from coordinator_agent.routing.config import default_routing_config
+from coordinator_agent.routing.patterns import Outcome
+from coordinator_agent.routing.planner import CoordinationPlanner
 
 TARGET_P99_MS = 1.0
 CAPABILITIES = ["python", "git", "docker", "gpu", "scanner", "k8s", "sql", "writer"]

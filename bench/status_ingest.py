@@ -51,13 +51,13 @@ from _common import (
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client import CollectorRegistry
 
-from coordinator_agent import constants as c
-from coordinator_agent import protocol
-from coordinator_agent.coordinator import CoordinatorAgent
-from coordinator_agent.keyring import Keyring
-from coordinator_agent.messaging import coordinator_topology, delete_namespace
-from coordinator_agent.security import SecurityManager
+from coordinator_agent.coordinator.service import CoordinatorAgent
 from coordinator_agent.settings import Settings, load_settings
+from coordinator_agent.wire import constants as c
+from coordinator_agent.wire import protocol
+from coordinator_agent.wire.keyring import Keyring
+from coordinator_agent.wire.messaging import coordinator_topology, delete_namespace
+from coordinator_agent.wire.security import SecurityManager
 
 TARGET_RATIO = 0.8
 PUBLISH_BATCH = 500

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .exceptions import (  # after __version__: modules import it
+from coordinator_agent.exceptions import (  # after __version__: modules import it
     AuthorizationError,
     ConfigError,
     CoordinatorError,
@@ -27,19 +27,19 @@ from .exceptions import (  # after __version__: modules import it
 )
 
 if TYPE_CHECKING:
-    from .client import CoordinatorClient
-    from .coordinator import CoordinatorAgent
-    from .keyring import Keyring
-    from .settings import Settings, load_settings
-    from .worker import TaskContext, WorkerAgent
+    from coordinator_agent.agent.worker import TaskContext, WorkerAgent
+    from coordinator_agent.client import CoordinatorClient
+    from coordinator_agent.coordinator.service import CoordinatorAgent
+    from coordinator_agent.settings import Settings, load_settings
+    from coordinator_agent.wire.keyring import Keyring
 
 _LAZY = {
-    "CoordinatorAgent": "coordinator",
+    "CoordinatorAgent": "coordinator.service",
     "CoordinatorClient": "client",
-    "Keyring": "keyring",
+    "Keyring": "wire.keyring",
     "Settings": "settings",
-    "TaskContext": "worker",
-    "WorkerAgent": "worker",
+    "TaskContext": "agent.worker",
+    "WorkerAgent": "agent.worker",
     "load_settings": "settings",
 }
 

@@ -11,12 +11,12 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from . import constants as c
-from . import protocol
-from .keyring import Keyring
-from .messaging import MessageHandler, coordinator_topology
-from .security import AuthorizationManager, SecurityManager
-from .settings import Settings
+from coordinator_agent.settings import Settings
+from coordinator_agent.wire import constants as c
+from coordinator_agent.wire import protocol
+from coordinator_agent.wire.keyring import Keyring
+from coordinator_agent.wire.messaging import MessageHandler, coordinator_topology
+from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
 
 REPLY_QUEUE_EXPIRES_MS = 5 * 60 * 1000
 

@@ -26,9 +26,9 @@ import aiohttp
 import consul
 import consul.aio
 
-from .exceptions import DiscoveryError, NotRegistered
-from .liveness import RegistryHealth
-from .settings import RegistrySettings, Settings
+from coordinator_agent.coordinator.liveness import RegistryHealth
+from coordinator_agent.exceptions import DiscoveryError, NotRegistered
+from coordinator_agent.settings import RegistrySettings, Settings
 
 log = logging.getLogger(__name__)
 

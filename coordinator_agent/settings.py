@@ -19,7 +19,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from .exceptions import ConfigError
+from coordinator_agent.exceptions import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("config/coordinator.yaml")
 CONFIG_ENV = "COORDINATOR_CONFIG"
@@ -126,7 +126,7 @@ class Settings(BaseSettings):
     registry_token: SecretStr | None = None
     registry: RegistrySettings = RegistrySettings()
     #: Routing vocabulary, weights and policies (YAML); unset = the packaged default,
-    #: coordinator_agent/data/routing.yaml. Copy that file to customise it.
+    #: coordinator_agent/routing/data/routing.yaml. Copy that file to customise it.
     routing_config: Path | None = None
     monitoring_host: str = "127.0.0.1"
     monitoring_port: int = Field(9464, ge=0, le=65535)

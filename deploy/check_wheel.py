@@ -1,7 +1,7 @@
 """Fail when a built wheel lacks a file of the package's source tree.
 
 Used by deploy/Dockerfile right after `pip wheel`: modules are always packaged, but data files
-(``coordinator_agent/data/*.yaml``, ``py.typed``) only when pyproject.toml lists them under
+(``coordinator_agent/routing/data/*.yaml``, ``py.typed``) only when pyproject.toml lists them under
 ``[tool.setuptools.package-data]``. A file missing here would otherwise surface as a
 FileNotFoundError in a running container.
 

@@ -20,7 +20,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from .worker import TaskContext
+from coordinator_agent.agent.worker import TaskContext
 
 WORD = re.compile(r"[A-Za-z0-9']+")
 MAX_SLEEP_S = 300.0

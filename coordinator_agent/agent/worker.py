@@ -26,14 +26,20 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from . import __version__, protocol
-from . import constants as c
-from .exceptions import DiscoveryError, NotRegistered, TransportError
-from .keyring import Keyring
-from .messaging import MessageHandler, agent_topology, lane_for
-from .registry import AgentService, Episode, ServiceRegistry, registry_from_settings
-from .security import AuthorizationManager, SecurityManager
-from .settings import Settings
+from coordinator_agent import __version__
+from coordinator_agent.exceptions import DiscoveryError, NotRegistered, TransportError
+from coordinator_agent.registry import (
+    AgentService,
+    Episode,
+    ServiceRegistry,
+    registry_from_settings,
+)
+from coordinator_agent.settings import Settings
+from coordinator_agent.wire import constants as c
+from coordinator_agent.wire import protocol
+from coordinator_agent.wire.keyring import Keyring
+from coordinator_agent.wire.messaging import MessageHandler, agent_topology, lane_for
+from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
 
 log = logging.getLogger(__name__)
 

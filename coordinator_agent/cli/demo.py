@@ -23,13 +23,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import protocol
-from .client import CoordinatorClient
-from .coordinator import CoordinatorAgent
-from .keyring import Keyring
-from .messaging import delete_namespace
-from .progress import ProgressBar
-from .settings import Settings
+from coordinator_agent.cli.progress import ProgressBar
+from coordinator_agent.client import CoordinatorClient
+from coordinator_agent.coordinator.service import CoordinatorAgent
+from coordinator_agent.settings import Settings
+from coordinator_agent.wire import protocol
+from coordinator_agent.wire.keyring import Keyring
+from coordinator_agent.wire.messaging import delete_namespace
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .exceptions import ConfigError, CoordinatorError
-from .keyring import ROLES, Keyring
-from .progress import (
+from coordinator_agent import __version__
+from coordinator_agent.cli.progress import (
     Rates,
     agents_table,
     clean,
@@ -32,9 +30,11 @@ from .progress import (
     use_colour,
     watch_frame,
 )
-from .reach import api_get, http_get, monitoring_url, origin, require_broker
-from .routing_cli import add_routing_commands, cmd_route, cmd_routing
-from .settings import CONFIG_ENV, Settings, load_settings
+from coordinator_agent.cli.reach import api_get, http_get, monitoring_url, origin, require_broker
+from coordinator_agent.cli.routing import add_routing_commands, cmd_route, cmd_routing
+from coordinator_agent.exceptions import ConfigError, CoordinatorError
+from coordinator_agent.settings import CONFIG_ENV, Settings, load_settings
+from coordinator_agent.wire.keyring import ROLES, Keyring
 
 log = logging.getLogger("coordinator_agent")
 
@@ -269,15 +269,15 @@ def run_until_signal(
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from .coordinator import CoordinatorAgent
+    from coordinator_agent.coordinator.service import CoordinatorAgent
 
     coordinator = CoordinatorAgent(settings)
     return run_until_signal(coordinator.start, coordinator.stop)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from .examples import example_handler
-    from .worker import WorkerAgent
+    from coordinator_agent.agent.examples import example_handler
+    from coordinator_agent.agent.worker import WorkerAgent
 
     agent = WorkerAgent(
         args.id, args.kind, example_handler, settings=settings,
@@ -305,8 +305,8 @@ def operator_id(keyring: Keyring, wanted: str | None) -> str:
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
-    from .client import CoordinatorClient
-    from .progress import Spinner
+    from coordinator_agent.cli.progress import Spinner
+    from coordinator_agent.client import CoordinatorClient
 
     task_input = None
     if args.input:
@@ -351,7 +351,7 @@ def composite_fields(args: argparse.Namespace) -> dict[str, Any]:
     """--spec, --subtask and --step as task.submit fields, checked before anything is sent."""
     from pydantic import ValidationError
 
-    from . import protocol
+    from coordinator_agent.wire import protocol
 
     fields: dict[str, Any] = {}
     if args.spec:
@@ -546,7 +546,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from .demo import run_demo
+    from coordinator_agent.cli.demo import run_demo
 
     require_broker(settings.broker_url.get_secret_value())
     with contextlib.suppress(KeyboardInterrupt):

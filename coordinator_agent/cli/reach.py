@@ -14,8 +14,8 @@ import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
 
-from .exceptions import ConfigError, CoordinatorError, TransportError
-from .settings import Settings
+from coordinator_agent.exceptions import ConfigError, CoordinatorError, TransportError
+from coordinator_agent.settings import Settings
 
 
 def describe_error(exc: BaseException) -> str:
@@ -44,7 +44,7 @@ def require_broker(url: str, timeout: float = 3.0) -> None:
     (15 s) to come up, as it may a little later in a container or at boot, and reconnect on
     their own once they have connected.
     """
-    from .messaging import mask_url
+    from coordinator_agent.wire.messaging import mask_url
 
     parts = urlsplit(url)
     try:
@@ -68,7 +68,7 @@ def monitoring_url(args: argparse.Namespace, settings: Settings) -> str:
 
 
 def origin(url: str) -> str:
-    from .messaging import mask_url
+    from coordinator_agent.wire.messaging import mask_url
 
     parts = urlsplit(url)
     return mask_url(f"{parts.scheme}://{parts.netloc}")

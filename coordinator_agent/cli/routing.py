@@ -16,10 +16,10 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .exceptions import CoordinatorError
-from .progress import format_table
-from .reach import api_get, monitoring_url
-from .settings import Settings
+from coordinator_agent.cli.progress import format_table
+from coordinator_agent.cli.reach import api_get, monitoring_url
+from coordinator_agent.exceptions import CoordinatorError
+from coordinator_agent.settings import Settings
 
 
 def add_routing_commands(
@@ -109,8 +109,8 @@ def cmd_routing(args: argparse.Namespace, settings: Settings) -> int:
 
 def explain_locally(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """The decision from the configuration and the learning store on disk (no agents known)."""
-    from .planner import CoordinationPlanner
-    from .routing_config import load_routing_config
+    from coordinator_agent.routing.config import load_routing_config
+    from coordinator_agent.routing.planner import CoordinationPlanner
 
     store = settings.routing_store_path
     planner = CoordinationPlanner(

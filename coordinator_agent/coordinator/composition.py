@@ -17,8 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import protocol
-from .exceptions import PlanningError
+from coordinator_agent.exceptions import PlanningError
+from coordinator_agent.wire import protocol
 
 DEFAULT_CONCURRENCY = 8
 DEFAULT_RESUBMITS = 1

@@ -12,11 +12,11 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from .exceptions import DiscoveryError, NotRegistered
-from .metrics import Metrics
-from .registry import Episode, ServiceRegistry
-from .settings import Settings
-from .state import AgentRecord, StateManager
+from coordinator_agent.coordinator.state import AgentRecord, StateManager
+from coordinator_agent.exceptions import DiscoveryError, NotRegistered
+from coordinator_agent.ops.metrics import Metrics
+from coordinator_agent.registry import Episode, ServiceRegistry
+from coordinator_agent.settings import Settings
 
 #: Never poll a registry that answers at once more often than this.
 MIN_WATCH_PERIOD_S = 0.05

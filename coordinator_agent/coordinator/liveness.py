@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .settings import Liveness
+from coordinator_agent.settings import Liveness
 
 
 class AgentLiveness(enum.StrEnum):

@@ -7,15 +7,15 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import protocol
-from .exceptions import UnknownTask
-from .liveness import AgentLiveness, RegistryHealth, judge
-from .settings import Liveness
-from .store import TaskStore
-from .tasks import TaskRecord, TaskStatus
+from coordinator_agent.coordinator.liveness import AgentLiveness, RegistryHealth, judge
+from coordinator_agent.coordinator.store import TaskStore
+from coordinator_agent.coordinator.tasks import TaskRecord, TaskStatus
+from coordinator_agent.exceptions import UnknownTask
+from coordinator_agent.settings import Liveness
+from coordinator_agent.wire import protocol
 
 if TYPE_CHECKING:
-    from .registry import RegisteredAgent
+    from coordinator_agent.registry import RegisteredAgent
 
 
 @dataclass

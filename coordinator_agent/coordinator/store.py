@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 
-from .tasks import TERMINAL, TaskRecord
+from coordinator_agent.coordinator.tasks import TERMINAL, TaskRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (

@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .exceptions import IllegalTransition
+from coordinator_agent.exceptions import IllegalTransition
 
 
 class TaskStatus(enum.StrEnum):

@@ -28,8 +28,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from . import protocol
-from .composition import (
+from coordinator_agent.coordinator.composition import (
     DEFAULT_CONCURRENCY,
     DEFAULT_RESUBMITS,
     OPEN,
@@ -50,10 +49,11 @@ from .composition import (
     step_input,
     to_start,
 )
-from .exceptions import PlanningError
-from .settings import Limits
-from .state import AgentRecord, StateManager
-from .tasks import TaskRecord, TaskStatus
+from coordinator_agent.coordinator.state import AgentRecord, StateManager
+from coordinator_agent.coordinator.tasks import TaskRecord, TaskStatus
+from coordinator_agent.exceptions import PlanningError
+from coordinator_agent.settings import Limits
+from coordinator_agent.wire import protocol
 
 log = logging.getLogger(__name__)
 

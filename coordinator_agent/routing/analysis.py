@@ -1,6 +1,6 @@
 """Task analysis: what a description is about, in terms the router can score and learn from.
 
-The vocabulary comes from :class:`~coordinator_agent.routing_config.RoutingConfig`. Words of the
+The vocabulary comes from :class:`~coordinator_agent.routing.config.RoutingConfig`. Words of the
 description and of the vocabulary go through the same small stemmer, so "deploying",
 "deployed" and "deployment" all meet the configured "deploy" without listing every form.
 """
@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .routing_config import Complexity, RoutingConfig
+from coordinator_agent.routing.config import Complexity, RoutingConfig
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 _KEEP_DOUBLE = frozenset("lsz")

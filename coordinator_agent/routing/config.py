@@ -1,7 +1,7 @@
 """Routing configuration: the vocabulary the analyser reads and the knobs of the planner.
 
 The vocabulary lives in YAML, not in code, so operators can teach the router their own kinds of
-agents. The package ships a default (``coordinator_agent/data/routing.yaml``);
+agents. The package ships a default (``coordinator_agent/routing/data/routing.yaml``);
 :func:`load_routing_config` reads it or a file of your own and turns every problem into one
 :class:`~coordinator_agent.exceptions.ConfigError` that names the offending field.
 """
@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from .exceptions import ConfigError
+from coordinator_agent.exceptions import ConfigError
 
 KindName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
@@ -155,7 +155,7 @@ DEFAULT_RESOURCE = "routing.yaml"
 @functools.lru_cache(maxsize=1)
 def default_routing_config() -> RoutingConfig:
     """The vocabulary shipped with the package (parsed once; treat it as read-only)."""
-    resource = resources.files("coordinator_agent").joinpath("data", DEFAULT_RESOURCE)
+    resource = resources.files(__package__).joinpath("data", DEFAULT_RESOURCE)
     text = resource.read_text(encoding="utf-8")
     return parse_routing_config(text, f"packaged {DEFAULT_RESOURCE}")
 

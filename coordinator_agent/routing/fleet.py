@@ -12,9 +12,9 @@ from __future__ import annotations
 import operator
 import random
 
-from .routing_config import Balance
-from .state import AgentRecord
-from .tasks import AttemptOutcome, TaskRecord
+from coordinator_agent.coordinator.state import AgentRecord
+from coordinator_agent.coordinator.tasks import AttemptOutcome, TaskRecord
+from coordinator_agent.routing.config import Balance
 
 
 class Pool:

@@ -39,13 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .analysis import TaskAnalysis, TaskAnalyzer
-from .fleet import Fleet, Pool, pick
-from .metrics import Metrics
-from .patterns import Outcome, PatternStore
-from .routing_config import Complexity, RoutingConfig, default_routing_config
-from .state import AgentRecord
-from .tasks import Attempt, AttemptOutcome, TaskRecord
+from coordinator_agent.coordinator.state import AgentRecord
+from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
+from coordinator_agent.ops.metrics import Metrics
+from coordinator_agent.routing.analysis import TaskAnalysis, TaskAnalyzer
+from coordinator_agent.routing.config import Complexity, RoutingConfig, default_routing_config
+from coordinator_agent.routing.fleet import Fleet, Pool, pick
+from coordinator_agent.routing.patterns import Outcome, PatternStore
 
 #: Attempts that say nothing about the kind: never delivered, overtaken, or cancelled.
 NOT_LEARNED = frozenset({AttemptOutcome.RUNNING, AttemptOutcome.UNDELIVERABLE,

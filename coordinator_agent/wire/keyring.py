@@ -17,7 +17,7 @@ from typing import Literal
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
 
-from .exceptions import ConfigError
+from coordinator_agent.exceptions import ConfigError
 
 #: The coordinator needs no entry: it talks to each principal under that principal's key.
 Role = Literal["agent", "operator"]

@@ -30,11 +30,11 @@ from aio_pika.abc import (
 )
 from pydantic import SecretStr
 
-from . import constants as c
-from . import protocol
-from .exceptions import PublishTimeout, RejectedMessage, TransportError, Unroutable
-from .metrics import Metrics
-from .security import AuthorizationManager, SecurityManager
+from coordinator_agent.exceptions import PublishTimeout, RejectedMessage, TransportError, Unroutable
+from coordinator_agent.ops.metrics import Metrics
+from coordinator_agent.wire import constants as c
+from coordinator_agent.wire import protocol
+from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
 
 log = logging.getLogger(__name__)
 

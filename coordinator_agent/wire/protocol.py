@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from .constants import PROTOCOL_VERSION
-from .exceptions import ProtocolError
+from coordinator_agent.exceptions import ProtocolError
+from coordinator_agent.wire.constants import PROTOCOL_VERSION
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")]
 Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]

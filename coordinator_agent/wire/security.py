@@ -16,11 +16,16 @@ from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from . import protocol
-from .constants import HEADER_SENDER, TELEMETRY_TYPES
-from .exceptions import AuthorizationError, ConfigError, RejectedMessage, SecurityError
-from .keyring import Keyring, Role
-from .settings import Settings
+from coordinator_agent.exceptions import (
+    AuthorizationError,
+    ConfigError,
+    RejectedMessage,
+    SecurityError,
+)
+from coordinator_agent.settings import Settings
+from coordinator_agent.wire import protocol
+from coordinator_agent.wire.constants import HEADER_SENDER, TELEMETRY_TYPES
+from coordinator_agent.wire.keyring import Keyring, Role
 
 #: What each role may send. The coordinator's own messages are checked by the receiving side.
 POLICY: Mapping[str, frozenset[str]] = {

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from coordinator_agent.agent.examples import example_handler
+from coordinator_agent.agent.worker import TaskHandler, WorkerAgent
 from coordinator_agent.client import CoordinatorClient
-from coordinator_agent.coordinator import CoordinatorAgent
-from coordinator_agent.examples import example_handler
-from coordinator_agent.keyring import Keyring
-from coordinator_agent.messaging import delete_namespace
+from coordinator_agent.coordinator.service import CoordinatorAgent
 from coordinator_agent.settings import Settings, load_settings
-from coordinator_agent.worker import TaskHandler, WorkerAgent
+from coordinator_agent.wire.keyring import Keyring
+from coordinator_agent.wire.messaging import delete_namespace
 
 AGENT_IDS = ("agent-1", "agent-2", "agent-3")
 OPERATOR = "operator-1"

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from coordinator_agent.coordinator import CoordinatorAgent
+from coordinator_agent.coordinator.service import CoordinatorAgent
 from coordinator_agent.settings import Settings
 
 

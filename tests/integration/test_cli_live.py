@@ -7,7 +7,7 @@ import json
 import sys
 
 from coordinator_agent.client import CoordinatorClient
-from coordinator_agent.coordinator import CoordinatorAgent
+from coordinator_agent.coordinator.service import CoordinatorAgent
 from coordinator_agent.settings import Settings
 
 from .conftest import OPERATOR, StartWorker

@@ -7,10 +7,10 @@ from collections import Counter
 
 import aiohttp
 
+from coordinator_agent.agent.examples import text_stats
 from coordinator_agent.client import CoordinatorClient
-from coordinator_agent.coordinator import CoordinatorAgent
-from coordinator_agent.examples import text_stats
-from coordinator_agent.keyring import Keyring
+from coordinator_agent.coordinator.service import CoordinatorAgent
+from coordinator_agent.wire.keyring import Keyring
 
 from .conftest import OPERATOR, StartWorker
 from .helpers import wait_until

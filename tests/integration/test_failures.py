@@ -9,11 +9,11 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from coordinator_agent.client import CoordinatorClient
-from coordinator_agent.coordinator import CoordinatorAgent
-from coordinator_agent.keyring import Keyring
+from coordinator_agent.coordinator.service import CoordinatorAgent
+from coordinator_agent.coordinator.store import TaskStore
+from coordinator_agent.coordinator.tasks import AttemptOutcome, TaskStatus
 from coordinator_agent.settings import Settings
-from coordinator_agent.store import TaskStore
-from coordinator_agent.tasks import AttemptOutcome, TaskStatus
+from coordinator_agent.wire.keyring import Keyring
 
 from .conftest import StartWorker
 from .helpers import spawn, subprocess_env, task_is, wait_until

@@ -13,11 +13,11 @@ import aio_pika
 import orjson
 from cryptography.fernet import Fernet
 
-from coordinator_agent import constants as c
 from coordinator_agent.client import CoordinatorClient
-from coordinator_agent.coordinator import CoordinatorAgent
-from coordinator_agent.keyring import Keyring
+from coordinator_agent.coordinator.service import CoordinatorAgent
 from coordinator_agent.settings import Settings
+from coordinator_agent.wire import constants as c
+from coordinator_agent.wire.keyring import Keyring
 
 from .conftest import OPERATOR, OTHER_OPERATOR, StartWorker
 from .helpers import wait_until

@@ -3,12 +3,12 @@ agent that still has only its old key, and follows the agent once it switches to
 
 from __future__ import annotations
 
+from coordinator_agent.agent.examples import example_handler
+from coordinator_agent.agent.worker import WorkerAgent
 from coordinator_agent.client import CoordinatorClient
-from coordinator_agent.coordinator import CoordinatorAgent
-from coordinator_agent.examples import example_handler
-from coordinator_agent.keyring import Keyring
+from coordinator_agent.coordinator.service import CoordinatorAgent
 from coordinator_agent.settings import Settings
-from coordinator_agent.worker import WorkerAgent
+from coordinator_agent.wire.keyring import Keyring
 
 from .conftest import StartWorker
 from .helpers import wait_until

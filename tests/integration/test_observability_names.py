@@ -16,7 +16,7 @@ import aiohttp
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from coordinator_agent.coordinator import CoordinatorAgent
+from coordinator_agent.coordinator.service import CoordinatorAgent
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from coordinator_agent.client import CoordinatorClient
-from coordinator_agent.coordinator import CoordinatorAgent
+from coordinator_agent.coordinator.service import CoordinatorAgent
 from coordinator_agent.settings import Settings
 
 from .conftest import StartWorker

@@ -12,11 +12,11 @@ import aiohttp
 import yaml
 from prometheus_client import CollectorRegistry
 
+from coordinator_agent.agent.worker import TaskContext
 from coordinator_agent.client import CoordinatorClient
-from coordinator_agent.coordinator import CoordinatorAgent
-from coordinator_agent.keyring import Keyring
+from coordinator_agent.coordinator.service import CoordinatorAgent
 from coordinator_agent.settings import Settings
-from coordinator_agent.worker import TaskContext
+from coordinator_agent.wire.keyring import Keyring
 
 from .conftest import StartWorker
 from .helpers import wait_until
@@ -144,7 +144,8 @@ async def test_hedge_races_the_top_two_kinds_and_keeps_the_first_good_result(
     settings: Settings, keyring: Keyring, start_worker: StartWorker, client: CoordinatorClient,
     cleanup_namespace: None, tmp_path: Path,
 ) -> None:
-    config = yaml.safe_load(files("coordinator_agent").joinpath("data/routing.yaml").read_text())
+    default = files("coordinator_agent.routing").joinpath("data/routing.yaml")
+    config = yaml.safe_load(default.read_text())
     config["hedge"] = {"enabled": True, "margin": 1.0}  # every decision is "close"
     (tmp_path / "routing.yaml").write_text(yaml.safe_dump(config))
     hedged = settings.model_copy(update={"routing_config": tmp_path / "routing.yaml"})

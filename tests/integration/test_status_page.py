@@ -24,10 +24,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from coordinator_agent.agent.worker import TaskContext
 from coordinator_agent.client import CoordinatorClient
-from coordinator_agent.coordinator import CoordinatorAgent
-from coordinator_agent.statuspage import page
-from coordinator_agent.worker import TaskContext
+from coordinator_agent.coordinator.service import CoordinatorAgent
+from coordinator_agent.ops.statuspage import page
 
 from .conftest import StartWorker
 

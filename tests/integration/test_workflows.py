@@ -11,20 +11,20 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from coordinator_agent import constants as c
-from coordinator_agent import protocol
-from coordinator_agent.client import CoordinatorClient
-from coordinator_agent.coordinator import CoordinatorAgent
-from coordinator_agent.examples import (
+from coordinator_agent.agent.examples import (
     canonical_json,
     decompose,
     example_handler,
     synthesize,
     text_stats,
 )
+from coordinator_agent.agent.worker import TaskContext
+from coordinator_agent.client import CoordinatorClient
+from coordinator_agent.coordinator.service import CoordinatorAgent
+from coordinator_agent.coordinator.tasks import TaskStatus
 from coordinator_agent.settings import Settings
-from coordinator_agent.tasks import TaskStatus
-from coordinator_agent.worker import TaskContext
+from coordinator_agent.wire import constants as c
+from coordinator_agent.wire import protocol
 
 from .conftest import StartWorker
 from .helpers import spawn, subprocess_env, wait_until

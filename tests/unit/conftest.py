@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from coordinator_agent.coordinator.state import StateManager
+from coordinator_agent.coordinator.store import TaskStore
 from coordinator_agent.settings import Liveness
-from coordinator_agent.state import StateManager
-from coordinator_agent.store import TaskStore
 
 
 @pytest.fixture

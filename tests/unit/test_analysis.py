@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator_agent.analysis import TaskAnalyzer, stem
-from coordinator_agent.routing_config import (
+from coordinator_agent.routing.analysis import TaskAnalyzer, stem
+from coordinator_agent.routing.config import (
     Complexity,
     default_routing_config,
     parse_routing_config,

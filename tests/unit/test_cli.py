@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 
-from coordinator_agent import cli
-from coordinator_agent.keyring import Keyring
-from coordinator_agent.progress import (
+from coordinator_agent.cli import main as cli
+from coordinator_agent.cli.progress import (
     Rates,
     Spinner,
     agents_table,
@@ -34,6 +33,7 @@ from coordinator_agent.progress import (
     watch_frame,
     width,
 )
+from coordinator_agent.wire.keyring import Keyring
 
 ANSI = re.compile(r"\x1b\[")
 HOSTILE = "\x1b[2J\x1b[31mred\nsecond line\r\u202eevil <img src=x onerror=alert(1)>"

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from coordinator_agent.cli import COMMANDS, build_parser
+from coordinator_agent.cli.main import COMMANDS, build_parser
 from coordinator_agent.settings import CONFIG_ENV, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -597,7 +597,8 @@ def test_the_image_wheel_holds_all_package_files(tmp_path: Path) -> None:
     (wheel,) = (tmp_path / "dist").glob("coordinator_agent-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         packaged = set(archive.namelist())
-    data = [p.relative_to(src).as_posix() for p in (src / "coordinator_agent").glob("data/*")]
+    package = src / "coordinator_agent"
+    data = [p.relative_to(src).as_posix() for p in package.glob("routing/data/*")]
     assert set(data) <= packaged, f"package data missing from the wheel: {set(data) - packaged}"
     check = subprocess.run(
         [sys.executable, str(CHECK_WHEEL), str(wheel), str(src / "coordinator_agent")],

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from coordinator_agent import protocol
-from coordinator_agent.examples import example_handler, text_stats
+from coordinator_agent.agent.examples import example_handler, text_stats
+from coordinator_agent.agent.worker import TaskContext
 from coordinator_agent.exceptions import TransportError
-from coordinator_agent.worker import TaskContext
+from coordinator_agent.wire import protocol
 
 TEXT = "Hello world. Hello again! Is the world round? Yes"
 

@@ -10,7 +10,7 @@ import pytest
 from cryptography.fernet import Fernet, MultiFernet
 
 from coordinator_agent.exceptions import ConfigError
-from coordinator_agent.keyring import KEEP_OLD_KEYS, Keyring, Principal
+from coordinator_agent.wire.keyring import KEEP_OLD_KEYS, Keyring, Principal
 
 
 def _secrets(principal: Principal) -> list[str]:

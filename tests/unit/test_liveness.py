@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator_agent import protocol
+from coordinator_agent.coordinator.liveness import AgentLiveness, RegistryHealth, judge
+from coordinator_agent.coordinator.state import StateManager
+from coordinator_agent.coordinator.store import TaskStore
 from coordinator_agent.exceptions import ConfigError, DiscoveryError, NotRegistered
-from coordinator_agent.liveness import AgentLiveness, RegistryHealth, judge
 from coordinator_agent.registry import (
     AgentService,
     ConsulRegistry,
@@ -19,8 +20,7 @@ from coordinator_agent.registry import (
     registry_from_settings,
 )
 from coordinator_agent.settings import Liveness, RegistrySettings, load_settings
-from coordinator_agent.state import StateManager
-from coordinator_agent.store import TaskStore
+from coordinator_agent.wire import protocol
 
 CONFIG = Liveness(heartbeat_interval_s=2, suspect_after=2.5, dead_after=5, recover_after=2)
 SUSPECT_S = 5.0  # 2 s x 2.5

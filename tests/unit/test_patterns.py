@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator_agent.patterns import Evidence, Outcome, PatternStore, signature
+from coordinator_agent.routing.patterns import Evidence, Outcome, PatternStore, signature
 
 NOW = 1_700_000_000.0
 DAY = 86_400.0

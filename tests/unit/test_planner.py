@@ -12,21 +12,21 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from coordinator_agent.metrics import Metrics
-from coordinator_agent.planner import (
+from coordinator_agent.coordinator.state import AgentLiveness, AgentRecord
+from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
+from coordinator_agent.ops.metrics import Metrics
+from coordinator_agent.routing.config import (
+    RoutingConfig,
+    default_routing_config,
+    parse_routing_config,
+)
+from coordinator_agent.routing.planner import (
     CoordinationPlanner,
     FallbackAction,
     FallbackStep,
     RoutingDecision,
     matches,
 )
-from coordinator_agent.routing_config import (
-    RoutingConfig,
-    default_routing_config,
-    parse_routing_config,
-)
-from coordinator_agent.state import AgentLiveness, AgentRecord
-from coordinator_agent.tasks import Attempt, AttemptOutcome, TaskRecord
 
 CAP = 4
 KINDS = ("development", "security", "cicd", "documentation", "inventory", "general")

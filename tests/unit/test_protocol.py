@@ -7,9 +7,9 @@ from typing import Any
 import orjson
 import pytest
 
-from coordinator_agent import protocol
-from coordinator_agent.constants import PROTOCOL_VERSION
 from coordinator_agent.exceptions import ProtocolError, RejectedMessage
+from coordinator_agent.wire import protocol
+from coordinator_agent.wire.constants import PROTOCOL_VERSION
 
 # One realistic, fully populated payload per message type.
 SAMPLES: dict[str, protocol.Model] = {

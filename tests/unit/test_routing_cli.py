@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator_agent.routing_cli import route_explanation, routing_summary
+from coordinator_agent.cli.routing import route_explanation, routing_summary
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from coordinator_agent.exceptions import ConfigError
-from coordinator_agent.routing_config import (
+from coordinator_agent.routing.config import (
     Balance,
     Complexity,
     RoutingConfig,
@@ -34,7 +34,7 @@ def test_packaged_default_covers_the_required_kinds() -> None:
 
 
 def test_default_is_read_from_the_package_data_file() -> None:
-    resource = resources.files("coordinator_agent").joinpath("data", "routing.yaml")
+    resource = resources.files("coordinator_agent.routing").joinpath("data", "routing.yaml")
     assert resource.is_file()
     assert parse_routing_config(resource.read_text(encoding="utf-8")) == default_routing_config()
 

@@ -10,20 +10,25 @@ import orjson
 import pytest
 from cryptography.fernet import Fernet
 
-from coordinator_agent import protocol
-from coordinator_agent.constants import HEADER_SENDER
+from coordinator_agent.coordinator.state import StateManager
+from coordinator_agent.coordinator.store import TaskStore
+from coordinator_agent.coordinator.tasks import Attempt, TaskRecord
 from coordinator_agent.exceptions import (
     AuthorizationError,
     ConfigError,
     ProtocolError,
     SecurityError,
 )
-from coordinator_agent.keyring import Keyring
-from coordinator_agent.security import POLICY, AuthorizationManager, ReplayGuard, SecurityManager
 from coordinator_agent.settings import Liveness, load_settings
-from coordinator_agent.state import StateManager
-from coordinator_agent.store import TaskStore
-from coordinator_agent.tasks import Attempt, TaskRecord
+from coordinator_agent.wire import protocol
+from coordinator_agent.wire.constants import HEADER_SENDER
+from coordinator_agent.wire.keyring import Keyring
+from coordinator_agent.wire.security import (
+    POLICY,
+    AuthorizationManager,
+    ReplayGuard,
+    SecurityManager,
+)
 
 COORDINATOR_ID = "coord"
 AGENT_ID = "agent-1"

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from coordinator_agent import protocol
+from coordinator_agent.coordinator.state import AgentLiveness, AgentRecord, StateManager
+from coordinator_agent.coordinator.store import TaskStore
+from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
 from coordinator_agent.exceptions import UnknownTask
 from coordinator_agent.settings import Liveness
-from coordinator_agent.state import AgentLiveness, AgentRecord, StateManager
-from coordinator_agent.store import TaskStore
-from coordinator_agent.tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
+from coordinator_agent.wire import protocol
 
 T0 = 1_000.0
 # With the liveness fixture: heartbeat 2 s, suspect after 2.5 x, dead after 5 x.

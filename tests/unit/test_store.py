@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator_agent.store import TaskStore
-from coordinator_agent.tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
+from coordinator_agent.coordinator.store import TaskStore
+from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
 
 
 def _task(task_id: str, status: TaskStatus = TaskStatus.PENDING, *, notified: bool = False,

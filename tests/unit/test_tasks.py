@@ -7,8 +7,7 @@ import itertools
 import orjson
 import pytest
 
-from coordinator_agent.exceptions import IllegalTransition, StateError
-from coordinator_agent.tasks import (
+from coordinator_agent.coordinator.tasks import (
     TERMINAL,
     TRANSITIONS,
     Attempt,
@@ -16,6 +15,7 @@ from coordinator_agent.tasks import (
     TaskRecord,
     TaskStatus,
 )
+from coordinator_agent.exceptions import IllegalTransition, StateError
 
 ALLOWED = [(src, dst) for src, targets in TRANSITIONS.items() for dst in sorted(targets)]
 FORBIDDEN = [

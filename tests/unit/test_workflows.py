@@ -12,8 +12,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from coordinator_agent import protocol
-from coordinator_agent.composition import (
+from coordinator_agent.coordinator.composition import (
     Action,
     Child,
     ChildResult,
@@ -27,12 +26,13 @@ from coordinator_agent.composition import (
     step_input,
     to_start,
 )
+from coordinator_agent.coordinator.state import AgentRecord, StateManager
+from coordinator_agent.coordinator.store import TaskStore
+from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
+from coordinator_agent.coordinator.workflows import WorkflowEngine
 from coordinator_agent.exceptions import PlanningError, ProtocolError
 from coordinator_agent.settings import Liveness
-from coordinator_agent.state import AgentRecord, StateManager
-from coordinator_agent.store import TaskStore
-from coordinator_agent.tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
-from coordinator_agent.workflows import WorkflowEngine
+from coordinator_agent.wire import protocol
 
 # --- a stand-in for the coordinator's side of the engine --------------------------------------
 
@@ -637,13 +637,13 @@ class _Agent:
 
 
 def _ctx(input: Any, description: str = "the description") -> Any:
-    from coordinator_agent.worker import TaskContext
+    from coordinator_agent.agent.worker import TaskContext
 
     return TaskContext("t-1", 1, description, input, 5.0, _Agent())  # type: ignore[arg-type]
 
 
 async def test_decompose_op_answers_a_valid_decomposition() -> None:
-    from coordinator_agent.examples import example_handler, text_stats
+    from coordinator_agent.agent.examples import example_handler, text_stats
 
     text = "one two three four five six seven"
     answer = await example_handler(_ctx({"op": "decompose", "text": text, "parts": 3,
@@ -659,7 +659,7 @@ async def test_decompose_op_answers_a_valid_decomposition() -> None:
 
 
 async def test_synthesize_op_merges_the_fan_in_deterministically() -> None:
-    from coordinator_agent.examples import example_handler, text_stats
+    from coordinator_agent.agent.examples import example_handler, text_stats
 
     results = [ChildResult(i, f"job.{i}", "succeeded", text_stats(t))
                for i, t in enumerate(["a b. a", "b c!", "c"], start=1)]
@@ -683,7 +683,7 @@ async def test_synthesize_op_merges_the_fan_in_deterministically() -> None:
 async def test_hand_off_ops_use_the_previous_output() -> None:
     import hashlib
 
-    from coordinator_agent.examples import canonical_json, example_handler, text_stats
+    from coordinator_agent.agent.examples import canonical_json, example_handler, text_stats
 
     previous = {"b": 1, "a": [1, 2]}
     hashed = await example_handler(_ctx({"input": {"op": "hash"}, "previous": previous}))

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from coordinator_agent.client import CoordinatorClient
-from coordinator_agent.coordinator import CoordinatorAgent
-from coordinator_agent.liveness import RegistryHealth
+from coordinator_agent.coordinator.liveness import RegistryHealth
+from coordinator_agent.coordinator.service import CoordinatorAgent
 from coordinator_agent.registry import coordinator_service_id
 
 from ..conftest import StartWorker

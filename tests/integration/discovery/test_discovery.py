@@ -19,9 +19,9 @@ import aiohttp
 import pytest
 
 from coordinator_agent.client import CoordinatorClient
-from coordinator_agent.coordinator import CoordinatorAgent
+from coordinator_agent.coordinator.liveness import AgentLiveness, RegistryHealth
+from coordinator_agent.coordinator.service import CoordinatorAgent
 from coordinator_agent.exceptions import NotRegistered
-from coordinator_agent.liveness import AgentLiveness, RegistryHealth
 from coordinator_agent.registry import (
     AgentService,
     ConsulRegistry,

@@ -1,0 +1,1 @@
+"""The `coordinator-agent` command line: commands, progress display, the demo, reaching services."""

@@ -1,0 +1,1 @@
+"""The coordinator service: task and agent state, the store, dispatch, results, liveness."""
