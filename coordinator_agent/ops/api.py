@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
-from . import protocol
-from .exceptions import SubmissionRefused, UnknownTask
-from .statuspage import status_page
-
-if TYPE_CHECKING:
-    from .coordinator import CoordinatorAgent
+from coordinator_agent.coordinator.tasks import TaskRecord
+from coordinator_agent.exceptions import SubmissionRefused, UnknownTask
+from coordinator_agent.ops.statuspage import status_page
+from coordinator_agent.wire import protocol
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +32,40 @@ def _error(status: int, message: str) -> web.Response:
     return _json({"error": message}, status)
 
 
+class CoordinatorView(Protocol):
+    """What the HTTP side needs of the coordinator: reads, submit, and the operator check."""
+
+    @property
+    def accepting(self) -> bool: ...
+
+    @property
+    def registry_state(self) -> str: ...
+
+    def readiness(self) -> dict[str, bool]: ...
+
+    def render_metrics(self) -> bytes: ...
+
+    def status_view(self) -> dict[str, Any]: ...
+
+    def agents_view(self) -> list[dict[str, Any]]: ...
+
+    def recent_tasks(self, limit: int) -> list[TaskRecord]: ...
+
+    def get_task(self, task_id: str) -> TaskRecord: ...
+
+    def routing_view(self) -> dict[str, Any]: ...
+
+    def explain_route(self, description: str, *, kind: str | None,
+                      required_capabilities: list[str]) -> dict[str, Any]: ...
+
+    def submit(self, spec: protocol.TaskSubmit, *, submitted_by: str,
+               default_id: str) -> tuple[TaskRecord, bool]: ...
+
+    def operator_for_token(self, token: str) -> str | None: ...
+
+
 class MonitoringServer:
-    def __init__(self, coordinator: CoordinatorAgent, host: str, port: int) -> None:
+    def __init__(self, coordinator: CoordinatorView, host: str, port: int) -> None:
         self.coordinator = coordinator
         self.host = host
         self.port = port
@@ -74,23 +104,17 @@ class MonitoringServer:
     # --- probes and metrics -------------------------------------------------------------------
 
     async def metrics(self, request: web.Request) -> web.Response:
-        self.coordinator.refresh_gauges()  # gauges are set here, exact at scrape time
-        body = self.coordinator.metrics.render()
+        body = self.coordinator.render_metrics()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        c = self.coordinator
-        checks = {
-            "broker_connected": c.messages.connected,
-            "consumers_active": c.messages.active_consumers > 0,
-            "accepting": c.accepting,
-        }
+        checks = self.coordinator.readiness()
         ready = all(checks.values())
         # Without its registry the coordinator still works (on heartbeats): degraded, not unready.
-        registry = c.registry_state
+        registry = self.coordinator.registry_state
         body = {"ready": ready, "checks": checks, "registry": registry,
                 "status": "ready" if ready and registry != "degraded" else
                 ("degraded" if ready else "not_ready")}
@@ -109,19 +133,19 @@ class MonitoringServer:
             limit = max(1, min(int(request.query.get("limit", "50")), 500))
         except ValueError:
             return _error(400, "limit must be an integer")
-        tasks = self.coordinator.state.store.recent(limit)
+        tasks = self.coordinator.recent_tasks(limit)
         return _json({"tasks": [t.public_view() for t in tasks]})
 
     async def task(self, request: web.Request) -> web.Response:
         try:
-            task = self.coordinator.state.get_task(request.match_info["task_id"])
+            task = self.coordinator.get_task(request.match_info["task_id"])
         except UnknownTask:
             return _error(404, "no such task")
         return _json(task.public_view())
 
     async def routing(self, request: web.Request) -> web.Response:
         """What the router has learned: accuracy, fallback rate, confidence, per-kind success."""
-        return _json(self.coordinator.planner.export_metrics())
+        return _json(self.coordinator.routing_view())
 
     async def route(self, request: web.Request) -> web.Response:
         """Explain the decision for ``?description=`` (read-only: nothing is submitted)."""
@@ -130,10 +154,9 @@ class MonitoringServer:
             return _error(400, "give ?description= (1 to "
                           f"{protocol.MAX_DESCRIPTION_CHARS} characters)")
         capabilities = [c for c in request.query.getall("capability", []) if c]
-        c = self.coordinator
-        explained = c.planner.explain(description, c.state.agents.values(),
-                                      kind=request.query.get("kind") or None,
-                                      required_capabilities=capabilities)
+        explained = self.coordinator.explain_route(
+            description, kind=request.query.get("kind") or None,
+            required_capabilities=capabilities)
         return _json(explained)
 
     async def submit(self, request: web.Request) -> web.Response:
@@ -168,5 +191,4 @@ class MonitoringServer:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             return None
-        principal = self.coordinator.keyring.operator_for_token(token.strip())
-        return principal.id if principal is not None else None
+        return self.coordinator.operator_for_token(token.strip())

@@ -1,0 +1,92 @@
+"""Intake: a submitted task becomes a durable record and joins the dispatch queue."""
+
+from __future__ import annotations
+
+from coordinator_agent.coordinator.dispatch import Dispatcher
+from coordinator_agent.coordinator.outbox import Outbox, completed_notice
+from coordinator_agent.coordinator.state import StateManager
+from coordinator_agent.coordinator.tasks import TaskRecord
+from coordinator_agent.coordinator.workflows import WorkflowEngine
+from coordinator_agent.exceptions import AuthorizationError, SubmissionRefused
+from coordinator_agent.ops.metrics import Metrics
+from coordinator_agent.settings import Limits
+from coordinator_agent.wire import constants as c
+from coordinator_agent.wire import protocol
+
+
+class Intake:
+    def __init__(self, state: StateManager, dispatcher: Dispatcher, outbox: Outbox,
+                 metrics: Metrics, limits: Limits) -> None:
+        self.state = state
+        self.dispatcher = dispatcher
+        self.outbox = outbox
+        self.metrics = metrics
+        self.limits = limits
+        self.workflows: WorkflowEngine | None = None  # bound by the service
+
+    def submit(
+        self, spec: protocol.TaskSubmit, *, submitted_by: str, default_id: str
+    ) -> tuple[TaskRecord, bool]:
+        """Accept a task (durably) or return the existing one for a repeated id."""
+        task_id = spec.task_id or default_id
+        existing = self.state.find_task(task_id)
+        if existing is not None:
+            if existing.submitted_by != submitted_by:
+                # Never show one principal another's task, nor let it hijack the id.
+                raise SubmissionRefused(f"task id {task_id} is already used by another client")
+            return existing, True
+        if len(self.state.tasks) >= self.limits.max_pending_tasks:
+            raise SubmissionRefused(f"{len(self.state.tasks)} tasks open, the limit is "
+                                    f"{self.limits.max_pending_tasks}")
+        task = TaskRecord(
+            id=task_id,
+            description=spec.description,
+            kind=spec.kind,
+            required_capabilities=list(spec.required_capabilities),
+            input=spec.input,
+            timeout_s=spec.timeout_s or self.limits.task_timeout_s,
+            max_retries=self.limits.max_retries if spec.max_retries is None else spec.max_retries,
+            reply_to=spec.reply_to,
+            submitted_by=submitted_by,
+        )
+        assert self.workflows is not None
+        composite = self.workflows.prepare(task, spec)  # before the first save, for a restart
+        self.state.add_task(task)
+        self.metrics.tasks_submitted.inc()
+        self.metrics.operations.labels("task_submit").inc()
+        if composite:
+            self.workflows.launch(task)  # never assigned itself: its children are
+        else:
+            self.dispatcher.enqueue(task.id)
+        return task, False
+
+    def create_child(self, child: TaskRecord) -> None:
+        """A composite task's child (workflows.py): an ordinary task from here on."""
+        self.state.add_task(child)
+        self.metrics.operations.labels("task_child").inc()
+        self.dispatcher.enqueue(child.id)
+
+    def on_submit(self, envelope: protocol.Envelope, spec: protocol.TaskSubmit) -> None:
+        """``task.submit`` over AMQP: answered on the client's own reply queue."""
+        if spec.reply_to is not None and not spec.reply_to.startswith(
+            f"{c.CLIENT_QUEUE_PREFIX}{envelope.sender}."
+        ):
+            raise AuthorizationError(
+                "forbidden", f"reply_to must be one of the sender's own "
+                f"{c.CLIENT_QUEUE_PREFIX}{envelope.sender}.* queues",
+                sender=envelope.sender, message_id=envelope.id)
+        try:
+            task, duplicate = self.submit(spec, submitted_by=envelope.sender,
+                                          default_id=envelope.id)
+        except SubmissionRefused as exc:
+            if spec.reply_to:
+                notice = protocol.TaskCompleted(task_id=spec.task_id or envelope.id,
+                                                status="rejected", error=str(exc))
+                self.outbox.reply(spec.reply_to, envelope.sender, notice)
+            return
+        if spec.reply_to:
+            accepted = protocol.TaskAccepted(task_id=task.id, status=task.status.value,
+                                             duplicate=duplicate)
+            self.outbox.reply(spec.reply_to, envelope.sender, accepted)
+            if duplicate and task.status.terminal:
+                self.outbox.reply(spec.reply_to, envelope.sender, completed_notice(task))

@@ -1,0 +1,115 @@
+"""What the coordinator sends: directives to agents and notices to clients.
+
+``task.completed`` goes out from the store (an outbox): a task is marked ``notified`` only once the
+broker confirmed the notice, and the sweep sends again whatever is terminal and not yet notified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from coordinator_agent.coordinator.state import StateManager
+from coordinator_agent.coordinator.tasks import Attempt, TaskRecord
+from coordinator_agent.exceptions import TransportError, Unroutable
+from coordinator_agent.wire import constants as c
+from coordinator_agent.wire import protocol
+from coordinator_agent.wire.messaging import MessageHandler
+
+log = logging.getLogger(__name__)
+
+Spawn = Callable[[Coroutine[Any, Any, None]], None]
+
+
+def completed_notice(task: TaskRecord) -> protocol.TaskCompleted:
+    return protocol.TaskCompleted(
+        task_id=task.id,
+        status=task.status.value,
+        output=task.output,
+        error=task.error,
+        attempts=[
+            protocol.AttemptSummary(attempt=a.number, agent_id=a.agent_id,
+                                    outcome=a.outcome.value, error=a.error,
+                                    duration_s=a.duration_s)
+            for a in task.attempts
+        ],
+    )
+
+
+class Outbox:
+    def __init__(self, name: str, state: StateManager, messages: MessageHandler,
+                 spawn: Spawn) -> None:
+        self.name = name
+        self.state = state
+        self.messages = messages
+        self.spawn = spawn
+
+    # --- to agents ----------------------------------------------------------------------------
+
+    async def assignment(self, task: TaskRecord, attempt: Attempt) -> None:
+        """Publish ``task.assign``; raises TransportError (Unroutable: the agent has no queue)."""
+        assign = protocol.TaskAssign(
+            task_id=task.id, attempt=attempt.number, description=task.description,
+            input=task.input, timeout_s=task.timeout_s,
+        )
+        await self.messages.publish(
+            assign, peer=attempt.agent_id, exchange=c.AGENTS_EXCHANGE,
+            routing_key=c.agent_key(self.name, attempt.agent_id),
+        )
+
+    async def to_agent(self, agent_id: str, payload: protocol.Model) -> None:
+        """A best-effort directive (cancel, drain): lost with the agent's queue, which is fine."""
+        with contextlib.suppress(TransportError):
+            await self.messages.publish(
+                payload, peer=agent_id, exchange=c.AGENTS_EXCHANGE,
+                routing_key=c.agent_key(self.name, agent_id), persistent=False,
+            )
+
+    def cancel_attempt(self, task: TaskRecord, attempt: Attempt, reason: str) -> None:
+        cancel = protocol.TaskCancel(task_id=task.id, attempt=attempt.number, reason=reason)
+        self.spawn(self.to_agent(attempt.agent_id, cancel))
+
+    # --- to clients ---------------------------------------------------------------------------
+
+    def reply(self, queue: str, principal: str, payload: protocol.Model) -> None:
+        """A best-effort notice to a client's reply queue (``task.accepted``, a refusal)."""
+        self.spawn(self._reply(queue, principal, payload))
+
+    async def _reply(self, queue: str, principal: str, payload: protocol.Model) -> None:
+        with contextlib.suppress(TransportError):
+            await self.messages.publish(payload, peer=principal, exchange="", routing_key=queue)
+
+    def completed(self, task: TaskRecord) -> None:
+        self.spawn(self.notify(task))
+
+    async def notify(self, task: TaskRecord) -> None:
+        """Send task.completed from the store; marked sent only once confirmed."""
+        if task.reply_to:
+            try:
+                await self.messages.publish(completed_notice(task), peer=task.submitted_by,
+                                            exchange="", routing_key=task.reply_to)
+            except Unroutable:
+                log.info("client queue for task %s is gone; result kept for the API", task.id)
+            except TransportError:
+                return  # the sweep tries again
+        task.notified = True
+        self.state.save(task)
+
+    def resend_unsent(self) -> None:
+        if not self.messages.connected:
+            return
+        for task in list(self.state.tasks.values()):
+            if task.status.terminal and not task.notified:
+                self.completed(task)
+
+
+def background(tasks: set[asyncio.Task[Any]]) -> Spawn:
+    """A spawn function that keeps a reference to each task until it is done."""
+    def spawn(coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    return spawn

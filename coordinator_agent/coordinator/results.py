@@ -1,0 +1,200 @@
+"""Results and the retry chain: how an attempt ends and what happens to its task next.
+
+    submit -> pending -> assigned -> running -> succeeded | failed | cancelled
+                 ^__________|___________|  (attempt failed, timed out or its agent died: retry)
+
+Every change is saved before the message that caused it is acked, and a task completes once,
+whatever is redelivered or arrives late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+
+from coordinator_agent.coordinator.dispatch import Dispatcher
+from coordinator_agent.coordinator.outbox import Outbox
+from coordinator_agent.coordinator.state import AgentRecord, StateManager
+from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
+from coordinator_agent.coordinator.workflows import WorkflowEngine
+from coordinator_agent.exceptions import AuthorizationError
+from coordinator_agent.ops.metrics import Metrics
+from coordinator_agent.routing.planner import CoordinationPlanner, FallbackAction
+from coordinator_agent.wire import protocol
+
+log = logging.getLogger(__name__)
+
+#: Assignments the broker could not deliver cost no retry, up to this many per task.
+MAX_UNDELIVERABLE = 10
+
+
+class TaskResults:
+    def __init__(
+        self,
+        state: StateManager,
+        planner: CoordinationPlanner,
+        dispatcher: Dispatcher,
+        outbox: Outbox,
+        metrics: Metrics,
+        *,
+        max_output_bytes: int,
+    ) -> None:
+        self.state = state
+        self.planner = planner
+        self.dispatcher = dispatcher
+        self.outbox = outbox
+        self.metrics = metrics
+        self.max_output_bytes = max_output_bytes
+        self.workflows: WorkflowEngine | None = None  # bound by the service
+
+    # --- reports from agents ------------------------------------------------------------------
+
+    def on_progress(self, agent_id: str, report: protocol.TaskProgress) -> None:
+        task = self.state.tasks.get(report.task_id)
+        attempt = task.attempt(report.attempt) if task else None
+        if task is None or attempt is None or attempt is not task.current_attempt:
+            return  # stale: that attempt is over
+        if attempt.agent_id != agent_id:
+            raise AuthorizationError("not_assigned", "attempt belongs to another agent",
+                                     sender=agent_id)
+        task.progress = report.progress
+        if task.status is TaskStatus.ASSIGNED:
+            task.move(TaskStatus.RUNNING)
+            self.state.save(task)
+
+    def on_result(self, agent_id: str, result: protocol.TaskResult) -> None:
+        task = self.state.find_task(result.task_id)
+        attempt = task.attempt(result.attempt) if task else None
+        if task is None or attempt is None or attempt.agent_id != agent_id:
+            raise AuthorizationError("not_assigned", "no such attempt for this agent",
+                                     sender=agent_id)
+        agent = self.state.agents.get(agent_id)
+        if task.status.terminal:
+            # Redelivered or late: the task completes once, whatever arrives after.
+            self.metrics.operations.labels("duplicate_result").inc()
+            return
+        attempt.duration_s = result.duration_s
+        current = task.current_attempt
+        if agent is not None and (current is attempt or current is None):
+            agent.in_flight.discard(task.id)
+        if result.success:
+            output, error = self._bounded(result.output)
+            if error is not None:
+                if attempt is current:
+                    self.retry_or_fail(task, attempt, AttemptOutcome.FAILED, error)
+                else:
+                    attempt.end(AttemptOutcome.FAILED, error)
+                    self.state.save(task)
+                return
+            attempt.end(AttemptOutcome.SUCCEEDED)
+            if current is not None and current is not attempt:
+                # A late success from an earlier attempt wins; stop the newer one.
+                self.abandon(task, current, AttemptOutcome.SUPERSEDED)
+            if agent is not None:
+                agent.completed += 1
+            self.planner.record_outcome(task, agent, True)
+            self.finish(task, TaskStatus.SUCCEEDED, output=output)
+        elif attempt is current:
+            if agent is not None:
+                agent.failed += 1
+            self.retry_or_fail(task, attempt, AttemptOutcome.FAILED, result.error or "failed")
+        self.dispatcher.wake.set()
+
+    def _bounded(self, output: Any) -> tuple[Any, str | None]:
+        size = len(orjson.dumps(output))
+        if size > self.max_output_bytes:
+            return None, f"output of {size} bytes exceeds the {self.max_output_bytes}-byte limit"
+        return output, None
+
+    # --- the retry chain ----------------------------------------------------------------------
+
+    def retry_or_fail(
+        self, task: TaskRecord, attempt: Attempt, outcome: AttemptOutcome, error: str
+    ) -> None:
+        attempt.end(outcome, error)
+        agent = self.state.agents.get(attempt.agent_id)
+        if agent is not None:
+            agent.in_flight.discard(task.id)
+        self.planner.record_outcome(task, agent, False)
+        if outcome is AttemptOutcome.UNDELIVERABLE:
+            delay = 0.0 if task.undeliverable_attempts <= MAX_UNDELIVERABLE else None
+            reason = "too many undeliverable assignments"
+        else:
+            # The fallback chain: retry the kind with backoff, then the next alternative kind.
+            step = self.planner.next_step(task, outcome)
+            delay = None if step.action is FallbackAction.ESCALATE else step.delay_s
+            reason = step.reason
+        if delay is None:
+            chain = "; ".join(f"#{a.number} {a.agent_id}: {a.outcome}" for a in task.attempts)
+            log.warning("task %s escalated: %s (attempts: %s)", task.id, reason, chain)
+            self.finish(task, TaskStatus.FAILED,
+                        error=f"{error}; escalated: {reason} (attempts: {chain})")
+            return
+        task.move(TaskStatus.PENDING)
+        self.state.totals["retried"] += 1
+        self.metrics.task_retries.labels(outcome.value).inc()
+        self.state.save(task)
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self.dispatcher.enqueue, task.id)
+        else:
+            self.dispatcher.enqueue(task.id)
+
+    def abandon(self, task: TaskRecord, attempt: Attempt, outcome: AttemptOutcome) -> None:
+        """End an attempt that no longer counts and tell its agent to stop."""
+        attempt.end(outcome)
+        agent = self.state.agents.get(attempt.agent_id)
+        if agent is not None:
+            agent.in_flight.discard(task.id)
+        self.outbox.cancel_attempt(task, attempt, outcome.value)
+
+    def time_out(self, task: TaskRecord, attempt: Attempt) -> None:
+        self.outbox.cancel_attempt(task, attempt, "timeout")
+        self.retry_or_fail(task, attempt, AttemptOutcome.TIMEOUT,
+                           f"no result within {task.timeout_s:g}s")
+
+    def finish(
+        self, task: TaskRecord, status: TaskStatus, *, output: Any = None, error: str | None = None
+    ) -> None:
+        task.move(status)
+        task.output = output
+        task.error = error
+        task.progress = 1.0 if status is TaskStatus.SUCCEEDED else task.progress
+        self.dispatcher.drop(task.id)
+        self.state.save(task)  # durable before anything is acked or announced
+        self.state.totals[status.value] += 1
+        self.metrics.tasks.labels(status.value).inc()
+        self.metrics.task_duration.labels(status.value).observe(task.updated_at - task.created_at)
+        self.metrics.operations.labels(f"task_{status.value}").inc()
+        self.outbox.completed(task)
+        if self.workflows is not None and (task.parent_id is not None
+                                           or task.workflow is not None):
+            self.workflows.on_finished(task)  # advance its parent, or stop its children
+
+    def cancel(self, task_id: str, reason: str = "cancelled by operator") -> TaskRecord:
+        task = self.state.get_task(task_id)
+        if not task.status.terminal:
+            attempt = task.current_attempt
+            if attempt is not None:
+                self.abandon(task, attempt, AttemptOutcome.CANCELLED)
+            self.finish(task, TaskStatus.CANCELLED, error=reason)
+        return task
+
+    # --- agents that went away ----------------------------------------------------------------
+
+    def lose_agent_tasks(self, agent: AgentRecord, why: str) -> None:
+        for task_id in list(agent.in_flight):
+            task = self.state.tasks.get(task_id)
+            attempt = task.current_attempt if task else None
+            agent.in_flight.discard(task_id)
+            if task is not None and attempt is not None and attempt.agent_id == agent.id:
+                self.retry_or_fail(task, attempt, AttemptOutcome.AGENT_LOST, why)
+
+    def bury(self, dead: list[AgentRecord], now: float) -> None:
+        for agent in dead:
+            log.warning("agent %s is dead (%s, silent %.1fs, registry %s); reassigning %d tasks",
+                        agent.id, agent.liveness_reason, now - agent.last_seen,
+                        agent.registry.value if agent.registry else "-", len(agent.in_flight))
+            self.lose_agent_tasks(agent, f"agent is dead ({agent.liveness_reason})")

@@ -1,0 +1,98 @@
+"""The sweep: periodic work that no message triggers.
+
+Four times a second it judges liveness (and reassigns the tasks of dead agents), times out
+attempts, fails tasks that no agent could ever run, resends unsent notices, and picks up a
+replaced keyring file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from coordinator_agent.coordinator.outbox import Outbox
+from coordinator_agent.coordinator.results import TaskResults
+from coordinator_agent.coordinator.state import AgentRecord, StateManager
+from coordinator_agent.coordinator.tasks import TaskRecord, TaskStatus
+from coordinator_agent.exceptions import ConfigError
+from coordinator_agent.routing.planner import matches
+from coordinator_agent.wire.keyring import Keyring
+from coordinator_agent.wire.security import SecurityManager
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 0.25
+NOTICE_RETRY_S = 5.0
+
+
+class KeyringReloader:
+    """Picks up `keys generate/rotate` without a restart (the file is replaced atomically)."""
+
+    def __init__(self, path: Path, security: SecurityManager, keyring: Keyring) -> None:
+        self.path = path
+        self.security = security
+        self.current = keyring
+        self._mtime = self._file_mtime()
+
+    def _file_mtime(self) -> float | None:
+        try:
+            return self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def reload_if_changed(self) -> None:
+        mtime = self._file_mtime()
+        if mtime is None or mtime == self._mtime:
+            return
+        self._mtime = mtime
+        try:
+            keyring = Keyring.load(self.path)
+        except ConfigError as exc:
+            log.warning("keyring changed but could not be loaded, keeping the old one: %s", exc)
+            return
+        self.current = keyring
+        self.security.reload(keyring)
+        log.info("keyring reloaded: %d principals", len(keyring.principals))
+
+
+class Sweeper:
+    def __init__(self, state: StateManager, results: TaskResults, outbox: Outbox,
+                 keyring: KeyringReloader) -> None:
+        self.state = state
+        self.results = results
+        self.outbox = outbox
+        self.keyring = keyring
+
+    async def run(self) -> None:
+        last_notice_retry = time.monotonic()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                self.keyring.reload_if_changed()
+                self.sweep(time.time())
+                if time.monotonic() - last_notice_retry > NOTICE_RETRY_S:
+                    last_notice_retry = time.monotonic()
+                    self.outbox.resend_unsent()
+            except Exception:
+                log.exception("sweep failed")
+
+    def sweep(self, now: float) -> None:
+        self.results.bury(self.state.sweep_liveness(now), now)
+        self.state.forget_departed(now)
+        for task in list(self.state.tasks.values()):
+            attempt = task.current_attempt
+            if attempt is not None and now > attempt.deadline:
+                self.results.time_out(task, attempt)
+            elif (task.status is TaskStatus.PENDING and now - task.updated_at > task.timeout_s
+                  and not any(_could_ever_run(task, a) for a in self.state.agents.values())):
+                self.results.finish(
+                    task, TaskStatus.FAILED,
+                    error=f"no agent can run it (kind={task.kind}, capabilities="
+                    f"{task.required_capabilities}) within {task.timeout_s:g}s")
+
+
+def _could_ever_run(task: TaskRecord, agent: AgentRecord) -> bool:
+    # Only agents that have spoken count: one known from the registry alone may never come.
+    return not agent.liveness.gone and agent.heard and matches(task, agent)
