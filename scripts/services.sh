@@ -345,13 +345,15 @@ ensure_consul() {
     if tcp_open 127.0.0.1 "${CONSUL_DEFAULT_ADDR##*:}"; then
         warn "port ${CONSUL_DEFAULT_ADDR##*:} is open but does not answer /v1/status/leader; starting anyway"
     fi
+    # session_ttl_min 1s: the leadership lease (coordinator_agent/ha/lease.py) uses a TTL of a few
+    # seconds, below Consul's default minimum of 10 s.
     log "consul: starting dev agent ($bin agent -dev -client 127.0.0.1 -bind 127.0.0.1), log $CONSUL_LOG"
     rm -f "$CONSUL_PIDFILE"
     {
         printf '\n==== %s: %s starting consul dev agent\n' "$(date -u +%FT%TZ)" "$PROG"
     } >>"$CONSUL_LOG"
     setsid nohup "$bin" agent -dev -client 127.0.0.1 -bind 127.0.0.1 \
-        -pid-file "$CONSUL_PIDFILE" </dev/null >>"$CONSUL_LOG" 2>&1 9>&- &
+        -hcl 'session_ttl_min = "1s"' -pid-file "$CONSUL_PIDFILE" </dev/null >>"$CONSUL_LOG" 2>&1 9>&- &
     local started=$!
     if leader="$(wait_consul_leader "$url" "$CONSUL_WAIT" "$started")"; then
         [ -s "$CONSUL_PIDFILE" ] || echo "$started" >"$CONSUL_PIDFILE"

@@ -38,8 +38,9 @@ def consul_binary() -> str:
 
 
 class PrivateConsul:
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.http_port, *self._other_ports = _free_ports(4)
+        self.extra_args = extra_args
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.log_path = log_path
         self.process: subprocess.Popen[Any] | None = None
@@ -49,7 +50,8 @@ class PrivateConsul:
         args = [consul_binary(), "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
                 "-http-port", str(self.http_port), "-dns-port", "-1", "-grpc-port", "-1",
                 "-serf-lan-port", str(serf_lan), "-serf-wan-port", str(serf_wan),
-                "-server-port", str(server), "-node", f"test-{self.http_port}"]
+                "-server-port", str(server), "-node", f"test-{self.http_port}",
+                *self.extra_args]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
