@@ -1,1 +1,1 @@
-"""High availability: the leadership lease on Consul, with a fencing epoch per term."""
+"""High availability: the leadership lease on Consul and the replicated event log on a stream."""

@@ -1,0 +1,251 @@
+"""The replicated event log: state changes appended to a RabbitMQ stream, read back from any offset.
+
+Writers batch: every event appended in one event-loop turn goes out as one AMQP message, and the
+caller's future resolves when the broker confirms that message (replicated to a quorum of the
+stream's nodes). Nothing waits on a timer, so an idle system adds no latency, and a busy one pays
+one publish and one confirm for many events.
+
+Readers consume the stream from an offset they keep themselves (AMQP 0-9-1 clients get no
+server-side offset tracking) and apply each batch with its offset, so the store can keep the
+offset in the same transaction as the state. A publish retried after a lost confirm repeats its
+events: readers drop event ids they have already applied.
+
+Every batch is sealed with the coordinator principal's Fernet keys, without a TTL (old entries
+must stay readable), so nobody without the coordinator's key can write the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from coordinator_agent.exceptions import TransportError
+
+log = logging.getLogger(__name__)
+
+#: Event ids a reader remembers to drop repeats (a retried publish repeats a whole batch).
+DEDUPE_WINDOW = 100_000
+
+
+def log_queue(name: str) -> str:
+    return f"ca.{name}.log"
+
+
+class Event(NamedTuple):
+    """One state change. ``epoch`` is the leadership term that decided it."""
+
+    id: str
+    epoch: int
+    type: str
+    data: dict[str, Any]
+
+
+class LogCodec:
+    """Seals and opens batches of events with a principal's keys (newest first)."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        if not secrets:
+            raise ValueError("the log needs at least one key")
+        self._fernet = MultiFernet([Fernet(s) for s in secrets])
+
+    def __repr__(self) -> str:
+        return "LogCodec(<keys hidden>)"
+
+    def seal(self, events: list[Event]) -> bytes:
+        return self._fernet.encrypt(orjson.dumps([tuple(e) for e in events]))
+
+    def open(self, body: bytes) -> list[Event]:
+        try:
+            rows = orjson.loads(self._fernet.decrypt(body))
+        except (InvalidToken, orjson.JSONDecodeError) as exc:
+            raise ValueError("a log entry that is not sealed with the coordinator's key") from exc
+        if not isinstance(rows, list) or not all(
+                isinstance(row, list) and len(row) == 4 for row in rows):
+            raise ValueError("a log entry that is not a list of events")
+        return [Event(*row) for row in rows]
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long the stream keeps entries: by age (``7D``, ``12h``) and by size, per segment."""
+
+    max_age: str = "7D"
+    max_bytes: int = 20 * 1024**3
+    segment_bytes: int = 100 * 1024**2
+
+
+async def declare(channel: AbstractChannel, name: str, retention: Retention) -> None:
+    await channel.declare_queue(log_queue(name), durable=True, arguments={
+        "x-queue-type": "stream",
+        "x-max-age": retention.max_age,
+        "x-max-length-bytes": retention.max_bytes,
+        "x-stream-max-segment-size-bytes": retention.segment_bytes,
+    })
+
+
+class LogWriter:
+    """Appends events; one AMQP message and one confirm per event-loop turn's worth."""
+
+    def __init__(self, channel: AbstractChannel, name: str, codec: LogCodec, *,
+                 batch_max: int = 1000, publish_timeout_s: float = 10.0) -> None:
+        self.channel = channel
+        self.queue = log_queue(name)
+        self.codec = codec
+        self.batch_max = batch_max
+        self.publish_timeout_s = publish_timeout_s
+        self._batch: list[Event] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._scheduled = False
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self.batches = 0
+        self.events = 0
+
+    def append(self, event: Event) -> asyncio.Future[None]:
+        """Queue ``event`` for this turn's batch; the future resolves once it is confirmed."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._batch.append(event)
+        self._waiters.append(waiter)
+        if len(self._batch) >= self.batch_max:
+            self._flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)  # at the end of this turn: no timer, no idle latency
+        return waiter
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._batch:
+            return
+        batch, waiters = self._batch, self._waiters
+        self._batch, self._waiters = [], []
+        # One channel publishes in order, so batches land in the stream in append order.
+        task = asyncio.ensure_future(self._publish(batch, waiters))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _publish(self, batch: list[Event], waiters: list[asyncio.Future[None]]) -> None:
+        error: BaseException | None = None
+        try:
+            message = aio_pika.Message(self.codec.seal(batch),
+                                       delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            await asyncio.wait_for(
+                self.channel.default_exchange.publish(message, routing_key=self.queue),
+                self.publish_timeout_s)
+        except Exception as exc:  # unsealable data, a nack, a timeout, a closed channel
+            error = TransportError(f"log append of {len(batch)} events failed: {exc!r}")
+        else:
+            self.batches += 1
+            self.events += len(batch)
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+    async def flush(self) -> None:
+        """Wait for every batch appended so far to be confirmed (or to fail)."""
+        self._flush()
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+
+Apply = Callable[[list[Event], int], Awaitable[None] | None]
+
+
+class LogReader:
+    """Applies the stream from an offset, in order, each event once."""
+
+    def __init__(self, channel: AbstractChannel, name: str, codec: LogCodec, apply: Apply, *,
+                 prefetch: int = 500) -> None:
+        self.channel = channel
+        self.queue = log_queue(name)
+        self.codec = codec
+        self.apply = apply
+        self.prefetch = prefetch
+        self.next_offset = 0
+        self.applied_events = 0
+        self.rejected = 0
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._tag: str | None = None
+        self._progress = asyncio.Condition()
+        self._handling = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def start(self, from_offset: int) -> None:
+        self.next_offset = from_offset
+        await self.channel.set_qos(prefetch_count=self.prefetch)  # streams refuse 0
+        queue = await self.channel.get_queue(self.queue, ensure=False)
+        self._tag = await queue.consume(self._on_message, no_ack=False,
+                                        arguments={"x-stream-offset": from_offset})
+
+    async def stop(self) -> None:
+        if self._tag is not None:
+            queue = await self.channel.get_queue(self.queue, ensure=False)
+            with contextlib.suppress(Exception):
+                await queue.cancel(self._tag)
+            self._tag = None
+        await self._idle.wait()  # deliveries already handed to us finish first
+
+    async def wait_for_offset(self, offset: int, timeout: float) -> None:
+        """Until every entry before ``offset`` is applied."""
+        async with self._progress:
+            await asyncio.wait_for(
+                self._progress.wait_for(lambda: self.next_offset >= offset), timeout)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._handling += 1
+        self._idle.clear()
+        try:
+            await self._handle(message)
+        finally:
+            self._handling -= 1
+            if not self._handling:
+                self._idle.set()
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        header = (message.headers or {}).get("x-stream-offset")
+        offset = header if isinstance(header, int) else self.next_offset  # a stream sets it
+        if offset >= self.next_offset:  # the broker may start a chunk before our offset
+            try:
+                events = self.codec.open(message.body)
+            except ValueError:
+                self.rejected += 1
+                log.error("log entry at offset %d is not sealed with the coordinator's key; "
+                          "skipped", offset)
+                events = []
+            seen = self._seen
+            fresh = [e for e in events if e.id not in seen]
+            seen.update(dict.fromkeys(e.id for e in fresh))
+            for _ in range(len(seen) - DEDUPE_WINDOW):
+                seen.popitem(last=False)
+            if fresh:
+                result = self.apply(fresh, offset)
+                if result is not None:
+                    await result
+                self.applied_events += len(fresh)
+            self.next_offset = offset + 1
+        await message.ack()  # on a stream an ack is credit, not deletion: it lets delivery go on
+        async with self._progress:
+            self._progress.notify_all()
+
+
+async def open_channel(url: str, name: str) -> tuple[AbstractRobustConnection, AbstractChannel]:
+    """A connection and a confirming channel for one writer or reader, named for the broker UI."""
+    connection = await aio_pika.connect_robust(url, client_properties={
+        "connection_name": f"{name}/log"})
+    channel = await connection.channel(publisher_confirms=True)
+    return connection, channel

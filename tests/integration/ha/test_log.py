@@ -1,0 +1,134 @@
+"""The replicated event log on a real RabbitMQ stream: batching, order, offsets, dedupe, seal."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel
+from cryptography.fernet import Fernet
+
+from coordinator_agent.exceptions import TransportError
+from coordinator_agent.ha.log import (
+    Event,
+    LogCodec,
+    LogReader,
+    LogWriter,
+    Retention,
+    declare,
+    log_queue,
+)
+
+KEY = Fernet.generate_key().decode()
+
+
+@pytest.fixture
+async def channel(broker_url: str) -> AsyncIterator[AbstractChannel]:
+    connection = await aio_pika.connect(broker_url, client_properties={
+        "connection_name": "test_log"})
+    yield await connection.channel(publisher_confirms=True)
+    await connection.close()
+
+
+@pytest.fixture
+async def stream(broker_url: str, channel: AbstractChannel) -> AsyncIterator[str]:
+    name = f"t-log-{uuid.uuid4().hex[:8]}"
+    await declare(channel, name, Retention(max_age="1h", max_bytes=100 * 1024**2))
+    yield name
+    connection = await aio_pika.connect(broker_url)
+    await (await connection.channel()).queue_delete(log_queue(name))
+    await connection.close()
+
+
+def events(count: int, epoch: int = 1, prefix: str = "e") -> list[Event]:
+    return [Event(f"{prefix}{i}", epoch, "task.accepted", {"task_id": f"t{i}", "n": i})
+            for i in range(count)]
+
+
+async def read_all(channel: AbstractChannel, name: str, until: int, *, from_offset: int = 0,
+                   codec: LogCodec | None = None) -> tuple[list[tuple[Event, int]], LogReader]:
+    seen: list[tuple[Event, int]] = []
+    reader = LogReader(channel, name, codec or LogCodec([KEY]),
+                       lambda batch, offset: seen.extend((e, offset) for e in batch))
+    await reader.start(from_offset)
+    await reader.wait_for_offset(until, timeout=20)
+    await reader.stop()
+    return seen, reader
+
+
+async def test_one_turn_of_appends_is_one_batch_and_comes_back_in_order(
+    channel: AbstractChannel, stream: str,
+) -> None:
+    writer = LogWriter(channel, stream, LogCodec([KEY]))
+    appended = events(2_000)
+    confirmations = [writer.append(e) for e in appended]  # all in one loop turn
+    await asyncio.gather(*confirmations)
+    assert writer.events == 2_000 and writer.batches == 2  # batch_max 1000
+    single = events(1, prefix="single-")
+    await writer.append(single[0])  # alone on an idle loop: its own batch, sent at once
+    assert writer.batches == 3
+    seen, _ = await read_all(channel, stream, until=3)
+    assert [e for e, _ in seen] == appended + single
+
+
+async def test_a_reader_starts_at_its_own_offset(channel: AbstractChannel, stream: str) -> None:
+    writer = LogWriter(channel, stream, LogCodec([KEY]))
+    for batch_number in range(5):
+        await asyncio.gather(*(writer.append(e)
+                               for e in events(10, prefix=f"b{batch_number}-")))
+    seen, reader = await read_all(channel, stream, until=5, from_offset=3)
+    assert {e.id.split("-")[0] for e, _ in seen} == {"b3", "b4"}
+    assert {offset for _, offset in seen} == {3, 4} and reader.next_offset == 5
+
+
+async def test_a_repeated_batch_is_applied_once(channel: AbstractChannel, stream: str) -> None:
+    writer = LogWriter(channel, stream, LogCodec([KEY]))
+    batch = events(20)
+    await asyncio.gather(*(writer.append(e) for e in batch))
+    await asyncio.gather(*(writer.append(e) for e in batch))  # as a retry after a lost confirm
+    seen, reader = await read_all(channel, stream, until=2)
+    assert [e for e, _ in seen] == batch
+    assert reader.applied_events == 20
+
+
+async def test_an_entry_not_sealed_with_the_key_is_skipped_and_counted(
+    channel: AbstractChannel, stream: str,
+) -> None:
+    forger = LogWriter(channel, stream, LogCodec([Fernet.generate_key().decode()]))
+    writer = LogWriter(channel, stream, LogCodec([KEY]))
+    await forger.append(events(1, epoch=99, prefix="forged-")[0])
+    genuine = events(3)
+    await asyncio.gather(*(writer.append(e) for e in genuine))
+    seen, reader = await read_all(channel, stream, until=2)
+    assert [e for e, _ in seen] == genuine
+    assert reader.rejected == 1
+
+
+async def test_a_rotated_keyring_still_reads_old_entries(
+    channel: AbstractChannel, stream: str,
+) -> None:
+    await LogWriter(channel, stream, LogCodec([KEY])).append(events(1)[0])
+    rotated = LogCodec([Fernet.generate_key().decode(), KEY])  # newest first
+    seen, _ = await read_all(channel, stream, until=1, codec=rotated)
+    assert [e.id for e, _ in seen] == ["e0"]
+
+
+def test_the_codec_never_shows_its_keys() -> None:
+    assert KEY not in repr(LogCodec([KEY]))
+    with pytest.raises(ValueError, match="at least one key"):
+        LogCodec([])
+
+
+async def test_an_event_the_log_cannot_hold_fails_its_append_and_no_other(
+    channel: AbstractChannel, stream: str,
+) -> None:
+    writer = LogWriter(channel, stream, LogCodec([KEY]))
+    bad = Event("bad", 1, "task.accepted", {"input": 2**70})  # JSON, but beyond 64 bits
+    with pytest.raises(TransportError, match="log append of 1 events failed"):
+        await writer.append(bad)
+    await writer.append(events(1)[0])
+    seen, _ = await read_all(channel, stream, until=1)
+    assert [e.id for e, _ in seen] == ["e0"]
