@@ -70,8 +70,13 @@ class ConsulLease:
     @property
     def held(self) -> bool:
         """True while we may act as leader: a term, renewed recently enough."""
-        return (self.term is not None
-                and time.monotonic() - self._renewed_at < self.ttl_s - self.margin_s)
+        return self.time_left() > 0
+
+    def time_left(self) -> float:
+        """Seconds we may still act as leader without another good renewal (0 without a term)."""
+        if self.term is None:
+            return 0.0
+        return max(0.0, self.ttl_s - self.margin_s - (time.monotonic() - self._renewed_at))
 
     async def acquire(self) -> Term | None:
         """Try once to take the lock; our term on success, None while another holds it."""
