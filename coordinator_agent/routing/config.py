@@ -90,13 +90,16 @@ class KindSpec(_Model):
     """One kind of agent: what it is for and which words point at it.
 
     ``keywords`` feed the analyser's domains (and so the seed formula) and the text prior;
-    ``terms``, ``phrases`` and ``examples`` are read by the text prior only (``text_prior.py``).
+    ``terms``, ``hints``, ``phrases`` and ``examples`` are read by the text prior only
+    (``text_prior.py``).
     """
 
     description: str = ""
     keywords: Words = []
     #: Further words and product or tool names (okta, argocd, cmdb) that point at this kind.
     terms: Words = []
+    #: Words that only lean towards this kind ("which", "slow"): they weigh less than terms.
+    hints: Words = []
     phrases: Phrases = []
     examples: Examples = []
     complexity: list[Complexity] = Field(
@@ -159,8 +162,12 @@ class Hedge(_Model):
 class PriorSettings(_Model):
     """How the text prior weighs its sources (see ``text_prior.py`` and docs/ROUTING.md)."""
 
-    #: Score a kind gets for each of its keywords or terms in a description (in nats).
+    #: Score a kind gets for each of its keywords found in a description (in nats).
+    keyword_weight: float = Field(1.5, ge=0, le=10)
+    #: Score for each of its terms.
     term_weight: float = Field(1.0, ge=0, le=10)
+    #: Score a kind gets for each of its hints.
+    hint_weight: float = Field(0.4, ge=0, le=10)
     #: Score for each of its phrases; the words of a matched phrase count no further.
     phrase_weight: float = Field(2.0, ge=0, le=10)
     #: Multiplier of the evidence learned from the kinds' example tickets.
@@ -170,6 +177,8 @@ class PriorSettings(_Model):
     #: Extra weight of the first words: a feature at position p counts (1 + lead_bonus/(1+p))
     #: times. Titles name their subject first; it also settles ties without a name.
     lead_bonus: float = Field(0.5, ge=0, le=5)
+    #: Examples of one kind a feature must appear in before the examples teach anything about it.
+    example_min_count: int = Field(2, ge=1, le=100)
     #: The fallback kind's score: what "nothing in the text points anywhere" is worth.
     fallback_score: float = Field(0.5, ge=0, le=10)
     #: Descriptions whose probabilities are kept (least recently used beyond this go).

@@ -4,17 +4,22 @@ The router's cold start. Each kind is described in the routing config by words, 
 few example tickets; this module turns those into one table of evidence per feature and scores
 a description by adding up the evidence of its features:
 
-* **features** come from a tokenizer made for tickets: camelCase and snake_case are split
-  (``NullPointerException`` also gives null, pointer, exception; ``test_client.py`` gives test,
-  client, py), digits-only tokens (versions, ids, CVE numbers) are dropped, stopwords removed,
-  the rest reduced by the analyser's stemmer. Adjacent words also form bigrams.
-* **keywords and terms** of a kind add ``prior.term_weight`` each (shared by the kinds that list
-  the same word).
+* **features** come from a tokenizer made for tickets: snake_case and dotted names are split
+  (``test_client.py`` gives test, client, py), camelCase tokens also count as their parts
+  (``NullPointerException`` also gives null, pointer, exception), digits-only tokens
+  (versions, ids, CVE numbers) are dropped, stopwords removed, the rest reduced by the
+  analyser's stemmer. Adjacent words also form bigrams; the first words weigh a little more
+  (``prior.lead_bonus``): a title names its subject first.
+* **keywords** of a kind add ``prior.keyword_weight`` each, **terms** ``prior.term_weight``,
+  **hints** the smaller ``prior.hint_weight`` (a word listed by several kinds is shared
+  between them). Keywords name what a task *is* (a guide, a deployment, a vulnerability);
+  terms are more often what it is *about*, which other kinds' tickets mention too.
 * **phrases** add ``prior.phrase_weight``, and the words inside a matched phrase count no
   further: "memory leak" is development, and its "leak" no longer votes for security.
 * **examples** (and the kind's description) teach a smoothed log-ratio per feature: how much
-  more often it occurs in this kind's examples than in the average kind's, never below zero.
-  With K kinds it is at most log K, so no single word decides alone.
+  more often it occurs in this kind's examples than in the average kind's, never below zero,
+  times ``prior.example_weight``. With K kinds it is at most log K, so no single word decides
+  alone; a feature seen in fewer than ``prior.example_min_count`` examples teaches nothing.
 
 The fallback kind scores ``prior.fallback_score`` on top of its own evidence: it means "nothing
 here points anywhere", so a description of unknown words leans towards it without a tie, and a
@@ -56,8 +61,8 @@ class Features:
 
     #: Stems in order (stopwords out); the sequence that phrases and bigrams are read from.
     words: tuple[str, ...]
-    #: Whole compound tokens (``nullpointerexception``, ``argocd``) besides their parts, each
-    #: with the position of its first part in ``words``.
+    #: The parts of camelCase tokens (``NullPointerException``: null, pointer, exception), each
+    #: with the position of its token in ``words``.
     compounds: tuple[tuple[str, int], ...]
 
 
@@ -88,19 +93,21 @@ class TextPrior:
 
     def features(self, text: str) -> Features:
         words: list[str] = []
-        compounds: list[tuple[str, int]] = []
+        parts_of: list[tuple[str, int]] = []
         for match in _TOKEN.finditer(text[: self.max_chars]):
             raw = match.group()
-            parts = _CAMEL_PART.findall(raw) if not raw.islower() and not raw.isupper() else ()
-            if len(parts) > 1:
-                whole = self._stem(raw.lower())
-                if whole:
-                    compounds.append((whole, len(words)))
-                for part in parts:
-                    self._append(words, part.lower())
-            else:
-                self._append(words, raw.lower())
-        return Features(tuple(words), tuple(compounds))
+            self._append(words, raw.lower())
+            # A compound keeps its place in the sequence as one word ("github" as configured,
+            # so "GitHub Actions" meets the phrase "github actions"); its parts are extra words
+            # ("NullPointerException" also says "exception").
+            if not raw.islower() and not raw.isupper():
+                parts = _CAMEL_PART.findall(raw)
+                if len(parts) > 1:
+                    for part in parts:
+                        word = self._stem(part.lower())
+                        if word:
+                            parts_of.append((word, max(0, len(words) - 1)))
+        return Features(tuple(words), tuple(parts_of))
 
     def _append(self, words: list[str], token: str) -> None:
         word = self._stem(token)
@@ -209,26 +216,31 @@ class TextPrior:
                 by_kind = evidence.setdefault(feature, {})
                 by_kind[kind] = by_kind.get(kind, 0.0) + weight
 
-        # Keywords and terms: a word listed by several kinds is shared between them.
-        listed: dict[str, set[int]] = {}
+        # Keywords, terms and hints: a word listed by several kinds is shared between them.
+        listed: dict[str, dict[int, float]] = {}
         phrases: dict[tuple[str, ...], dict[int, float]] = {}
+
+        def list_word(words: tuple[str, ...], k: int, weight: float) -> None:
+            if len(words) == 1:
+                by_kind = listed.setdefault(words[0], {})
+                by_kind[k] = max(by_kind.get(k, 0.0), weight)
+            elif len(words) > 1:  # "snipe-it", "end-of-life": a phrase after all
+                by_kind = phrases.setdefault(words[:MAX_PHRASE_WORDS], {})
+                by_kind[k] = max(by_kind.get(k, 0.0), weight)
+
         for kind, spec in config.kinds.items():
             k = self._index[kind]
-            for term in (*spec.keywords, *spec.terms):
-                words = self.features(term).words
-                if len(words) == 1:
-                    listed.setdefault(words[0], set()).add(k)
-                elif len(words) > 1:  # "snipe-it", "end-of-life": a phrase after all
-                    phrases.setdefault(words[:MAX_PHRASE_WORDS], {})[k] = settings.term_weight
+            for keyword in spec.keywords:
+                list_word(self.features(keyword).words, k, settings.keyword_weight)
+            for term in spec.terms:
+                list_word(self.features(term).words, k, settings.term_weight)
+            for hint in spec.hints:
+                list_word(self.features(hint).words, k, settings.hint_weight)
             for phrase in spec.phrases:
-                words = self.features(phrase).words[:MAX_PHRASE_WORDS]
-                if len(words) > 1:
-                    phrases.setdefault(words, {})[k] = settings.phrase_weight
-                elif words:  # stopwords left a single word: it is a term
-                    listed.setdefault(words[0], set()).add(k)
-        for word, kinds in listed.items():
-            for k in kinds:
-                add(word, k, settings.term_weight / len(kinds))
+                list_word(self.features(phrase).words, k, settings.phrase_weight)
+        for word, by_kind in listed.items():
+            for k, weight in by_kind.items():
+                add(word, k, weight / len(by_kind))
 
         # Examples: smoothed rate of each feature in a kind's examples against the average kind.
         counts: dict[int, dict[str, int]] = {}
@@ -246,7 +258,10 @@ class TextPrior:
                 for name in {n for n, _ in _feature_names(f.words, unconsumed, f.compounds)}:
                     per_kind[name] = per_kind.get(name, 0) + 1
         a = settings.example_smoothing
-        everything = {name for per_kind in counts.values() for name in per_kind}
+        # A feature seen in fewer examples than this (in every kind) is more likely an accident
+        # of wording ("two", "new") than a sign of the kind: it teaches nothing.
+        everything = {name for per_kind in counts.values() for name, n in per_kind.items()
+                      if n >= settings.example_min_count}
         for name in everything:
             rates = {k: (counts[k].get(name, 0) + a) / (sizes[k] + 2 * a) for k in sizes}
             average = sum(rates.values()) / len(rates)
