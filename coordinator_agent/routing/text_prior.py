@@ -40,6 +40,8 @@ from coordinator_agent.routing.analysis import stem
 from coordinator_agent.routing.config import RoutingConfig
 
 _TOKEN = re.compile(r"[A-Za-z0-9]+")
+#: A lower-case letter followed by a capital: camelCase ("GitHub"), not "PRs" or "URLs".
+_CAMEL = re.compile(r"[a-z][A-Z]")
 _CAMEL_PART = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
 #: A score above this would round a probability to exactly 0 or 1 after the softmax.
 MAX_SCORE = 30.0
@@ -100,7 +102,7 @@ class TextPrior:
             # A compound keeps its place in the sequence as one word ("github" as configured,
             # so "GitHub Actions" meets the phrase "github actions"); its parts are extra words
             # ("NullPointerException" also says "exception").
-            if not raw.islower() and not raw.isupper():
+            if _CAMEL.search(raw):
                 parts = _CAMEL_PART.findall(raw)
                 if len(parts) > 1:
                     for part in parts:
@@ -198,12 +200,24 @@ class TextPrior:
                     consumed[start:start + size] = [True] * size
                     yield " ".join(gram), start, hit
         seen: set[str] = set()
-        for feature, position in _feature_names(words, consumed, features.compounds):
+        known: set[int] = set()  # positions whose whole word had evidence or a phrase
+        known.update(i for i, used in enumerate(consumed) if used)
+        for feature, position in _feature_names(words, consumed, ()):
             if feature not in seen:
                 seen.add(feature)
                 hit = self._evidence.get(feature)
                 if hit is not None:
+                    if " " not in feature:
+                        known.add(position)
                     yield feature, position, hit
+        # The parts of a camelCase word speak only for a word the tables do not know:
+        # "ArgoCD" counts once, "ConcurrentModificationException" as its parts.
+        for part, position in features.compounds:
+            if position not in known and part not in seen:
+                seen.add(part)
+                hit = self._evidence.get(part)
+                if hit is not None:
+                    yield part, position, hit
 
     # --- learning the table from the config ---------------------------------------------------
 
