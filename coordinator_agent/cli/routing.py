@@ -14,12 +14,15 @@ import os
 import sys
 import urllib.parse
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator_agent.cli.progress import format_table
 from coordinator_agent.cli.reach import api_get, monitoring_url
 from coordinator_agent.exceptions import CoordinatorError
 from coordinator_agent.settings import Settings
+
+if TYPE_CHECKING:
+    from coordinator_agent.routing.text_prior import TextPrior
 
 
 def add_routing_commands(
@@ -91,6 +94,10 @@ def route_explanation(explained: Mapping[str, Any]) -> str:
                                "WORKLOAD"), rows,
                               right=("CONFIDENCE", "PATTERN", "DOMAIN", "COMPLEXITY", "WORKLOAD"),
                               empty="(no kind can take it)"))
+    prior = (explained.get("text_prior") or {}).get("probabilities") or {}
+    if prior:
+        lines += ["", "text prior " + "   ".join(
+            f"{kind} {float(p):.3f}" for kind, p in list(prior.items())[:4])]
     chosen = explained.get("kind") or "(none)"
     agent = explained.get("agent")
     via = f" -> agent {agent}" if agent else ""
@@ -111,11 +118,13 @@ def explain_locally(args: argparse.Namespace, settings: Settings) -> dict[str, A
     """The decision from the configuration and the learning store on disk (no agents known)."""
     from coordinator_agent.routing.config import load_routing_config
     from coordinator_agent.routing.planner import CoordinationPlanner
+    from coordinator_agent.routing.text_prior import TextPrior
 
     store = settings.routing_store_path
+    config = load_routing_config(settings.routing_config)
     planner = CoordinationPlanner(
         settings.limits.max_in_flight_per_agent,
-        config=load_routing_config(settings.routing_config),
+        config=config,
         store_path=store if store.exists() else None,
     )
     try:
@@ -123,7 +132,29 @@ def explain_locally(args: argparse.Namespace, settings: Settings) -> dict[str, A
                                     required_capabilities=args.capability)
     finally:
         planner.close()
+    if args.kind is None:
+        explained = cold_start(explained, TextPrior(config), args.description)
     return {**explained, "source": f"local ({store if store.exists() else 'no learning store'})"}
+
+
+def cold_start(explained: dict[str, Any], prior: TextPrior, description: str) -> dict[str, Any]:
+    """With nothing learned for any kind, the text prior decides the kind (``TextPrior``)."""
+    kinds = explained.get("kinds") or {}
+    if any(float((k.get("parts") or {}).get("evidence") or 0) > 0 for k in kinds.values()):
+        return explained
+    probabilities = prior.probabilities(description)
+    chosen = prior.best(description)
+    ranked = sorted(probabilities, key=lambda k: -probabilities[k])
+    return {
+        **explained,
+        "kind": chosen,
+        "fallback_used": chosen == prior.fallback,
+        "reason": f"cold start: nothing learned yet, the text prior gives {chosen!r} "
+                  f"{probabilities[chosen]:.2f}",
+        "alternatives": [k for k in ranked if k != chosen],
+        "text_prior": {"probabilities": {k: round(probabilities[k], 4) for k in ranked},
+                       "matched": prior.matched(description)},
+    }
 
 
 def cmd_route(args: argparse.Namespace, settings: Settings) -> int:

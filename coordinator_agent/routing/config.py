@@ -41,6 +41,36 @@ Words = Annotated[
 ]
 
 
+def _phrases(phrases: list[str]) -> list[str]:
+    cleaned = [" ".join(p.lower().split()) for p in phrases]
+    for phrase in cleaned:
+        if not 2 <= len(phrase.split()) <= 4:
+            raise ValueError(f"phrase {phrase!r} must have two to four words")
+    return cleaned
+
+
+def _examples(examples: list[str]) -> list[str]:
+    cleaned = [" ".join(e.split()) for e in examples]
+    seen: set[str] = set()
+    for example in cleaned:
+        if example.lower() in seen:
+            raise ValueError(f"example {example!r} is listed twice")
+        seen.add(example.lower())
+    return cleaned
+
+
+#: Multi-word terms ("memory leak", "pen test") that outweigh the words they are made of.
+Phrases = Annotated[
+    list[Annotated[str, Field(min_length=3, max_length=80)]], AfterValidator(_phrases)
+]
+#: Example tickets of a kind, as people write them: what the text prior learns from.
+Examples = Annotated[
+    list[Annotated[str, Field(min_length=8, max_length=400)]],
+    Field(max_length=200),
+    AfterValidator(_examples),
+]
+
+
 class Complexity(enum.StrEnum):
     LOW = "low"
     MEDIUM = "medium"
@@ -57,10 +87,21 @@ class _Model(BaseModel):
 
 
 class KindSpec(_Model):
-    """One kind of agent: what it is for and which words point at it."""
+    """One kind of agent: what it is for and which words point at it.
+
+    ``keywords`` feed the analyser's domains (and so the seed formula) and the text prior;
+    ``terms``, ``hints``, ``phrases`` and ``examples`` are read by the text prior only
+    (``text_prior.py``).
+    """
 
     description: str = ""
     keywords: Words = []
+    #: Further words and product or tool names (okta, argocd, cmdb) that point at this kind.
+    terms: Words = []
+    #: Words that only lean towards this kind ("which", "slow"): they weigh less than terms.
+    hints: Words = []
+    phrases: Phrases = []
+    examples: Examples = []
     complexity: list[Complexity] = Field(
         default_factory=lambda: [Complexity.LOW, Complexity.MEDIUM, Complexity.HIGH],
         min_length=1,
@@ -118,6 +159,32 @@ class Hedge(_Model):
     margin: float = Field(0.05, ge=0, le=1)
 
 
+class PriorSettings(_Model):
+    """How the text prior weighs its sources (see ``text_prior.py`` and docs/ROUTING.md)."""
+
+    #: Score a kind gets for each of its keywords found in a description (in nats).
+    keyword_weight: float = Field(1.5, ge=0, le=10)
+    #: Score for each of its terms.
+    term_weight: float = Field(1.0, ge=0, le=10)
+    #: Score a kind gets for each of its hints.
+    hint_weight: float = Field(0.4, ge=0, le=10)
+    #: Score for each of its phrases; the words of a matched phrase count no further.
+    phrase_weight: float = Field(2.0, ge=0, le=10)
+    #: Multiplier of the evidence learned from the kinds' example tickets.
+    example_weight: float = Field(0.5, ge=0, le=10)
+    #: Additive smoothing of the example counts; larger trusts a single example less.
+    example_smoothing: float = Field(1.0, gt=0, le=10)
+    #: Extra weight of the first words: a feature at position p counts (1 + lead_bonus/(1+p))
+    #: times. Titles name their subject first; it also settles ties without a name.
+    lead_bonus: float = Field(0.5, ge=0, le=5)
+    #: Examples of one kind a feature must appear in before the examples teach anything about it.
+    example_min_count: int = Field(2, ge=1, le=100)
+    #: The fallback kind's score: what "nothing in the text points anywhere" is worth.
+    fallback_score: float = Field(0.5, ge=0, le=10)
+    #: Descriptions whose probabilities are kept (least recently used beyond this go).
+    cache_size: int = Field(4096, ge=0, le=1_000_000)
+
+
 class RoutingConfig(_Model):
     """Everything the analyser and the planner read; see ``data/routing.yaml``."""
 
@@ -133,6 +200,7 @@ class RoutingConfig(_Model):
     retry: RetryPolicy = RetryPolicy()
     hedge: Hedge = Hedge()
     learning: Learning = Learning()
+    prior: PriorSettings = PriorSettings()
     #: How long a grouping of the fleet by kind (health, capacity) is reused between decisions
     #: while the set of agent records stays the same. Loads are read live for the chosen kind
     #: and the chosen agent is re-checked, so this only delays noticing an agent that became
@@ -146,6 +214,17 @@ class RoutingConfig(_Model):
     def _backoff_cap(self) -> RoutingConfig:
         if self.retry.backoff_max_s < self.retry.backoff_base_s:
             raise ValueError("retry.backoff_max_s must be at least retry.backoff_base_s")
+        return self
+
+    @model_validator(mode="after")
+    def _examples_belong_to_one_kind(self) -> RoutingConfig:
+        owner: dict[str, str] = {}
+        for kind, spec in self.kinds.items():
+            for example in spec.examples:
+                other = owner.setdefault(example.lower(), kind)
+                if other != kind:
+                    raise ValueError(
+                        f"example {example!r} is listed under both {other!r} and {kind!r}")
         return self
 
 
