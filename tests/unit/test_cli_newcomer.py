@@ -40,7 +40,7 @@ def test_submit_timeout_over_the_protocols_maximum_is_an_invalid_task_not_a_conf
     clean_env: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, err = run(capsys, "submit", "hello", "--timeout", "100000")
-    assert code == 2
+    assert code == 2 and out == ""
     assert err.startswith("coordinator-agent: invalid task: timeout_s: ")
     assert "configuration error" not in err and "Traceback" not in err
 
