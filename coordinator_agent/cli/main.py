@@ -345,10 +345,32 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         max_concurrency=args.concurrency,
     )
 
-    async def stop() -> None:
-        await agent.stop()
+    async def body() -> int:
+        # agent.run() also ends when the coordinator sends agent.drain (`coordinator-agent
+        # drain`); a signal asks for the same graceful stop, a second one forces exit.
+        loop = asyncio.get_running_loop()
+        signals = 0
 
-    return run_until_signal(agent.start, stop)
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                log.warning("second signal: exiting now")
+                os._exit(130)
+            log.info("stopping (send the signal again to force)")
+            agent.request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await agent.run()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await agent.stop()  # what started before a failed start, closed again
+            raise
+        return 0
+
+    return asyncio.run(body())
 
 
 def operator_id(keyring: Keyring, wanted: str | None) -> str:
