@@ -196,15 +196,17 @@ async def test_the_client_refuses_oversized_input_and_wait_names_the_task(
     assert waited.value.task_id == fits and fits in str(waited.value)
 
 
+@pytest.mark.parametrize("command", [["run"], ["demo", "--forever", "--agents", "1"]],
+                         ids=["run", "make-run"])
 async def test_a_taken_monitoring_port_is_one_line_naming_the_port_and_the_option(
-    settings: Settings, keyring: Keyring, cleanup_namespace: None,
+    settings: Settings, keyring: Keyring, cleanup_namespace: None, command: list[str],
 ) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "coordinator_agent", "run", "--monitoring-port", str(port),
+            sys.executable, "-m", "coordinator_agent", *command, "--monitoring-port", str(port),
             env=subprocess_env(settings, COORDINATOR_LOG_LEVEL="WARNING"),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
