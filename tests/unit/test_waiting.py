@@ -64,3 +64,12 @@ def test_route_says_no_matching_agent_in_words() -> None:
     why = next(line for line in text.splitlines() if line.startswith("why"))
     assert "no_matching_agent" not in why
     assert "no known agent can take it" in why and "wait" in why
+
+
+def test_the_cli_tasks_table_shows_why_a_task_waits() -> None:
+    from coordinator_agent.cli.progress import tasks_table
+
+    table = tasks_table([{"id": "t1", "status": "pending", "routing": {}, "attempts": [],
+                          "updated_at": NOW, "description": "Scan",
+                          "waiting": {"reason": "no_matching_agent", "text": "..."}}], now=NOW)
+    assert "waiting: no_matching_agent" in table.splitlines()[1]
