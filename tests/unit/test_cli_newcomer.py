@@ -163,3 +163,15 @@ def test_every_cli_variable_is_known_to_the_settings_check() -> None:
     named = set(re.findall(r"\[(COORDINATOR_[A-Z0-9_]+)", "\n".join(helps)))
     settings = {f"COORDINATOR_{name.upper()}" for name in Settings.model_fields}
     assert named - settings == OTHER_VARIABLES
+
+
+def test_the_sdk_refuses_an_operator_key_for_an_agent_too(clean_env: Path) -> None:
+    from coordinator_agent.agent.examples import example_handler
+    from coordinator_agent.agent.worker import WorkerAgent
+    from coordinator_agent.exceptions import ConfigError
+    from coordinator_agent.settings import load_settings
+
+    ring = Keyring()
+    ring.generate("alice", "operator")
+    with pytest.raises(ConfigError, match="'alice' is an operator in the keyring, not an agent"):
+        WorkerAgent("alice", "general", example_handler, settings=load_settings(), keyring=ring)
