@@ -30,7 +30,7 @@ DEFAULT_CONFIG_PATH = Path("config/coordinator.yaml")
 CONFIG_ENV = "COORDINATOR_CONFIG"
 ENV_PREFIX = "COORDINATOR_"
 #: COORDINATOR_* variables that are not settings: the command line's own options (each named in
-#: its --help; tests/unit/test_cli.py keeps the two in step) and the config file's name.
+#: its --help; tests/unit/test_cli_newcomer.py keeps the two in step) and the config file's name.
 OTHER_VARIABLES = frozenset({
     CONFIG_ENV, "COORDINATOR_URL", "COORDINATOR_JSON", "COORDINATOR_PRINCIPAL",
     "COORDINATOR_AGENT_ID", "COORDINATOR_AGENT_KIND", "COORDINATOR_AGENT_CAPABILITIES",
