@@ -40,7 +40,13 @@ from coordinator_agent.cli.reach import (
     require_broker,
 )
 from coordinator_agent.cli.routing import add_routing_commands, cmd_route, cmd_routing
-from coordinator_agent.exceptions import ConfigError, CoordinatorError, UsageError, WaitTimeout
+from coordinator_agent.exceptions import (
+    ConfigError,
+    CoordinatorError,
+    SubmissionTooLarge,
+    UsageError,
+    WaitTimeout,
+)
 from coordinator_agent.settings import CONFIG_ENV, Settings, describe_config_source, load_settings
 from coordinator_agent.wire.keyring import ROLES, Keyring, check_principal_id, require_role
 
@@ -431,6 +437,8 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         return asyncio.run(body())
+    except SubmissionTooLarge as exc:
+        raise UsageError(str(exc)) from None  # nothing was sent: the input is what to change
     except WaitTimeout as exc:
         # The task goes on: say which one, and how to find it later.
         if args.json:

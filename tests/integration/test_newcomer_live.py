@@ -177,6 +177,20 @@ async def test_submit_wait_timeout_names_the_task_and_prints_json(
     assert f"GET /api/tasks/{task_id}" in err and "/ID" not in err
 
 
+async def test_submit_refuses_an_oversized_task_before_sending_it(
+    coordinator: CoordinatorAgent, settings: Settings,
+) -> None:
+    before = coordinator.state.totals["submitted"]
+    code, out, err = await cli(settings, "submit", "too big", "--input",
+                               json.dumps({"data": "z" * 5000}), "--principal", OPERATOR,
+                               extra_env={"COORDINATOR_LIMITS__MAX_MESSAGE_BYTES": "2048"})
+    assert code == 2 and out == ""
+    assert err.startswith("coordinator-agent: task is ") and "over the limit of 2048 bytes" in err
+    assert "limits.max_message_bytes" in err and "configuration error" not in err
+    await asyncio.sleep(0.5)
+    assert coordinator.state.totals["submitted"] == before
+
+
 async def test_the_client_refuses_oversized_input_and_wait_names_the_task(
     coordinator: CoordinatorAgent, client: CoordinatorClient, settings: Settings,
 ) -> None:
