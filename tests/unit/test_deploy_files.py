@@ -832,3 +832,23 @@ def test_k8s_secret_template_holds_no_key_and_the_readme_says_how() -> None:
         parse_cli("deploy/k8s/README.md", argv)
     for secret in k8s_objects("Secret"):
         assert f"kubectl create secret generic {secret}" in readme, secret
+
+
+def test_k8s_keyring_secrets_are_mounted_with_a_mode_the_keyring_accepts() -> None:
+    """Keyrings others can read are refused (keyring.TOO_OPEN); the Secrets must not be."""
+    from coordinator_agent.wire.keyring import TOO_OPEN
+
+    checked = 0
+    for path, doc in k8s_documents():
+        if doc.get("kind") != "Deployment":
+            continue
+        for volume in doc["spec"]["template"]["spec"].get("volumes", []):
+            secret = volume.get("secret")
+            if secret is None:
+                continue
+            mode = secret.get("defaultMode", 0o644)  # Kubernetes' default
+            assert not mode & TOO_OPEN, (
+                f"{path.name}: Secret {secret['secretName']} mounted {mode:04o}; "
+                "the keyring refuses it")
+            checked += 1
+    assert checked >= 5  # the coordinator and four agents
