@@ -2,6 +2,7 @@
 
     CoordinatorError
     ├── ConfigError                 bad settings or keyring file
+    ├── UsageError                  a command line that cannot work (a bad option value)
     ├── RejectedMessage             an inbound message failed a check  (reason, sender, message_id)
     │   ├── ProtocolError           not a valid v1 message
     │   └── SecurityError           failed a security check
@@ -15,7 +16,9 @@
     │   ├── IllegalTransition       a task state change the table forbids   (task_id)
     │   └── UnknownTask             (task_id)
     ├── PlanningError               no route for a task                     (task_id)
-    └── SubmissionRefused           at the open-task limit: submit again later
+    ├── SubmissionRefused           at the open-task limit: submit again later
+    ├── SubmissionTooLarge          the client refused to send it: over the size limit
+    └── WaitTimeout                 no result in time; also a TimeoutError   (task_id)
 
 Foreign exceptions (aio-pika, cryptography, pydantic, consul) are translated once, at the module
 that talks to them; domain code never sees them. Messages never contain payloads or secrets.
@@ -30,6 +33,10 @@ class CoordinatorError(Exception):
 
 class ConfigError(CoordinatorError):
     pass
+
+
+class UsageError(CoordinatorError):
+    """An option value that cannot work, said before anything is sent (exit status 2)."""
 
 
 class RejectedMessage(CoordinatorError):
@@ -113,3 +120,26 @@ class PlanningError(CoordinatorError):
 
 class SubmissionRefused(CoordinatorError):
     """The coordinator is at its open-task limit (limits.max_pending_tasks)."""
+
+
+class SubmissionTooLarge(CoordinatorError):
+    """A task.submit that would exceed limits.max_message_bytes; the coordinator would drop it."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"task is {size} bytes sealed, over the limit of {limit} bytes "
+            "(limits.max_message_bytes): make its input smaller, or raise the limit on the "
+            "coordinator and its clients alike"
+        )
+
+
+class WaitTimeout(CoordinatorError, TimeoutError):
+    """No result within the wait; the task itself goes on (look it up by ``task_id``)."""
+
+    def __init__(self, task_id: str, timeout: float | None) -> None:
+        self.task_id = task_id
+        self.timeout = timeout
+        super().__init__(f"no result for task {task_id} within {timeout:g}s (the task goes on)"
+                         if timeout is not None else f"no result for task {task_id}")

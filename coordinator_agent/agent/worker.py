@@ -37,7 +37,7 @@ from coordinator_agent.registry import (
 from coordinator_agent.settings import Settings
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
-from coordinator_agent.wire.keyring import Keyring
+from coordinator_agent.wire.keyring import Keyring, require_role
 from coordinator_agent.wire.messaging import MessageHandler, agent_topology, lane_for
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
 
@@ -89,6 +89,8 @@ class WorkerAgent:
         self.capabilities = sorted(set(capabilities or []))
         self.max_concurrency = max_concurrency
         self.coordinator_id = settings.name
+        # An operator's key would be refused on every heartbeat: say so now, not never.
+        require_role(keyring, agent_id, "agent", "the keyring")
         self.security = SecurityManager.from_settings(settings, keyring.subset(agent_id), agent_id)
         self.messages = MessageHandler(
             settings.broker_url, self.security, name=f"{settings.name}/agent:{agent_id}",

@@ -48,6 +48,16 @@ def add_routing_commands(
     url_option(route)
 
 
+#: The reasons a description has no agent, in words; ``route`` exits 1 for the first.
+NO_AGENT = {
+    "no_matching_agent": "no known agent can take it (none of that kind, or none with every "
+                         "required capability): a task like this would wait for one until its "
+                         "timeout, then fail",
+    "no_free_agent": "every agent that could take it is busy right now: a task like this would "
+                     "wait for a free slot",
+}
+
+
 def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.1f}%"
 
@@ -102,8 +112,9 @@ def route_explanation(explained: Mapping[str, Any]) -> str:
     agent = explained.get("agent")
     via = f" -> agent {agent}" if agent else ""
     fallback = " (fallback kind)" if explained.get("fallback_used") else ""
+    reason = explained.get("reason") or "-"
     lines += ["", f"kind       {chosen}{fallback}{via}",
-              f"why        {explained.get('reason') or '-'}",
+              f"why        {NO_AGENT.get(reason, reason)}",
               f"threshold  {explained.get('threshold')}   source {explained.get('source')}"]
     return "\n".join(lines)
 
@@ -172,8 +183,12 @@ def cmd_route(args: argparse.Namespace, settings: Settings) -> int:
             print(f"note: {exc}; explaining from local configuration instead", file=sys.stderr)
     if explained is None:
         explained = explain_locally(args, settings)
+    words = NO_AGENT.get(str(explained.get("reason")))
+    if words is not None:
+        explained["explanation"] = words
     if args.json:
         print(json.dumps(explained))
     else:
         print(route_explanation(explained))
-    return 0
+    # A script asking "would this run?" gets no for a description that no agent can take.
+    return 1 if explained.get("reason") == "no_matching_agent" else 0

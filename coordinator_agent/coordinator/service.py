@@ -255,6 +255,9 @@ class CoordinatorAgent:
         return self.state.store.recent(limit)
 
     async def drain_agent(self, agent_id: str, reason: str = "") -> None:
+        agent = self.state.agents.get(agent_id)
+        if agent is not None:
+            agent.reported_state = "draining"  # no new work from now on; its heartbeats agree
         await self.outbox.to_agent(agent_id, protocol.AgentDrain(reason=reason))
 
     def agents_view(self) -> list[dict[str, Any]]:

@@ -76,6 +76,7 @@ class AgentRecord:
             "completed": self.completed,
             "failed": self.failed,
             "version": self.version,
+            "metrics": dict(self.metrics),  # the agent's own figures, from agent.metrics
         }
 
 

@@ -90,6 +90,10 @@ class Metrics:
             "coordinator_agent_capacity", "Task slots of assignable agents, by agent kind.",
             ["kind"], registry=r,
         )
+        self.api_auth_failures = Counter(
+            "coordinator_api_auth_failures_total", "Write requests to the HTTP API refused for "
+            "their bearer token, by reason: missing or invalid.", ["reason"], registry=r,
+        )
         # --- routing (CoordinationPlanner) ---
         self.routing_decisions = Counter(
             "coordinator_routing_decisions_total", "Routing decisions, by chosen kind and "
