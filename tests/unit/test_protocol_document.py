@@ -115,7 +115,7 @@ def test_every_rejection_reason_in_the_code_is_documented_and_vice_versa() -> No
     # A guard against a parser that finds nothing: these are raised in wire/ and coordinator/.
     assert {"malformed", "expired", "forbidden", "not_assigned", "handler_error"} <= in_code
     table = _section("13. Validation order and rejection reasons")
-    documented = set(re.findall(r"^\| [0-9–-]+ \|[^|]*\| `([a-z_]+)` \|", table, re.MULTILINE))
+    documented = set(re.findall(r"^\| [0-9\u2013-]+ \|[^|]*\| `([a-z_]+)` \|", table, re.MULTILINE))
     assert in_code == documented, (in_code - documented, documented - in_code)
 
 
