@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator_agent import __version__
+from coordinator_agent.cli.conformance import add_conformance_command, cmd_conformance
 from coordinator_agent.cli.progress import (
     Rates,
     agents_table,
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         _url_option(cmd)
 
     add_routing_commands(sub, common, _url_option)
+    add_conformance_command(sub, common)
 
     watch = sub.add_parser("watch", parents=[common],
                            help="live view: status, agents and latest tasks, until Ctrl-C")
@@ -268,6 +270,33 @@ def run_until_signal(
     return asyncio.run(body())
 
 
+def serve_until_signal(
+    serve: Callable[[], Coroutine[Any, Any, None]], request_stop: Callable[[], None]
+) -> int:
+    """Run ``serve()`` to its end, which may come on its own (an agent told to drain); the first
+    SIGTERM/SIGINT asks it to stop gracefully, a second forces exit."""
+
+    async def body() -> int:
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                log.warning("second signal: exiting now")
+                os._exit(130)
+            log.info("stopping (send the signal again to force)")
+            request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await serve()
+        return 0
+
+    return asyncio.run(body())
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from coordinator_agent.coordinator.service import CoordinatorAgent
 
@@ -286,10 +315,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         max_concurrency=args.concurrency,
     )
 
-    async def stop() -> None:
-        await agent.stop()
-
-    return run_until_signal(agent.start, stop)
+    # Not run_until_signal: an agent.drain from the coordinator ends the agent as well.
+    return serve_until_signal(agent.run, agent.request_stop)
 
 
 def operator_id(keyring: Keyring, wanted: str | None) -> str:
@@ -567,4 +594,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "check": cmd_check,
     "keys": cmd_keys,
     "demo": cmd_demo,
+    "conformance": cmd_conformance,
 }

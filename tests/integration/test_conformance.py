@@ -1,0 +1,170 @@
+"""The conformance kit against the real broker: the Python agent and client pass it, and an agent
+or a client that breaks a rule fails exactly that rule (a checker that cannot fail is no check).
+
+The kit plays the coordinator, so no coordinator runs in these tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+
+from coordinator_agent.agent.examples import example_handler
+from coordinator_agent.agent.worker import TaskContext
+from coordinator_agent.client import CoordinatorClient
+from coordinator_agent.conformance import (
+    AgentConformance,
+    ClientConformance,
+    Harness,
+    Report,
+    Verdict,
+)
+from coordinator_agent.settings import Settings
+from coordinator_agent.wire import constants as c
+from coordinator_agent.wire.keyring import Keyring
+
+from .conftest import OPERATOR, StartWorker
+from .helpers import spawn, subprocess_env
+
+
+def verdicts(report: Report) -> dict[str, Verdict]:
+    return {r.rule: r.verdict for r in report.results}
+
+
+async def test_the_python_worker_process_passes_conformance_agent(
+    settings: Settings, keyring: Keyring, cleanup_namespace: None, tmp_path: Path,
+) -> None:
+    assert keyring.get("agent-1") is not None  # the fixture writes the keyring file both read
+    env = subprocess_env(settings)
+    worker = spawn(["worker", "--id", "agent-1", "--concurrency", "2"], env,
+                   tmp_path / "worker.log")
+    try:
+        kit = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "coordinator_agent", "conformance", "agent", "--id", "agent-1",
+            "--kind", "general", "--json", env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(kit.communicate(), 180)
+        assert out.strip(), err.decode()[-2000:]
+        report = json.loads(out)
+        # The drain rule has the worker say goodbye and exit on its own.
+        await asyncio.wait_for(asyncio.to_thread(worker.wait), 30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    statuses = {r["rule"]: r["status"] for r in report["rules"]}
+    assert statuses == {**dict.fromkeys(statuses, "pass"), "wrong_epoch": "n/a"}, (
+        report, err.decode()[-2000:])
+    assert set(statuses) == {"hello", "heartbeat", "concurrency", "progress", "duplicate",
+                             "cancel", "deadline", "forged", "replayed", "expired",
+                             "wrong_epoch", "own_tasks", "drain"}
+    assert report["passed"] is True and kit.returncode == 0
+    assert worker.returncode == 0
+
+
+async def stubborn_handler(task: TaskContext) -> Any:
+    """The example agent, except that it will not be stopped: a cancel is ignored."""
+    inner = asyncio.ensure_future(example_handler(task))
+    while True:
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            continue
+
+
+async def test_an_agent_that_ignores_cancel_fails_the_cancel_rule(
+    settings: Settings, keyring: Keyring, start_worker: StartWorker, cleanup_namespace: None,
+) -> None:
+    harness = Harness(settings, keyring)
+    await harness.start()
+    try:
+        await start_worker("agent-1", handler=stubborn_handler, max_concurrency=2)
+        report = await AgentConformance(harness, "agent-1", kind="general", wait_s=10).run()
+    finally:
+        await harness.close()
+    found = verdicts(report)
+    assert found["cancel"] is Verdict.FAIL, report.as_text()
+    assert "in_flight still counted it" in next(
+        r.detail for r in report.results if r.rule == "cancel")
+    # The rest of what it does right is still seen as right.
+    for rule in ("hello", "heartbeat", "concurrency", "duplicate", "forged", "replayed",
+                 "expired", "own_tasks"):
+        assert found[rule] is Verdict.PASS, (rule, report.as_text())
+    assert found["wrong_epoch"] is Verdict.NOT_APPLICABLE
+    assert not report.passed
+
+
+async def test_no_agent_fails_every_rule_and_passes_none(
+    settings: Settings, keyring: Keyring, cleanup_namespace: None,
+) -> None:
+    harness = Harness(settings, keyring)
+    await harness.start()
+    try:
+        report = await AgentConformance(harness, "agent-2", wait_s=1).run()
+    finally:
+        await harness.close()
+    assert not report.passed
+    assert {r.verdict for r in report.results} == {Verdict.FAIL, Verdict.NOT_APPLICABLE}
+    assert "never said hello" in report.as_text()
+
+
+async def test_the_python_client_passes_conformance_client(
+    settings: Settings, keyring: Keyring, cleanup_namespace: None,
+) -> None:
+    harness = Harness(settings, keyring)
+    await harness.start()
+    try:
+        kit = asyncio.create_task(ClientConformance(harness, OPERATOR, tasks=2, wait_s=20).run())
+        async with CoordinatorClient(settings, keyring, OPERATOR) as client:
+            first = await client.submit("one", task_id="conformance-one", input={"n": 1})
+            second = await client.submit("two", input=[1, 2])
+            outcomes = await asyncio.gather(client.wait(first, 30), client.wait(second, 30))
+            report = await asyncio.wait_for(kit, 60)
+            notices = list(client.notices)
+    finally:
+        await harness.close()
+    assert report.passed, report.as_text()
+    assert all(v is Verdict.PASS for v in verdicts(report).values())
+    assert [(o.status, o.output) for o in outcomes] == [
+        ("succeeded", {"echo": {"n": 1}}), ("succeeded", {"echo": [1, 2]})]
+    # It heard the duplicate and the notice about a task it never submitted, and kept the first.
+    assert len(notices) >= 5
+
+
+async def test_a_client_without_task_id_or_reply_queue_fails_those_rules(
+    settings: Settings, keyring: Keyring, cleanup_namespace: None,
+) -> None:
+    harness = Harness(settings, keyring)
+    await harness.start()
+    try:
+        kit = asyncio.create_task(ClientConformance(harness, OPERATOR, wait_s=20).run())
+        # A hand-made client: no task_id, no reply_to, and sent as transient telemetry would be.
+        key = harness.peer_key(OPERATOR)
+        body = key.encrypt(orjson.dumps({
+            "v": 1, "id": "hand-made-1", "type": "task.submit", "sender": OPERATOR,
+            "sent_at": time.time(), "correlation_id": None,
+            "payload": {"description": "no way back"}}))
+        connection = await aio_pika.connect(settings.broker_url.get_secret_value())
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(c.COORDINATOR_EXCHANGE)
+            await exchange.publish(aio_pika.Message(
+                body, headers={c.HEADER_SENDER: OPERATOR}, message_id="hand-made-1",
+                content_type=c.CONTENT_TYPE), c.tasks_key(settings.name))
+        report = await asyncio.wait_for(kit, 60)
+    finally:
+        await harness.close()
+    found = verdicts(report)
+    assert found["submission"] is Verdict.FAIL  # delivery_mode 1
+    assert found["task_id"] is Verdict.FAIL
+    assert found["reply_queue"] is Verdict.FAIL
+    assert "delivery_mode" in report.as_text() and "no reply_to" in report.as_text()
+    assert not report.passed
