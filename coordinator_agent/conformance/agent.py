@@ -118,6 +118,7 @@ class AgentConformance:
         drained = await self._drain()
         self._own_tasks()
         self.report.add("drain", *drained)
+        self.report.results.sort(key=lambda r: RULES.index(r.rule))  # the order of §19.1
         return self.report
 
     async def _hello(self) -> protocol.AgentHello | None:
