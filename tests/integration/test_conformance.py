@@ -18,7 +18,7 @@ import aio_pika
 import orjson
 
 from coordinator_agent.agent.examples import example_handler
-from coordinator_agent.agent.worker import TaskContext
+from coordinator_agent.agent.worker import TaskContext, WorkerAgent
 from coordinator_agent.client import CoordinatorClient
 from coordinator_agent.conformance import (
     AgentConformance,
@@ -31,19 +31,28 @@ from coordinator_agent.settings import Settings
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire.keyring import Keyring
 
-from .conftest import OPERATOR, StartWorker
+from .conftest import OPERATOR
 from .helpers import spawn, subprocess_env
+
+#: The kit judges heartbeat gaps against the interval: at the suite's 0.2 s, a loaded CI machine
+#: would fail a healthy agent now and then. One second keeps the run short and the verdict fair.
+HEARTBEAT_S = 1.0
 
 
 def verdicts(report: Report) -> dict[str, Verdict]:
     return {r.rule: r.verdict for r in report.results}
 
 
+def slower_heartbeat(settings: Settings) -> Settings:
+    liveness = settings.liveness.model_copy(update={"heartbeat_interval_s": HEARTBEAT_S})
+    return settings.model_copy(update={"liveness": liveness})
+
+
 async def test_the_python_worker_process_passes_conformance_agent(
     settings: Settings, keyring: Keyring, cleanup_namespace: None, tmp_path: Path,
 ) -> None:
     assert keyring.get("agent-1") is not None  # the fixture writes the keyring file both read
-    env = subprocess_env(settings)
+    env = subprocess_env(slower_heartbeat(settings))
     worker = spawn(["worker", "--id", "agent-1", "--concurrency", "2"], env,
                    tmp_path / "worker.log")
     try:
@@ -81,14 +90,18 @@ async def stubborn_handler(task: TaskContext) -> Any:
 
 
 async def test_an_agent_that_ignores_cancel_fails_the_cancel_rule(
-    settings: Settings, keyring: Keyring, start_worker: StartWorker, cleanup_namespace: None,
+    settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
+    settings = slower_heartbeat(settings)
     harness = Harness(settings, keyring)
     await harness.start()
+    agent = WorkerAgent("agent-1", "general", stubborn_handler, settings=settings,
+                        keyring=keyring, max_concurrency=2)
     try:
-        await start_worker("agent-1", handler=stubborn_handler, max_concurrency=2)
+        await agent.start()
         report = await AgentConformance(harness, "agent-1", kind="general", wait_s=10).run()
     finally:
+        await agent.stop(timeout=2)  # already stopped by the drain rule, if that passed
         await harness.close()
     found = verdicts(report)
     assert found["cancel"] is Verdict.FAIL, report.as_text()
