@@ -249,3 +249,68 @@ async def test_the_wire_is_strict_about_json_types_and_numbers(
     assert all(coordinator.state.find_task(task_id) is None for task_id in refused)
     assert coordinator.state.totals["submitted"] == 1
     assert coordinator.state.agents["agent-1"].metrics == metrics_before
+
+
+async def test_agents_and_clients_are_as_strict_as_the_coordinator(
+    start_worker: StartWorker, client: CoordinatorClient, keyring: Keyring, settings: Settings,
+    cleanup_namespace: None,
+) -> None:
+    """The SDK shares the codec: directives and replies that bend JSON types are dead-lettered
+    by the agent and the client, and nothing runs or completes because of them."""
+    worker = await start_worker("agent-1")
+    agent_key, operator_key = key_of(keyring, "agent-1"), key_of(keyring, OPERATOR)
+    coordinator = settings.name
+    assign = '{"task_id":"%s","attempt":%s,"description":"d","input":%s,"timeout_s":%s}'
+    to_agent = [
+        ("unsupported_version", hand_written(coordinator, "task.assign",
+                                             assign % ("v-true", "1", "null", "5"), v="true")),
+        ("malformed", hand_written(coordinator, "task.assign",
+                                   assign % ("attempt-true", "true", "null", "5"))),
+        ("malformed", hand_written(coordinator, "task.assign",
+                                   assign % ("timeout-nan", "1", "null", "NaN"))),
+        ("malformed", hand_written(coordinator, "task.assign",
+                                   assign % ("timeout-string", "1", "null", '"5"'))),
+        ("malformed", hand_written(coordinator, "task.assign", assign % (
+            "huge-input", "1", '{"op":"noop","n":123456789012345678901234567890}', "5"))),
+    ]
+    completed = '{"task_id":"%s","status":"succeeded","output":%s}'
+    to_client = [
+        ("unsupported_version", hand_written(coordinator, "task.completed",
+                                             completed % ("c-v-true", "null"), v="true")),
+        ("malformed", hand_written(coordinator, "task.completed",
+                                   completed % ("c-inf", "[Infinity]"))),
+        ("malformed", hand_written(coordinator, "task.completed",
+                                   completed % ("c-sent-at", "null"), sent_at='"1"')),
+    ]
+    connection = await aio_pika.connect(settings.broker_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel()
+        agents = await channel.get_exchange(c.AGENTS_EXCHANGE)
+        for _, body in to_agent:
+            await agents.publish(aio_pika.Message(agent_key.encrypt(body), headers={
+                c.HEADER_SENDER: coordinator}), c.agent_key(coordinator, "agent-1"))
+        for _, body in to_client:
+            await channel.default_exchange.publish(aio_pika.Message(
+                operator_key.encrypt(body), headers={c.HEADER_SENDER: coordinator}),
+                client.reply_queue)
+
+        dead_letters = await channel.get_queue(c.dead_letter_queue(coordinator))
+        seen: Counter[tuple[str, str]] = Counter()
+        expected = Counter([(reason, c.agent_queue(coordinator, "agent-1"))
+                            for reason, _ in to_agent]
+                           + [(reason, client.reply_queue) for reason, _ in to_client])
+        deadline = time.monotonic() + 10
+        while sum(seen.values()) < sum(expected.values()) and time.monotonic() < deadline:
+            message = await dead_letters.get(fail=False, no_ack=True)
+            if message is None:
+                await asyncio.sleep(0.05)
+                continue
+            headers = message.headers or {}
+            # Where it was headed tells whose check refused it.
+            routed = str(headers[c.HEADER_ORIGINAL_ROUTING_KEY])
+            queue = (c.agent_queue(coordinator, "agent-1")
+                     if routed == c.agent_key(coordinator, "agent-1") else routed)
+            seen[(str(headers[c.HEADER_REJECT_REASON]), queue)] += 1
+        assert seen == expected
+    assert worker.completed == worker.failed == 0 and worker.in_flight == 0
+    assert client.notices == []
