@@ -187,3 +187,53 @@ def test_hand_written_json_helper_builds_valid_messages() -> None:
     # Guard for the cases above: the unchanged message decodes.
     decoded = protocol.decode(_json("agent.status", STATUS % ("2", "0.5")))
     assert orjson.loads(protocol.encode(decoded))["payload"]["in_flight"] == 2
+
+
+# --- the byte scan that spares decode() the walk is sound --------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    b'{"a":1e999}', b'{"a":-1.5E+308}', b'{"a":2e-400}', b"[NaN]", b"[-Infinity]",
+    b"[12345678901234567890]", b"[-9223372036854775809]", b"[9223372036854775808]",
+    b'{"a": 1.0e308}', b"[" + b"9" * 400 + b".0]",
+])
+def test_the_scan_never_misses_a_number_that_could_break_the_rules(text: bytes) -> None:
+    assert not protocol._numbers_in_range(text)
+
+
+@pytest.mark.parametrize("text", [
+    b'{"a":1e99,"b":-922337203685477580,"c":0.5,"d":-1E-99}', b'{"id":"abcdef","n":[1,2,3]}',
+])
+def test_the_scan_passes_ordinary_numbers(text: bytes) -> None:
+    assert protocol._numbers_in_range(text)
+
+
+@pytest.mark.parametrize("value", [
+    '"id-1e286f"', '"1234567890123456789012"', '"NaN is a string here"',
+])
+def test_a_false_alarm_only_costs_the_walk(value: str) -> None:
+    # Shapes inside strings make decode() check value by value, and the message still passes.
+    data = _json("task.submit", SUBMIT % (f'{{"s":{value},"n":9223372036854775807}}', "5",
+                                          "false"))
+    assert not protocol._numbers_in_range(data)
+    assert protocol.decode(data).payload.input["n"] == 2**63 - 1
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ('{"n":[1,NaN]}', {"n": [1, float("nan")]}),
+    ('{"n":123456789012345678901234567890}', {"n": 123456789012345678901234567890}),
+    ('{"n":[1.5,-2,1e300]}', {"n": [1.5, -2, 1e300]}),
+])
+def test_with_and_without_the_scan_the_verdict_is_the_same(text: str, value: Any) -> None:
+    """decode() (bytes, scanned) and a model built in Python (always walked) agree."""
+    data = _json("task.submit", SUBMIT % (text, "5", "false"))
+    assert _verdict(lambda: protocol.decode(data)) == _verdict(
+        lambda: protocol.TaskSubmit(description="d", input=value))
+
+
+def _verdict(call: Any) -> bool:
+    try:
+        call()
+    except (ProtocolError, ValueError):
+        return False
+    return True
