@@ -66,14 +66,19 @@ def _numbers_in_range(data: bytes) -> bool:
     return b"9" * 19 not in shapes and b"9e999" not in shapes and b"9e+999" not in shapes
 
 
-#: Validation context from ``decode`` when the text was scanned and found clean.
-_NUMBERS_CHECKED = "numbers_checked"
+#: Validation context from ``decode``: the raw text, and whether its numbers are in range
+#: (scanned at most once per message, and only if it has a JSON value to check at all).
+_RAW_TEXT, _TEXT_IN_RANGE = "raw_text", "text_in_range"
 
 
 def _bounded_json(value: JsonValue, info: ValidationInfo) -> JsonValue:
     """Free-form JSON obeys the same number rules as named fields (JSON has no NaN either)."""
-    if info.context and info.context.get(_NUMBERS_CHECKED):
-        return value  # decode() scanned the bytes: no need to walk the tree in Python
+    context = info.context
+    if context is not None and _RAW_TEXT in context:
+        if _TEXT_IN_RANGE not in context:
+            context[_TEXT_IN_RANGE] = _numbers_in_range(context[_RAW_TEXT])
+        if context[_TEXT_IN_RANGE]:
+            return value  # every number in the text is fine: no need to walk it in Python
     stack = [value]
     pop, extend = stack.pop, stack.extend
     while stack:
@@ -385,8 +390,7 @@ def decode(data: bytes) -> Envelope:
     """UTF-8 JSON bytes (after decryption) -> validated Envelope, or ProtocolError."""
     # Scanning the bytes is far cheaper than walking a large input or output in Python.
     try:
-        parsed = _ENVELOPE_ADAPTER.validate_json(
-            data, context={_NUMBERS_CHECKED: _numbers_in_range(data)})
+        parsed = _ENVELOPE_ADAPTER.validate_json(data, context={_RAW_TEXT: data})
     except ValidationError as exc:
         raise _protocol_error(exc, data) from None
     return parsed  # type: ignore[no-any-return]
