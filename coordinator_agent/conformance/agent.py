@@ -204,22 +204,30 @@ class AgentConformance:
                         f"(limit {limit})")
 
     def _progress(self) -> None:
-        problems = []
-        for report in self.h.messages(self.agent, "task.progress"):
-            payload: protocol.TaskProgress = report.envelope.payload
-            if (payload.task_id, payload.attempt) not in self.assigned:
-                problems.append(f"progress for {payload.task_id} attempt {payload.attempt}, "
-                                "never assigned")
+        reports = self.h.messages(self.agent, "task.progress")
+        strangers = sorted({(m.envelope.payload.task_id, m.envelope.payload.attempt)
+                            for m in reports} - self.assigned)
+        silent, backwards = [], []
         for task_id in self.sleep_tasks:
             values = [m.envelope.payload.progress for m in self._of("task.progress", task_id)]
             ran = any(m.envelope.payload.success for m in self._of("task.result", task_id))
             if ran and not values:
-                problems.append(f"no progress from the sleep task {task_id}")
+                silent.append(task_id)
             if values != sorted(values):
-                problems.append(f"progress of {task_id} went backwards: {values}")
-        self.report.add("progress", not problems, "; ".join(problems[:3]) or
-                        f"{len(self.h.messages(self.agent, 'task.progress'))} reports, all "
-                        "within 0-1, increasing, for assigned attempts")
+                backwards.append(f"{task_id}: {values}")
+        problems = []
+        if strangers:
+            task_id, attempt = strangers[0]
+            problems.append(f"progress for {len(strangers)} attempt(s) never assigned, e.g. "
+                            f"{task_id} attempt {attempt}")
+        if backwards:
+            problems.append(f"progress went backwards in {len(backwards)} task(s), e.g. "
+                            f"{backwards[0]}")
+        if silent:
+            problems.append(f"no progress from {len(silent)} sleep task(s), e.g. {silent[0]}")
+        self.report.add("progress", not problems, "; ".join(problems) or
+                        f"{len(reports)} reports, all within 0-1, increasing, for assigned "
+                        "attempts")
 
     async def _duplicate(self) -> None:
         payload = self._assign_payload("duplicate", {"op": "sleep", "seconds": 1.0})

@@ -120,6 +120,42 @@ async def test_an_agent_that_ignores_cancel_fails_the_cancel_rule(
     assert not report.passed
 
 
+async def careless_handler(task: TaskContext) -> Any:
+    """The example agent, except that its progress jumps back, and it reports on a task that
+    was never assigned to it (TaskContext is public: nothing stops an agent from lying)."""
+    if isinstance(task.input, dict) and task.input.get("op") == "sleep":
+        await task.report(0.9, "too early")
+        stranger = TaskContext("never-assigned", 1, "", None, 1.0, task._agent)
+        await stranger.report(0.5)
+    return await example_handler(task)
+
+
+async def test_an_agent_that_lies_fails_concurrency_progress_and_own_tasks(
+    settings: Settings, keyring: Keyring, cleanup_namespace: None,
+) -> None:
+    settings = slower_heartbeat(settings)
+    harness = Harness(settings, keyring)
+    await harness.start()
+    agent = WorkerAgent("agent-1", "general", careless_handler, settings=settings,
+                        keyring=keyring, max_concurrency=3)
+    agent.max_concurrency = 1  # announces 1, runs up to 3 at once
+    serving = asyncio.create_task(agent.run())
+    try:
+        report = await AgentConformance(harness, "agent-1", wait_s=10).run()
+        await asyncio.wait_for(serving, 10)
+    finally:
+        if not serving.done():
+            agent.request_stop()
+            await serving
+        await harness.close()
+    found = verdicts(report)
+    failed = {rule for rule, verdict in found.items() if verdict is Verdict.FAIL}
+    assert failed == {"concurrency", "progress", "own_tasks"}, report.as_text()
+    text = report.as_text()
+    assert "2 tasks ran at once, max_concurrency is 1" in text
+    assert "went backwards" in text and "never-assigned" in text
+
+
 async def test_no_agent_fails_every_rule_and_passes_none(
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
