@@ -113,45 +113,52 @@ class ClientConformance:
 
     async def _reply(self, submit: protocol.TaskSubmit, envelope_id: str, reply_to: str, *,
                      twists: bool) -> None:
+        """Everything that must not end the client's wait comes before the outcome, so that a
+        client that leaves once it has its outcome (``submit --wait``) is judged fairly."""
         task_id = submit.task_id or envelope_id
+        accepted = protocol.TaskAccepted(task_id=task_id, status="pending")
         done = protocol.TaskCompleted(task_id=task_id, status="succeeded",
                                       output={"echo": submit.input})
         stranger = protocol.TaskCompleted(task_id=f"conformance-{self.run_id}-not-yours",
                                           status="succeeded", output=None)
-        plain: list[str] = []
+        valid: list[str] = []
+        wanted: dict[str, str] = {}
         try:
-            for payload in (protocol.TaskAccepted(task_id=task_id, status="pending"),
-                            done, done, stranger):
-                plain.append(await self._send(reply_to, payload))
-            wanted: dict[str, str] = {}
+            valid.append(await self._send(reply_to, accepted))
             if twists:
-                wanted[await self._send(reply_to, done, key=Fernet(Fernet.generate_key()))] = \
-                    "invalid_token"
-                message_id, body, headers = self.h.seal(done, self.principal)
+                forged = await self._send(reply_to, done, key=Fernet(Fernet.generate_key()))
+                wanted[forged] = "invalid_token"
+                message_id, body, headers = self.h.seal(accepted, self.principal)
                 for _ in range(2):
                     await self.h.publish("", reply_to, body, headers, message_id=message_id,
-                                         message_type="task.completed")
+                                         message_type="task.accepted")
+                valid.append(message_id)  # its first copy is valid
                 wanted[message_id] = "replayed"
                 stale = int(time.time()) - self.h.security.durable_ttl_s - 300
                 wanted[await self._send(reply_to, done, stamped_at=stale)] = "expired"
+            valid.append(await self._send(reply_to, stranger))
+            valid.append(await self._send(reply_to, protocol.TaskAccepted(
+                task_id=task_id, status="pending", duplicate=True)))
+            before = await self._drained(reply_to)
+            parked = await self.h.wait_for_dead_letters(wanted, REPLY_WAIT_S if wanted else 0)
+            valid.append(await self._send(reply_to, done))
+            valid.append(await self._send(reply_to, done))  # a repeated notice
         except TransportError as exc:
             self.found.note("replies", f"the kit could not reply: {exc}")
             return
-        deadline = time.monotonic() + REPLY_WAIT_S
-        state = await self.h.queue_state(reply_to)
-        while state is not None and state[0] and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)  # the client takes its replies
-            state = await self.h.queue_state(reply_to)
-        emptied = state is not None and state[0] == 0
-        parked = await self.h.wait_for_dead_letters(wanted, REPLY_WAIT_S if wanted else 0)
-        dead = {d.message_id: d.reason for d in self.h.dead_letters}
+        after = await self._drained(reply_to, or_left=True)
+        dead = {d.message_id: d.reason for d in await self.h.read_dead_letters()}
         problems = []
-        if state is None or not emptied:
-            problems.append("replies left unacked in the reply queue" if state else
+        if before is None or before[0]:
+            problems.append("replies before the outcome left unacked" if before else
                             "the reply queue vanished")
-        elif state[1] == 0:
-            problems.append("the reply queue lost its consumer (did the client crash?)")
-        problems += [f"a valid reply was dead-lettered as {dead[i]}" for i in plain if i in dead]
+        elif before[1] == 0:
+            problems.append("the client stopped consuming before its outcome (did it crash on "
+                            "a bad or unknown notice?)")
+        if after is not None and after[0] and after[1]:
+            problems.append("the outcome or its repeat left unacked while the client consumes")
+        problems += [f"a valid reply was dead-lettered as {dead[i]}"
+                     for i in valid if i in dead and i not in wanted]
         self.found.note("replies", "; ".join(problems) or None)
         if twists:
             for rule, reason in (("forged", "invalid_token"), ("replayed", "replayed"),
@@ -160,6 +167,17 @@ class ClientConformance:
                 got = parked.get(message_id)
                 self.found.note(rule, None if got == reason else
                                 f"{got or 'not dead-lettered'}, expected {reason}")
+
+    async def _drained(self, queue: str, *, or_left: bool = False) -> tuple[int, int] | None:
+        """(messages, consumers) once the client has taken every reply (or, with ``or_left``,
+        has gone), or after REPLY_WAIT_S."""
+        deadline = time.monotonic() + REPLY_WAIT_S
+        while True:
+            state = await self.h.queue_state(queue)
+            settled = state is None or state[0] == 0 or (or_left and state[1] == 0)
+            if settled or time.monotonic() > deadline:
+                return state
+            await asyncio.sleep(0.1)
 
     async def _send(self, reply_to: str, payload: protocol.Model, *, key: Fernet | None = None,
                     stamped_at: int | None = None) -> str:

@@ -193,6 +193,27 @@ async def test_the_python_client_passes_conformance_client(
     assert len(notices) >= 5
 
 
+async def test_the_submit_command_passes_conformance_client_though_it_leaves_early(
+    settings: Settings, keyring: Keyring, cleanup_namespace: None,
+) -> None:
+    """`submit --wait` exits once it has the outcome: the kit must not count that against it."""
+    harness = Harness(settings, keyring)
+    await harness.start()
+    try:
+        kit = asyncio.create_task(ClientConformance(harness, OPERATOR, wait_s=30).run())
+        submit = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "coordinator_agent", "submit", "from the CLI", "--input",
+            '{"op": "echo"}', "--wait", "--wait-timeout", "30", "--json",
+            "--principal", OPERATOR, env=subprocess_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(submit.communicate(), 60)
+        report = await asyncio.wait_for(kit, 60)
+    finally:
+        await harness.close()
+    assert submit.returncode == 0, err.decode()[-2000:]
+    assert json.loads(out)["output"] == {"echo": {"op": "echo"}}
+    assert report.passed, report.as_text()
+
+
 async def test_a_client_without_task_id_or_reply_queue_fails_those_rules(
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
