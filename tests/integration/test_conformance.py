@@ -204,7 +204,8 @@ async def test_the_submit_command_passes_conformance_client_though_it_leaves_ear
         submit = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "coordinator_agent", "submit", "from the CLI", "--input",
             '{"op": "echo"}', "--wait", "--wait-timeout", "30", "--json",
-            "--principal", OPERATOR, env=subprocess_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            "--principal", OPERATOR, env=subprocess_env(settings), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
         out, err = await asyncio.wait_for(submit.communicate(), 60)
         report = await asyncio.wait_for(kit, 60)
     finally:
