@@ -55,7 +55,7 @@ def cmd_conformance(args: argparse.Namespace, settings: Settings) -> int:
     keyring = Keyring.load(settings.keyring_path)
 
     async def run() -> int:
-        harness = Harness(settings, keyring)
+        harness = Harness(settings, keyring, args.peer)
         check: AgentConformance | ClientConformance
         if args.target == "agent":
             check = AgentConformance(harness, args.peer, kind=args.kind, wait_s=args.wait)

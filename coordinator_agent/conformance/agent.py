@@ -60,6 +60,8 @@ class AgentConformance:
         if principal is None or principal.role != "agent":
             raise ConfigError(f"{agent_id!r} is not an agent in the kit's keyring: the kit needs "
                               "the coordinator's whole keyring")
+        if harness.peer != agent_id:
+            raise ValueError(f"the harness takes messages from {harness.peer!r}, not {agent_id!r}")
         self.h = harness
         self.agent = agent_id
         self.kind = kind

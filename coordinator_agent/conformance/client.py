@@ -42,6 +42,8 @@ class ClientConformance:
         if entry is None or entry.role != "operator":
             raise ConfigError(f"{principal!r} is not an operator in the kit's keyring: the kit "
                               "needs the coordinator's whole keyring")
+        if harness.peer != principal:
+            raise ValueError(f"the harness takes messages from {harness.peer!r}, not {principal!r}")
         self.h = harness
         self.principal = principal
         self.tasks = tasks

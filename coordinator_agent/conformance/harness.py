@@ -2,8 +2,11 @@
 everything it hears, seals directives like one, and can also send what no coordinator would
 (wrong keys, replayed or stale tokens) to see them refused.
 
-It declares the coordinator's topology for its own name and consumes the tasks and status queues,
-so no real coordinator of that name may run at the same time.
+It declares the coordinator's topology for its name and consumes the tasks and status queues, so
+it refuses to start while a coordinator of that name consumes them. It takes only what the peer
+under test sends, and only the dead letters of its own traffic: anything else it leaves unacked,
+and the broker gives it back to the queue when the kit disconnects. So a kit pointed at a real
+deployment's name by mistake loses nothing.
 """
 
 from __future__ import annotations
@@ -64,10 +67,12 @@ class DeadLetter:
     message_id: str
 
 
-@dataclass
+@dataclass(repr=False)
 class Harness:
     settings: Settings
     keyring: Keyring
+    #: The principal under test: the only sender whose messages the kit takes.
+    peer: str
     heard: list[Heard] = field(default_factory=list)
     refused: list[Refused] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
@@ -79,6 +84,12 @@ class Harness:
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._changed = asyncio.Event()
+        self._sent_ids: set[str] = set()  # envelope ids the kit published
+        #: Messages left for someone else (unacked until the kit disconnects).
+        self.left_alone = 0
+
+    def __repr__(self) -> str:
+        return f"Harness(name={self.name!r}, peer={self.peer!r})"
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -91,15 +102,18 @@ class Harness:
             channel = await connection.channel(publisher_confirms=True,
                                                      on_return_raises=True)
             await coordinator_topology(self.name)(channel)
-            dead = await channel.declare_queue(c.dead_letter_queue(self.name), durable=True,
-                                               arguments={"x-queue-type": "quorum"})
-            await dead.purge()  # this name is the kit's: what is there is an earlier run's
+            self._channel = channel
+            tasks = await self.queue_state(c.tasks_queue(self.name))
+            if tasks is not None and tasks[1] > 0:
+                raise ConfigError(
+                    f"a coordinator named {self.name!r} is consuming its queues: run the kit "
+                    "(and the implementation under test) under a name of their own, e.g. "
+                    "--name conformance")
             for queue_name in (c.tasks_queue(self.name), c.status_queue(self.name)):
                 consumer = await connection.channel()
                 await consumer.set_qos(prefetch_count=256)
                 queue = await consumer.get_queue(queue_name, ensure=False)
                 await queue.consume(self._on_message)
-            self._channel = channel
         except _BROKER_ERRORS as exc:
             await self.close()
             raise TransportError(f"conformance kit cannot use the broker: {exc}") from exc
@@ -114,13 +128,16 @@ class Harness:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         now = time.monotonic()
+        header = (message.headers or {}).get(c.HEADER_SENDER)
+        sender = header.decode() if isinstance(header, bytes) else str(header or "")
+        if sender != self.peer:
+            self.left_alone += 1  # not ours to take: it goes back when the kit disconnects
+            return
         try:
             envelope = self.security.open(message.body, message.headers,
                                           redelivered=bool(message.redelivered))
             self.authorizer.authorize(envelope)
         except RejectedMessage as exc:
-            header = (message.headers or {}).get(c.HEADER_SENDER)
-            sender = header.decode() if isinstance(header, bytes) else str(header or "")
             self.refused.append(Refused(now, sender, exc.reason, exc.detail))
         else:
             self.heard.append(Heard(now, envelope, message.routing_key or "",
@@ -151,11 +168,16 @@ class Harness:
         queue = await self._get_queue(c.dead_letter_queue(self.name))
         while True:
             try:
-                message = await queue.get(no_ack=True, fail=False, timeout=5)
+                message = await queue.get(no_ack=False, fail=False, timeout=5)
             except _BROKER_ERRORS as exc:
                 raise TransportError(f"cannot read the dead-letter queue: {exc}") from exc
             if message is None:
                 return self.dead_letters
+            if str(message.message_id or "") not in self._sent_ids:
+                self.left_alone += 1  # someone else's: stays unacked, back when we disconnect
+                continue
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await message.ack()
             reason = (message.headers or {}).get(c.HEADER_REJECT_REASON)
             reason = reason.decode() if isinstance(reason, bytes) else str(reason or "")
             self.dead_letters.append(DeadLetter(reason, str(message.message_id or "")))
@@ -221,6 +243,7 @@ class Harness:
                       persistent: bool = True) -> None:
         if self._channel is None:
             raise TransportError("not connected")
+        self._sent_ids.add(message_id)
         message = aio_pika.Message(
             body, headers=headers, message_id=message_id, type=message_type,
             content_type=c.CONTENT_TYPE,

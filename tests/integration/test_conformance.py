@@ -16,6 +16,7 @@ from typing import Any
 
 import aio_pika
 import orjson
+import pytest
 
 from coordinator_agent.agent.examples import example_handler
 from coordinator_agent.agent.worker import TaskContext, WorkerAgent
@@ -27,9 +28,12 @@ from coordinator_agent.conformance import (
     Report,
     Verdict,
 )
+from coordinator_agent.coordinator.service import CoordinatorAgent
+from coordinator_agent.exceptions import ConfigError
 from coordinator_agent.settings import Settings
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire.keyring import Keyring
+from coordinator_agent.wire.messaging import coordinator_topology
 
 from .conftest import OPERATOR
 from .helpers import spawn, subprocess_env
@@ -93,7 +97,7 @@ async def test_an_agent_that_ignores_cancel_fails_the_cancel_rule(
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
     settings = slower_heartbeat(settings)
-    harness = Harness(settings, keyring)
+    harness = Harness(settings, keyring, "agent-1")
     await harness.start()
     agent = WorkerAgent("agent-1", "general", stubborn_handler, settings=settings,
                         keyring=keyring, max_concurrency=2)
@@ -134,7 +138,7 @@ async def test_an_agent_that_lies_fails_concurrency_progress_and_own_tasks(
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
     settings = slower_heartbeat(settings)
-    harness = Harness(settings, keyring)
+    harness = Harness(settings, keyring, "agent-1")
     await harness.start()
     agent = WorkerAgent("agent-1", "general", careless_handler, settings=settings,
                         keyring=keyring, max_concurrency=3)
@@ -156,10 +160,20 @@ async def test_an_agent_that_lies_fails_concurrency_progress_and_own_tasks(
     assert "went backwards" in text and "never-assigned" in text
 
 
-async def test_no_agent_fails_every_rule_and_passes_none(
+async def test_no_agent_fails_every_rule_and_passes_none_and_others_lose_nothing(
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
-    harness = Harness(settings, keyring)
+    # Someone else's submission and dead letter wait in the queues the kit reads.
+    connection = await aio_pika.connect(settings.broker_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel()
+        await coordinator_topology(settings.name)(channel)
+        await (await channel.get_exchange(c.COORDINATOR_EXCHANGE)).publish(
+            aio_pika.Message(b"someone's work", headers={c.HEADER_SENDER: OPERATOR}),
+            c.tasks_key(settings.name))
+        await (await channel.get_exchange(c.dead_letter_exchange(settings.name))).publish(
+            aio_pika.Message(b"someone's dead letter", message_id="not-the-kits"), "")
+    harness = Harness(settings, keyring, "agent-2")
     await harness.start()
     try:
         report = await AgentConformance(harness, "agent-2", wait_s=1).run()
@@ -168,12 +182,28 @@ async def test_no_agent_fails_every_rule_and_passes_none(
     assert not report.passed
     assert {r.verdict for r in report.results} == {Verdict.FAIL, Verdict.NOT_APPLICABLE}
     assert "never said hello" in report.as_text()
+    assert harness.left_alone >= 1
+    connection = await aio_pika.connect(settings.broker_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel()
+        for queue in (c.tasks_queue(settings.name), c.dead_letter_queue(settings.name)):
+            declared = await channel.declare_queue(queue, passive=True)
+            assert declared.declaration_result.message_count == 1, queue
+
+
+async def test_the_kit_refuses_the_name_of_a_running_coordinator(
+    coordinator: CoordinatorAgent, settings: Settings, keyring: Keyring,
+) -> None:
+    harness = Harness(settings, keyring, "agent-1")
+    with pytest.raises(ConfigError, match="is consuming its queues"):
+        await harness.start()
+    assert coordinator.ready
 
 
 async def test_the_python_client_passes_conformance_client(
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
-    harness = Harness(settings, keyring)
+    harness = Harness(settings, keyring, OPERATOR)
     await harness.start()
     try:
         kit = asyncio.create_task(ClientConformance(harness, OPERATOR, tasks=2, wait_s=20).run())
@@ -197,7 +227,7 @@ async def test_the_submit_command_passes_conformance_client_though_it_leaves_ear
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
     """`submit --wait` exits once it has the outcome: the kit must not count that against it."""
-    harness = Harness(settings, keyring)
+    harness = Harness(settings, keyring, OPERATOR)
     await harness.start()
     try:
         kit = asyncio.create_task(ClientConformance(harness, OPERATOR, wait_s=30).run())
@@ -218,7 +248,7 @@ async def test_the_submit_command_passes_conformance_client_though_it_leaves_ear
 async def test_a_client_without_task_id_or_reply_queue_fails_those_rules(
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
-    harness = Harness(settings, keyring)
+    harness = Harness(settings, keyring, OPERATOR)
     await harness.start()
     try:
         kit = asyncio.create_task(ClientConformance(harness, OPERATOR, wait_s=20).run())
