@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator_agent import __version__
+from coordinator_agent.cli.conformance import add_conformance_command, cmd_conformance
 from coordinator_agent.cli.progress import (
     Rates,
     agents_table,
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         _url_option(cmd)
 
     add_routing_commands(sub, common, _url_option)
+    add_conformance_command(sub, common)
 
     drain = sub.add_parser("drain", parents=[common],
                            help="ask an agent to drain: no new work, running tasks finish, "
@@ -332,6 +334,41 @@ def run_until_signal(
     return asyncio.run(body())
 
 
+def serve_until_signal(
+    serve: Callable[[], Coroutine[Any, Any, None]], request_stop: Callable[[], None],
+    *, close: Callable[[], Coroutine[Any, Any, None]] | None = None,
+) -> int:
+    """Run ``serve()`` to its end, which may come on its own (an agent told to drain); the first
+    SIGTERM/SIGINT asks it to stop gracefully, a second forces exit. If ``serve()`` fails,
+    ``close()`` closes what it had opened."""
+
+    async def body() -> int:
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                log.warning("second signal: exiting now")
+                os._exit(130)
+            log.info("stopping (send the signal again to force)")
+            request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await serve()
+        except BaseException:
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+            raise
+        return 0
+
+    return asyncio.run(body())
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from coordinator_agent.coordinator.service import CoordinatorAgent
 
@@ -351,32 +388,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         max_concurrency=args.concurrency,
     )
 
-    async def body() -> int:
-        # agent.run() also ends when the coordinator sends agent.drain (`coordinator-agent
-        # drain`); a signal asks for the same graceful stop, a second one forces exit.
-        loop = asyncio.get_running_loop()
-        signals = 0
-
-        def on_signal() -> None:
-            nonlocal signals
-            signals += 1
-            if signals > 1:
-                log.warning("second signal: exiting now")
-                os._exit(130)
-            log.info("stopping (send the signal again to force)")
-            agent.request_stop()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        try:
-            await agent.run()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await agent.stop()  # what started before a failed start, closed again
-            raise
-        return 0
-
-    return asyncio.run(body())
+    # Not run_until_signal: an agent.drain from the coordinator ends the agent as well.
+    return serve_until_signal(agent.run, agent.request_stop, close=agent.stop)
 
 
 def operator_id(keyring: Keyring, wanted: str | None) -> str:
@@ -691,4 +704,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "check": cmd_check,
     "keys": cmd_keys,
     "demo": cmd_demo,
+    "conformance": cmd_conformance,
 }
