@@ -1,5 +1,4 @@
-"""The conformance kit: play the coordinator against an agent or a client in any language, over
-the real broker, and say rule by rule whether it follows docs/PROTOCOL.md (§19)."""
+"""The conformance kit: judges an agent or a client in any language, rule by rule (PROTOCOL §19)."""
 
 from __future__ import annotations
 

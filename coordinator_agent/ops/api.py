@@ -222,7 +222,7 @@ class MonitoringServer:
                 return _error(400, 'body must be JSON: {"reason": "..."}')
             reason = parsed.get("reason", "") if isinstance(parsed, dict) else None
             try:
-                protocol.AgentDrain(reason=reason)  # the directive's own rule for a reason
+                protocol.AgentDrain.model_validate({"reason": reason})  # the directive's rule
             except ValidationError:
                 return _error(422, "reason must be a short string (at most 1024 characters)")
         await self.coordinator.drain_agent(agent_id, str(reason))
