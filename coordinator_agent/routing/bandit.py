@@ -1,0 +1,194 @@
+"""BanditModel: the probability that a kind succeeds at a task on its first try, learned online.
+
+Per kind, the log-odds of success is a sum::
+
+    logit P(success | task, kind) = logit(prior_k) + w[kind, bias] + sum over keywords
+                                    of w[kind, keyword] / sqrt(#keywords)
+
+``prior_k`` comes from the text alone (``TextPrior``: P(kind | text) mapped onto a success
+probability between ``success_if_wrong`` and ``success_if_right``). Each weight has a Gaussian
+belief (mean, precision) that starts at N(0, 2 / prior_strength): worth about
+``prior_strength`` pseudo-outcomes in all. Dividing by sqrt(#keywords) keeps that prior the same
+for short and long descriptions. An outcome updates the weights of the task's features with one
+Laplace step (online Bayesian logistic regression with a diagonal posterior), so a kind learns
+which words predict its successes and its failures, and similar tasks share what was learned.
+
+Evidence fades back towards the prior, two ways (drift):
+
+* by time: ``2 ** (-age / half_life_s)`` applied when a weight is read;
+* by count: before an outcome is added to a weight, that weight's evidence is multiplied by
+  ``1 - 1 / window``, so a feature remembers roughly its last ``window`` outcomes. A kind whose
+  success rate drops is seen through its recent failures, not through its long past.
+
+The model is pure: no I/O. ``rows`` and ``load`` move its state in and out of the store.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+BIAS = ""  # the feature every task of a kind has (off by default)
+CONTEXT_PREFIX = "@"  # keywords are stems of [a-z0-9-]: no clash
+_LOGIT_CLIP = 8.0
+_NEWTON_STEPS = 6
+#: (kind, feature, mean, precision, updated at, decayed successes, decayed failures)
+Row = tuple[str, str, float, float, float, float, float]
+
+
+def sigmoid(z: float) -> float:
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+def logit(p: float) -> float:
+    p = min(1.0 - 1e-6, max(1e-6, p))
+    return math.log(p / (1.0 - p))
+
+
+@dataclass(frozen=True, slots=True)
+class KindBelief:
+    """What the model believes about one kind for one task, on the log-odds scale."""
+
+    kind: str
+    prior: float  # P(success) from the text alone
+    mean: float  # mean log-odds, prior included
+    std: float  # its standard deviation
+    successes: float  # decayed outcomes behind the weights, for people (see ``evidence``)
+    failures: float
+
+    @property
+    def probability(self) -> float:
+        """The predicted probability of first-try success (the confidence)."""
+        return sigmoid(self.mean)
+
+
+def features(keywords: Sequence[str], context: str | None = None, *,
+             bias: bool = False) -> list[tuple[str, float]]:
+    """(feature, value) of a task: its context (full weight), each keyword scaled by 1/sqrt(n).
+
+    The context is a coarse group of tasks the router can see (the kind the text points at):
+    it pools evidence over every task of the group, so a kind learns fast what it is good at;
+    the keywords then tell apart tasks of one group. No per-kind bias by default: it would
+    carry a kind's successes on one sort of task over to every other sort (a kind great at docs
+    would look good at deployments it never tried).
+    """
+    words = list(dict.fromkeys(keywords))
+    head = [(BIAS, 1.0)] if bias else []
+    if context is not None:
+        head.append((CONTEXT_PREFIX + context, 1.0))
+    if not words:
+        return head
+    x = 1.0 / math.sqrt(len(words))
+    return [*head, *((w, x) for w in words)]
+
+
+class BanditModel:
+    """Weights per (kind, feature): (mean, precision, time of last update, successes, failures).
+
+    Precision includes the prior's ``q0``; successes and failures are the decayed counts of the
+    outcomes that touched the weight, kept only to explain a decision.
+    """
+
+    def __init__(self, *, prior_strength: float, window: float, half_life_s: float) -> None:
+        self.q0 = prior_strength / 2.0
+        self.keep = 1.0 - 1.0 / window if window > 0 else 1.0
+        self.half_life_s = half_life_s
+        self._w: dict[str, dict[str, tuple[float, float, float, float, float]]] = {}
+        self.updates = 0
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def _decayed(self, stat: tuple[float, float, float, float, float],
+                 now: float) -> tuple[float, float, float, float]:
+        mean, precision, at, succ, fail = stat
+        age = now - at
+        if age <= 0:
+            return mean, precision, succ, fail
+        f = 2.0 ** (-age / self.half_life_s)
+        evidence = precision - self.q0
+        new_precision = self.q0 + f * evidence
+        return f * precision * mean / new_precision, new_precision, f * succ, f * fail
+
+    def belief(self, kind: str, prior: float, feats: Sequence[tuple[str, float]],
+               now: float) -> KindBelief:
+        weights = self._w.get(kind)
+        mean = logit(prior)
+        var = 0.0
+        succ = fail = 0.0
+        q0 = self.q0
+        for name, x in feats:
+            stat = weights.get(name) if weights is not None else None
+            if stat is None:
+                var += x * x / q0
+                continue
+            m, q, s, f = self._decayed(stat, now)
+            mean += x * m
+            var += x * x / q
+            # Each outcome touched every feature of its task: weigh the counts like the values.
+            s_share = x * x if name != BIAS and not name.startswith(CONTEXT_PREFIX) else 0.0
+            succ += s * s_share
+            fail += f * s_share
+        mean = max(-_LOGIT_CLIP, min(_LOGIT_CLIP, mean))
+        return KindBelief(kind, prior, mean, math.sqrt(var), succ, fail)
+
+    # --- learning -----------------------------------------------------------------------------
+
+    def update(self, kind: str, prior: float, feats: Sequence[tuple[str, float]],
+               success: bool, now: float) -> list[Row]:
+        """Add one outcome; returns the changed rows, for the store."""
+        weights = self._w.setdefault(kind, {})
+        q0, keep = self.q0, self.keep
+        current: list[tuple[str, float, float, float, float, float]] = []
+        a = logit(prior)
+        v = 0.0
+        for name, x in feats:
+            stat = weights.get(name)
+            if stat is None:
+                m, q, s, f = 0.0, q0, 0.0, 0.0
+            else:
+                m, q, s, f = self._decayed(stat, now)
+                # Count decay: this weight's evidence shrinks towards the prior before it grows.
+                evidence = (q - q0) * keep
+                new_q = q0 + evidence
+                m = keep * q * m / new_q
+                q = new_q
+                s *= keep
+                f *= keep
+            current.append((name, x, m, q, s, f))
+            a += x * m
+            v += x * x / q
+        y = 1.0 if success else 0.0
+        # MAP along the prior-scaled direction: t = y - sigmoid(a + t v), by Newton.
+        t = 0.0
+        for _ in range(_NEWTON_STEPS):
+            p = sigmoid(a + t * v)
+            g = t - y + p
+            t -= g / (1.0 + v * p * (1.0 - p))
+        p = sigmoid(a + t * v)
+        curvature = p * (1.0 - p)
+        changed: list[Row] = []
+        for name, x, m, q, s, f in current:
+            stat = (m + t * x / q, q + x * x * curvature, now,
+                    s + (1.0 if success else 0.0), f + (0.0 if success else 1.0))
+            weights[name] = stat
+            changed.append((kind, name, *stat))
+        self.updates += 1
+        return changed
+
+    # --- persistence --------------------------------------------------------------------------
+
+    def rows(self) -> Iterable[Row]:
+        for kind, weights in self._w.items():
+            for name, (m, q, at, s, f) in weights.items():
+                yield kind, name, m, q, at, s, f
+
+    def load(self, rows: Iterable[Row]) -> None:
+        for kind, name, m, q, at, s, f in rows:
+            self._w.setdefault(kind, {})[name] = (m, q, at, s, f)
+
+    def kinds(self) -> Mapping[str, int]:
+        return {kind: len(w) for kind, w in self._w.items()}

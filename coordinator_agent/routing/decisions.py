@@ -1,0 +1,119 @@
+"""DecisionLog: every routing decision with its propensity, and later its outcome.
+
+A row says what the router saw (the description, the kinds it could choose from, what it
+believed about each), what it chose, with which probability the policy would choose it (the
+*propensity*), and, once the attempt ends, whether it succeeded. That is what off-policy
+evaluation needs (``replay.py``): how another policy or threshold would have done, estimated from
+this log alone.
+
+Rows are buffered in memory and written in the transaction of the next outcome (or on close),
+so a decision costs no disk write; a crash loses only decisions whose attempts had not ended.
+The table lives in the learning store's SQLite file and is pruned like the outcomes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator_agent.routing.patterns import PatternStore, Statements
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS decisions (
+    id INTEGER PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    at REAL NOT NULL,
+    policy TEXT NOT NULL,           -- seed | bandit
+    reason TEXT NOT NULL,           -- greedy, explore, fallback, explicit_kind, fallback_chain...
+    description TEXT NOT NULL,
+    candidates TEXT NOT NULL,       -- JSON {kind: {"prior": P(kind|text), "p": success, "sd"}}
+    kind TEXT NOT NULL,
+    propensity REAL NOT NULL,
+    confidence REAL NOT NULL,
+    outcome INTEGER,                -- 1 success, 0 failure, NULL not known yet
+    ended_at REAL
+);
+CREATE INDEX IF NOT EXISTS decisions_task ON decisions (task_id, attempt);
+"""
+_INSERT = ("INSERT INTO decisions (task_id, attempt, at, policy, reason, description, candidates,"
+           " kind, propensity, confidence) VALUES (?,?,?,?,?,?,?,?,?,?)")
+_OUTCOME = ("UPDATE decisions SET outcome = ?, ended_at = ? WHERE task_id = ? AND attempt = ?"
+            " AND outcome IS NULL")
+#: Buffered decisions are written once this many wait, even without an outcome.
+FLUSH_AT = 256
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedDecision:
+    id: int
+    task_id: str
+    attempt: int
+    at: float
+    policy: str
+    reason: str
+    description: str
+    candidates: dict[str, dict[str, float]]
+    kind: str
+    propensity: float
+    confidence: float
+    outcome: bool | None
+
+
+class DecisionLog:
+    def __init__(self, store: PatternStore, *, max_rows: int) -> None:
+        self._db: sqlite3.Connection = store.db
+        self._db.executescript(_SCHEMA)
+        self.max_rows = max_rows
+        self._pending: list[tuple[object, ...]] = []
+        self._since_prune = 0
+
+    def add(self, *, task_id: str, attempt: int, at: float, policy: str, reason: str,
+            description: str, candidates: Mapping[str, Mapping[str, float]], kind: str,
+            propensity: float, confidence: float) -> None:
+        self._pending.append((task_id, attempt, at, policy, reason, description,
+                              json.dumps(candidates, separators=(",", ":")), kind,
+                              propensity, confidence))
+        if len(self._pending) >= FLUSH_AT:
+            self.flush()
+
+    def outcome_statements(self, task_id: str, attempt: int, success: bool,
+                           at: float) -> Statements:
+        """The statements that record an outcome, pending decisions first (one transaction)."""
+        pending, self._pending = self._pending, []
+        self._since_prune += 1
+        statements: list[tuple[str, Sequence[Sequence[object]]]] = []
+        if pending:
+            statements.append((_INSERT, pending))
+        statements.append((_OUTCOME, [(int(success), at, task_id, attempt)]))
+        if self._since_prune >= FLUSH_AT * 4:
+            self._since_prune = 0
+            statements.append((
+                "DELETE FROM decisions WHERE id <= (SELECT MAX(id) FROM decisions) - ?",
+                [(self.max_rows,)]))
+        return statements
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            self._db.executemany(_INSERT, pending)
+
+    def __len__(self) -> int:
+        count: int = self._db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0]
+        return count + len(self._pending)
+
+
+def read_log(db: sqlite3.Connection, *, with_outcome: bool = True) -> Iterator[LoggedDecision]:
+    """Logged decisions in order; by default only those whose outcome is known."""
+    where = "WHERE outcome IS NOT NULL" if with_outcome else ""
+    rows = db.execute(
+        "SELECT id, task_id, attempt, at, policy, reason, description, candidates, kind, "
+        f"propensity, confidence, outcome FROM decisions {where} ORDER BY id")
+    for row in rows:
+        candidates: Any = json.loads(row[7])
+        yield LoggedDecision(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
+                             candidates, row[8], row[9], row[10],
+                             None if row[11] is None else bool(row[11]))
