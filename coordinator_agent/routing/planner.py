@@ -646,6 +646,38 @@ class CoordinationPlanner:
             result["agent"] = agent.id if agent is not None else None
         return result
 
+    # --- offline evaluation (replay.py) -------------------------------------------------------
+
+    def policy_distribution(self, description: str, kinds: Sequence[str],
+                            now: float) -> tuple[dict[str, float], dict[str, float]]:
+        """(P(this planner's policy picks kind), predicted success of kind) for a logged task
+        whose candidate kinds were ``kinds``; the policy's exploration share moves by its
+        expectation."""
+        analysis = self.analyzer.analyze(description)
+        scores = self.beliefs(description, analysis, kinds, now)
+        predicted = {s.kind: s.confidence for s in scores}
+        if self.config.policy is Policy.BANDIT:
+            beliefs = [s.belief for s in scores]
+            dist = self.policy.distribution(beliefs)
+            greedy = max(scores, key=lambda s: s.confidence).kind
+            self.policy.expect(dist, greedy)
+            return dist, predicted
+        task = TaskRecord(id="replay", description=description)
+        plan = self._plan(task, analysis, dict.fromkeys(kinds, 0.0), explain=True)
+        return {k: float(k == plan.chosen.kind) for k in kinds}, predicted
+
+    def learn_logged(self, description: str, kind: str, success: bool, at: float) -> None:
+        """Learn a logged outcome as if it had happened here (both policies' state)."""
+        analysis = self.analyzer.analyze(description)
+        text = self.text_prior.probabilities(description)
+        b = self.config.bandit
+        p_text = text.get(kind, 1.0 / max(1, len(text)))
+        prior = b.success_if_wrong + (b.success_if_right - b.success_if_wrong) * p_text
+        self.model.update(kind, prior, features(analysis.keywords, _context(text)), success, at)
+        self.store.record(Outcome(keywords=analysis.keywords, kind=kind, success=success,
+                                  category=analysis.category,
+                                  complexity=analysis.complexity.value, at=at))
+
     def phases(self, description: str) -> list[dict[str, Any]] | None:
         """The steps a multi-phase description becomes (``phases``), or None for one phase."""
         settings = self.config.phases
