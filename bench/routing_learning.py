@@ -1,4 +1,4 @@
-"""Routing that learns: regret, drift and calibration on a simulated fleet with hidden success rates.
+"""Routing that learns: regret, drift and calibration on a simulated fleet, hidden success rates.
 
 The fleet has one agent per configured kind. Each task is a line of the task set (JSON lines of
 ``description`` and ``category``) drawn at random; its first attempt succeeds with the hidden

@@ -41,8 +41,9 @@ def add_routing_commands(
                         default=os.environ.get("COORDINATOR_REPLAY_STORE"),
                         help="learning store with the decision log; default: this coordinator's"
                         " [COORDINATOR_REPLAY_STORE]")
-    replay.add_argument("--seed", dest="replay_seed", type=int, default=0,
-                        help="seed of the bootstrap and the target's draws")
+    replay.add_argument("--seed", dest="replay_seed", type=int,
+                        default=int(os.environ.get("COORDINATOR_REPLAY_SEED", "0")),
+                        help="seed of the bootstrap [COORDINATOR_REPLAY_SEED]")
     replay.add_argument("--json", dest="replay_json", action="store_true",
                         default=os.environ.get("COORDINATOR_JSON", "") not in ("", "0"),
                         help="JSON output [COORDINATOR_JSON=1]")

@@ -43,6 +43,9 @@ _INSERT = ("INSERT INTO decisions (task_id, attempt, at, policy, reason, descrip
            " kind, propensity, confidence) VALUES (?,?,?,?,?,?,?,?,?,?)")
 _OUTCOME = ("UPDATE decisions SET outcome = ?, ended_at = ? WHERE task_id = ? AND attempt = ?"
             " AND outcome IS NULL")
+_SELECT_ALL = ("SELECT id, task_id, attempt, at, policy, reason, description, candidates, kind, "
+               "propensity, confidence, outcome FROM decisions ORDER BY id")
+_SELECT_KNOWN = _SELECT_ALL.replace("ORDER BY", "WHERE outcome IS NOT NULL ORDER BY")
 #: Buffered decisions are written once this many wait, even without an outcome.
 FLUSH_AT = 256
 
@@ -108,10 +111,7 @@ class DecisionLog:
 
 def read_log(db: sqlite3.Connection, *, with_outcome: bool = True) -> Iterator[LoggedDecision]:
     """Logged decisions in order; by default only those whose outcome is known."""
-    where = "WHERE outcome IS NOT NULL" if with_outcome else ""
-    rows = db.execute(
-        "SELECT id, task_id, attempt, at, policy, reason, description, candidates, kind, "
-        f"propensity, confidence, outcome FROM decisions {where} ORDER BY id")
+    rows = db.execute(_SELECT_KNOWN if with_outcome else _SELECT_ALL)
     for row in rows:
         candidates: Any = json.loads(row[7])
         yield LoggedDecision(row[0], row[1], row[2], row[3], row[4], row[5], row[6],

@@ -33,8 +33,11 @@ def test_route_explains_offline_from_the_configuration(
     explained = json.loads(done.stdout)
     assert explained["kind"] == kind
     assert explained["source"].startswith("local")
-    assert set(explained["kinds"][kind]["parts"]) >= {"pattern", "domain", "complexity",
-                                                      "workload"}
+    assert explained["policy"] == "bandit"
+    # Per kind: the prior from the text, the evidence, the exploration term, the probability.
+    assert set(explained["kinds"][kind]["parts"]) >= {"prior", "prior_success", "successes",
+                                                      "failures", "exploration", "chance",
+                                                      "probability"}
     # Nobody listens on port 1: it says so, and carries on without the coordinator.
     assert "cannot reach the coordinator" in done.stderr
 
@@ -53,6 +56,20 @@ def test_route_table_names_kind_agent_and_reason() -> None:
     assert lines.index(next(ln for ln in lines if ln.startswith("cicd"))) < lines.index(
         next(ln for ln in lines if ln.startswith("general")))
     assert "kind       cicd -> agent cicd-1" in text and "+0.100" in text
+
+
+def test_route_table_of_the_bandit_policy_shows_prior_evidence_exploration() -> None:
+    parts = {"prior": 0.5, "prior_success": 0.55, "successes": 3.0, "failures": 1.0,
+             "exploration": 0.08, "chance": 0.7, "probability": 0.72}
+    text = route_explanation({
+        "analysis": {"keywords": ["deploy"]}, "policy": "bandit",
+        "kinds": {"cicd": {"confidence": 0.72, "parts": parts}},
+        "kind": "cicd", "reason": "confident", "threshold": 0.2, "source": "local",
+        "workflow": [{"description": "implement", "kind": "development"},
+                     {"description": "deploy", "kind": "cicd"}],
+    })
+    assert "PRIOR P(KIND|TEXT)" in text and "3.0/1.0" in text and "+-0.080" in text
+    assert "0.720" in text and "workflow   development ('implement') -> cicd ('deploy')" in text
 
 
 def test_routing_summary_with_and_without_history() -> None:
