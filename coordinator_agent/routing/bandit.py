@@ -66,20 +66,20 @@ class KindBelief:
         return sigmoid(self.mean)
 
 
-def features(keywords: Sequence[str], context: str | None = None, *,
+def features(keywords: Sequence[str], contexts: Sequence[str] = (), *,
              bias: bool = False) -> list[tuple[str, float]]:
-    """(feature, value) of a task: its context (full weight), each keyword scaled by 1/sqrt(n).
+    """(feature, value) of a task: its contexts (full weight), each keyword scaled by 1/sqrt(n).
 
-    The context is a coarse group of tasks the router can see (the kind the text points at):
-    it pools evidence over every task of the group, so a kind learns fast what it is good at;
-    the keywords then tell apart tasks of one group. No per-kind bias by default: it would
-    carry a kind's successes on one sort of task over to every other sort (a kind great at docs
-    would look good at deployments it never tried).
+    Contexts are groups of tasks the router can see, coarse to fine (the kind the text points
+    at; the set of vocabulary words it uses): each pools the evidence of every task of its
+    group, so a kind learns fast what it is good at, and the keywords then tell apart tasks
+    within a group. No per-kind bias by default: it would carry a kind's successes on one sort
+    of task over to every other sort (a kind great at docs would look good at deployments it
+    never tried).
     """
     words = list(dict.fromkeys(keywords))
     head = [(BIAS, 1.0)] if bias else []
-    if context is not None:
-        head.append((CONTEXT_PREFIX + context, 1.0))
+    head.extend((CONTEXT_PREFIX + c, 1.0) for c in contexts)
     if not words:
         return head
     x = 1.0 / math.sqrt(len(words))
@@ -93,8 +93,11 @@ class BanditModel:
     outcomes that touched the weight, kept only to explain a decision.
     """
 
-    def __init__(self, *, prior_strength: float, window: float, half_life_s: float) -> None:
-        self.q0 = prior_strength / 2.0
+    def __init__(self, *, prior_strength: float, window: float, half_life_s: float,
+                 groups: int = 3) -> None:
+        # A Beta prior worth n pseudo-outcomes has a log-odds variance of about 4 / n at 0.5;
+        # the ``groups`` parts of a task (contexts and keywords) share it.
+        self.q0 = groups * prior_strength / 4.0
         self.keep = 1.0 - 1.0 / window if window > 0 else 1.0
         self.half_life_s = half_life_s
         self._w: dict[str, dict[str, tuple[float, float, float, float, float]]] = {}

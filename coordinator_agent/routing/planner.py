@@ -62,6 +62,7 @@ NOT_LEARNED = frozenset({AttemptOutcome.RUNNING, AttemptOutcome.UNDELIVERABLE,
                          AttemptOutcome.SUPERSEDED, AttemptOutcome.CANCELLED})
 FAILURES = frozenset({AttemptOutcome.FAILED, AttemptOutcome.TIMEOUT, AttemptOutcome.AGENT_LOST})
 MAX_ALTERNATIVES_RECORDED = 8
+MAX_SIGNATURE_WORDS = 4
 OTHER_KIND = "other"
 _COUNTERS = ("decisions", "fallbacks", "confidence_sum", "first_tries", "first_try_successes")
 
@@ -217,6 +218,13 @@ class CoordinationPlanner:
         #: Per kind: (decisions, sum of confidences), for the average confidence per kind.
         self._by_kind: dict[str, list[float]] = {}
 
+    def _contexts(self, analysis: TaskAnalysis, text: Mapping[str, float]) -> tuple[str, str]:
+        """Groups of similar tasks, coarse then fine: the kind the text points at, and the set
+        of vocabulary words the description uses."""
+        index = self.analyzer.domain_index
+        vocabulary = sorted(w for w in analysis.keywords if w in index)[:MAX_SIGNATURE_WORDS]
+        return "k:" + _top_kind(text), "v:" + " ".join(vocabulary)
+
     @property
     def text_prior(self) -> TextPrior:
         if self._text_prior is None:
@@ -230,7 +238,7 @@ class CoordinationPlanner:
         text = self.text_prior.probabilities(description)
         unknown = 1.0 / max(1, len(text))  # a kind only agents announced: no text evidence
         b = self.config.bandit
-        feats = features(analysis.keywords, _context(text))
+        feats = features(analysis.keywords, self._contexts(analysis, text))
         span = b.success_if_right - b.success_if_wrong
         out = []
         for kind in kinds:
@@ -541,7 +549,9 @@ class CoordinationPlanner:
             p_text = text.get(kind, 1.0 / max(1, len(text)))
             prior = b.success_if_wrong + (b.success_if_right - b.success_if_wrong) * p_text
         keywords = [str(k) for k in info.get("keywords", ())]
-        return self.model.update(kind, prior, features(keywords, _context(text)), success, now)
+        analysis = self.analyzer.analyze(task.description)
+        return self.model.update(kind, prior, features(keywords, self._contexts(analysis, text)),
+                                 success, now)
 
     def next_step(self, task: TaskRecord, outcome: AttemptOutcome | None = None) -> FallbackStep:
         """After a failed attempt (error, timeout, lost agent): what to do next.
@@ -673,7 +683,8 @@ class CoordinationPlanner:
         b = self.config.bandit
         p_text = text.get(kind, 1.0 / max(1, len(text)))
         prior = b.success_if_wrong + (b.success_if_right - b.success_if_wrong) * p_text
-        self.model.update(kind, prior, features(analysis.keywords, _context(text)), success, at)
+        self.model.update(kind, prior, features(analysis.keywords,
+                                                self._contexts(analysis, text)), success, at)
         self.store.record(Outcome(keywords=analysis.keywords, kind=kind, success=success,
                                   category=analysis.category,
                                   complexity=analysis.complexity.value, at=at))
@@ -756,8 +767,8 @@ class CoordinationPlanner:
         self.store.close()
 
 
-def _context(text: Mapping[str, float]) -> str:
-    """The kind the text points at (its group of similar tasks), or "-" when it is a tie."""
+def _top_kind(text: Mapping[str, float]) -> str:
+    """The kind the text points at, or "-" when it is a tie."""
     if not text:
         return "-"
     best = max(text.values())
