@@ -100,6 +100,7 @@ class BanditModel:
         self.q0 = groups * prior_strength / 4.0
         self.keep = 1.0 - 1.0 / window if window > 0 else 1.0
         self.half_life_s = half_life_s
+        self._rate = math.log(2.0) / half_life_s
         self._w: dict[str, dict[str, tuple[float, float, float, float, float]]] = {}
         self.updates = 0
 
@@ -111,7 +112,7 @@ class BanditModel:
         age = now - at
         if age <= 0:
             return mean, precision, succ, fail
-        f = 2.0 ** (-age / self.half_life_s)
+        f = math.exp(-age * self._rate)
         evidence = precision - self.q0
         new_precision = self.q0 + f * evidence
         return f * precision * mean / new_precision, new_precision, f * succ, f * fail
@@ -120,21 +121,34 @@ class BanditModel:
                now: float) -> KindBelief:
         weights = self._w.get(kind)
         mean = logit(prior)
-        var = 0.0
-        succ = fail = 0.0
         q0 = self.q0
+        if not weights:
+            var = sum(x * x for _, x in feats) / q0
+            return KindBelief(kind, prior, mean, math.sqrt(var), 0.0, 0.0)
+        var = succ = fail = 0.0
+        rate = self._rate
+        exp = math.exp
         for name, x in feats:
-            stat = weights.get(name) if weights is not None else None
+            stat = weights.get(name)
+            xx = x * x
             if stat is None:
-                var += x * x / q0
+                var += xx / q0
                 continue
-            m, q, s, f = self._decayed(stat, now)
+            m, q, at, s, f = stat
+            age = now - at
+            if age > 0:  # time decay, inlined: this loop is most of a decision's cost
+                k = exp(-age * rate)
+                decayed = q0 + k * (q - q0)
+                m = k * q * m / decayed
+                q = decayed
+                s *= k
+                f *= k
             mean += x * m
-            var += x * x / q
-            # Each outcome touched every feature of its task: weigh the counts like the values.
-            s_share = x * x if name != BIAS and not name.startswith(CONTEXT_PREFIX) else 0.0
-            succ += s * s_share
-            fail += f * s_share
+            var += xx / q
+            if name[:1] != CONTEXT_PREFIX and name:
+                # Each outcome touched every feature of its task: weigh counts like values.
+                succ += s * xx
+                fail += f * xx
         mean = max(-_LOGIT_CLIP, min(_LOGIT_CLIP, mean))
         return KindBelief(kind, prior, mean, math.sqrt(var), succ, fail)
 

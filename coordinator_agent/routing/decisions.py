@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,9 @@ _SELECT_KNOWN = _SELECT_ALL.replace("ORDER BY", "WHERE outcome IS NOT NULL ORDER
 FLUSH_AT = 256
 
 
+Candidate = tuple[str, float | None, float, float | None]
+
+
 @dataclass(frozen=True, slots=True)
 class LoggedDecision:
     id: int
@@ -71,15 +74,16 @@ class DecisionLog:
         self._db: sqlite3.Connection = store.db
         self._db.executescript(_SCHEMA)
         self.max_rows = max_rows
-        self._pending: list[tuple[object, ...]] = []
+        self._pending: list[tuple[Any, ...]] = []
         self._since_prune = 0
 
     def add(self, *, task_id: str, attempt: int, at: float, policy: str, reason: str,
-            description: str, candidates: Mapping[str, Mapping[str, float]], kind: str,
+            description: str, candidates: Sequence[Candidate], kind: str,
             propensity: float, confidence: float) -> None:
-        self._pending.append((task_id, attempt, at, policy, reason, description,
-                              json.dumps(candidates, separators=(",", ":")), kind,
-                              propensity, confidence))
+        """Buffer one decision; ``candidates`` are (kind, P(kind | text), predicted success,
+        log-odds spread), None where the policy has no such thing."""
+        self._pending.append((task_id, attempt, at, policy, reason, description, candidates,
+                              kind, propensity, confidence))
         if len(self._pending) >= FLUSH_AT:
             self.flush()
 
@@ -90,7 +94,7 @@ class DecisionLog:
         self._since_prune += 1
         statements: list[tuple[str, Sequence[Sequence[object]]]] = []
         if pending:
-            statements.append((_INSERT, pending))
+            statements.append((_INSERT, [_row(p) for p in pending]))
         statements.append((_OUTCOME, [(int(success), at, task_id, attempt)]))
         if self._since_prune >= FLUSH_AT * 4:
             self._since_prune = 0
@@ -102,11 +106,23 @@ class DecisionLog:
     def flush(self) -> None:
         pending, self._pending = self._pending, []
         if pending:
-            self._db.executemany(_INSERT, pending)
+            self._db.executemany(_INSERT, [_row(p) for p in pending])
 
     def __len__(self) -> int:
         count: int = self._db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0]
         return count + len(self._pending)
+
+
+def _row(pending: tuple[Any, ...]) -> tuple[object, ...]:
+    candidates: dict[str, dict[str, float]] = {}
+    for kind, prior, p, sd in pending[6]:
+        entry = {"p": round(p, 6)}
+        if prior is not None:
+            entry["prior"] = round(prior, 6)
+        if sd is not None:
+            entry["sd"] = round(sd, 6)
+        candidates[kind] = entry
+    return (*pending[:6], json.dumps(candidates, separators=(",", ":")), *pending[7:])
 
 
 def read_log(db: sqlite3.Connection, *, with_outcome: bool = True) -> Iterator[LoggedDecision]:

@@ -347,9 +347,10 @@ class CoordinationPlanner:
                      workloads: Mapping[str, float], explain: bool) -> _Plan:
         """``policy: bandit``: Thompson sampling over the predicted success (policy.py)."""
         scores = self.beliefs(task.description, analysis, workloads)
-        chances = self.policy.distribution([s.belief for s in scores])
-        scores = [BanditScore(s.kind, s.text, s.belief, s.exploration_scale,
-                              chances.get(s.kind, 0.0)) for s in scores]
+        if explain:  # every kind's chance costs an integral each: only when asked
+            chances = self.policy.distribution([s.belief for s in scores])
+            scores = [BanditScore(s.kind, s.text, s.belief, s.exploration_scale,
+                                  chances.get(s.kind, 0.0)) for s in scores]
         # Best first for the fallback chain; equal probabilities in random order, not by name.
         keyed = [(-s.confidence, self._rng.random(), s) for s in scores]
         keyed.sort(key=lambda item: (item[0], item[1]))
@@ -453,14 +454,9 @@ class CoordinationPlanner:
         return self.config.threshold
 
     def _log(self, task: TaskRecord, plan: _Plan) -> None:
-        candidates: dict[str, dict[str, float]] = {}
-        for s in plan.scores:
-            if isinstance(s, BanditScore):
-                candidates[s.kind] = {"prior": round(s.text, 6),
-                                      "p": round(s.confidence, 6),
-                                      "sd": round(s.belief.std, 6)}
-            else:
-                candidates[s.kind] = {"p": round(s.confidence, 6)}
+        # Plain tuples now; rounded and serialised when the log is written (decisions.py).
+        candidates = [(s.kind, s.text, s.confidence, s.belief.std) if isinstance(s, BanditScore)
+                      else (s.kind, None, s.confidence, None) for s in plan.scores]
         self.decisions.add(
             task_id=task.id, attempt=len(task.attempts) + 1, at=self._clock(),
             policy=self.config.policy.value, reason=plan.label,
@@ -678,6 +674,19 @@ class CoordinationPlanner:
 
     def learn_logged(self, description: str, kind: str, success: bool, at: float) -> None:
         """Learn a logged outcome as if it had happened here (both policies' state)."""
+        outcome = self._learn_description(description, kind, success, at)
+        self.store.record(outcome)
+
+    def import_outcomes(self, rows: Iterable[tuple[str, str, bool, float]]) -> int:
+        """Bulk-learn (description, kind, success, at) rows in one transaction (benchmarks,
+        migrations); returns how many."""
+        outcomes = [self._learn_description(d, k, ok, at) for d, k, ok, at in rows]
+        self.store.record_many(outcomes)
+        self.store.save_bandit_weights(self.model.rows())
+        return len(outcomes)
+
+    def _learn_description(self, description: str, kind: str, success: bool,
+                           at: float) -> Outcome:
         analysis = self.analyzer.analyze(description)
         text = self.text_prior.probabilities(description)
         b = self.config.bandit
@@ -685,9 +694,8 @@ class CoordinationPlanner:
         prior = b.success_if_wrong + (b.success_if_right - b.success_if_wrong) * p_text
         self.model.update(kind, prior, features(analysis.keywords,
                                                 self._contexts(analysis, text)), success, at)
-        self.store.record(Outcome(keywords=analysis.keywords, kind=kind, success=success,
-                                  category=analysis.category,
-                                  complexity=analysis.complexity.value, at=at))
+        return Outcome(keywords=analysis.keywords, kind=kind, success=success,
+                       category=analysis.category, complexity=analysis.complexity.value, at=at)
 
     def phases(self, description: str) -> list[dict[str, Any]] | None:
         """The steps a multi-phase description becomes (``phases``), or None for one phase."""
