@@ -209,3 +209,61 @@ class BanditModel:
 
     def kinds(self) -> Mapping[str, int]:
         return {kind: len(w) for kind, w in self._w.items()}
+
+
+class Calibrator:
+    """Platt scaling, learned online: ``logit(confidence) = a x logit(p) + b``.
+
+    ``p`` is the model's probability for the kind a decision chose, and the outcome is that
+    decision's first try. A diagonal Bayesian model shrinks towards its prior, so its middle
+    predictions come out too timid and its boldest too bold; two numbers learned from every
+    first try undo that without changing how kinds rank (``a`` stays positive). The two are
+    correlated, so their belief is a full 2 x 2 Gaussian (Laplace step per outcome), starting
+    at the identity (a = 1, b = 0) with a prior worth ``strength`` outcomes; it remembers about
+    ``window`` outcomes (count decay), so it follows a fleet that changes.
+    """
+
+    STATE = ("calibration_a", "calibration_b", "calibration_paa", "calibration_pab",
+             "calibration_pbb")
+    MIN_SLOPE = 0.05
+
+    def __init__(self, *, strength: float = 20.0, window: float = 400.0) -> None:
+        self.p0 = strength / 4.0  # prior precision of each parameter
+        self.keep = 1.0 - 1.0 / window
+        self.a, self.b = 1.0, 0.0
+        self.paa, self.pab, self.pbb = self.p0, 0.0, self.p0
+
+    def apply(self, p: float) -> float:
+        return sigmoid(max(self.MIN_SLOPE, self.a) * logit(p) + self.b)
+
+    def update(self, p: float, success: bool) -> None:
+        x1, x2 = logit(p), 1.0
+        # Count decay of the evidence (precision and information) towards the prior.
+        p0, keep = self.p0, self.keep
+        ha = self.paa * (self.a - 1.0) + self.pab * self.b
+        hb = self.pab * (self.a - 1.0) + self.pbb * self.b
+        paa, pab, pbb = p0 + keep * (self.paa - p0), keep * self.pab, p0 + keep * (self.pbb - p0)
+        ha, hb = keep * ha, keep * hb
+        det = paa * pbb - pab * pab
+        da, db = (pbb * ha - pab * hb) / det, (paa * hb - pab * ha) / det
+        a, b = 1.0 + da, db
+        # Laplace step along the prior-scaled direction, as in BanditModel.update.
+        sx1, sx2 = (pbb * x1 - pab * x2) / det, (paa * x2 - pab * x1) / det  # P^-1 x
+        v = x1 * sx1 + x2 * sx2
+        z0 = a * x1 + b * x2
+        y = 1.0 if success else 0.0
+        t = 0.0
+        for _ in range(_NEWTON_STEPS):
+            q = sigmoid(z0 + t * v)
+            t -= (t - y + q) / (1.0 + v * q * (1.0 - q))
+        q = sigmoid(z0 + t * v)
+        c = q * (1.0 - q)
+        self.a, self.b = a + t * sx1, b + t * sx2
+        self.paa, self.pab, self.pbb = paa + c * x1 * x1, pab + c * x1 * x2, pbb + c * x2 * x2
+
+    def state(self) -> dict[str, float]:
+        return dict(zip(self.STATE, (self.a, self.b, self.paa, self.pab, self.pbb), strict=True))
+
+    def load(self, stored: Mapping[str, float]) -> None:
+        if all(name in stored for name in self.STATE):
+            self.a, self.b, self.paa, self.pab, self.pbb = (stored[n] for n in self.STATE)

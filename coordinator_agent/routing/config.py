@@ -145,7 +145,7 @@ class BanditSettings(_Model):
     """The learned policy (``policy: bandit``); see ``bandit.py`` and ``policy.py``."""
 
     #: What the text prior is worth, in pseudo-outcomes.
-    prior_strength: float = Field(2.0, gt=0, le=1000)
+    prior_strength: float = Field(1.0, gt=0, le=1000)
     #: Success probability the prior gives a kind the text is sure of (P(kind | text) = 1) ...
     success_if_right: float = Field(0.8, gt=0, lt=1)
     #: ... and one the text rules out (P(kind | text) = 0); linear in between.
@@ -155,13 +155,13 @@ class BanditSettings(_Model):
     exploration: Exploration = Exploration.THOMPSON
     #: Spread of the Thompson draws relative to the belief (1 = plain Thompson sampling; the
     #: diagonal belief overstates the spread, so less than 1 explores about as much as needed).
-    exploration_scale: float = Field(0.3, ge=0, le=10)
+    exploration_scale: float = Field(0.1, ge=0, le=10)
     #: At most this share of recent decisions may differ from the greedy choice.
     exploration_budget: float = Field(0.2, ge=0, le=1)
     #: Kinds predicted this much below the best are never explored.
     max_exploration_gap: float = Field(0.3, ge=0, le=1)
     #: Count decay: each feature of a kind remembers about its last ``window`` outcomes (drift).
-    window: float = Field(40.0, ge=2, le=1_000_000)
+    window: float = Field(20.0, ge=2, le=1_000_000)
 
 
 class Hedge(_Model):

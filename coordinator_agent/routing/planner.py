@@ -43,7 +43,7 @@ from coordinator_agent.coordinator.state import AgentRecord
 from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.routing.analysis import TaskAnalysis, TaskAnalyzer
-from coordinator_agent.routing.bandit import BanditModel, KindBelief, features
+from coordinator_agent.routing.bandit import BanditModel, Calibrator, KindBelief, features
 from coordinator_agent.routing.config import (
     Complexity,
     Policy,
@@ -123,11 +123,12 @@ class BanditScore:
     text: float  # P(kind | text)
     belief: KindBelief
     exploration_scale: float
+    calibrated: float  # the model's probability, recalibrated (bandit.Calibrator)
     chance: float | None = None  # P(the policy picks this kind), when computed
 
     @property
     def confidence(self) -> float:
-        return self.belief.probability
+        return self.calibrated
 
     def parts(self) -> dict[str, Any]:
         b = self.belief
@@ -140,7 +141,8 @@ class BanditScore:
             # The typical size of a Thompson draw's deviation, in probability.
             "exploration": round(p * (1.0 - p) * b.std * self.exploration_scale, 4),
             "chance": None if self.chance is None else round(self.chance, 4),
-            "probability": round(p, 4),
+            "model": round(p, 6),  # the model's probability, before calibration
+            "probability": round(self.calibrated, 4),
         }
 
 
@@ -201,6 +203,7 @@ class CoordinationPlanner:
         self.model = BanditModel(prior_strength=bandit.prior_strength, window=bandit.window,
                                  half_life_s=learning.decay_half_life_s)
         self.model.load(self.store.bandit_weights())
+        self.calibrator = Calibrator()
         self.policy = ThompsonPolicy(bandit, self.config.fallback_kind)
         self.decisions = DecisionLog(self.store, max_rows=learning.max_outcomes)
         self._text_prior: TextPrior | None = None  # built on first use: it may load a model
@@ -214,6 +217,7 @@ class CoordinationPlanner:
         self._fleet_cache: Fleet | None = None
         stored = self.store.counters()
         self._counters: dict[str, float] = {name: stored.get(name, 0.0) for name in _COUNTERS}
+        self.calibrator.load(stored)
         self._unsaved = False  # decisions counted since the counters were last written
         #: Per kind: (decisions, sum of confidences), for the average confidence per kind.
         self._by_kind: dict[str, list[float]] = {}
@@ -244,7 +248,8 @@ class CoordinationPlanner:
         for kind in kinds:
             p_text = text.get(kind, unknown)
             belief = self.model.belief(kind, b.success_if_wrong + span * p_text, feats, when)
-            out.append(BanditScore(kind, p_text, belief, b.exploration_scale))
+            out.append(BanditScore(kind, p_text, belief, b.exploration_scale,
+                                   self.calibrator.apply(belief.probability)))
         return out
 
     # --- selection ----------------------------------------------------------------------------
@@ -349,7 +354,7 @@ class CoordinationPlanner:
         scores = self.beliefs(task.description, analysis, workloads)
         if explain:  # every kind's chance costs an integral each: only when asked
             chances = self.policy.distribution([s.belief for s in scores])
-            scores = [BanditScore(s.kind, s.text, s.belief, s.exploration_scale,
+            scores = [BanditScore(s.kind, s.text, s.belief, s.exploration_scale, s.calibrated,
                                   chances.get(s.kind, 0.0)) for s in scores]
         # Best first for the fallback chain; equal probabilities in random order, not by name.
         keyed = [(-s.confidence, self._rng.random(), s) for s in scores]
@@ -517,6 +522,10 @@ class CoordinationPlanner:
             self._counters["first_try_successes"] += int(success)
         now = self._clock()
         weights = self._learn(task, info, kind, success, now)
+        model_p = task.routing.get("parts", {}).get("model")
+        if first_try and task.routing.get("kind") == kind and isinstance(model_p, float):
+            self.calibrator.update(model_p, success)
+            self._counters.update(self.calibrator.state())
         self.store.record(Outcome(
             keywords=tuple(info.get("keywords", ())), kind=kind, success=success,
             agent_id=attempt.agent_id, category=str(info.get("category", "general")),

@@ -14,7 +14,7 @@ import pytest
 
 from coordinator_agent.coordinator.state import AgentRecord
 from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
-from coordinator_agent.routing.bandit import BanditModel, KindBelief, features
+from coordinator_agent.routing.bandit import BanditModel, Calibrator, KindBelief, features
 from coordinator_agent.routing.config import (
     BanditSettings,
     Phases,
@@ -121,6 +121,21 @@ def test_time_decay_fades_evidence_back_to_the_prior() -> None:
 def test_seed_time_constant_is_configurable() -> None:
     config = parse_routing_config("kinds: {a: {}}\nlearning: {time_constant_s: 2592000}\n")
     assert config.learning.decay_half_life_s == pytest.approx(2592000 * 0.6931471805599453)
+
+
+def test_calibrator_learns_a_monotone_map_and_starts_as_the_identity() -> None:
+    calibrator = Calibrator()
+    assert calibrator.apply(0.3) == pytest.approx(0.3)
+    rng = random.Random(1)
+    for _ in range(3000):  # the model is timid: what it calls 0.6 succeeds 80 % of the time
+        p = rng.choice([0.2, 0.4, 0.6])
+        calibrator.update(p, rng.random() < {0.2: 0.15, 0.4: 0.5, 0.6: 0.8}[p])
+    mapped = [calibrator.apply(p) for p in (0.2, 0.4, 0.6)]
+    assert mapped == sorted(mapped)
+    assert mapped[2] == pytest.approx(0.8, abs=0.05) and mapped[0] == pytest.approx(0.15, abs=0.05)
+    again = Calibrator()
+    again.load(calibrator.state())
+    assert again.apply(0.6) == calibrator.apply(0.6)
 
 
 # --- the policy -------------------------------------------------------------------------------
