@@ -81,3 +81,40 @@ def test_routing_summary_with_and_without_history() -> None:
                                                    "mean_duration_s": 0.5}}})
     assert "first-try success 90.0% (9/10)" in text and "fallback rate 10.0%" in text
     assert "security" in text and "75.0%" in text
+
+
+def test_routing_replay_reads_the_decision_log_of_the_store(tmp_path: Path) -> None:
+    import random
+
+    from coordinator_agent.coordinator.state import AgentRecord
+    from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
+    from coordinator_agent.routing.planner import CoordinationPlanner
+
+    store = tmp_path / "logged.sqlite3"
+    planner = CoordinationPlanner(8, store_path=store, rng=random.Random(1))
+    agents = [AgentRecord(f"{k}-1", k, frozenset(), 8) for k in ("cicd", "general")]
+    for i in range(40):
+        task = TaskRecord(id=f"t-{i}", description="Deploy the billing service")
+        decision = planner.select(task, agents)
+        assert decision.agent is not None
+        ok = decision.kind == "cicd"
+        task.attempts.append(Attempt(1, decision.agent.id, 0.0, 1.0, outcome=(
+            AttemptOutcome.SUCCEEDED if ok else AttemptOutcome.FAILED)))
+        planner.record_outcome(task, decision.agent, ok)
+    planner.close()
+    other = tmp_path / "seed.yaml"
+    other.write_text("kinds: {cicd: {keywords: [deploy]}, general: {}}\npolicy: seed\n")
+    done = run_cli("routing", "replay", "--config", str(other), "--store", str(store), "--json",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["decisions"] == 40 and result["target_policy"] == "seed"
+    assert set(result) >= {"logged", "ips", "doubly_robust", "effective_sample_size"}
+    low, high = result["ips"]["ci95"]
+    assert low <= result["ips"]["estimate"] <= high
+    text = run_cli("routing", "replay", "--config", str(other), "--store", str(store),
+                   cwd=tmp_path)
+    assert text.returncode == 0 and "target, DR" in text.stdout
+    missing = run_cli("routing", "replay", "--store", str(tmp_path / "none.sqlite3"),
+                      cwd=tmp_path)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
