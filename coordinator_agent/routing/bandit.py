@@ -33,8 +33,10 @@ BIAS = ""  # the feature every task of a kind has (off by default)
 CONTEXT_PREFIX = "@"  # keywords are stems of [a-z0-9-]: no clash
 _LOGIT_CLIP = 8.0
 _NEWTON_STEPS = 6
-#: (kind, feature, mean, precision, updated at, decayed successes, decayed failures)
+#: (kind, feature, evidence precision, information, successes, failures, reference time)
 Row = tuple[str, str, float, float, float, float, float]
+#: Rescale to a new reference time once stored values would grow past 2**REBASE_EXPONENT.
+REBASE_EXPONENT = 64.0
 
 
 def sigmoid(z: float) -> float:
@@ -87,10 +89,14 @@ def features(keywords: Sequence[str], contexts: Sequence[str] = (), *,
 
 
 class BanditModel:
-    """Weights per (kind, feature): (mean, precision, time of last update, successes, failures).
+    """Weights per (kind, feature), kept as evidence relative to the prior.
 
-    Precision includes the prior's ``q0``; successes and failures are the decayed counts of the
-    outcomes that touched the weight, kept only to explain a decision.
+    A weight's belief is N(m, 1/q) with q = q0 + E and q x m = H (the prior's mean is 0): E is
+    the evidence's precision and H its information, and both simply scale when evidence decays.
+    So they are stored multiplied by ``2 ** ((t - t0) / half_life)`` for one reference time
+    ``t0`` (as ``patterns.py`` does): time decay costs one power per decision, not one per
+    weight. Successes and failures are decayed counts of the outcomes behind the weight, kept
+    only to explain a decision.
     """
 
     def __init__(self, *, prior_strength: float, window: float, half_life_s: float,
@@ -100,22 +106,20 @@ class BanditModel:
         self.q0 = groups * prior_strength / 4.0
         self.keep = 1.0 - 1.0 / window if window > 0 else 1.0
         self.half_life_s = half_life_s
-        self._rate = math.log(2.0) / half_life_s
-        self._w: dict[str, dict[str, tuple[float, float, float, float, float]]] = {}
+        #: (E, H, successes, failures), each x 2 ** ((t - t0) / half_life)
+        self._w: dict[str, dict[str, tuple[float, float, float, float]]] = {}
+        self._t0: float | None = None
+        self._newest = -math.inf
         self.updates = 0
 
-    # --- reading ------------------------------------------------------------------------------
+    def _scale(self, now: float) -> float:
+        """What a stored value is multiplied by to read it at ``now``."""
+        if self._t0 is None:
+            return 1.0
+        now = max(now, self._newest)  # nothing is fresher than the newest outcome
+        return float(2.0 ** ((self._t0 - now) / self.half_life_s))
 
-    def _decayed(self, stat: tuple[float, float, float, float, float],
-                 now: float) -> tuple[float, float, float, float]:
-        mean, precision, at, succ, fail = stat
-        age = now - at
-        if age <= 0:
-            return mean, precision, succ, fail
-        f = math.exp(-age * self._rate)
-        evidence = precision - self.q0
-        new_precision = self.q0 + f * evidence
-        return f * precision * mean / new_precision, new_precision, f * succ, f * fail
+    # --- reading ------------------------------------------------------------------------------
 
     def belief(self, kind: str, prior: float, feats: Sequence[tuple[str, float]],
                now: float) -> KindBelief:
@@ -125,38 +129,35 @@ class BanditModel:
         if not weights:
             var = sum(x * x for _, x in feats) / q0
             return KindBelief(kind, prior, mean, math.sqrt(var), 0.0, 0.0)
+        k = self._scale(now)
         var = succ = fail = 0.0
-        rate = self._rate
-        exp = math.exp
         for name, x in feats:
             stat = weights.get(name)
             xx = x * x
             if stat is None:
                 var += xx / q0
                 continue
-            m, q, at, s, f = stat
-            age = now - at
-            if age > 0:  # time decay, inlined: this loop is most of a decision's cost
-                k = exp(-age * rate)
-                decayed = q0 + k * (q - q0)
-                m = k * q * m / decayed
-                q = decayed
-                s *= k
-                f *= k
-            mean += x * m
+            q = q0 + stat[0] * k
+            mean += x * stat[1] * k / q
             var += xx / q
             if name[:1] != CONTEXT_PREFIX and name:
                 # Each outcome touched every feature of its task: weigh counts like values.
-                succ += s * xx
-                fail += f * xx
+                succ += stat[2] * xx
+                fail += stat[3] * xx
         mean = max(-_LOGIT_CLIP, min(_LOGIT_CLIP, mean))
-        return KindBelief(kind, prior, mean, math.sqrt(var), succ, fail)
+        return KindBelief(kind, prior, mean, math.sqrt(var), succ * k, fail * k)
 
     # --- learning -----------------------------------------------------------------------------
 
     def update(self, kind: str, prior: float, feats: Sequence[tuple[str, float]],
                success: bool, now: float) -> list[Row]:
         """Add one outcome; returns the changed rows, for the store."""
+        if self._t0 is None:
+            self._t0 = now
+        if (now - self._t0) / self.half_life_s > REBASE_EXPONENT:
+            self._rebase(now)
+        self._newest = max(self._newest, now)
+        k = self._scale(now)
         weights = self._w.setdefault(kind, {})
         q0, keep = self.q0, self.keep
         current: list[tuple[str, float, float, float, float, float]] = []
@@ -165,18 +166,15 @@ class BanditModel:
         for name, x in feats:
             stat = weights.get(name)
             if stat is None:
-                m, q, s, f = 0.0, q0, 0.0, 0.0
+                e = h = s = f = 0.0
             else:
-                m, q, s, f = self._decayed(stat, now)
                 # Count decay: this weight's evidence shrinks towards the prior before it grows.
-                evidence = (q - q0) * keep
-                new_q = q0 + evidence
-                m = keep * q * m / new_q
-                q = new_q
-                s *= keep
-                f *= keep
-            current.append((name, x, m, q, s, f))
-            a += x * m
+                f_keep = k * keep
+                e, h, s, f = (stat[0] * f_keep, stat[1] * f_keep, stat[2] * f_keep,
+                              stat[3] * f_keep)
+            q = q0 + e
+            current.append((name, x, h / q, q, s, f))
+            a += x * h / q
             v += x * x / q
         y = 1.0 if success else 0.0
         # MAP along the prior-scaled direction: t = y - sigmoid(a + t v), by Newton.
@@ -188,24 +186,38 @@ class BanditModel:
         p = sigmoid(a + t * v)
         curvature = p * (1.0 - p)
         changed: list[Row] = []
+        t0 = self._t0
         for name, x, m, q, s, f in current:
-            stat = (m + t * x / q, q + x * x * curvature, now,
-                    s + (1.0 if success else 0.0), f + (0.0 if success else 1.0))
+            new_m = m + t * x / q
+            new_q = q + x * x * curvature
+            stat = ((new_q - q0) / k, new_q * new_m / k, (s + y) / k, (f + 1.0 - y) / k)
             weights[name] = stat
-            changed.append((kind, name, *stat))
+            changed.append((kind, name, *stat, t0))
         self.updates += 1
         return changed
+
+    def _rebase(self, t0: float) -> None:
+        assert self._t0 is not None
+        k = float(2.0 ** ((self._t0 - t0) / self.half_life_s))
+        self._w = {kind: {name: (e * k, h * k, s * k, f * k) for name, (e, h, s, f) in w.items()}
+                   for kind, w in self._w.items()}
+        self._t0 = t0
 
     # --- persistence --------------------------------------------------------------------------
 
     def rows(self) -> Iterable[Row]:
+        t0 = self._t0 if self._t0 is not None else 0.0
         for kind, weights in self._w.items():
-            for name, (m, q, at, s, f) in weights.items():
-                yield kind, name, m, q, at, s, f
+            for name, stat in weights.items():
+                yield (kind, name, *stat, t0)
 
     def load(self, rows: Iterable[Row]) -> None:
-        for kind, name, m, q, at, s, f in rows:
-            self._w.setdefault(kind, {})[name] = (m, q, at, s, f)
+        for kind, name, e, h, s, f, ref in rows:
+            if self._t0 is None:
+                self._t0 = ref
+            k = float(2.0 ** ((ref - self._t0) / self.half_life_s))
+            self._w.setdefault(kind, {})[name] = (e * k, h * k, s * k, f * k)
+            self._newest = max(self._newest, ref)
 
     def kinds(self) -> Mapping[str, int]:
         return {kind: len(w) for kind, w in self._w.items()}

@@ -44,19 +44,19 @@ CREATE TABLE IF NOT EXISTS counters (
 CREATE TABLE IF NOT EXISTS bandit_weights (  -- BanditModel's state (bandit.py)
     kind TEXT NOT NULL,
     feature TEXT NOT NULL,
-    mean REAL NOT NULL,
-    precision REAL NOT NULL,
-    at REAL NOT NULL,
-    successes REAL NOT NULL,
+    evidence REAL NOT NULL,         -- precision beyond the prior's, x 2**((t - ref) / half-life)
+    information REAL NOT NULL,      -- precision x mean, scaled the same way
+    successes REAL NOT NULL,        -- decayed outcomes behind the weight, scaled the same way
     failures REAL NOT NULL,
+    ref REAL NOT NULL,              -- the reference time of the scaling
     PRIMARY KEY (kind, feature)
 );
 """
 _UPSERT_WEIGHT = (
-    "INSERT INTO bandit_weights (kind, feature, mean, precision, at, successes, failures) "
-    "VALUES (?,?,?,?,?,?,?) ON CONFLICT(kind, feature) DO UPDATE SET mean = excluded.mean, "
-    "precision = excluded.precision, at = excluded.at, successes = excluded.successes, "
-    "failures = excluded.failures"
+    "INSERT INTO bandit_weights (kind, feature, evidence, information, successes, failures, ref)"
+    " VALUES (?,?,?,?,?,?,?) ON CONFLICT(kind, feature) DO UPDATE SET "
+    "evidence = excluded.evidence, information = excluded.information, "
+    "successes = excluded.successes, failures = excluded.failures, ref = excluded.ref"
 )
 #: More statements to run in the transaction of an outcome: (SQL, rows for executemany).
 Statements = Sequence[tuple[str, Sequence[Sequence[object]]]]
@@ -210,7 +210,8 @@ class PatternStore:
 
     def bandit_weights(self) -> list[tuple[str, str, float, float, float, float, float]]:
         return list(self._db.execute(
-            "SELECT kind, feature, mean, precision, at, successes, failures FROM bandit_weights"))
+            "SELECT kind, feature, evidence, information, successes, failures, ref "
+            "FROM bandit_weights"))
 
     def save_bandit_weights(self, rows: Iterable[Sequence[object]]) -> None:
         self._db.executemany(_UPSERT_WEIGHT, list(rows))
