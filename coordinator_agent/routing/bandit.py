@@ -106,7 +106,7 @@ class BanditModel:
         self.q0 = groups * prior_strength / 4.0
         self.keep = 1.0 - 1.0 / window if window > 0 else 1.0
         self.half_life_s = half_life_s
-        #: (E, H, successes, failures), each x 2 ** ((t - t0) / half_life)
+        #: feature -> kind -> (E, H, successes, failures), each x 2 ** ((t - t0) / half_life)
         self._w: dict[str, dict[str, tuple[float, float, float, float]]] = {}
         self._t0: float | None = None
         self._newest = -math.inf
@@ -123,29 +123,45 @@ class BanditModel:
 
     def belief(self, kind: str, prior: float, feats: Sequence[tuple[str, float]],
                now: float) -> KindBelief:
-        weights = self._w.get(kind)
-        mean = logit(prior)
+        return self.beliefs({kind: prior}, feats, now)[0]
+
+    def beliefs(self, priors: Mapping[str, float], feats: Sequence[tuple[str, float]],
+                now: float) -> list[KindBelief]:
+        """One belief per kind of ``priors`` (kind -> prior success), in that order.
+
+        Weights are stored feature first, so a feature costs one lookup and then only the kinds
+        that have learned something about it: this loop is most of a decision's cost.
+        """
         q0 = self.q0
-        if not weights:
-            var = sum(x * x for _, x in feats) / q0
-            return KindBelief(kind, prior, mean, math.sqrt(var), 0.0, 0.0)
         k = self._scale(now)
-        var = succ = fail = 0.0
+        acc = {kind: [logit(p), 0.0, 0.0, 0.0] for kind, p in priors.items()}  # mean, var, s, f
+        spread = 0.0  # sum of x^2: every kind starts from the prior's variance of each feature
+        w = self._w
         for name, x in feats:
-            stat = weights.get(name)
             xx = x * x
-            if stat is None:
-                var += xx / q0
+            spread += xx
+            per_kind = w.get(name)
+            if per_kind is None:
                 continue
-            q = q0 + stat[0] * k
-            mean += x * stat[1] * k / q
-            var += xx / q
-            if name[:1] != CONTEXT_PREFIX and name:
-                # Each outcome touched every feature of its task: weigh counts like values.
-                succ += stat[2] * xx
-                fail += stat[3] * xx
-        mean = max(-_LOGIT_CLIP, min(_LOGIT_CLIP, mean))
-        return KindBelief(kind, prior, mean, math.sqrt(var), succ * k, fail * k)
+            counted = name[:1] != CONTEXT_PREFIX and name != BIAS
+            for kind, stat in per_kind.items():
+                a = acc.get(kind)
+                if a is None:
+                    continue
+                q = q0 + stat[0] * k
+                a[0] += x * stat[1] * k / q
+                a[1] += xx / q - xx / q0  # the kind's own precision instead of the prior's
+                if counted:
+                    # Each outcome touched every feature of its task: weigh counts like values.
+                    a[2] += stat[2] * xx
+                    a[3] += stat[3] * xx
+        base_var = spread / q0
+        out = []
+        for kind, (mean, var, succ, fail) in acc.items():
+            mean = max(-_LOGIT_CLIP, min(_LOGIT_CLIP, mean))
+            out.append(KindBelief(kind, priors[kind], mean, math.sqrt(max(1e-12, base_var + var)),
+                                  succ * k, fail * k))
+        return out
 
     # --- learning -----------------------------------------------------------------------------
 
@@ -158,13 +174,14 @@ class BanditModel:
             self._rebase(now)
         self._newest = max(self._newest, now)
         k = self._scale(now)
-        weights = self._w.setdefault(kind, {})
+        w = self._w
         q0, keep = self.q0, self.keep
         current: list[tuple[str, float, float, float, float, float]] = []
         a = logit(prior)
         v = 0.0
         for name, x in feats:
-            stat = weights.get(name)
+            per_kind = w.get(name)
+            stat = per_kind.get(kind) if per_kind is not None else None
             if stat is None:
                 e = h = s = f = 0.0
             else:
@@ -191,7 +208,7 @@ class BanditModel:
             new_m = m + t * x / q
             new_q = q + x * x * curvature
             stat = ((new_q - q0) / k, new_q * new_m / k, (s + y) / k, (f + 1.0 - y) / k)
-            weights[name] = stat
+            w.setdefault(name, {})[kind] = stat
             changed.append((kind, name, *stat, t0))
         self.updates += 1
         return changed
@@ -199,16 +216,16 @@ class BanditModel:
     def _rebase(self, t0: float) -> None:
         assert self._t0 is not None
         k = float(2.0 ** ((self._t0 - t0) / self.half_life_s))
-        self._w = {kind: {name: (e * k, h * k, s * k, f * k) for name, (e, h, s, f) in w.items()}
-                   for kind, w in self._w.items()}
+        self._w = {name: {kind: (e * k, h * k, s * k, f * k) for kind, (e, h, s, f) in w.items()}
+                   for name, w in self._w.items()}
         self._t0 = t0
 
     # --- persistence --------------------------------------------------------------------------
 
     def rows(self) -> Iterable[Row]:
         t0 = self._t0 if self._t0 is not None else 0.0
-        for kind, weights in self._w.items():
-            for name, stat in weights.items():
+        for name, per_kind in self._w.items():
+            for kind, stat in per_kind.items():
                 yield (kind, name, *stat, t0)
 
     def load(self, rows: Iterable[Row]) -> None:
@@ -216,11 +233,16 @@ class BanditModel:
             if self._t0 is None:
                 self._t0 = ref
             k = float(2.0 ** ((ref - self._t0) / self.half_life_s))
-            self._w.setdefault(kind, {})[name] = (e * k, h * k, s * k, f * k)
+            self._w.setdefault(name, {})[kind] = (e * k, h * k, s * k, f * k)
             self._newest = max(self._newest, ref)
 
     def kinds(self) -> Mapping[str, int]:
-        return {kind: len(w) for kind, w in self._w.items()}
+        """Weights learned per kind."""
+        counts: dict[str, int] = {}
+        for per_kind in self._w.values():
+            for kind in per_kind:
+                counts[kind] = counts.get(kind, 0) + 1
+        return counts
 
 
 class Calibrator:

@@ -244,13 +244,12 @@ class CoordinationPlanner:
         b = self.config.bandit
         feats = features(analysis.keywords, self._contexts(analysis, text))
         span = b.success_if_right - b.success_if_wrong
-        out = []
-        for kind in kinds:
-            p_text = text.get(kind, unknown)
-            belief = self.model.belief(kind, b.success_if_wrong + span * p_text, feats, when)
-            out.append(BanditScore(kind, p_text, belief, b.exploration_scale,
-                                   self.calibrator.apply(belief.probability)))
-        return out
+        shares = {kind: text.get(kind, unknown) for kind in kinds}
+        beliefs = self.model.beliefs(
+            {kind: b.success_if_wrong + span * p for kind, p in shares.items()}, feats, when)
+        calibrate = self.calibrator.apply
+        return [BanditScore(belief.kind, shares[belief.kind], belief, b.exploration_scale,
+                            calibrate(belief.probability)) for belief in beliefs]
 
     # --- selection ----------------------------------------------------------------------------
 
