@@ -158,9 +158,9 @@ class BanditModel:
         base_var = spread / q0
         out = []
         for kind, (mean, var, succ, fail) in acc.items():
-            mean = max(-_LOGIT_CLIP, min(_LOGIT_CLIP, mean))
-            out.append(KindBelief(kind, priors[kind], mean, math.sqrt(max(1e-12, base_var + var)),
-                                  succ * k, fail * k))
+            clipped = max(-_LOGIT_CLIP, min(_LOGIT_CLIP, mean))
+            out.append(KindBelief(kind, priors[kind], clipped,
+                                  math.sqrt(max(1e-12, base_var + var)), succ * k, fail * k))
         return out
 
     # --- learning -----------------------------------------------------------------------------
