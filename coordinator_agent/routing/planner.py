@@ -43,7 +43,7 @@ from coordinator_agent.coordinator.state import AgentRecord
 from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.routing.analysis import TaskAnalysis, TaskAnalyzer
-from coordinator_agent.routing.bandit import BanditModel, Calibrator, KindBelief, features
+from coordinator_agent.routing.bandit import Row
 from coordinator_agent.routing.config import (
     Complexity,
     Policy,
@@ -52,17 +52,16 @@ from coordinator_agent.routing.config import (
 )
 from coordinator_agent.routing.decisions import DecisionLog
 from coordinator_agent.routing.fleet import Fleet, Pool, pick
+from coordinator_agent.routing.learner import BanditScore, Learner
 from coordinator_agent.routing.patterns import Outcome, PatternStore
 from coordinator_agent.routing.phases import split_phases
-from coordinator_agent.routing.policy import Choice, ThompsonPolicy
-from coordinator_agent.routing.text_prior import TextPrior
+from coordinator_agent.routing.policy import Choice
 
 #: Attempts that say nothing about the kind: never delivered, overtaken, or cancelled.
 NOT_LEARNED = frozenset({AttemptOutcome.RUNNING, AttemptOutcome.UNDELIVERABLE,
                          AttemptOutcome.SUPERSEDED, AttemptOutcome.CANCELLED})
 FAILURES = frozenset({AttemptOutcome.FAILED, AttemptOutcome.TIMEOUT, AttemptOutcome.AGENT_LOST})
 MAX_ALTERNATIVES_RECORDED = 8
-MAX_SIGNATURE_WORDS = 4
 OTHER_KIND = "other"
 _COUNTERS = ("decisions", "fallbacks", "confidence_sum", "first_tries", "first_try_successes")
 
@@ -113,37 +112,6 @@ class KindScore:
                 "success_rate": rate, "domain": round(self.domain, 4),
                 "complexity": self.complexity, "workload": round(self.workload, 4),
                 "raw": round(self.raw, 4)}
-
-
-@dataclass(frozen=True, slots=True)
-class BanditScore:
-    """One kind under ``policy: bandit``: the text prior, the evidence, the belief."""
-
-    kind: str
-    text: float  # P(kind | text)
-    belief: KindBelief
-    exploration_scale: float
-    calibrated: float  # the model's probability, recalibrated (bandit.Calibrator)
-    chance: float | None = None  # P(the policy picks this kind), when computed
-
-    @property
-    def confidence(self) -> float:
-        return self.calibrated
-
-    def parts(self) -> dict[str, Any]:
-        b = self.belief
-        p = b.probability
-        return {
-            "prior": round(self.text, 4),  # P(kind | text)
-            "prior_success": round(b.prior, 4),  # what the prior alone predicts
-            "successes": round(b.successes, 3),  # decayed, of similar tasks on this kind
-            "failures": round(b.failures, 3),
-            # The typical size of a Thompson draw's deviation, in probability.
-            "exploration": round(p * (1.0 - p) * b.std * self.exploration_scale, 4),
-            "chance": None if self.chance is None else round(self.chance, 4),
-            "model": round(p, 6),  # the model's probability, before calibration
-            "probability": round(self.calibrated, 4),
-        }
 
 
 Score = KindScore | BanditScore
@@ -199,14 +167,8 @@ class CoordinationPlanner:
             max_outcomes=learning.max_outcomes,
         )
         self.analyzer = TaskAnalyzer(self.config)
-        bandit = self.config.bandit
-        self.model = BanditModel(prior_strength=bandit.prior_strength, window=bandit.window,
-                                 half_life_s=learning.decay_half_life_s)
-        self.model.load(self.store.bandit_weights())
-        self.calibrator = Calibrator()
-        self.policy = ThompsonPolicy(bandit, self.config.fallback_kind)
+        self.learner = Learner(self.config, self.analyzer, self.store)
         self.decisions = DecisionLog(self.store, max_rows=learning.max_outcomes)
-        self._text_prior: TextPrior | None = None  # built on first use: it may load a model
         self.metrics = metrics
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
@@ -217,39 +179,9 @@ class CoordinationPlanner:
         self._fleet_cache: Fleet | None = None
         stored = self.store.counters()
         self._counters: dict[str, float] = {name: stored.get(name, 0.0) for name in _COUNTERS}
-        self.calibrator.load(stored)
         self._unsaved = False  # decisions counted since the counters were last written
         #: Per kind: (decisions, sum of confidences), for the average confidence per kind.
         self._by_kind: dict[str, list[float]] = {}
-
-    def _contexts(self, analysis: TaskAnalysis, text: Mapping[str, float]) -> tuple[str, str]:
-        """Groups of similar tasks, coarse then fine: the kind the text points at, and the set
-        of vocabulary words the description uses."""
-        index = self.analyzer.domain_index
-        vocabulary = sorted(w for w in analysis.keywords if w in index)[:MAX_SIGNATURE_WORDS]
-        return "k:" + _top_kind(text), "v:" + " ".join(vocabulary)
-
-    @property
-    def text_prior(self) -> TextPrior:
-        if self._text_prior is None:
-            self._text_prior = TextPrior(self.config)
-        return self._text_prior
-
-    def beliefs(self, description: str, analysis: TaskAnalysis, kinds: Iterable[str],
-                now: float | None = None) -> list[BanditScore]:
-        """What ``policy: bandit`` believes about each kind for this task (no side effects)."""
-        when = self._clock() if now is None else now
-        text = self.text_prior.probabilities(description)
-        unknown = 1.0 / max(1, len(text))  # a kind only agents announced: no text evidence
-        b = self.config.bandit
-        feats = features(analysis.keywords, self._contexts(analysis, text))
-        span = b.success_if_right - b.success_if_wrong
-        shares = {kind: text.get(kind, unknown) for kind in kinds}
-        beliefs = self.model.beliefs(
-            {kind: b.success_if_wrong + span * p for kind, p in shares.items()}, feats, when)
-        calibrate = self.calibrator.apply
-        return [BanditScore(belief.kind, shares[belief.kind], belief, b.exploration_scale,
-                            calibrate(belief.probability)) for belief in beliefs]
 
     # --- selection ----------------------------------------------------------------------------
 
@@ -350,11 +282,8 @@ class CoordinationPlanner:
     def _plan_bandit(self, task: TaskRecord, analysis: TaskAnalysis,
                      workloads: Mapping[str, float], explain: bool) -> _Plan:
         """``policy: bandit``: Thompson sampling over the predicted success (policy.py)."""
-        scores = self.beliefs(task.description, analysis, workloads)
-        if explain:  # every kind's chance costs an integral each: only when asked
-            chances = self.policy.distribution([s.belief for s in scores])
-            scores = [BanditScore(s.kind, s.text, s.belief, s.exploration_scale, s.calibrated,
-                                  chances.get(s.kind, 0.0)) for s in scores]
+        scores = self.learner.scores(task.description, analysis, workloads, self._clock(),
+                                     chances=explain)
         # Best first for the fallback chain; equal probabilities in random order, not by name.
         keyed = [(-s.confidence, self._rng.random(), s) for s in scores]
         keyed.sort(key=lambda item: (item[0], item[1]))
@@ -375,7 +304,7 @@ class CoordinationPlanner:
                             and best.confidence < self.config.bandit.credible else "greedy",
                             False, {})
         else:
-            choice = self.policy.choose([s.belief for s in ranked], self._rng)
+            choice = self.learner.policy.choose([s.belief for s in ranked], self._rng)
         chosen = next(s for s in ranked if s.kind == choice.kind)
         p = chosen.confidence
         credible = self.config.bandit.credible
@@ -523,8 +452,7 @@ class CoordinationPlanner:
         weights = self._learn(task, info, kind, success, now)
         model_p = task.routing.get("parts", {}).get("model")
         if first_try and task.routing.get("kind") == kind and isinstance(model_p, float):
-            self.calibrator.update(model_p, success)
-            self._counters.update(self.calibrator.state())
+            self._counters.update(self.learner.calibrate(model_p, success))
         self.store.record(Outcome(
             keywords=tuple(info.get("keywords", ())), kind=kind, success=success,
             agent_id=attempt.agent_id, category=str(info.get("category", "general")),
@@ -537,25 +465,17 @@ class CoordinationPlanner:
         self._unsaved = False
 
     def _learn(self, task: TaskRecord, info: Mapping[str, Any], kind: str, success: bool,
-               now: float) -> list[tuple[str, str, float, float, float, float, float]]:
-        """Teach the bandit model (whatever the policy: switching policy keeps what was learned).
-
-        The prior of the kind is the one the decision saw, if it was logged on the task.
-        """
+               now: float) -> list[Row]:
+        """Teach the learner, whatever the policy, with the prior the decision saw."""
         prior = None
         parts = task.routing.get("parts")
         if task.routing.get("kind") == kind and isinstance(parts, dict):
             value = parts.get("prior_success")
             prior = float(value) if isinstance(value, (int, float)) else None
-        text = self.text_prior.probabilities(task.description)
-        if prior is None:
-            b = self.config.bandit
-            p_text = text.get(kind, 1.0 / max(1, len(text)))
-            prior = b.success_if_wrong + (b.success_if_right - b.success_if_wrong) * p_text
-        keywords = [str(k) for k in info.get("keywords", ())]
         analysis = self.analyzer.analyze(task.description)
-        return self.model.update(kind, prior, features(keywords, self._contexts(analysis, text)),
-                                 success, now)
+        keywords = [str(k) for k in info.get("keywords", ())]
+        return self.learner.learn(task.description, analysis, kind, success, now, prior=prior,
+                                  keywords=keywords)
 
     def next_step(self, task: TaskRecord, outcome: AttemptOutcome | None = None) -> FallbackStep:
         """After a failed attempt (error, timeout, lost agent): what to do next.
@@ -668,14 +588,10 @@ class CoordinationPlanner:
         whose candidate kinds were ``kinds``; the policy's exploration share moves by its
         expectation."""
         analysis = self.analyzer.analyze(description)
-        scores = self.beliefs(description, analysis, kinds, now)
+        scores = self.learner.scores(description, analysis, kinds, now)
         predicted = {s.kind: s.confidence for s in scores}
         if self.config.policy is Policy.BANDIT:
-            beliefs = [s.belief for s in scores]
-            dist = self.policy.distribution(beliefs)
-            greedy = max(scores, key=lambda s: s.confidence).kind
-            self.policy.expect(dist, greedy)
-            return dist, predicted
+            return self.learner.replay_distribution(scores), predicted
         task = TaskRecord(id="replay", description=description)
         plan = self._plan(task, analysis, dict.fromkeys(kinds, 0.0), explain=True)
         return {k: float(k == plan.chosen.kind) for k in kinds}, predicted
@@ -690,18 +606,13 @@ class CoordinationPlanner:
         migrations); returns how many."""
         outcomes = [self._learn_description(d, k, ok, at) for d, k, ok, at in rows]
         self.store.record_many(outcomes)
-        self.store.save_bandit_weights(self.model.rows())
+        self.store.save_bandit_weights(self.learner.model.rows())
         return len(outcomes)
 
     def _learn_description(self, description: str, kind: str, success: bool,
                            at: float) -> Outcome:
         analysis = self.analyzer.analyze(description)
-        text = self.text_prior.probabilities(description)
-        b = self.config.bandit
-        p_text = text.get(kind, 1.0 / max(1, len(text)))
-        prior = b.success_if_wrong + (b.success_if_right - b.success_if_wrong) * p_text
-        self.model.update(kind, prior, features(analysis.keywords,
-                                                self._contexts(analysis, text)), success, at)
+        self.learner.learn(description, analysis, kind, success, at)
         return Outcome(keywords=analysis.keywords, kind=kind, success=success,
                        category=analysis.category, complexity=analysis.complexity.value, at=at)
 
@@ -710,7 +621,7 @@ class CoordinationPlanner:
         settings = self.config.phases
         if not settings.enabled:
             return None
-        steps = split_phases(description, self.text_prior, settings)
+        steps = split_phases(description, self.learner.text_prior, settings)
         if steps is None:
             return None
         return [{"description": text, "kind": kind} for text, kind in steps]
@@ -781,15 +692,6 @@ class CoordinationPlanner:
         if self._unsaved:
             self.store.save_counters(self._counters)
         self.store.close()
-
-
-def _top_kind(text: Mapping[str, float]) -> str:
-    """The kind the text points at, or "-" when it is a tie."""
-    if not text:
-        return "-"
-    best = max(text.values())
-    top = [kind for kind, p in text.items() if p >= best - 1e-9]
-    return top[0] if len(top) == 1 else "-"
 
 
 def _ended_attempt(task: TaskRecord, success: bool) -> Attempt | None:
