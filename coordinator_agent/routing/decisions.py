@@ -6,8 +6,9 @@ believed about each), what it chose, with which probability the policy would cho
 evaluation needs (``replay.py``): how another policy or threshold would have done, estimated from
 this log alone.
 
-Rows are buffered in memory and written in the transaction of the next outcome (or on close),
-so a decision costs no disk write; a crash loses only decisions whose attempts had not ended.
+Rows are buffered in memory and written in the transaction of the next outcome, at the next
+metrics scrape, on close, or when ``MAX_PENDING`` wait; so a decision costs no disk write, and a
+crash loses only decisions whose attempts had not ended.
 The table lives in the learning store's SQLite file and is pruned like the outcomes.
 """
 
@@ -46,8 +47,11 @@ _OUTCOME = ("UPDATE decisions SET outcome = ?, ended_at = ? WHERE task_id = ? AN
 _SELECT_ALL = ("SELECT id, task_id, attempt, at, policy, reason, description, candidates, kind, "
                "propensity, confidence, outcome FROM decisions ORDER BY id")
 _SELECT_KNOWN = _SELECT_ALL.replace("ORDER BY", "WHERE outcome IS NOT NULL ORDER BY")
-#: Buffered decisions are written once this many wait, even without an outcome.
-FLUSH_AT = 256
+#: Buffered decisions are written by ``add`` itself only once this many wait (a burst of
+#: decisions with no outcome and no scrape in between); otherwise outcomes and scrapes do it.
+MAX_PENDING = 2048
+#: The log is pruned to ``max_rows`` every this many outcomes.
+PRUNE_EVERY = 1024
 
 
 Candidate = tuple[str, float | None, float, float | None]
@@ -84,7 +88,7 @@ class DecisionLog:
         log-odds spread), None where the policy has no such thing."""
         self._pending.append((task_id, attempt, at, policy, reason, description, candidates,
                               kind, propensity, confidence))
-        if len(self._pending) >= FLUSH_AT:
+        if len(self._pending) >= MAX_PENDING:
             self.flush()
 
     def outcome_statements(self, task_id: str, attempt: int, success: bool,
@@ -96,7 +100,7 @@ class DecisionLog:
         if pending:
             statements.append((_INSERT, [_row(p) for p in pending]))
         statements.append((_OUTCOME, [(int(success), at, task_id, attempt)]))
-        if self._since_prune >= FLUSH_AT * 4:
+        if self._since_prune >= PRUNE_EVERY:
             self._since_prune = 0
             statements.append((
                 "DELETE FROM decisions WHERE id <= (SELECT MAX(id) FROM decisions) - ?",

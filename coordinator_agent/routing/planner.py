@@ -653,7 +653,12 @@ class CoordinationPlanner:
         }
 
     def export_metrics(self, metrics: Metrics | None = None) -> dict[str, Any]:
-        """Push the snapshot into the routing gauges; returns the snapshot."""
+        """Push the snapshot into the routing gauges; returns the snapshot.
+
+        Called at scrape time, off the decision path: buffered decision-log rows are written
+        here too.
+        """
+        self.decisions.flush()
         snap = self.snapshot()
         target = metrics if metrics is not None else self.metrics
         if target is None:
