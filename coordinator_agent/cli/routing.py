@@ -78,11 +78,13 @@ def routing_summary(stats: Mapping[str, Any]) -> str:
         "",
     ]
     kinds = stats.get("kinds") or {}
+    confidence = stats.get("average_confidence_by_kind") or {}
     rows = [(kind, _pct(k.get("success_rate")), k.get("outcomes", 0),
-             "-" if k.get("mean_duration_s") is None else f"{k['mean_duration_s']:.3f}s")
+             "-" if k.get("mean_duration_s") is None else f"{k['mean_duration_s']:.3f}s",
+             "-" if kind not in confidence else f"{float(confidence[kind]):.3f}")
             for kind, k in sorted(kinds.items())]
-    lines.append(format_table(("KIND", "SUCCESS", "OUTCOMES", "MEAN TIME"), rows,
-                              right=("SUCCESS", "OUTCOMES", "MEAN TIME"),
+    lines.append(format_table(("KIND", "SUCCESS", "OUTCOMES", "MEAN TIME", "CONFIDENCE"), rows,
+                              right=("SUCCESS", "OUTCOMES", "MEAN TIME", "CONFIDENCE"),
                               empty="(nothing learned yet)"))
     return "\n".join(lines)
 

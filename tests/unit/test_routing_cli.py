@@ -78,9 +78,10 @@ def test_routing_summary_with_and_without_history() -> None:
                             "first_try_successes": 9, "fallback_rate": 0.1,
                             "average_confidence": 0.72, "outcomes_stored": 12,
                             "kinds": {"security": {"success_rate": 0.75, "outcomes": 4,
-                                                   "mean_duration_s": 0.5}}})
+                                                   "mean_duration_s": 0.5}},
+                            "average_confidence_by_kind": {"security": 0.71}})
     assert "first-try success 90.0% (9/10)" in text and "fallback rate 10.0%" in text
-    assert "security" in text and "75.0%" in text
+    assert "security" in text and "75.0%" in text and "0.710" in text
 
 
 def test_routing_replay_reads_the_decision_log_of_the_store(tmp_path: Path) -> None:
