@@ -128,7 +128,10 @@ def test_default_construction_uses_packaged_vocabulary_and_memory_store() -> Non
     try:
         assert p.config == default_routing_config()
         assert p.store.path is None
-        assert p.select(_task(CVE), _fleet()).kind == "security"
+        assert p.config.policy.value == "bandit"
+        # The default policy samples: the kind it most likely takes is what explain names.
+        assert p.explain(CVE, _fleet())["kind"] == "security"
+        assert p.select(_task(CVE), _fleet()).agent is not None
     finally:
         p.close()
 
