@@ -68,6 +68,11 @@ class Intake:
         steps = self.dispatcher.planner.phases(spec.description)
         if not steps:
             return spec
+        # Each step names its kind, a hard constraint: split only when the fleet has them all,
+        # or the task would wait for a kind nobody runs instead of running whole.
+        known = {a.kind for a in self.state.agents.values() if not a.liveness.gone}
+        if any(s["kind"] not in known for s in steps):
+            return spec
         return spec.model_copy(update={"steps": [
             protocol.SubtaskSpec(description=s["description"], kind=s["kind"]) for s in steps]})
 

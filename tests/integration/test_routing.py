@@ -289,3 +289,15 @@ async def test_close_calls_can_run_both_kinds_and_merge(
     assert [r["output"] for r in result.output["results"]] == [
         {"op": "echo", "value": "both"}] * 2
     assert merged == 1
+
+
+async def test_a_multi_phase_description_stays_whole_without_every_kind(
+    coordinator: CoordinatorAgent, start_worker: StartWorker, client: CoordinatorClient,
+) -> None:
+    await start_worker("agent-1", "development")
+    await start_worker("agent-3", "cicd")
+    await wait_until(lambda: len(coordinator.state.agents) == 2, 5, "two agents")
+    task_id = await client.submit(PHASED, input={"op": "noop"})
+    result = await client.wait(task_id, 20)
+    assert result.status == "succeeded"
+    assert coordinator.state.get_task(task_id).child_ids == []
