@@ -301,7 +301,8 @@ class CoordinationPlanner:
             best = max(ranked, key=lambda s: (s.chance or 0.0, s.confidence))
             choice = Choice(best.kind, best.chance or 0.0,
                             "fallback" if best.kind == self.config.fallback_kind
-                            and best.confidence < self.config.bandit.credible else "greedy",
+                            and best.belief.probability < self.config.bandit.credible
+                            else "greedy",
                             False, {})
         else:
             choice = self.learner.policy.choose([s.belief for s in ranked], self._rng)

@@ -381,3 +381,14 @@ def test_phases_show_in_route_and_can_be_switched_off() -> None:
         "development", "security", "cicd"]
     off = default_routing_config().model_copy(update={"phases": Phases(enabled=False)})
     assert CoordinationPlanner(8, config=off).explain(text)["workflow"] is None
+
+
+def test_explain_names_the_fallback_kind_when_no_kind_is_credible() -> None:
+    planner = CoordinationPlanner(8, config=_config(credible=0.95), rng=random.Random(1))
+    explained = planner.explain("Deploy the billing service", _fleet())
+    assert explained["kind"] == "general" and explained["fallback_used"] is True
+    task = TaskRecord(id="f", description="Deploy the billing service")
+    decision = planner.select(task, _fleet())
+    assert decision.kind == "general" and decision.fallback_used
+    assert task.routing["propensity"] == 1.0
+    planner.close()
