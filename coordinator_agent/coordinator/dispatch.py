@@ -18,6 +18,7 @@ from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRec
 from coordinator_agent.coordinator.workflows import WorkflowEngine
 from coordinator_agent.exceptions import TransportError, Unroutable
 from coordinator_agent.ops.metrics import Metrics
+from coordinator_agent.routing.config import CloseCall
 from coordinator_agent.routing.planner import CoordinationPlanner
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,11 @@ class Dispatcher:
         runner_up = alternatives[0]
         if top - float(runner_up.get("confidence", 0.0)) > hedge.margin:
             return False
-        return self.workflows.hedge(task, [routing["kind"], runner_up["kind"]])
+        merge = hedge.mode is CloseCall.MERGE
+        started = self.workflows.hedge(task, [routing["kind"], runner_up["kind"]], merge=merge)
+        if started:
+            self.metrics.multi_master_tasks.labels(hedge.mode.value).inc()
+        return started
 
     def _assign(self, task: TaskRecord, agent: AgentRecord) -> None:
         now = time.time()

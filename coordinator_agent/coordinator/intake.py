@@ -50,6 +50,7 @@ class Intake:
             submitted_by=submitted_by,
         )
         assert self.workflows is not None
+        spec = self._phased(spec)
         composite = self.workflows.prepare(task, spec)  # before the first save, for a restart
         self.state.add_task(task)
         self.metrics.tasks_submitted.inc()
@@ -59,6 +60,21 @@ class Intake:
         else:
             self.dispatcher.enqueue(task.id)
         return task, False
+
+    def _phased(self, spec: protocol.TaskSubmit) -> protocol.TaskSubmit:
+        """A multi-phase description becomes sequential steps (routing ``phases``)."""
+        if spec.composite or spec.kind is not None or spec.required_capabilities:
+            return spec
+        steps = self.dispatcher.planner.phases(spec.description)
+        if not steps:
+            return spec
+        # Each step names its kind, a hard constraint: split only when the fleet has them all,
+        # or the task would wait for a kind nobody runs instead of running whole.
+        known = {a.kind for a in self.state.agents.values() if not a.liveness.gone}
+        if any(s["kind"] not in known for s in steps):
+            return spec
+        return spec.model_copy(update={"steps": [
+            protocol.SubtaskSpec(description=s["description"], kind=s["kind"]) for s in steps]})
 
     def create_child(self, child: TaskRecord) -> None:
         """A composite task's child (workflows.py): an ordinary task from here on."""

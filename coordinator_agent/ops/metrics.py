@@ -123,6 +123,16 @@ class Metrics:
             "coordinator_routing_kind_success_ratio", "Learned success rate, by agent kind.",
             ["kind"], registry=r,
         )
+        self.routing_kind_confidence = Gauge(
+            "coordinator_routing_kind_confidence_average",
+            "Mean confidence of decisions that chose each kind, since start.", ["kind"],
+            registry=r,
+        )
+        self.multi_master_tasks = Counter(
+            "coordinator_routing_multi_master_tasks_total",
+            "Tasks run on two kinds at once because their confidences were close, by mode "
+            "(race or merge).", ["mode"], registry=r,
+        )
         self.escalations = Counter(
             "coordinator_escalations_total", "Tasks that exhausted their fallback chain.",
             registry=r,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -77,6 +78,25 @@ class Complexity(enum.StrEnum):
     HIGH = "high"
 
 
+class Policy(enum.StrEnum):
+    #: The seed's weighted formula (base + pattern + domain + complexity - workload).
+    SEED = "seed"
+    #: Predicted probability of first-try success, learned online, Thompson sampling.
+    BANDIT = "bandit"
+
+
+class Exploration(enum.StrEnum):
+    THOMPSON = "thompson"
+    GREEDY = "greedy"  # never explore on purpose
+
+
+class CloseCall(enum.StrEnum):
+    """What ``hedge`` does with two kinds whose confidences are within its margin."""
+
+    RACE = "race"  # both run, the first success wins, the other is cancelled
+    MERGE = "merge"  # both run to the end, and their results are merged
+
+
 class Balance(enum.StrEnum):
     LEAST_LOADED = "least_loaded"
     TWO_CHOICES = "two_choices"
@@ -141,6 +161,9 @@ class RetryPolicy(_Model):
 class Learning(_Model):
     #: An outcome weighs half as much after this long (time decay).
     half_life_s: float = Field(7 * 86_400.0, gt=0)
+    #: Or: an outcome weighs exp(-age / time_constant_s), the seed's form (30 days: 2592000).
+    #: When set, it replaces ``half_life_s`` (half-life = time constant x ln 2).
+    time_constant_s: float | None = Field(None, gt=0)
     #: Pseudo-outcomes of neutral evidence added to every estimate: unknown is neutral, and a
     #: handful of outcomes cannot swing the pattern term to an extreme.
     prior_weight: float = Field(2.0, gt=0)
@@ -152,11 +175,52 @@ class Learning(_Model):
     max_outcomes: int = Field(500_000, ge=100)
 
 
+    @property
+    def decay_half_life_s(self) -> float:
+        if self.time_constant_s is not None:
+            return self.time_constant_s * math.log(2.0)
+        return self.half_life_s
+
+
+class BanditSettings(_Model):
+    """The learned policy (``policy: bandit``); see ``bandit.py`` and ``policy.py``."""
+
+    #: What the text prior is worth, in pseudo-outcomes.
+    prior_strength: float = Field(1.0, gt=0, le=1000)
+    #: Success probability the prior gives a kind the text is sure of (P(kind | text) = 1) ...
+    success_if_right: float = Field(0.8, gt=0, lt=1)
+    #: ... and one the text rules out (P(kind | text) = 0); linear in between.
+    success_if_wrong: float = Field(0.3, gt=0, lt=1)
+    #: A kind is credible when its predicted success reaches this; with none, the fallback kind.
+    credible: float = Field(0.2, ge=0, le=1)
+    exploration: Exploration = Exploration.THOMPSON
+    #: Spread of the Thompson draws relative to the belief (1 = plain Thompson sampling; the
+    #: diagonal belief overstates the spread, so less than 1 explores about as much as needed).
+    exploration_scale: float = Field(0.1, ge=0, le=10)
+    #: At most this share of recent decisions may differ from the greedy choice.
+    exploration_budget: float = Field(0.2, ge=0, le=1)
+    #: Kinds predicted this much below the best are never explored.
+    max_exploration_gap: float = Field(0.3, ge=0, le=1)
+    #: Count decay: each feature of a kind remembers about its last ``window`` outcomes (drift).
+    window: float = Field(20.0, ge=2, le=1_000_000)
+
+
 class Hedge(_Model):
     """Run the top two kinds at once when their confidences are this close (off by default)."""
 
     enabled: bool = False
     margin: float = Field(0.05, ge=0, le=1)
+    #: race: first success wins; merge: both run to the end and their results are combined.
+    mode: CloseCall = CloseCall.RACE
+
+
+class Phases(_Model):
+    """A description with several phases ("implement X, audit it, then deploy") becomes steps."""
+
+    enabled: bool = True
+    #: Words that separate phases ("then", "and then", "after that", ";" always separates).
+    separators: Words = ["then", "afterwards", "finally"]
+    max_steps: int = Field(5, ge=2, le=20)
 
 
 class PriorSettings(_Model):
@@ -193,6 +257,9 @@ class RoutingConfig(_Model):
     complexity: ComplexityHints = ComplexityHints()
     urgency: Urgency = Urgency()
     stopwords: Words = []
+    policy: Policy = Policy.BANDIT
+    bandit: BanditSettings = BanditSettings()
+    phases: Phases = Phases()
     weights: Weights = Weights()
     threshold: float = Field(0.6, ge=0, le=1)
     fallback_kind: KindName = "general"
