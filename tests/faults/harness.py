@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import aiohttp
 import orjson
 
 from coordinator_agent.client import CoordinatorClient
+from coordinator_agent.exceptions import TransportError
 from coordinator_agent.settings import Settings, load_settings
 from coordinator_agent.wire.keyring import Keyring
 
@@ -255,17 +257,13 @@ class Fleet:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        # SIGKILL: the scenario is over and its namespace is thrown away with the node, so a
+        # graceful drain would only cost the suite time.
         procs = [*self.agents.values(), *([self.coordinator] if self.coordinator else [])]
         for proc in procs:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 8
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            if proc.poll() is None:
                 proc.kill()
-                proc.wait()
+            proc.wait()
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.root / name
@@ -364,11 +362,25 @@ async def wait_all_terminal(fleet: Fleet, task_ids: list[str], timeout: float) -
 
 
 async def submit_many(client: CoordinatorClient, count: int, label: str,
-                      spec: dict[str, Any]) -> list[str]:
-    """Submit ``count`` tasks (each confirmed by the broker before the next)."""
-    ids = []
+                      spec: dict[str, Any], ids: list[str] | None = None) -> list[str]:
+    """Submit ``count`` tasks, each confirmed by the broker before the next.
+
+    Like any careful client, a submission the broker did not confirm is sent again with the
+    same task id (the coordinator answers a repeat as a duplicate). ``ids``, when given, fills
+    up as the submissions are confirmed.
+    """
+    ids = [] if ids is None else ids
     for i in range(count):
-        ids.append(await client.submit(f"{label} {i}", input=spec))
+        task_id = uuid.uuid4().hex
+        for _ in range(60):
+            try:
+                await client.submit(f"{label} {i}", input=spec, task_id=task_id)
+                break
+            except TransportError:
+                await asyncio.sleep(0.5)
+        else:
+            raise AssertionError(f"could not submit {task_id} for 30 s")
+        ids.append(task_id)
     return ids
 
 
