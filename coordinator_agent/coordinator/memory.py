@@ -18,7 +18,7 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 #: Peaks below this many open tasks are not worth a compaction.
-MIN_PEAK = 2_000
+MIN_PEAK = 1_000
 
 
 def _load_trim() -> Callable[[int], int] | None:

@@ -74,9 +74,12 @@ class OutageClock:
         assert self.since is not None
         shift = now - self.since
         cause, self.since, self.cause = self.cause, None, ""
-        if cause == "every agent silent at once" and shift >= self.collective_silence_max_s:
+        heard = [a.last_seen for a in self.state.agents.values()
+                 if a.heard and not a.liveness.gone]
+        if (cause == "every agent silent at once" and heard
+                and now - max(heard) >= self.collective_silence_max_s):
             log.warning("every agent silent for %.0fs while the broker works: judged as gone",
-                        shift)
+                        now - max(heard))
             return  # not an outage after all: the agents are gone, judge them now
         log.warning("broker outage over after %.1fs (%s); deadlines moved by as much",
                     shift, cause)

@@ -112,7 +112,8 @@ class CoordinatorAgent:
         self.flood = FloodWatch(self._compact)
         self.sweeper = Sweeper(self.state, self.results, self.outbox, self.keyrings,
                                outage=self.outage, flood=self.flood)
-        self.dispatcher.broker_ok = lambda: self.messages.connected
+        # Assignments wait while there is no connection; an unconfirmed one is sent again.
+        self.dispatcher.broker_ok = lambda: self.messages.transport_up
         self.state.on_rollback = self._rolled_back
 
         self._loops: list[asyncio.Task[None]] = []
@@ -210,6 +211,7 @@ class CoordinatorAgent:
         """After a flood: right-sized copies of the containers that grew with it."""
         self.state.tasks = dict(self.state.tasks)
         self.dispatcher.pending = OrderedDict(self.dispatcher.pending)
+        self.security.replay.compact()
 
     # --- inbound messages, by type --------------------------------------------------------------
 

@@ -112,7 +112,7 @@ class MessageHandler:
         self.probe_timeout_s = probe_timeout_s
         #: False while probes go unconfirmed (a hung broker); True without probes.
         self.confirming = True
-        #: When the broker last confirmed a probe (monotonic); None before the first.
+        #: When the broker last confirmed a publish or probe (monotonic); None before any.
         self.last_confirm: float | None = None
         self.consumer_cancels = 0
 
@@ -127,6 +127,11 @@ class MessageHandler:
     def connected(self) -> bool:
         """Connected, consumers up, and (when probing) the broker confirms publishes."""
         return self._ready.is_set() and self.confirming
+
+    @property
+    def transport_up(self) -> bool:
+        """Connected with topology and consumers up, whether or not confirms come back."""
+        return self._ready.is_set()
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -247,6 +252,10 @@ class MessageHandler:
             except asyncio.CancelledError:
                 raise
             except (*_BROKER_ERRORS, TimeoutError, TransportError) as exc:
+                last = self.last_confirm
+                if (isinstance(exc, TimeoutError) and last is not None
+                        and time.monotonic() - last < self.probe_timeout_s):
+                    continue  # other publishes were confirmed meanwhile: we are slow, not it
                 if self.confirming:
                     log.warning("broker %s stopped confirming publishes (%s)",
                                 self.url_for_display, type(exc).__name__ or "timeout")
@@ -475,6 +484,7 @@ class MessageHandler:
             target = await self._exchange(exchange)
             remaining = max(0.05, deadline - time.monotonic())
             await target.publish(message, routing_key, mandatory=mandatory, timeout=remaining)
+            self.last_confirm = time.monotonic()
         except aiormq.exceptions.PublishError as exc:
             self._count_publish_error("unroutable")
             raise Unroutable(f"no queue bound for {exchange!r}/{routing_key!r}") from exc

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from .harness import Fleet, FaultNode
+from .harness import FaultNode, Fleet
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ async def test_coordinator_sigkill_twice_loses_nothing_and_completes_once(
     await fleet.wait_agents_healthy(30)
     restarts = []
     async with fleet.client() as client:
-        submitting = asyncio.create_task(submit_many(client, 800, "coordinator-kill", SLEEP))
+        submitting = asyncio.create_task(submit_many(client, 500, "coordinator-kill", SLEEP))
         for _ in range(2):
             await asyncio.sleep(2.0)
             fleet.kill_coordinator()
@@ -56,7 +56,7 @@ async def test_agents_sigkilled_only_started_work_runs_again(make_fleet: MakeFle
     await fleet.wait_agents_healthy(30)
     rng = random.Random(11)
     async with fleet.client() as client:
-        ids = await submit_many(client, 800, "agent-kill", {"op": "sleep", "seconds": 0.1})
+        ids = await submit_many(client, 500, "agent-kill", {"op": "sleep", "seconds": 0.1})
         for _ in range(5):
             await asyncio.sleep(1.5)
             fleet.kill_agent(rng.choice(fleet.agent_ids))
@@ -118,7 +118,7 @@ async def test_a_poison_task_crashes_each_agent_once_then_is_quarantined(
     await fleet.wait_agents_healthy(30)
     async with fleet.client() as client:
         poison = await client.submit("poison", input={"op": "crash"}, max_retries=2)
-        ids = await submit_many(client, 400, "ordinary", {"op": "sleep", "seconds": 0.02})
+        ids = await submit_many(client, 300, "ordinary", {"op": "sleep", "seconds": 0.02})
         await wait_all_terminal(fleet, [poison, *ids], 90)
         recovered = await fleet.wait_agents_healthy(10)
         truth = tally(fleet, [poison, *ids], client.notices)
