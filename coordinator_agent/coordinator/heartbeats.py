@@ -49,14 +49,17 @@ class AgentReports:
 
     def _new_process(self, previous: AgentRecord, session: str | None, *,
                      redelivered: bool) -> None:
-        """A hello: what earlier processes of this agent held is no longer theirs."""
+        """A hello: what other processes of this agent held is no longer theirs.
+
+        Attempts made for this very session stay (the same hello delivered again, or its
+        heartbeat got here first); everything else ends, started or not (results.py).
+        """
         if session is None:
-            # No session (an agent that does not send one): a first delivery means a new process.
+            # No session (a hello without an id cannot happen on the wire; kept for callers
+            # that have none): a first delivery means a new process.
             if not redelivered:
                 self.results.lose_agent_tasks(previous, "agent restarted", crashed=True)
             return
-        if session == previous.session:
-            return  # the same hello again (redelivered after a coordinator restart)
 
         def still_its_own(attempt: Attempt) -> bool:
             return attempt.session == session

@@ -44,23 +44,33 @@ def release_free_memory() -> None:
 
 
 class FloodWatch:
-    """Tracks the open-task peak and compacts once a flood has drained."""
+    """Tracks the open-task peak and compacts as a flood drains.
+
+    The first compaction comes when the open tasks fall to a quarter of the peak, the next at a
+    quarter of that, and so on down to none: a few cheap passes per flood, the last one on an
+    empty table.
+    """
 
     def __init__(self, compact: Callable[[], None], min_peak: int = MIN_PEAK) -> None:
         self.compact = compact
         self.min_peak = min_peak
         self.peak = 0
+        self._threshold = -1
         self.compactions = 0
 
     def observe(self, open_tasks: int) -> bool:
         """Call now and then with the number of open tasks; True when it compacted."""
-        self.peak = max(self.peak, open_tasks)
-        if self.peak < self.min_peak or open_tasks > self.peak // 4:
+        if open_tasks > self.peak:
+            self.peak, self._threshold = open_tasks, open_tasks // 4
+        if self.peak < self.min_peak or open_tasks > self._threshold:
             return False
-        log.info("flood drained (%d open tasks, peak %d): giving memory back", open_tasks,
+        log.info("flood draining (%d open tasks, peak %d): giving memory back", open_tasks,
                  self.peak)
         self.compact()
         release_free_memory()
-        self.peak = open_tasks
         self.compactions += 1
+        if open_tasks == 0:
+            self.peak, self._threshold = 0, -1  # drained: the next flood starts afresh
+        else:
+            self._threshold = open_tasks // 4
         return True

@@ -212,6 +212,7 @@ class CoordinatorAgent:
         self.state.tasks = dict(self.state.tasks)
         self.dispatcher.pending = OrderedDict(self.dispatcher.pending)
         self.security.replay.compact()
+        self.state.store.shrink_memory()
 
     # --- inbound messages, by type --------------------------------------------------------------
 

@@ -74,6 +74,10 @@ class TaskStore:
             self.healthy = True
         return self.healthy
 
+    def shrink_memory(self) -> None:
+        """Give back SQLite's page cache (after a flood; it refills as needed)."""
+        self._db.execute("PRAGMA shrink_memory")
+
     def get(self, task_id: str) -> TaskRecord | None:
         row = self._db.execute("SELECT data FROM tasks WHERE id = ?", (task_id,)).fetchone()
         return TaskRecord.from_dict(orjson.loads(row[0])) if row else None

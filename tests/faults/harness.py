@@ -138,6 +138,7 @@ class Fleet:
             "COORDINATOR_LIMITS__DRAIN_TIMEOUT_S": "3",
             "COORDINATOR_LOG_LEVEL": "INFO",
             "PYTHONPATH": str(ROOT),
+            "PYTHONMALLOC": "malloc",  # as the image sets it (deploy/Dockerfile)
             **self.env_overrides,
         }
         self._supervisor: asyncio.Task[None] | None = None

@@ -182,8 +182,11 @@ def test_memory_is_compacted_once_a_flood_drains() -> None:
     assert watch.observe(5000) is False
     assert watch.observe(2000) is False
     assert watch.observe(1000) is True
-    assert compacted == [1]
-    assert watch.observe(900) is False  # once per flood
+    assert watch.observe(900) is False  # next at a quarter of 1000
+    assert watch.observe(200) is True
+    assert watch.observe(0) is True  # the last pass, on an empty table
+    assert watch.observe(0) is False  # and then the next flood starts afresh
+    assert compacted == [1, 1, 1]
 
 
 def test_the_default_open_task_limit_fits_a_small_machine() -> None:
