@@ -20,7 +20,7 @@ from coordinator_agent.wire import constants as c
 from coordinator_agent.wire.keyring import Keyring
 
 from .conftest import OPERATOR, StartWorker
-from .helpers import task_is, wait_until
+from .helpers import wait_until
 
 BLOB = "x" * 9000  # larger than a page: any write of it needs new pages
 
@@ -35,7 +35,11 @@ def free_store(coordinator: CoordinatorAgent) -> None:
     coordinator.state.store._db.execute("PRAGMA max_page_count = 1073741823")
 
 
+STARTED = asyncio.Event()
+
+
 async def blob_handler(task: TaskContext) -> Any:
+    STARTED.set()
     await asyncio.sleep(float(task.input.get("seconds", 0)))
     return {"blob": BLOB}
 
@@ -66,9 +70,10 @@ async def test_a_full_store_refuses_submissions_and_holds_results(
     coordinator: CoordinatorAgent, start_worker: StartWorker, client: CoordinatorClient,
     settings: Settings, keyring: Keyring,
 ) -> None:
+    STARTED.clear()
     await start_worker("agent-1", handler=blob_handler)
     running = await client.submit("runs across the outage", input={"seconds": 1.0})
-    await wait_until(task_is(coordinator, running, "running"), 10, "the task running")
+    await asyncio.wait_for(STARTED.wait(), 10)  # the agent runs it
 
     fill_store(coordinator)
     try:
