@@ -16,6 +16,9 @@
     │   ├── IllegalTransition       a task state change the table forbids   (task_id)
     │   └── UnknownTask             (task_id)
     ├── PlanningError               no route for a task                     (task_id)
+    ├── StoreError                  the task store could not keep a change  (task_id)
+    │   ├── StoreUnavailable        the write failed (disk full, I/O error): try again later
+    │   └── UnstorableTask          the task itself cannot be stored (e.g. a huge integer)
     ├── SubmissionRefused           at the open-task limit: submit again later
     ├── SubmissionTooLarge          the client refused to send it: over the size limit
     └── WaitTimeout                 no result in time; also a TimeoutError   (task_id)
@@ -116,6 +119,23 @@ class PlanningError(CoordinatorError):
         self.task_id = task_id
         self.reason = reason
         super().__init__(f"task {task_id}: {reason}")
+
+
+class StoreError(CoordinatorError):
+    """A change could not be made durable; memory was rolled back to what the store holds."""
+
+    def __init__(self, task_id: str, detail: str) -> None:
+        self.task_id = task_id
+        self.detail = detail
+        super().__init__(f"task {task_id}: {detail}")
+
+
+class StoreUnavailable(StoreError):
+    """The store refused a write (disk full, read-only, I/O error). Retrying later may work."""
+
+
+class UnstorableTask(StoreError):
+    """The task cannot be serialised for the store: retrying will never work."""
 
 
 class SubmissionRefused(CoordinatorError):

@@ -62,7 +62,8 @@ class Limits(BaseModel):
     max_message_bytes: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024)
     max_output_bytes: int = Field(64 * 1024, ge=256)
     max_in_flight_per_agent: int = Field(32, ge=1)
-    max_pending_tasks: int = Field(100_000, ge=1)
+    #: Open tasks held at once (~5 KiB of coordinator memory each: docs/RELIABILITY.md).
+    max_pending_tasks: int = Field(20_000, ge=1)
     task_timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(2, ge=0, le=20)
     publish_timeout_s: float = Field(10.0, gt=0)

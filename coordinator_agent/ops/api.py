@@ -18,7 +18,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from coordinator_agent.coordinator.tasks import TaskRecord
-from coordinator_agent.exceptions import ConfigError, SubmissionRefused, UnknownTask
+from coordinator_agent.exceptions import (
+    ConfigError,
+    StoreError,
+    SubmissionRefused,
+    UnknownTask,
+    UnstorableTask,
+)
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.ops.statuspage import status_page
 from coordinator_agent.ops.waiting import why_waiting
@@ -254,6 +260,11 @@ class MonitoringServer:
             )
         except SubmissionRefused as exc:
             return _error(429, str(exc))
+        except UnstorableTask as exc:
+            return _error(422, f"the task store cannot hold this task: {exc.detail}")
+        except StoreError:
+            return _error(503, "the task store is not writable; nothing was accepted, "
+                          "submit again later")
         return _json({"task_id": task.id, "status": task.status.value, "duplicate": duplicate},
                      200 if duplicate else 202)
 

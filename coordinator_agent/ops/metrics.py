@@ -66,7 +66,21 @@ class Metrics:
             registry=r,
         )
         self.broker_connected = Gauge(
-            "coordinator_broker_connected", "1 while the broker connection is up.", registry=r
+            "coordinator_broker_connected", "1 while the broker is connected and confirms "
+            "publishes, and not every agent has fallen silent at once.", registry=r
+        )
+        # --- reliability (docs/RELIABILITY.md) ---
+        self.duplicate_executions = Counter(
+            "coordinator_duplicate_executions_total", "Attempts that started while an earlier "
+            "attempt of the same task had started too: work run more than once.", registry=r,
+        )
+        self.tasks_quarantined = Counter(
+            "coordinator_tasks_quarantined_total", "Poison tasks failed and dead-lettered "
+            "after crashing their agents.", registry=r,
+        )
+        self.store_errors = Counter(
+            "coordinator_store_errors_total", "Task store writes that failed, by the message "
+            "type that needed them.", ["message_type"], registry=r,
         )
         self.broker_reconnects = Counter(
             "coordinator_broker_reconnects_total", "Broker connections re-established.",

@@ -67,6 +67,10 @@ class ReplayGuard:
     def __len__(self) -> int:
         return len(self._seen)
 
+    def compact(self) -> None:
+        """A right-sized copy: a dict keeps the table of its largest size (after a flood)."""
+        self._seen = OrderedDict(self._seen)
+
 
 class PeerKeys:
     """One principal's keys, newest first. Rotation-friendly: the coordinator answers a peer
