@@ -51,17 +51,37 @@ def _reasons_in_code() -> set[str]:
             func = node.func
             name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
             args = node.args
+            keyword = next((k.value for k in node.keywords if k.arg == "reason"), None)
             if name in REJECTION_CLASSES and args:
                 index = 0
             elif name == "dead_letter" and len(args) >= 2:
                 index = 1  # dead_letter(message, reason, detail)
             elif name == "labels" and "rejected" in ast.unparse(func) and args:
                 index = 0  # metrics.messages_rejected.labels(reason)
+            elif name == "park" and keyword is not None:
+                index = -1  # park(payload, peer=..., reason="...")
             else:
                 continue
-            if isinstance(args[index], ast.Constant) and isinstance(args[index].value, str):
-                reasons.add(args[index].value)
+            reasons |= _strings(keyword if index == -1 else args[index], path)
     return reasons
+
+
+def _strings(node: ast.expr, path: Path) -> set[str]:
+    """The reason strings an argument can be: a constant, a conditional of constants, or a
+    local variable assigned from those in the same module."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value}
+    if isinstance(node, ast.IfExp):
+        return _strings(node.body, path) | _strings(node.orelse, path)
+    if isinstance(node, ast.Name):
+        found: set[str] = set()
+        for other in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(other, ast.Assign)
+                    and isinstance(other.value, ast.Constant | ast.IfExp)
+                    and any(isinstance(t, ast.Name) and t.id == node.id for t in other.targets)):
+                found |= _strings(other.value, path)
+        return found
+    return set()
 
 
 def test_the_preamble_says_the_document_is_the_reference() -> None:
