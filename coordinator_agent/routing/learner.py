@@ -107,7 +107,7 @@ class Learner:
         shares = {kind: text.get(kind, unknown) for kind in kinds}
         beliefs = self.model.beliefs({kind: self.prior_success(text, kind) for kind in shares},
                                      feats, now)
-        scale = self.exploration_scale(contexts[0], beliefs)
+        scale = self.exploration_scale([name for name, _ in feats], beliefs)
         calibrate = self.calibrator.apply
         scores = [BanditScore(b.kind, shares[b.kind], b, scale, calibrate(b.probability))
                   for b in beliefs]
@@ -116,15 +116,16 @@ class Learner:
             scores = [s.with_chance(dist.get(s.kind, 0.0)) for s in scores]
         return scores
 
-    def exploration_scale(self, group: str, beliefs: Sequence[KindBelief]) -> float:
+    def exploration_scale(self, groups: Sequence[str], beliefs: Sequence[KindBelief]) -> float:
         """The decision's exploration spread: ``bandit.exploration_scale``, widened while the
-        kind believed best for this coarse group of tasks (the kind the text points at) fails
-        more than predicted (surprise.py)."""
+        kind believed best fails more than predicted on tasks sharing a feature (a context or a
+        keyword) with this one (surprise.py). One lookup per feature, for the best kind only."""
         b = self.config.bandit
-        if not beliefs:
+        if not beliefs or not groups:
             return b.exploration_scale
         best = max(beliefs, key=lambda belief: belief.mean).kind
-        widened = b.exploration_scale * self.surprise.spread(group, best)
+        spread = self.surprise.spread
+        widened = b.exploration_scale * max(spread(group, best) for group in groups)
         return max(b.exploration_scale, min(b.max_exploration_scale, widened))
 
     def observe(self, description: str, analysis: TaskAnalysis, kind: str,
@@ -132,7 +133,8 @@ class Learner:
         """A first try of the kind a decision chose, and the confidence it had: the residual
         the surprise detector watches."""
         text = self.text_prior.probabilities(description)
-        self.surprise.observe(self.contexts(analysis, text)[0], kind, probability, success)
+        for name, _ in features(analysis.keywords, self.contexts(analysis, text)):
+            self.surprise.observe(name, kind, probability, success)
 
     def learn(self, description: str, analysis: TaskAnalysis, kind: str, success: bool,
               now: float, *, prior: float | None = None,

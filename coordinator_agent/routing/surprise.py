@@ -6,21 +6,26 @@ than it predicted (the fleet changed: a drift), a small spread keeps the router 
 leaves the other kinds at their prior, never tried again. So the router watches its own
 residuals and widens the exploration where they say its belief is wrong.
 
-Per (kind, group of similar tasks), it keeps exponentially weighted sums, over about
-``window`` first tries, of the residuals ``success - p`` (``p`` the confidence the decision
-had) and of their variance under the belief, ``p (1 - p)``:
+Per (kind, group of tasks), a group being every task with one feature in common (a context,
+such as "the text points at cicd", or a keyword), it keeps exponentially weighted sums, over
+about ``window`` first tries, of the residuals ``success - p`` (``p`` the confidence the
+decision had) and of their variance under the belief, ``p (1 - p)``:
 
     R <- lam R + (y - p)        V <- lam**2 V + p (1 - p)        z = R / sqrt(V)
 
 While the beliefs are right, ``z`` has mean 0 and variance 1 whatever ``p`` was. A kind doing
 ``|z|`` standard deviations worse than believed makes the belief look ``z**2`` times too
-narrow, so the exploration spread of a decision whose best kind shows ``z < -1`` is multiplied
-by ``|z|`` (its variance by ``z**2``, as an adaptive Kalman filter inflates its covariance by
-the innovations' excess): up to plain Thompson sampling (``max_exploration_scale``). Only a
-shortfall counts: a kind doing better than believed is already being chosen more.
+narrow, so the exploration spread of a decision whose best kind shows ``z < -1`` on any of
+the task's features is multiplied by the largest such ``|z|`` (its variance by ``z**2``, as
+an adaptive Kalman filter inflates its covariance by the innovations' excess): up to plain
+Thompson sampling (``max_exploration_scale``). Only a shortfall counts: a kind doing better
+than believed is already being chosen more.
 
-Each test is O(1) per kind (one dictionary lookup). The sums are short-term and kept in memory:
-after a restart the detector needs a few outcomes to see a drift again.
+A feature localises the shortfall: tasks that share the coarse context but not the failing
+words (release notes beside docs, both pointing at documentation) do not dilute it. A decision
+costs one lookup per feature of the task, for the best kind only. The sums are short-term and
+kept in memory (as many as the model's weights at most): after a restart the detector needs a
+few outcomes to see a drift again.
 """
 
 from __future__ import annotations
