@@ -203,6 +203,11 @@ class BanditSettings(_Model):
     max_exploration_gap: float = Field(0.3, ge=0, le=1)
     #: Count decay: each feature of a kind remembers about its last ``window`` outcomes (drift).
     window: float = Field(20.0, ge=2, le=1_000_000)
+    #: Surprise: first tries (about this many) over which a kind's residuals are watched; while
+    #: the best kind fails more than predicted, exploration widens (surprise.py). 0: off.
+    surprise_window: float = Field(20.0, ge=0, le=1_000_000)
+    #: The widest exploration spread surprise may lead to (1 = plain Thompson sampling).
+    max_exploration_scale: float = Field(1.0, ge=0, le=10)
 
 
 class Hedge(_Model):

@@ -19,6 +19,7 @@ from coordinator_agent.routing.bandit import BanditModel, Calibrator, KindBelief
 from coordinator_agent.routing.config import RoutingConfig
 from coordinator_agent.routing.patterns import PatternStore
 from coordinator_agent.routing.policy import ThompsonPolicy
+from coordinator_agent.routing.surprise import SurpriseDetector
 from coordinator_agent.routing.text_prior import TextPrior
 
 #: Vocabulary words that form the finer context of a task (its "signature").
@@ -32,7 +33,7 @@ class BanditScore:
     kind: str
     text: float  # P(kind | text)
     belief: KindBelief
-    exploration_scale: float
+    exploration_scale: float  # this decision's spread (widened by surprise, see surprise.py)
     calibrated: float  # the model's probability, recalibrated (bandit.Calibrator)
     chance: float | None = None  # P(the policy picks this kind), when computed
 
@@ -72,6 +73,7 @@ class Learner:
         self.calibrator = Calibrator()
         self.calibrator.load(store.counters())
         self.policy = ThompsonPolicy(bandit, config.fallback_kind)
+        self.surprise = SurpriseDetector(bandit.surprise_window)
         self._text_prior: TextPrior | None = None  # built on first use: it may load a model
 
     @property
@@ -100,18 +102,39 @@ class Learner:
         each kind's probability of being picked (an integral per kind: for explanations)."""
         text = self.text_prior.probabilities(description)
         unknown = 1.0 / max(1, len(text))
-        feats = features(analysis.keywords, self.contexts(analysis, text))
+        contexts = self.contexts(analysis, text)
+        feats = features(analysis.keywords, contexts)
         shares = {kind: text.get(kind, unknown) for kind in kinds}
         beliefs = self.model.beliefs({kind: self.prior_success(text, kind) for kind in shares},
                                      feats, now)
-        scale = self.config.bandit.exploration_scale
+        scale = self.exploration_scale([name for name, _ in feats], beliefs)
         calibrate = self.calibrator.apply
         scores = [BanditScore(b.kind, shares[b.kind], b, scale, calibrate(b.probability))
                   for b in beliefs]
         if chances:
-            dist = self.policy.distribution(beliefs)
+            dist = self.policy.distribution(beliefs, scale=scale)
             scores = [s.with_chance(dist.get(s.kind, 0.0)) for s in scores]
         return scores
+
+    def exploration_scale(self, groups: Sequence[str], beliefs: Sequence[KindBelief]) -> float:
+        """The decision's exploration spread: ``bandit.exploration_scale``, widened while the
+        kind believed best fails more than predicted on tasks sharing a feature (a context or a
+        keyword) with this one (surprise.py). One lookup per feature, for the best kind only."""
+        b = self.config.bandit
+        if not beliefs or not groups:
+            return b.exploration_scale
+        best = max(beliefs, key=lambda belief: belief.mean).kind
+        spread = self.surprise.spread
+        widened = b.exploration_scale * max(spread(group, best) for group in groups)
+        return max(b.exploration_scale, min(b.max_exploration_scale, widened))
+
+    def observe(self, description: str, analysis: TaskAnalysis, kind: str,
+                probability: float, success: bool) -> None:
+        """A first try of the kind a decision chose, and the confidence it had: the residual
+        the surprise detector watches."""
+        text = self.text_prior.probabilities(description)
+        for name, _ in features(analysis.keywords, self.contexts(analysis, text)):
+            self.surprise.observe(name, kind, probability, success)
 
     def learn(self, description: str, analysis: TaskAnalysis, kind: str, success: bool,
               now: float, *, prior: float | None = None,
@@ -136,7 +159,8 @@ class Learner:
     def replay_distribution(self, scores: Sequence[BanditScore]) -> dict[str, float]:
         """The policy's distribution for a logged task; its exploration share moves by its
         expectation, as if it had decided (replay.py)."""
-        dist = self.policy.distribution([s.belief for s in scores])
+        scale = scores[0].exploration_scale if scores else None
+        dist = self.policy.distribution([s.belief for s in scores], scale=scale)
         greedy = max(scores, key=lambda s: s.confidence).kind
         self.policy.expect(dist, greedy)
         return dist

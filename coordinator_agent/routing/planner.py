@@ -305,7 +305,8 @@ class CoordinationPlanner:
                             else "greedy",
                             False, {})
         else:
-            choice = self.learner.policy.choose([s.belief for s in ranked], self._rng)
+            choice = self.learner.policy.choose([s.belief for s in ranked], self._rng,
+                                                scale=ranked[0].exploration_scale)
         chosen = next(s for s in ranked if s.kind == choice.kind)
         p = chosen.confidence
         credible = self.config.bandit.credible
@@ -454,6 +455,10 @@ class CoordinationPlanner:
         model_p = task.routing.get("parts", {}).get("model")
         if first_try and task.routing.get("kind") == kind and isinstance(model_p, float):
             self._counters.update(self.learner.calibrate(model_p, success))
+            confidence = task.routing.get("parts", {}).get("probability")
+            if isinstance(confidence, float):
+                self.learner.observe(task.description, self.analyzer.analyze(task.description),
+                                     kind, confidence, success)
         self.store.record(Outcome(
             keywords=tuple(info.get("keywords", ())), kind=kind, success=success,
             agent_id=attempt.agent_id, category=str(info.get("category", "general")),

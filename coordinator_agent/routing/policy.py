@@ -71,13 +71,22 @@ class ThompsonPolicy:
     def _credible(self, beliefs: Sequence[KindBelief]) -> list[KindBelief]:
         return [b for b in beliefs if b.probability >= self.settings.credible]
 
-    def _explores(self) -> bool:
+    def _explores(self, scale: float) -> bool:
         s = self.settings
-        return (s.exploration is Exploration.THOMPSON and s.exploration_scale > 0
+        return (s.exploration is Exploration.THOMPSON and scale > 0
                 and self.explore_share < s.exploration_budget)
 
-    def distribution(self, beliefs: Sequence[KindBelief]) -> dict[str, float]:
-        """P(policy picks kind) for each kind, in the policy's current state (no side effects)."""
+    def _scale(self, scale: float | None) -> float:
+        return self.settings.exploration_scale if scale is None else scale
+
+    def distribution(self, beliefs: Sequence[KindBelief], *,
+                     scale: float | None = None) -> dict[str, float]:
+        """P(policy picks kind) for each kind, in the policy's current state (no side effects).
+
+        ``scale`` is the decision's exploration spread (default ``exploration_scale``; the
+        learner widens it where recent outcomes contradict the belief, ``surprise.py``).
+        """
+        scale = self._scale(scale)
         if not beliefs:
             return {}
         out = {b.kind: 0.0 for b in beliefs}
@@ -92,19 +101,20 @@ class ThompsonPolicy:
                     out[b.kind] = 1.0 / len(self._greedy(beliefs))
             return out
         drawn = self._drawn(credible)
-        if not self._explores() or len(drawn) == 1:
+        if not self._explores(scale) or len(drawn) == 1:
             greedy = self._greedy(credible)
             for b in greedy:
                 out[b.kind] = 1.0 / len(greedy)
             return out
         for b in drawn:
-            out[b.kind] = self.win_probability(b, drawn)
+            out[b.kind] = self.win_probability(b, drawn, scale=scale)
         total = sum(out.values())
         return {k: v / total for k, v in out.items()} if total > 0 else out
 
-    def win_probability(self, chosen: KindBelief, drawn: Sequence[KindBelief]) -> float:
+    def win_probability(self, chosen: KindBelief, drawn: Sequence[KindBelief], *,
+                        scale: float | None = None) -> float:
         """P(chosen's draw beats every other drawn kind's draw)."""
-        scale = self.settings.exploration_scale
+        scale = self._scale(scale)
         mu_c, s_c = chosen.mean, max(1e-9, chosen.std * scale)
         others = [(b.mean, max(1e-9, b.std * scale)) for b in drawn if b is not chosen]
         if not others:
@@ -122,7 +132,9 @@ class ThompsonPolicy:
 
     # --- one decision -------------------------------------------------------------------------
 
-    def choose(self, beliefs: Sequence[KindBelief], rng: random.Random) -> Choice:
+    def choose(self, beliefs: Sequence[KindBelief], rng: random.Random, *,
+               scale: float | None = None) -> Choice:
+        scale = self._scale(scale)
         credible = self._credible(beliefs)
         if not credible:
             names = [b.kind for b in beliefs]
@@ -133,18 +145,17 @@ class ThompsonPolicy:
                           False, {})
         greedy = self._greedy(credible)
         drawn = self._drawn(credible)
-        if len(drawn) == 1 or not self._explores():
+        if len(drawn) == 1 or not self._explores(scale):
             pick = greedy[0] if len(greedy) == 1 else rng.choice(greedy)
             self._count(False)
             label = "only_kind" if len(credible) == 1 else "greedy"
             return Choice(pick.kind, 1.0 / len(greedy), label, False, {})
-        scale = self.settings.exploration_scale
         draws = {b.kind: rng.gauss(b.mean, b.std * scale) for b in drawn}
         best = max(draws.values())
         winner = next(b for b in drawn if draws[b.kind] == best)
         explored = all(winner is not g for g in greedy)
         self._count(explored)
-        return Choice(winner.kind, self.win_probability(winner, drawn),
+        return Choice(winner.kind, self.win_probability(winner, drawn, scale=scale),
                       "explore" if explored else "greedy", explored,
                       {k: sigmoid(v) for k, v in draws.items()})
 

@@ -27,6 +27,7 @@ from coordinator_agent.routing.phases import split_phases
 from coordinator_agent.routing.planner import CoordinationPlanner
 from coordinator_agent.routing.policy import ThompsonPolicy
 from coordinator_agent.routing.replay import replay
+from coordinator_agent.routing.surprise import SurpriseDetector
 from coordinator_agent.routing.text_prior import TextPrior
 
 KINDS = ("development", "security", "cicd", "documentation", "inventory", "general")
@@ -392,3 +393,54 @@ def test_explain_names_the_fallback_kind_when_no_kind_is_credible() -> None:
     assert decision.kind == "general" and decision.fallback_used
     assert task.routing["propensity"] == 1.0
     planner.close()
+
+
+# --- surprise: exploration widens when the best kind fails more than predicted -----------------
+
+
+def test_surprise_is_zero_while_outcomes_match_the_belief() -> None:
+    detector = SurpriseDetector(window=20)
+    rng = random.Random(5)
+    for _ in range(400):
+        detector.observe("k:cicd", "cicd", 0.8, rng.random() < 0.8)
+    assert abs(detector.z("k:cicd", "cicd")) < 3.0
+    assert detector.z("k:cicd", "general") == 0.0  # no evidence: no surprise
+    assert detector.spread("k:other", "cicd") == 1.0
+
+
+def test_a_drop_makes_the_best_kind_surprising_and_widens_exploration() -> None:
+    detector = SurpriseDetector(window=20)
+    for _ in range(15):
+        detector.observe("k:cicd", "cicd", 0.8, False)
+    assert detector.z("k:cicd", "cicd") < -5.0
+    assert detector.spread("k:cicd", "cicd") > 5.0
+    # Doing better than believed is not a reason to explore.
+    for _ in range(15):
+        detector.observe("k:docs", "documentation", 0.3, True)
+    assert detector.spread("k:docs", "documentation") == 1.0
+    assert SurpriseDetector(window=0).spread("k:cicd", "cicd") == 1.0
+
+
+def test_planner_explores_more_after_its_best_kind_starts_failing() -> None:
+    clock = Clock()
+    planner = CoordinationPlanner(64, config=_config(), clock=clock, rng=random.Random(3))
+    agents = _fleet()
+    description = "Deploy the payments service to production with the Helm chart"
+    for _ in range(30):
+        _route(planner, agents, description, {"cicd": True})
+        clock.now += 60
+    def spread() -> float:
+        rows = planner.explain(description, agents)["kinds"]
+        return max(row["parts"]["exploration"] for kind, row in rows.items() if kind != "cicd")
+
+    before = spread()
+    widest = before
+    for _ in range(6):  # cicd starts failing while it is still believed best
+        _route(planner, agents, description, {"cicd": False, "general": True})
+        clock.now += 60
+        widest = max(widest, spread())
+    assert widest > 2 * before
+    picks = collections.Counter(_route(planner, agents, description,
+                                       {"cicd": False, "general": True}).routing["kind"]
+                                for _ in range(60))
+    assert picks["general"] > 30
