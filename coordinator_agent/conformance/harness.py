@@ -87,6 +87,9 @@ class Harness:
         self._sent_ids: set[str] = set()  # envelope ids the kit published
         #: Messages left for someone else (unacked until the kit disconnects).
         self.left_alone = 0
+        #: The agent process's session, the id of its agent.hello: a task.assign carries it as
+        #: its correlation id, as the coordinator's do (PROTOCOL.md §9.7), or the agent drops it.
+        self.session: str | None = None
 
     def __repr__(self) -> str:
         return f"Harness(name={self.name!r}, peer={self.peer!r})"
@@ -219,7 +222,9 @@ class Harness:
              sender_header: str | None = None) -> tuple[str, bytes, dict[str, Any]]:
         """(envelope id, body, headers) as the coordinator would send them to ``peer``; or, with
         the keyword arguments, a token under another key, time or sender header."""
-        envelope = protocol.make_envelope(payload, sender=self.name, message_id=message_id)
+        session = self.session if isinstance(payload, protocol.TaskAssign) else None
+        envelope = protocol.make_envelope(payload, sender=self.name, message_id=message_id,
+                                          correlation_id=session)
         if key is None and stamped_at is None:
             body, headers = self.security.seal(envelope, peer)
         else:

@@ -117,6 +117,8 @@ class CoordinatorAgent:
         self.leadership = Leadership(settings, self.metrics, on_elected=self._lead,
                                      on_deposed=self._step_down)
         self.sweeper.leading = lambda: self.leadership.leading
+        self.outbox.epoch = lambda: (self.leadership.epoch if self.leadership.enabled else None)
+        self.outbox.leading = lambda: self.leadership.leading
         # Assignments wait while there is no connection (an unconfirmed one is sent again), and
         # stop the moment the lease may have passed to another coordinator.
         self.dispatcher.broker_ok = lambda: (self.messages.transport_up
@@ -374,7 +376,8 @@ class CoordinatorAgent:
         agent = self.state.agents.get(agent_id)
         if agent is not None:
             agent.reported_state = "draining"  # no new work from now on; its heartbeats agree
-        await self.outbox.to_agent(agent_id, protocol.AgentDrain(reason=reason))
+        await self.outbox.to_agent(agent_id, protocol.AgentDrain(reason=reason,
+                                                                 epoch=self.outbox.epoch()))
 
     def agents_view(self) -> list[dict[str, Any]]:
         return views.agents_view(self.state)

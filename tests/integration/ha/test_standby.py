@@ -172,7 +172,7 @@ async def test_sigkill_of_the_leader_a_standby_takes_over_and_assigns(
         coordinators.start(label)
     await until(lambda: coordinators.leader() is not None, 30, "a leader")
     await until(lambda: None not in coordinators.roles().values(), 30, "all three answer")
-    await start_worker("agent-1", max_concurrency=4)
+    worker = await start_worker("agent-1", max_concurrency=4)
     first = coordinators.leader()
     assert first is not None
     first_status = coordinators.status(first)
@@ -191,6 +191,8 @@ async def test_sigkill_of_the_leader_a_standby_takes_over_and_assigns(
     assert second is not None and second != first
     status = coordinators.status(second)
     assert status is not None and status["epoch"] > first_status["epoch"]
+    # Fencing: the agent now refuses anything from the first leader's term.
+    assert worker.max_epoch == status["epoch"] and worker.stale_directives == 0
     view = get_json(f"{coordinators.urls[second]}/api/tasks/{task_id}")
     assigned_at = view["attempts"][0]["started_at"]
     takeover_s = assigned_at - killed_at
@@ -209,7 +211,7 @@ async def test_a_leader_paused_past_its_lease_is_replaced_and_wakes_a_standby(
     await until(lambda: coordinators.leader() == "a", 30, "a leads")
     coordinators.start("b")
     await until(lambda: coordinators.roles().get("b") == "standby", 30, "b stands by")
-    await start_worker("agent-1", max_concurrency=4)
+    worker = await start_worker("agent-1", max_concurrency=4)
 
     coordinators.processes["a"].send_signal(signal.SIGSTOP)
     await until(lambda: coordinators.status("b") is not None
@@ -228,3 +230,5 @@ async def test_a_leader_paused_past_its_lease_is_replaced_and_wakes_a_standby(
     assert a is not None and b is not None and b["epoch"] > a["epoch"]
     assert a["totals"]["submitted"] == 0 and b["totals"]["submitted"] == len(ids) + 1
     assert Counter(n.task_id for n in client.notices) == Counter([*ids, later])
+    # Every directive the agent acted on after the takeover was of b's term.
+    assert worker.max_epoch == b["epoch"]
