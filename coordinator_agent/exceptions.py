@@ -20,6 +20,7 @@
     │   ├── StoreUnavailable        the write failed (disk full, I/O error): try again later
     │   └── UnstorableTask          the task itself cannot be stored (e.g. a huge integer)
     ├── SubmissionRefused           at the open-task limit: submit again later
+    ├── NotLeading                  this coordinator is a standby: the message goes back
     ├── SubmissionTooLarge          the client refused to send it: over the size limit
     └── WaitTimeout                 no result in time; also a TimeoutError   (task_id)
 
@@ -36,6 +37,11 @@ class CoordinatorError(Exception):
 
 class ConfigError(CoordinatorError):
     pass
+
+
+class NotLeading(CoordinatorError):
+    """A standby (or a deposed leader) declines a message: it goes back to its queue unacked,
+    for the leader to take."""
 
 
 class UsageError(CoordinatorError):

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -140,6 +148,27 @@ class RegistrySettings(BaseModel):
     tls_verify: bool = True
 
 
+class HASettings(BaseModel):
+    """High availability: coordinators of one name campaign for a lease; one leads (docs/HA.md)."""
+
+    model_config = {"extra": "forbid"}
+
+    #: Off: this process leads alone, as before. On: it campaigns (needs ``registry_url``).
+    enabled: bool = False
+    #: The leadership lease. A silent leader loses it within this long; Consul's
+    #: ``session_ttl_min`` must be at most half of it (the dev agent's is 1 s).
+    lease_ttl_s: float = Field(2.0, ge=1, le=86_400)
+    #: The leader stops acting this long before its lease could be taken.
+    lease_margin_s: float = Field(0.3, gt=0, validate_default=True)
+
+    @field_validator("lease_margin_s")
+    @classmethod
+    def _margin_within_ttl(cls, v: float, info: Any) -> float:
+        if 2 * v >= info.data.get("lease_ttl_s", 0):
+            raise ValueError("must be less than half of lease_ttl_s")
+        return v
+
+
 class Settings(BaseSettings):
     """Everything the coordinator, workers and CLI read from configuration."""
 
@@ -167,12 +196,19 @@ class Settings(BaseSettings):
     limits: Limits = Limits()
     security: SecuritySettings = SecuritySettings()
     liveness: Liveness = Liveness()
+    ha: HASettings = HASettings()
     #: The YAML file these settings were read from (None: none was found); see load_settings.
     _config_file: Path | None = PrivateAttr(None)
 
     @property
     def config_file(self) -> Path | None:
         return self._config_file
+
+    @model_validator(mode="after")
+    def _ha_needs_consul(self) -> Settings:
+        if self.ha.enabled and not self.registry_url:
+            raise ValueError("ha.enabled needs registry_url: the leadership lease lives in Consul")
+        return self
 
     @field_validator("log_level")
     @classmethod

@@ -34,7 +34,12 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 
 from coordinator_agent import __version__
-from coordinator_agent.exceptions import DiscoveryError, NotRegistered, TransportError
+from coordinator_agent.exceptions import (
+    DiscoveryError,
+    NotRegistered,
+    RejectedMessage,
+    TransportError,
+)
 from coordinator_agent.registry import (
     AgentService,
     Episode,
@@ -125,6 +130,10 @@ class WorkerAgent:
         self.session: str | None = None
         #: Assignments dropped unrun because they were queued for another process.
         self.dropped = 0
+        #: Highest leadership epoch seen on a directive (PROTOCOL.md §10.7), and how many
+        #: directives of a lower one were refused (``stale_epoch``).
+        self.max_epoch = 0
+        self.stale_directives = 0
 
     def __repr__(self) -> str:
         return f"WorkerAgent(id={self.agent_id!r}, kind={self.kind!r})"
@@ -273,6 +282,8 @@ class WorkerAgent:
         payload = envelope.payload
         if envelope.sender != self.coordinator_id:
             return
+        if isinstance(payload, protocol.Directive):
+            self._fence(envelope, payload)
         if isinstance(payload, protocol.TaskAssign):
             if envelope.correlation_id != self.session:
                 # Queued for an earlier process of this agent: the coordinator has withdrawn
@@ -290,6 +301,15 @@ class WorkerAgent:
         elif isinstance(payload, protocol.AgentDrain):
             log.info("coordinator asked agent %s to drain", self.agent_id)
             self.request_stop()
+
+    def _fence(self, envelope: protocol.Envelope, directive: protocol.Directive) -> None:
+        """Refuse a deposed leader's directive: its epoch is below one already seen."""
+        epoch = directive.epoch or 0  # absent: a coordinator without HA, epoch 0
+        if epoch < self.max_epoch:
+            self.stale_directives += 1
+            raise RejectedMessage("stale_epoch", f"epoch {epoch} < {self.max_epoch}",
+                                  sender=envelope.sender, message_id=envelope.id)
+        self.max_epoch = epoch
 
     async def _run_assignment(self, assign: protocol.TaskAssign) -> None:
         key = (assign.task_id, assign.attempt)

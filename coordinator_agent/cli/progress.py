@@ -296,8 +296,13 @@ def status_summary(
         totals = {}
     succeeded, failed = _count(totals.get("succeeded")), _count(totals.get("failed"))
     ok_share = f" ({100 * succeeded / (succeeded + failed):.1f}% ok)" if succeeded + failed else ""
+    role = ""
+    # docs/HA.md: with HA on, the role and the term's epoch (a lone coordinator's epoch is 0).
+    if status.get("epoch") or status.get("role") == "standby":
+        role = f"{clean(status.get('role'))}" + (
+            f" (epoch {_count(status.get('epoch'))})" if status.get("epoch") else "") + " · "
     lines = [
-        ("coordinator", f"{clean(status.get('name'))} · "
+        ("coordinator", f"{clean(status.get('name'))} · {role}"
                         f"{paint(ready, _STATUS_COLOUR.get(ready), colour)} · broker "
                         f"{paint(broker, _STATUS_COLOUR.get(broker), colour)} · "
                         f"up {duration(status.get('uptime_s'))}"),
@@ -309,7 +314,8 @@ def status_summary(
         lines.append(("rate", "measuring…" if rates is None else
                       f"{rates['finished_per_s']:.1f} tasks/s finished · "
                       f"{rates['submitted_per_s']:.1f}/s submitted"))
-    known = {"name", "ready", "broker_connected", "uptime_s", "agents", "tasks_open", "totals"}
+    known = {"name", "ready", "broker_connected", "uptime_s", "agents", "tasks_open", "totals",
+             "role", "epoch"}
     lines += [(clean(k), shorten(clean(v), 100)) for k, v in status.items() if k not in known]
     label_width = max(len(label) for label, _ in lines)
     return "\n".join(f"{paint(label.ljust(label_width), 'bold', colour)}  {value}"

@@ -33,6 +33,8 @@ LATENCY_S = 0.25
 GRACE_S = 2.0
 #: A timed-out attempt must be reported within its timeout_s plus this.
 DEADLINE_SLACK_S = 2.0
+#: The leadership epoch the kit plays from the wrong_epoch rule on; one below it is stale.
+KIT_EPOCH = 1000
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -70,18 +72,22 @@ class AgentConformance:
         self.run_id = uuid.uuid4().hex[:8]
         self.assigned: set[tuple[str, int]] = set()
         self.sleep_tasks: list[str] = []
+        #: The epoch the kit's directives carry: none until the wrong_epoch rule, as a coordinator
+        #: without high availability sends (so the earlier rules hold for any agent).
+        self.epoch: int | None = None
         self.report = Report("agent", agent_id)
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _assign_payload(self, label: str, op: dict[str, Any], timeout_s: float = 30.0
-                        ) -> protocol.TaskAssign:
+    def _assign_payload(self, label: str, op: dict[str, Any], timeout_s: float = 30.0, *,
+                        epoch: int | None = None) -> protocol.TaskAssign:
         task_id = f"conformance-{self.run_id}-{label}"
         self.assigned.add((task_id, 1))
         if op.get("op") == "sleep":
             self.sleep_tasks.append(task_id)
         return protocol.TaskAssign(task_id=task_id, attempt=1, description=f"conformance {label}",
-                                   input=op, timeout_s=timeout_s)
+                                   input=op, timeout_s=timeout_s,
+                                   epoch=self.epoch if epoch is None else epoch)
 
     async def _assign(self, label: str, op: dict[str, Any], timeout_s: float = 30.0,
                       **seal: Any) -> tuple[str, str]:
@@ -104,10 +110,7 @@ class AgentConformance:
         hello = await self._hello()
         if hello is None:
             for rule in RULES[1:]:
-                if rule == "wrong_epoch":
-                    self._wrong_epoch()
-                else:
-                    self.report.add(rule, False, "not run: the agent never said hello")
+                self.report.add(rule, False, "not run: the agent never said hello")
             return self.report
         await self._heartbeat(hello)
         await self._concurrency(hello)
@@ -116,7 +119,7 @@ class AgentConformance:
         await self._deadline()
         self._progress()
         await self._forged_replayed_expired()
-        self._wrong_epoch()
+        await self._wrong_epoch()
         drained = await self._drain()
         self._own_tasks()
         self.report.add("drain", *drained)
@@ -134,6 +137,7 @@ class AgentConformance:
                             f"{self.wait_s:g}s{why}")
             return None
         message = self.h.messages(self.agent, "agent.hello")[-1]
+        self.h.session = message.envelope.id  # its assignments name this process
         hello: protocol.AgentHello = message.envelope.payload
         problems = []
         if message.routing_key != c.tasks_key(self.h.name):
@@ -336,9 +340,35 @@ class AgentConformance:
         self.report.add("expired", ok, detail or "stale and future tokens dead-lettered as "
                         "expired; neither ran")
 
-    def _wrong_epoch(self) -> None:
-        self.report.not_applicable("wrong_epoch", "not applicable until directives carry the "
-                                   "leader's epoch (high availability)")
+    async def _wrong_epoch(self) -> None:
+        noop = {"op": "noop"}
+        self.epoch = KIT_EPOCH  # from now on, as a leader of that term
+        current, _ = await self._assign("epoch-current", noop)
+        await self.h.wait_for(lambda: bool(self._of("task.result", current)), 5 + GRACE_S)
+        since = time.monotonic()
+        stale = self._assign_payload("epoch-stale", noop, epoch=KIT_EPOCH - 1)
+        stale_id = await self.h.to_agent(self.agent, stale)
+        drain_id = await self.h.to_agent(self.agent, protocol.AgentDrain(
+            reason="conformance: a deposed leader", epoch=KIT_EPOCH - 1))
+        wanted = {stale_id: "stale_epoch", drain_id: "stale_epoch"}
+        parked = await self.h.wait_for_dead_letters(wanted, 5 + GRACE_S)
+        await self._pause(max(1.0, 2 * self.interval + LATENCY_S))  # a run or a drain shows
+        problems = []
+        if len(self._of("task.result", current)) != 1:
+            problems.append(f"the epoch-{KIT_EPOCH} assignment gave "
+                            f"{len(self._of('task.result', current))} result(s), expected 1")
+        if self._of("task.result", stale.task_id) or self._of("task.progress", stale.task_id):
+            problems.append(f"the epoch-{KIT_EPOCH - 1} assignment ran")
+        for label, message_id in (("task.assign", stale_id), ("agent.drain", drain_id)):
+            if parked[message_id] != "stale_epoch":
+                problems.append(f"stale {label}: {parked[message_id] or 'not dead-lettered'}, "
+                                "expected stale_epoch")
+        if self.h.messages(self.agent, "agent.goodbye") or any(
+                m.envelope.payload.state == "draining" for m in self._statuses(since)):
+            problems.append("it drained on the stale agent.drain")
+        self.report.add("wrong_epoch", not problems, "; ".join(problems) or
+                        f"epoch {KIT_EPOCH} ran; epoch {KIT_EPOCH - 1} assign and drain were "
+                        "dead-lettered as stale_epoch and not acted on")
 
     def _own_tasks(self) -> None:
         strangers = sorted({(m.envelope.payload.task_id, m.envelope.payload.attempt)
@@ -354,7 +384,8 @@ class AgentConformance:
     async def _drain(self) -> tuple[bool, str]:
         task_id, _ = await self._assign("drain", {"op": "sleep", "seconds": 1.0})
         await self.h.wait_for(lambda: bool(self._of("task.progress", task_id)), 5)
-        await self.h.to_agent(self.agent, protocol.AgentDrain(reason="conformance"))
+        await self.h.to_agent(self.agent, protocol.AgentDrain(reason="conformance",
+                                                              epoch=self.epoch))
         limit = self.h.settings.limits.drain_timeout_s + 5
         if not await self.h.wait_for(
                 lambda: bool(self.h.messages(self.agent, "agent.goodbye")), limit):

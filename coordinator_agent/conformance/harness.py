@@ -87,6 +87,9 @@ class Harness:
         self._sent_ids: set[str] = set()  # envelope ids the kit published
         #: Messages left for someone else (unacked until the kit disconnects).
         self.left_alone = 0
+        #: The agent process's session, the id of its agent.hello: a task.assign carries it as
+        #: its correlation id, as the coordinator's do (PROTOCOL.md §9.7), or the agent drops it.
+        self.session: str | None = None
 
     def __repr__(self) -> str:
         return f"Harness(name={self.name!r}, peer={self.peer!r})"
@@ -219,8 +222,7 @@ class Harness:
              sender_header: str | None = None) -> tuple[str, bytes, dict[str, Any]]:
         """(envelope id, body, headers) as the coordinator would send them to ``peer``; or, with
         the keyword arguments, a token under another key, time or sender header."""
-        # A task.assign names the session it is meant for: the id of the peer's latest hello.
-        session = self.session_of(peer) if isinstance(payload, protocol.TaskAssign) else None
+        session = self.session if isinstance(payload, protocol.TaskAssign) else None
         envelope = protocol.make_envelope(payload, sender=self.name, message_id=message_id,
                                           correlation_id=session)
         if key is None and stamped_at is None:
@@ -233,11 +235,6 @@ class Harness:
         if sender_header is not None:
             headers = {c.HEADER_SENDER: sender_header}
         return envelope.id, body, headers
-
-    def session_of(self, peer: str) -> str | None:
-        """The peer's current session (PROTOCOL §11): the id of its latest agent.hello."""
-        hellos = self.messages(peer, "agent.hello")
-        return hellos[-1].envelope.id if hellos else None
 
     def peer_key(self, peer: str) -> Fernet:
         """The key a peer reads with: the newest of its list, the one it also writes with."""

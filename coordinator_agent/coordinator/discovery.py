@@ -82,7 +82,8 @@ class RegistryWatcher:
             if time.monotonic() - started < MIN_WATCH_PERIOD_S:
                 await asyncio.sleep(MIN_WATCH_PERIOD_S)
 
-    async def leave(self) -> None:
-        with contextlib.suppress(DiscoveryError):
-            await self.registry.deregister_coordinator(self.name)
+    async def leave(self, *, deregister: bool = True) -> None:
+        if deregister:
+            with contextlib.suppress(DiscoveryError):
+                await self.registry.deregister_coordinator(self.name)
         await self.registry.close()

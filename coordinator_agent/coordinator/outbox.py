@@ -46,14 +46,22 @@ class Outbox:
         self.state = state
         self.messages = messages
         self.spawn = spawn
+        #: The epoch directives carry (PROTOCOL.md §10.7); None without HA: the field is left out.
+        self.epoch: Callable[[], int | None] = lambda: None
+        #: False once deposed: a directive still on its way out (a retry, a spawned send) is
+        #: dropped, not published with a stale epoch (agents would refuse it anyway).
+        self.leading: Callable[[], bool] = lambda: True
 
     # --- to agents ----------------------------------------------------------------------------
 
     async def assignment(self, task: TaskRecord, attempt: Attempt) -> None:
         """Publish ``task.assign``; raises TransportError (Unroutable: the agent has no queue)."""
+        if not self.leading():
+            log.info("assignment of %s not sent: no longer the leader", task.id)
+            return
         assign = protocol.TaskAssign(
             task_id=task.id, attempt=attempt.number, description=task.description,
-            input=task.input, timeout_s=task.timeout_s,
+            input=task.input, timeout_s=task.timeout_s, epoch=self.epoch(),
         )
         await self.messages.publish(
             assign, peer=attempt.agent_id, exchange=c.AGENTS_EXCHANGE,
@@ -72,7 +80,7 @@ class Outbox:
             return
         assign = protocol.TaskAssign(
             task_id=task.id, attempt=last.number, description=task.description,
-            input=task.input, timeout_s=task.timeout_s)
+            input=task.input, timeout_s=task.timeout_s, epoch=self.epoch())
         detail = task.error or "poison task"
         with contextlib.suppress(TransportError):
             await self.messages.park(assign, peer=last.agent_id, reason="poison_task",
@@ -81,6 +89,8 @@ class Outbox:
 
     async def to_agent(self, agent_id: str, payload: protocol.Model) -> None:
         """A best-effort directive (cancel, drain): lost with the agent's queue, which is fine."""
+        if not self.leading():
+            return  # deposed: directives are the new leader's to send
         with contextlib.suppress(TransportError):
             await self.messages.publish(
                 payload, peer=agent_id, exchange=c.AGENTS_EXCHANGE,
@@ -88,7 +98,8 @@ class Outbox:
             )
 
     def cancel_attempt(self, task: TaskRecord, attempt: Attempt, reason: str) -> None:
-        cancel = protocol.TaskCancel(task_id=task.id, attempt=attempt.number, reason=reason)
+        cancel = protocol.TaskCancel(task_id=task.id, attempt=attempt.number, reason=reason,
+                                     epoch=self.epoch())
         self.spawn(self.to_agent(attempt.agent_id, cancel))
 
     # --- to clients ---------------------------------------------------------------------------

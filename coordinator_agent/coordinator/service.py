@@ -24,6 +24,7 @@ from coordinator_agent.coordinator.discovery import RegistryWatcher
 from coordinator_agent.coordinator.dispatch import Dispatcher
 from coordinator_agent.coordinator.heartbeats import AgentReports
 from coordinator_agent.coordinator.intake import Intake
+from coordinator_agent.coordinator.leadership import Leadership
 from coordinator_agent.coordinator.liveness import AgentLiveness
 from coordinator_agent.coordinator.memory import FloodWatch
 from coordinator_agent.coordinator.outage import OutageClock
@@ -34,7 +35,7 @@ from coordinator_agent.coordinator.store import TaskStore
 from coordinator_agent.coordinator.sweep import KeyringReloader, Sweeper
 from coordinator_agent.coordinator.tasks import TaskRecord, TaskStatus
 from coordinator_agent.coordinator.workflows import WorkflowEngine, merged_output_limit
-from coordinator_agent.exceptions import StoreUnavailable
+from coordinator_agent.exceptions import NotLeading, StoreUnavailable
 from coordinator_agent.ops.api import MonitoringServer
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.registry import ServiceRegistry, registry_from_settings
@@ -112,11 +113,21 @@ class CoordinatorAgent:
         self.flood = FloodWatch(self._compact)
         self.sweeper = Sweeper(self.state, self.results, self.outbox, self.keyrings,
                                outage=self.outage, flood=self.flood)
-        # Assignments wait while there is no connection; an unconfirmed one is sent again.
-        self.dispatcher.broker_ok = lambda: self.messages.transport_up
+        #: Leader or standby (docs/HA.md); with ``ha.enabled`` off, the leader from start to stop.
+        self.leadership = Leadership(settings, self.metrics, on_elected=self._lead,
+                                     on_deposed=self._step_down)
+        self.sweeper.leading = lambda: self.leadership.leading
+        self.outbox.epoch = lambda: (self.leadership.epoch if self.leadership.enabled else None)
+        self.outbox.leading = lambda: self.leadership.leading
+        # Assignments wait while there is no connection (an unconfirmed one is sent again), and
+        # stop the moment the lease may have passed to another coordinator.
+        self.dispatcher.broker_ok = lambda: (self.messages.transport_up
+                                             and self.leadership.leading)
         self.state.on_rollback = self._rolled_back
 
         self._loops: list[asyncio.Task[None]] = []
+        self._leader_loops: list[asyncio.Task[None]] = []
+        self._restored = False
         self._stopped = asyncio.Event()
         self.started_at = time.time()
         self.monitoring = MonitoringServer(self, settings.monitoring_host, settings.monitoring_port)
@@ -133,19 +144,45 @@ class CoordinatorAgent:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._restore()
+        if self.leadership.enabled:
+            await self.messages.pause_consuming()  # a standby consumes nothing: _lead starts it
+        else:
+            self._restore()  # the only coordinator: state first, then messages
+            self._restored = True
         await self.messages.start()
         await self.monitoring.start()
-        self.accepting = True
-        self._loops = [
-            asyncio.create_task(self.dispatcher.run(), name="dispatch"),
-            asyncio.create_task(self.sweeper.run(), name="sweep"),
-        ]
-        if self.discovery is not None:
-            self._loops.append(asyncio.create_task(self.discovery.run(), name="registry"))
-        self.dispatcher.wake.set()
-        log.info("coordinator %s started (broker %s)", self.settings.name,
+        self._loops = [asyncio.create_task(self.dispatcher.run(), name="dispatch")]
+        await self.leadership.start()
+        log.info("coordinator %s started as %s (broker %s)", self.settings.name,
+                 self.leadership.role if not self.leadership.enabled else "candidate",
                  self.messages.url_for_display)
+
+    async def _lead(self) -> None:
+        """Elected (or HA off): carry on from the store, then take messages and act."""
+        if not self._restored:  # later terms of this process carry on from its memory
+            self._restore()
+            self._restored = True
+        self.accepting = True
+        self._leader_loops = [asyncio.create_task(self.sweeper.run(), name="sweep")]
+        if self.discovery is not None:
+            self._leader_loops.append(asyncio.create_task(self.discovery.run(), name="registry"))
+        await self.messages.resume_consuming()
+        self.dispatcher.wake.set()
+
+    async def _step_down(self, reason: str) -> None:
+        """Deposed: stop acting at once. Unacked messages go back to the queues for the leader;
+        the Consul registration is left alone, the new leader's to keep."""
+        self.accepting = False
+        await self.messages.pause_consuming()
+        await self._stop_leader_loops()
+
+    async def _stop_leader_loops(self) -> None:
+        loops, self._leader_loops = self._leader_loops, []
+        for loop in loops:
+            loop.cancel()
+        for loop in loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
 
     async def stop(self) -> None:
         """Graceful stop: stop consuming, drain handlers and publishes, close."""
@@ -153,10 +190,13 @@ class CoordinatorAgent:
             return
         self.accepting = False
         timeout = self.settings.limits.drain_timeout_s
+        leader = self.leadership.leading
         await self.messages.stop_consuming()
         drained = await self.messages.drain(timeout)
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout)
+        await self.leadership.stop()  # hands the lease over now that nothing is left to do
+        await self._stop_leader_loops()
         for loop in self._loops:
             loop.cancel()
         for loop in self._loops:
@@ -164,7 +204,9 @@ class CoordinatorAgent:
                 await loop
         await self.messages.close()
         if self.discovery is not None:
-            await self.discovery.leave()  # last: Consul stops sending us its health checks
+            # Last: Consul stops sending us its health checks. A standby never registered, and
+            # must not remove the leader's registration (same service id).
+            await self.discovery.leave(deregister=leader or not self.leadership.enabled)
         await self.monitoring.stop()
         self.state.store.close()
         self.planner.close()
@@ -226,6 +268,8 @@ class CoordinatorAgent:
         (intake.py) so that the client hears of it.
         """
         while True:
+            if not self.leadership.leading:
+                raise NotLeading()  # back to the queue: deposed since it was delivered
             try:
                 self._handle(envelope, message)
                 return
@@ -281,7 +325,17 @@ class CoordinatorAgent:
         """Connected, confirming publishes, and not every agent silent at once."""
         return self.messages.connected and not self.outage.active
 
+    @property
+    def role(self) -> str:
+        """``leader`` or ``standby`` (docs/HA.md); always ``leader`` with ``ha.enabled`` off."""
+        return self.leadership.role
+
     def readiness(self) -> dict[str, bool]:
+        """What /readyz checks. A standby is ready when it can serve reads and queue
+        submissions for the leader: it consumes nothing and assigns nothing by design."""
+        if not self.leadership.leading:
+            return {"broker_connected": self.messages.connected,
+                    "store_writable": self.state.store.healthy}
         return {
             "broker_connected": self.broker_working(),
             "consumers_active": self.messages.active_consumers > 0,
@@ -309,11 +363,21 @@ class CoordinatorAgent:
     def recent_tasks(self, limit: int) -> list[TaskRecord]:
         return self.state.store.recent(limit)
 
+    async def forward_submit(self, spec: protocol.TaskSubmit, *, submitted_by: str) -> None:
+        """A standby's ``POST /api/tasks``: queued as the operator's, for the leader to take."""
+        await self.messages.publish(spec, peer=self.settings.name,
+                                    exchange=c.COORDINATOR_EXCHANGE,
+                                    routing_key=c.tasks_key(self.settings.name),
+                                    on_behalf_of=submitted_by)
+
     async def drain_agent(self, agent_id: str, reason: str = "") -> None:
+        if not self.leadership.leading:
+            raise NotLeading()  # a directive: only the leader sends them (the API says 503)
         agent = self.state.agents.get(agent_id)
         if agent is not None:
             agent.reported_state = "draining"  # no new work from now on; its heartbeats agree
-        await self.outbox.to_agent(agent_id, protocol.AgentDrain(reason=reason))
+        await self.outbox.to_agent(agent_id, protocol.AgentDrain(reason=reason,
+                                                                 epoch=self.outbox.epoch()))
 
     def agents_view(self) -> list[dict[str, Any]]:
         return views.agents_view(self.state)
@@ -322,7 +386,7 @@ class CoordinatorAgent:
         return views.status_view(
             self.settings.name, self.state, ready=self.ready,
             broker_connected=self.broker_working(), registry=self.registry_state,
-            started_at=self.started_at)
+            started_at=self.started_at, role=self.role, epoch=self.leadership.epoch)
 
     def routing_view(self) -> dict[str, Any]:
         return self.planner.export_metrics()

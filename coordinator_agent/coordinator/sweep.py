@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from coordinator_agent.coordinator.memory import FloodWatch
@@ -73,6 +74,8 @@ class Sweeper:
         #: Cleared by a handler that met an unwritable store; set when a probe write succeeds.
         self.store_writable = asyncio.Event()
         self.store_writable.set()
+        #: False while another coordinator leads (docs/HA.md): nothing is judged or sent.
+        self.leading: Callable[[], bool] = lambda: True
 
     async def run(self) -> None:
         last_notice_retry = time.monotonic()
@@ -80,6 +83,8 @@ class Sweeper:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             try:
                 self.keyring.reload_if_changed()
+                if not self.leading():
+                    continue
                 self.check_store()
                 self.sweep(time.time())
                 self.flood.observe(len(self.state.tasks))

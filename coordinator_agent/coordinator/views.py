@@ -17,9 +17,12 @@ def agents_view(state: StateManager) -> list[dict[str, Any]]:
 
 
 def status_view(name: str, state: StateManager, *, ready: bool, broker_connected: bool,
-                registry: str, started_at: float) -> dict[str, Any]:
+                registry: str, started_at: float, role: str = "leader", epoch: int = 0,
+                ) -> dict[str, Any]:
     return {
         "name": name,
+        "role": role,
+        "epoch": epoch,
         "ready": ready,
         "broker_connected": broker_connected,
         "registry": registry,

@@ -99,6 +99,10 @@ class ConsulLease:
     async def _try_acquire(self) -> Any:
         if self.session_id is None:
             self.session_id = await self._create_session()
+        else:
+            # A waiting candidate's session ages unrenewed: renew it first, or the lock could
+            # go with it moments after we took it (its TTL timer started long ago).
+            await self._call("PUT", f"/v1/session/renew/{self.session_id}")
         return await self._call("PUT", f"/v1/kv/{self.key}",
                                 params={"acquire": self.session_id}, data=self.holder.encode())
 

@@ -17,11 +17,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
+from coordinator_agent.coordinator.leadership import STANDBY
 from coordinator_agent.coordinator.tasks import TaskRecord
 from coordinator_agent.exceptions import (
     ConfigError,
+    SecurityError,
     StoreError,
     SubmissionRefused,
+    TransportError,
     UnknownTask,
     UnstorableTask,
 )
@@ -55,6 +58,9 @@ class CoordinatorView(Protocol):
     def accepting(self) -> bool: ...
 
     @property
+    def role(self) -> str: ...
+
+    @property
     def registry_state(self) -> str: ...
 
     def readiness(self) -> dict[str, bool]: ...
@@ -80,6 +86,8 @@ class CoordinatorView(Protocol):
     def operator_for_token(self, token: str) -> str | None: ...
 
     async def drain_agent(self, agent_id: str, reason: str = "") -> None: ...
+
+    async def forward_submit(self, spec: protocol.TaskSubmit, *, submitted_by: str) -> None: ...
 
 
 class MonitoringServer:
@@ -144,7 +152,8 @@ class MonitoringServer:
         ready = all(checks.values())
         # Without its registry the coordinator still works (on heartbeats): degraded, not unready.
         registry = self.coordinator.registry_state
-        body = {"ready": ready, "checks": checks, "registry": registry,
+        body = {"ready": ready, "role": self.coordinator.role, "checks": checks,
+                "registry": registry,
                 "status": "ready" if ready and registry != "degraded" else
                 ("degraded" if ready else "not_ready")}
         return _json(body, 200 if ready else 503)
@@ -213,6 +222,8 @@ class MonitoringServer:
         operator = self._operator(request)
         if isinstance(operator, web.Response):
             return operator  # 401
+        if self.coordinator.role == STANDBY:
+            return _error(503, "this coordinator is a standby: send directives to the leader")
         agent_id = request.match_info["agent_id"]
         known = {a["id"]: a for a in self.coordinator.agents_view()}.get(agent_id)
         if known is None:
@@ -239,7 +250,8 @@ class MonitoringServer:
         operator = self._operator(request)
         if isinstance(operator, web.Response):
             return operator  # 401
-        if not self.coordinator.accepting:
+        standby = self.coordinator.role == STANDBY
+        if not standby and not self.coordinator.accepting:
             return _error(503, "coordinator is not accepting tasks right now")
         try:
             body = await request.read()
@@ -254,6 +266,8 @@ class MonitoringServer:
             return _json({"error": "invalid task", "problems": problems}, 422)
         if spec.reply_to is not None:
             return _error(422, "reply_to is for AMQP clients; poll GET /api/tasks/{id} instead")
+        if standby:
+            return await self._forward(spec, operator)
         try:
             task, duplicate = self.coordinator.submit(
                 spec, submitted_by=operator, default_id=uuid.uuid4().hex
@@ -267,6 +281,19 @@ class MonitoringServer:
                           "submit again later")
         return _json({"task_id": task.id, "status": task.status.value, "duplicate": duplicate},
                      200 if duplicate else 202)
+
+    async def _forward(self, spec: protocol.TaskSubmit, operator: str) -> web.Response:
+        """A standby puts the task on the tasks queue, as the operator, for the leader to take."""
+        if spec.task_id is None:
+            spec = spec.model_copy(update={"task_id": uuid.uuid4().hex})
+        try:
+            await self.coordinator.forward_submit(spec, submitted_by=operator)
+        except TransportError as exc:
+            return _error(503, f"the task could not be queued for the leader: {exc}")
+        except SecurityError:
+            return _error(503, "this standby holds no key for the operator; submit to the leader")
+        return _json({"task_id": spec.task_id, "status": "queued_for_leader",
+                      "duplicate": None, "role": STANDBY}, 202)
 
     def _operator(self, request: web.Request) -> str | web.Response:
         """The operator a request's bearer token belongs to, or the 401 to answer with."""

@@ -69,6 +69,19 @@ class Metrics:
             "coordinator_broker_connected", "1 while the broker is connected and confirms "
             "publishes, and not every agent has fallen silent at once.", registry=r
         )
+        # --- high availability (docs/HA.md) ---
+        self.leader = Gauge(
+            "coordinator_leader", "1 while this coordinator leads its name; 0 as a standby.",
+            registry=r,
+        )
+        self.epoch = Gauge(
+            "coordinator_epoch", "Fencing epoch of the current leadership term (0 before any).",
+            registry=r,
+        )
+        self.takeovers = Counter(
+            "coordinator_takeovers_total", "Times this coordinator became the leader.",
+            registry=r,
+        )
         # --- reliability (docs/RELIABILITY.md) ---
         self.duplicate_executions = Counter(
             "coordinator_duplicate_executions_total", "Attempts that started while an earlier "

@@ -34,7 +34,13 @@ from aio_pika.abc import (
 )
 from pydantic import SecretStr
 
-from coordinator_agent.exceptions import PublishTimeout, RejectedMessage, TransportError, Unroutable
+from coordinator_agent.exceptions import (
+    NotLeading,
+    PublishTimeout,
+    RejectedMessage,
+    TransportError,
+    Unroutable,
+)
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
@@ -180,6 +186,34 @@ class MessageHandler:
         self._consumer_tags.clear()
         self.active_consumers = 0
 
+    async def pause_consuming(self) -> None:
+        """Stop taking messages at once and give back every one not acked yet (a deposed leader).
+
+        The consumers' channels are closed, so the broker requeues their unacked deliveries for
+        whoever consumes next; the connection and the publish channel stay up.
+        """
+        self._consuming = False
+        channels, self._consumer_channels = self._consumer_channels, []
+        self._consumer_tags = []
+        self.active_consumers = 0
+        for channel in channels:
+            with contextlib.suppress(*_BROKER_ERRORS, TimeoutError):
+                await asyncio.wait_for(channel.close(), 5)
+
+    async def resume_consuming(self) -> None:
+        """Start the consumers again (after ``pause_consuming`` or a start with them paused)."""
+        self._consuming = True
+        connection, lost = self._connection, self._lost
+        if not self._ready.is_set() or connection is None or lost is None or self._consumer_tags:
+            return  # the next (re)connect starts them
+        try:
+            for consumer in self._consumers:
+                if not consumer.paused:
+                    await self._start_consumer(connection, consumer, lost)
+        except (*_BROKER_ERRORS, TimeoutError):
+            lost.set()  # the supervisor reconnects and starts them
+        self.active_consumers = len(self._consumer_channels)
+
     async def drain(self, timeout: float) -> bool:
         """Wait for messages being handled to finish; False if some were still running."""
         if not self._in_progress:
@@ -273,7 +307,9 @@ class MessageHandler:
         self, connection: AbstractConnection, consumer: _Consumer, lost: asyncio.Event
     ) -> None:
         channel = await connection.channel()
-        channel.close_callbacks.add(lambda *_: lost.set())
+        # A channel closed by pause_consuming has left the list: that close is no loss.
+        channel.close_callbacks.add(
+            lambda *_: lost.set() if channel in self._consumer_channels else None)
         await channel.set_qos(prefetch_count=consumer.prefetch)
         underlay = await channel.get_underlay_channel()
 
@@ -359,6 +395,10 @@ class MessageHandler:
             await consumer.handler(envelope, message)
         except RejectedMessage as exc:
             await self.dead_letter(message, exc.reason, exc.detail, sender=exc.sender)
+            return
+        except NotLeading:
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await message.nack(requeue=True)  # for the leader (its channel may be gone)
             return
         except asyncio.CancelledError:
             raise
@@ -451,13 +491,18 @@ class MessageHandler:
         correlation_id: str | None = None,
         message_id: str | None = None,
         expiration_s: float | None = None,
+        on_behalf_of: str | None = None,
     ) -> protocol.Envelope:
-        """Seal and publish; returns the envelope once the broker has confirmed it."""
+        """Seal and publish; returns the envelope once the broker has confirmed it.
+
+        ``on_behalf_of``: send as that principal, sealed with its keys (a standby coordinator
+        forwarding an operator's submission to the leader, which checks it as the operator's).
+        """
         envelope = protocol.make_envelope(
-            payload, sender=self.security.principal_id, correlation_id=correlation_id,
-            message_id=message_id,
+            payload, sender=on_behalf_of or self.security.principal_id,
+            correlation_id=correlation_id, message_id=message_id,
         )
-        body, headers = self.security.seal(envelope, peer)
+        body, headers = self.security.seal(envelope, on_behalf_of or peer)
         message = aio_pika.Message(
             body,
             headers=headers,

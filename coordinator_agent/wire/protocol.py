@@ -22,9 +22,11 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    SerializerFunctionWrapHandler,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
+    model_serializer,
     model_validator,
 )
 
@@ -44,6 +46,8 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: An attempt number, an in-flight count: a non-negative 64-bit integer.
 Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
 Attempt = Annotated[int, Field(ge=1, le=INT64_MAX)]
+#: A leadership term's fencing epoch (PROTOCOL.md §10.7): absent from a coordinator without HA.
+Epoch = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 
 #: Digits -> "9", e/E -> "e", +/- -> "+", anything else -> "x": the shape of numbers in a text.
@@ -154,7 +158,21 @@ class TaskResult(Model):
 # --- coordinator -> agent -------------------------------------------------------------------
 
 
-class TaskAssign(Model):
+class Directive(Model):
+    """Coordinator -> agent orders. ``epoch`` fences a deposed leader (PROTOCOL.md §10.7); it is
+    left out of the JSON when None, so a coordinator without HA sends what it always sent."""
+
+    epoch: Epoch | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_epoch(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("epoch", 0) is None:
+            del data["epoch"]
+        return data
+
+
+class TaskAssign(Directive):
     task_id: Identifier
     attempt: Attempt
     description: Description
@@ -162,13 +180,13 @@ class TaskAssign(Model):
     timeout_s: float = Field(gt=0)
 
 
-class TaskCancel(Model):
+class TaskCancel(Directive):
     task_id: Identifier
     attempt: Attempt | None = None
     reason: ShortText = ""
 
 
-class AgentDrain(Model):
+class AgentDrain(Directive):
     reason: ShortText = ""
 
 

@@ -32,6 +32,7 @@ from coordinator_agent.coordinator.service import CoordinatorAgent
 from coordinator_agent.exceptions import ConfigError
 from coordinator_agent.settings import Settings
 from coordinator_agent.wire import constants as c
+from coordinator_agent.wire import protocol
 from coordinator_agent.wire.keyring import Keyring
 from coordinator_agent.wire.messaging import coordinator_topology
 
@@ -74,7 +75,7 @@ async def test_the_python_worker_process_passes_conformance_agent(
             worker.kill()
             worker.wait()
     statuses = {r["rule"]: r["status"] for r in report["rules"]}
-    assert statuses == {**dict.fromkeys(statuses, "pass"), "wrong_epoch": "n/a"}, (
+    assert statuses == dict.fromkeys(statuses, "pass"), (
         report, err.decode()[-2000:])
     assert set(statuses) == {"hello", "heartbeat", "concurrency", "progress", "duplicate",
                              "cancel", "deadline", "forged", "replayed", "expired",
@@ -118,9 +119,8 @@ async def test_an_agent_that_ignores_cancel_fails_the_cancel_rule(
         r.detail for r in report.results if r.rule == "cancel")
     # The rest of what it does right is still seen as right.
     for rule in ("hello", "heartbeat", "concurrency", "progress", "duplicate", "forged",
-                 "replayed", "expired", "own_tasks", "drain"):
+                 "replayed", "expired", "wrong_epoch", "own_tasks", "drain"):
         assert found[rule] is Verdict.PASS, (rule, report.as_text())
-    assert found["wrong_epoch"] is Verdict.NOT_APPLICABLE
     assert not report.passed
 
 
@@ -160,6 +160,39 @@ async def test_an_agent_that_lies_fails_concurrency_progress_and_own_tasks(
     assert "went backwards" in text and "never-assigned" in text
 
 
+class EpochBlindAgent(WorkerAgent):
+    """An agent that never fences: it acts on a deposed leader's directives."""
+
+    def _fence(self, envelope: protocol.Envelope, directive: protocol.Directive) -> None:
+        return None
+
+
+async def test_an_agent_that_ignores_epochs_fails_wrong_epoch_only(
+    settings: Settings, keyring: Keyring, cleanup_namespace: None,
+) -> None:
+    settings = slower_heartbeat(settings)
+    harness = Harness(settings, keyring, "agent-1")
+    await harness.start()
+    agent = EpochBlindAgent("agent-1", "general", example_handler, settings=settings,
+                            keyring=keyring, max_concurrency=2)
+    serving = asyncio.create_task(agent.run())  # the stale drain ends it early
+    try:
+        report = await AgentConformance(harness, "agent-1", wait_s=10).run()
+        await asyncio.wait_for(serving, 10)
+    finally:
+        if not serving.done():
+            agent.request_stop()
+            await serving
+        await harness.close()
+    found = verdicts(report)
+    assert found["wrong_epoch"] is Verdict.FAIL, report.as_text()
+    detail = next(r.detail for r in report.results if r.rule == "wrong_epoch")
+    assert "the epoch-999 assignment ran" in detail and "drained on the stale" in detail
+    for rule in ("hello", "heartbeat", "concurrency", "progress", "duplicate", "cancel",
+                 "deadline", "forged", "replayed", "expired"):
+        assert found[rule] is Verdict.PASS, (rule, report.as_text())
+
+
 async def test_no_agent_fails_every_rule_and_passes_none_and_others_lose_nothing(
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
@@ -180,7 +213,7 @@ async def test_no_agent_fails_every_rule_and_passes_none_and_others_lose_nothing
     finally:
         await harness.close()
     assert not report.passed
-    assert {r.verdict for r in report.results} == {Verdict.FAIL, Verdict.NOT_APPLICABLE}
+    assert {r.verdict for r in report.results} == {Verdict.FAIL}
     assert "never said hello" in report.as_text()
     assert harness.left_alone >= 1
     connection = await aio_pika.connect(settings.broker_url.get_secret_value())

@@ -187,6 +187,17 @@ def test_status_summary_reads_like_a_report() -> None:
     assert "open tasks   none" in idle and "% ok" not in idle
 
 
+def test_status_summary_names_the_role_and_epoch() -> None:
+    status = {"name": "coord", "ready": True, "broker_connected": True, "uptime_s": 5,
+              "role": "standby", "epoch": 0}
+    assert status_summary(status).splitlines()[0] == (
+        "coordinator  coord · standby · ready · broker up · up 5s")
+    leader = status_summary({**status, "role": "leader", "epoch": 41}).splitlines()[0]
+    assert leader == "coordinator  coord · leader (epoch 41) · ready · broker up · up 5s"
+    alone = status_summary({**status, "role": "leader", "epoch": 0}).splitlines()[0]
+    assert alone == "coordinator  coord · ready · broker up · up 5s"  # HA off: as before
+
+
 def test_rates_from_successive_totals() -> None:
     rates = Rates()
     assert rates.update({"submitted": 10, "succeeded": 5, "failed": 1}, at=100.0) is None

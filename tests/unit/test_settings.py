@@ -302,3 +302,21 @@ def test_which_config_file_was_read_is_said(clean_env: Path) -> None:
     assert found.config_file == Path("config/coordinator.yaml")
     assert describe_config_source(found) == (
         f"configuration from {clean_env / 'config' / 'coordinator.yaml'}")
+
+
+def test_ha_is_off_by_default_and_needs_consul(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings().ha.enabled is False
+    monkeypatch.setenv("COORDINATOR_HA__ENABLED", "true")
+    with pytest.raises(ConfigError, match=r"ha\.enabled needs registry_url"):
+        load_settings()
+    monkeypatch.setenv("COORDINATOR_REGISTRY_URL", "http://127.0.0.1:8500")
+    monkeypatch.setenv("COORDINATOR_HA__LEASE_TTL_S", "20")
+    settings = load_settings()
+    assert settings.ha.enabled and settings.ha.lease_ttl_s == 20
+
+
+def test_ha_margin_must_leave_room_in_the_lease(clean_env: Path) -> None:
+    with pytest.raises(ConfigError, match="lease_margin_s"):
+        load_settings(ha={"lease_ttl_s": 1, "lease_margin_s": 0.5})

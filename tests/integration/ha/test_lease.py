@@ -94,6 +94,23 @@ async def test_renewals_keep_the_lock_past_the_ttl(leases: list[ConsulLease]) ->
     assert first.held
 
 
+async def test_a_candidate_that_waited_keeps_the_lock_it_takes_for_a_whole_ttl(
+    leases: list[ConsulLease],
+) -> None:
+    """Its session was created when it first tried; taking the lock renews it, so the lock does
+    not go with a session timer that started long before the acquire."""
+    first, second, _ = leases
+    assert await first.acquire() is not None
+    assert await second.acquire() is None  # its session exists from now on
+    await asyncio.sleep(TTL_S * 0.75)
+    await first.release()
+    assert await second.acquire() is not None
+    await asyncio.sleep(TTL_S * 0.75)  # past the first session timer, not renewed since
+    entry = await second.current()
+    assert entry is not None and entry.get("Session") == second.session_id
+    assert await second.renew()
+
+
 async def test_a_standby_blocking_query_wakes_on_a_handover(leases: list[ConsulLease]) -> None:
     first, second, _ = leases
     assert await first.acquire() is not None
