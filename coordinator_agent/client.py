@@ -74,6 +74,7 @@ class CoordinatorClient:
         timeout_s: float | None = None,
         max_retries: int | None = None,
         task_id: str | None = None,
+        priority: str | int | None = None,
         **fields: Any,
     ) -> str:
         """Publish a task.submit (confirmed by the broker); returns the task id.
@@ -86,7 +87,8 @@ class CoordinatorClient:
         spec = protocol.TaskSubmit(
             task_id=task_id, description=description, kind=kind,
             required_capabilities=required_capabilities or [], input=input,
-            timeout_s=timeout_s, max_retries=max_retries, reply_to=self.reply_queue, **fields,
+            timeout_s=timeout_s, max_retries=max_retries, reply_to=self.reply_queue,
+            priority=priority, **fields,
         )
         await self.messages.publish(spec, peer=self.coordinator_id,
                                     exchange=c.COORDINATOR_EXCHANGE,

@@ -15,7 +15,7 @@
     │   ├── IllegalTransition       a task state change the table forbids   (task_id)
     │   └── UnknownTask             (task_id)
     ├── PlanningError               no route for a task                     (task_id)
-    └── SubmissionRefused           at the open-task limit: submit again later
+    └── SubmissionRefused           at an open-task or backlog limit  (retry_after_s)
 
 Foreign exceptions (aio-pika, cryptography, pydantic, consul) are translated once, at the module
 that talks to them; domain code never sees them. Messages never contain payloads or secrets.
@@ -112,4 +112,9 @@ class PlanningError(CoordinatorError):
 
 
 class SubmissionRefused(CoordinatorError):
-    """The coordinator is at its open-task limit (limits.max_pending_tasks)."""
+    """The coordinator is at its open-task limit (limits.max_pending_tasks), or the submitter
+    at its backlog limit (fleet.*.max_backlog); ``retry_after_s`` says when to try again."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

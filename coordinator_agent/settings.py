@@ -110,6 +110,88 @@ class RegistrySettings(BaseModel):
     tls_verify: bool = True
 
 
+class SchedulingSettings(BaseModel):
+    """Who goes next: fair shares between principals, then priority with bounded aging."""
+
+    model_config = {"extra": "forbid"}
+
+    #: A waiting task gains one priority band per this many seconds (0: no aging).
+    aging_s: float = Field(10.0, ge=0)
+    #: ... and at most this many bands: the bound on aging (9 lets any task overtake any band).
+    max_aging_bands: int = Field(9, ge=0, le=9)
+    #: Fair-share weight per submitting principal; a principal not named here has the default.
+    weights: dict[str, float] = {}
+    default_weight: float = Field(1.0, gt=0)
+    #: A submission that names no priority gets one from the analysis' urgency words.
+    priority_from_urgency: bool = True
+    #: A dispatch pass leaves a principal after this many of its tasks in a row found no agent.
+    scan_limit: int = Field(256, ge=1)
+
+    @field_validator("weights")
+    @classmethod
+    def _positive_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = sorted(p for p, w in v.items() if w <= 0)
+        if bad:
+            raise ValueError(f"weights must be positive (not for {', '.join(bad)})")
+        return v
+
+
+def _per_second(rate: str) -> float:
+    """``"5/s"``, ``"300/min"`` or ``"1000/h"`` -> tasks per second."""
+    count, _, unit = rate.partition("/")
+    seconds = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}.get(unit.strip())
+    try:
+        value = float(count)
+    except ValueError:
+        value = -1.0
+    if seconds is None or value <= 0:
+        raise ValueError(f"rate must look like 5/s, 300/min or 1000/h, not {rate!r}")
+    return value / seconds
+
+
+class FleetLimit(BaseModel):
+    """Limits on one agent kind or one principal, enforced across the whole fleet."""
+
+    model_config = {"extra": "forbid"}
+
+    #: Tasks of this kind (or principal) running at once, on all agents together.
+    max_running: int | None = Field(None, ge=1)
+    #: Token bucket: tasks started per second, minute or hour, e.g. ``10/s`` or ``300/min``.
+    rate: str | None = None
+    #: Bucket size: starts allowed at once after a quiet spell (default: one second's worth).
+    burst: int | None = Field(None, ge=1)
+
+    @field_validator("rate")
+    @classmethod
+    def _valid_rate(cls, v: str | None) -> str | None:
+        if v is not None:
+            _per_second(v)
+        return v
+
+    @property
+    def per_second(self) -> float | None:
+        return _per_second(self.rate) if self.rate is not None else None
+
+
+class PrincipalLimit(FleetLimit):
+    #: Admission control: past this many pending tasks, new submissions are refused
+    #: (HTTP 429 with Retry-After, a ``rejected`` notice over AMQP).
+    max_backlog: int | None = Field(None, ge=1)
+
+
+class FleetLimits(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    #: Tasks in flight (assigned or running) on the whole fleet at once; unset: no cap.
+    max_in_flight: int | None = Field(None, ge=1)
+    kinds: dict[str, FleetLimit] = {}
+    principals: dict[str, PrincipalLimit] = {}
+    #: What applies to a principal not named under ``principals``.
+    default_principal: PrincipalLimit = PrincipalLimit(max_backlog=10_000)
+    #: The Retry-After a refused submission is told to wait.
+    retry_after_s: float = Field(5.0, gt=0, le=3600)
+
+
 class Settings(BaseSettings):
     """Everything the coordinator, workers and CLI read from configuration."""
 
@@ -137,6 +219,8 @@ class Settings(BaseSettings):
     limits: Limits = Limits()
     security: SecuritySettings = SecuritySettings()
     liveness: Liveness = Liveness()
+    scheduling: SchedulingSettings = SchedulingSettings()
+    fleet: FleetLimits = FleetLimits()
 
     @field_validator("log_level")
     @classmethod

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "[COORDINATOR_TASK_INPUT]")
     submit.add_argument("--task-id", default=_env("COORDINATOR_TASK_ID"),
                         help="idempotency key (default: generated) [COORDINATOR_TASK_ID]")
+    submit.add_argument("--priority", default=_env("COORDINATOR_TASK_PRIORITY"),
+                        help="high, medium, low or a band 0-9 (default: from the text's "
+                        "urgency, else medium) [COORDINATOR_TASK_PRIORITY]")
     submit.add_argument("--timeout", type=float, default=_env("COORDINATOR_TASK_TIMEOUT_S"),
                         help="seconds per attempt [COORDINATOR_TASK_TIMEOUT_S]")
     submit.add_argument("--wait", action="store_true", default=_flag("COORDINATOR_WAIT"),
@@ -316,6 +319,8 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigError(f"--input is not valid JSON: {exc.msg}") from None
     capabilities = args.capability or _csv(_env("COORDINATOR_TASK_CAPABILITIES"))
     fields = composite_fields(args)
+    if args.priority:
+        fields["priority"] = int(args.priority) if args.priority.isdigit() else args.priority
     keyring = Keyring.load(settings.keyring_path)
     principal = operator_id(keyring, args.principal)
     require_broker(settings.broker_url.get_secret_value())

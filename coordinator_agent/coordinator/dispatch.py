@@ -1,7 +1,9 @@
 """Dispatch: pending tasks meet free agents.
 
 One loop wakes whenever something may have changed (a task queued, an agent freed or revived),
-asks the planner for a kind and an instance, and records the assignment before publishing it.
+takes pending tasks in the order of the queue discipline (``scheduling.py``: fair share, then
+priority with aging), skips what a fleet-wide limit holds (``limits.py``), asks the planner for
+a kind and an instance, and records the assignment before publishing it.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
+from coordinator_agent.coordinator.limits import FleetLimiter
 from coordinator_agent.coordinator.outbox import Outbox, Spawn
+from coordinator_agent.coordinator.scheduling import SchedulingQueue
 from coordinator_agent.coordinator.state import AgentRecord, StateManager
 from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
 from coordinator_agent.coordinator.workflows import WorkflowEngine
@@ -36,6 +39,9 @@ class Dispatcher:
         *,
         max_in_flight_per_agent: int,
         spawn: Spawn,
+        queue: SchedulingQueue | None = None,
+        limits: FleetLimiter | None = None,
+        scan_limit: int = 256,
     ) -> None:
         self.state = state
         self.planner = planner
@@ -43,7 +49,10 @@ class Dispatcher:
         self.metrics = metrics
         self.cap = max_in_flight_per_agent
         self.spawn = spawn
-        self.pending: OrderedDict[str, None] = OrderedDict()
+        self.pending = queue if queue is not None else SchedulingQueue()
+        self.limits = limits
+        self.scan_limit = scan_limit
+        self._token_wake_at = 0.0  # when the wake for a rate-limited task is due
         self.wake = asyncio.Event()
         self.active = False
         # Bound by the service once the parts that depend on each other exist.
@@ -51,11 +60,14 @@ class Dispatcher:
         self.on_undeliverable: Undeliverable | None = None
 
     def enqueue(self, task_id: str) -> None:
-        self.pending[task_id] = None
+        task = self.state.tasks.get(task_id)
+        if task is None:
+            return
+        self.pending.add(task_id, task.submitted_by, task.priority, time.time())
         self.wake.set()
 
     def drop(self, task_id: str) -> None:
-        self.pending.pop(task_id, None)
+        self.pending.discard(task_id)
 
     async def run(self) -> None:
         while True:
@@ -66,29 +78,113 @@ class Dispatcher:
             await asyncio.sleep(0)
 
     def dispatch(self) -> None:
-        agents = self.state.agents.values()
+        agents: Collection[AgentRecord] = self.state.agents.values()
         free = sum(max(0, a.free_slots(self.cap)) for a in agents if a.assignable)
         if free <= 0 or not self.pending:
             return  # a backlog with no free agent costs nothing per wake
-        for task_id in list(self.pending):
-            if free <= 0:
+        now = time.time()
+        limits = self.limits
+        by_principal: dict[str, int] = {}
+        held_kinds: dict[str, str] = {}
+        if limits is not None:
+            by_kind, by_principal, in_flight = self._running()
+            limits.begin(by_kind, by_principal, in_flight)
+            room = limits.room()
+            if room is not None and room <= 0:
+                limits.held("global_in_flight")
                 return
-            task = self.state.tasks.get(task_id)
-            if task is None or task.status is not TaskStatus.PENDING:
+            free = free if room is None else min(free, room)
+            held_kinds = self._held_kinds(now)
+            agents = self._without(held_kinds)
+        serving = self.pending.serving_order(now, by_principal)
+        try:
+            while free > 0:
+                picked = serving.next(self.scan_limit)
+                if picked is None:
+                    break
+                task_id, principal = picked
+                task = self.state.tasks.get(task_id)
+                if task is None or task.status is not TaskStatus.PENDING:
+                    self.drop(task_id)
+                    continue
+                if limits is not None:
+                    hold = limits.principal_hold(principal, now)
+                    if hold is not None:
+                        limits.held(hold[0])
+                        task.routing["held"] = hold[1]
+                        serving.leave(principal)  # the rest of its tasks are held alike
+                        continue
+                    if task.kind is not None and task.kind in held_kinds:
+                        task.routing["held"] = held_kinds[task.kind]
+                        continue
+                decision = self.planner.select(task, agents)
+                if self._hedge(task):
+                    self.drop(task_id)  # raced on two kinds (workflows.py)
+                    continue
+                if decision.agent is None:
+                    if held_kinds:
+                        task.routing["held"] = "; ".join(sorted(set(held_kinds.values())))
+                    if (decision.reason == "no_matching_agent" and self.workflows is not None
+                            and self.workflows.try_coalition(task, agents)):
+                        self.drop(task_id)  # split across agents (workflows.py)
+                    continue
                 self.drop(task_id)
+                task.routing.pop("held", None)
+                self._assign(task, decision.agent)
+                serving.took(principal)
+                free -= 1
+                if limits is not None:
+                    kind = decision.agent.kind
+                    limits.started(kind, principal, now)
+                    hold = limits.kind_hold(kind, now)
+                    if hold is not None:  # that kind is full now: route the rest elsewhere
+                        held_kinds[kind] = hold[1]
+                        agents = self._without(held_kinds)
+        finally:
+            serving.close()
+        if limits is not None:
+            for reason in set(held_kinds.values()):
+                limits.held("kind_rate" if "rate" in reason else "kind_running")
+            self._wake_for_tokens(now)
+
+    def _running(self) -> tuple[dict[str, int], dict[str, int], int]:
+        """Tasks in flight by agent kind and by principal, and in all."""
+        by_kind: dict[str, int] = {}
+        by_principal: dict[str, int] = {}
+        total = 0
+        for agent in self.state.agents.values():
+            if not agent.in_flight:
                 continue
-            decision = self.planner.select(task, agents)
-            if self._hedge(task):
-                self.drop(task_id)  # raced on two kinds (workflows.py)
-                continue
-            if decision.agent is None:
-                if (decision.reason == "no_matching_agent" and self.workflows is not None
-                        and self.workflows.try_coalition(task, agents)):
-                    self.drop(task_id)  # split across agents (workflows.py)
-                continue
-            self.drop(task_id)
-            self._assign(task, decision.agent)
-            free -= 1
+            by_kind[agent.kind] = by_kind.get(agent.kind, 0) + len(agent.in_flight)
+            total += len(agent.in_flight)
+            for task_id in agent.in_flight:
+                task = self.state.tasks.get(task_id)
+                if task is not None:
+                    by_principal[task.submitted_by] = by_principal.get(task.submitted_by, 0) + 1
+        return by_kind, by_principal, total
+
+    def _held_kinds(self, now: float) -> dict[str, str]:
+        assert self.limits is not None
+        held: dict[str, str] = {}
+        for kind in self.limits.config.kinds:
+            hold = self.limits.kind_hold(kind, now)
+            if hold is not None:
+                held[kind] = hold[1]
+        return held
+
+    def _without(self, held_kinds: dict[str, str]) -> Collection[AgentRecord]:
+        """The agents a task may go to: a kind at its limit counts as a kind with no free agent."""
+        agents = self.state.agents.values()
+        return [a for a in agents if a.kind not in held_kinds] if held_kinds else agents
+
+    def _wake_for_tokens(self, now: float) -> None:
+        """A bucket held work: look again when it has a token."""
+        assert self.limits is not None
+        at = self.limits.next_token_at
+        if at is None or now < self._token_wake_at <= at:
+            return  # an earlier wake is already due
+        self._token_wake_at = at
+        asyncio.get_running_loop().call_later(max(0.001, at - now), self.wake.set)
 
     def _hedge(self, task: TaskRecord) -> bool:
         """Race a first attempt on the top two kinds when they score within the margin."""
@@ -110,6 +206,9 @@ class Dispatcher:
         now = time.time()
         attempt = Attempt(len(task.attempts) + 1, agent.id, now, now + task.timeout_s)
         task.attempts.append(attempt)
+        if attempt.number == 1:
+            waited = max(0.0, now - task.created_at)
+            self.metrics.task_wait.labels(str(task.priority)).observe(waited)
         task.move(TaskStatus.ASSIGNED)
         agent.in_flight.add(task.id)
         self.state.save(task)

@@ -23,9 +23,11 @@ from coordinator_agent.coordinator.discovery import RegistryWatcher
 from coordinator_agent.coordinator.dispatch import Dispatcher
 from coordinator_agent.coordinator.heartbeats import AgentReports
 from coordinator_agent.coordinator.intake import Intake
+from coordinator_agent.coordinator.limits import FleetLimiter
 from coordinator_agent.coordinator.liveness import AgentLiveness
 from coordinator_agent.coordinator.outbox import Outbox, background
 from coordinator_agent.coordinator.results import TaskResults
+from coordinator_agent.coordinator.scheduling import SchedulingQueue
 from coordinator_agent.coordinator.state import AgentRecord, StateManager
 from coordinator_agent.coordinator.store import TaskStore
 from coordinator_agent.coordinator.sweep import KeyringReloader, Sweeper
@@ -85,12 +87,22 @@ class CoordinatorAgent:
 
         # The parts, in the order they need each other; three late bindings close the loops.
         self.outbox = Outbox(settings.name, self.state, self.messages, spawn)
+        scheduling = settings.scheduling
+        self.limits = FleetLimiter(settings.fleet, self.metrics)  # fleet-wide limits, admission
         self.dispatcher = Dispatcher(self.state, self.planner, self.outbox, self.metrics,
                                      max_in_flight_per_agent=limits.max_in_flight_per_agent,
-                                     spawn=spawn)
+                                     spawn=spawn, limits=self.limits,
+                                     scan_limit=scheduling.scan_limit,
+                                     queue=SchedulingQueue(
+                                         aging_s=scheduling.aging_s,
+                                         max_aging_bands=scheduling.max_aging_bands,
+                                         weights=scheduling.weights,
+                                         default_weight=scheduling.default_weight))
         self.results = TaskResults(self.state, self.planner, self.dispatcher, self.outbox,
                                    self.metrics, max_output_bytes=limits.max_output_bytes)
-        self.intake = Intake(self.state, self.dispatcher, self.outbox, self.metrics, limits)
+        self.intake = Intake(self.state, self.dispatcher, self.outbox, self.metrics, limits,
+                             admission=self.limits, planner=self.planner,
+                             priority_from_urgency=scheduling.priority_from_urgency)
         self.workflows = WorkflowEngine(  # composite tasks: fan-out, steps, coalitions, races
             self.state, create_child=self.intake.create_child, finish=self.results.finish,
             cancel=self.results.cancel, max_merged_bytes=merged_output_limit(limits))
@@ -168,7 +180,7 @@ class CoordinatorAgent:
                 continue  # a composite parent is never assigned: resumed below
             attempt = task.current_attempt
             if task.status is TaskStatus.PENDING or attempt is None:
-                self.dispatcher.pending[task.id] = None
+                self.dispatcher.enqueue(task.id)
                 continue
             # Hold the agent's slot until it heartbeats again or is declared dead.
             agent = self.state.agents.get(attempt.agent_id)
@@ -251,6 +263,10 @@ class CoordinatorAgent:
     def get_task(self, task_id: str) -> TaskRecord:
         return self.state.get_task(task_id)
 
+    def queue_position(self, task_id: str) -> dict[str, float] | None:
+        """A pending task's band, aged priority and wait so far (None when not queued)."""
+        return self.dispatcher.pending.position(task_id, time.time())
+
     def recent_tasks(self, limit: int) -> list[TaskRecord]:
         return self.state.store.recent(limit)
 
@@ -271,8 +287,12 @@ class CoordinatorAgent:
 
     def explain_route(self, description: str, *, kind: str | None,
                       required_capabilities: list[str]) -> dict[str, Any]:
-        return self.planner.explain(description, self.state.agents.values(), kind=kind,
-                                    required_capabilities=required_capabilities)
+        explained = self.planner.explain(description, self.state.agents.values(), kind=kind,
+                                         required_capabilities=required_capabilities)
+        kind = explained.get("kind")
+        return views.with_scheduling(
+            explained, priority=self.intake.priority_for(None, description),
+            held=self.limits.describe(kind, time.time()) if kind else None)
 
     def refresh_gauges(self) -> None:
         views.set_gauges(self.state, self.planner, self.metrics,

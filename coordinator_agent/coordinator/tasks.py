@@ -94,6 +94,8 @@ class TaskRecord:
     child_ids: list[str] = field(default_factory=list)
     #: Composite tasks: the engine's JSON-able state; None for an ordinary task.
     workflow: dict[str, Any] | None = None
+    #: Priority band 0-9 (scheduling.py): low 2, medium 5, high 8.
+    priority: int = 5
 
     def move(self, target: TaskStatus) -> None:
         if target not in TRANSITIONS[self.status]:

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from coordinator_agent.coordinator.liveness import AgentLiveness
+from coordinator_agent.coordinator.scheduling import priority_name
 from coordinator_agent.coordinator.state import StateManager
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.routing.planner import CoordinationPlanner
@@ -28,6 +29,14 @@ def status_view(name: str, state: StateManager, *, ready: bool, broker_connected
         "tasks_open": state.status_counts(),
         "totals": dict(state.totals),
     }
+
+
+def with_scheduling(explained: dict[str, Any], *, priority: int,
+                    held: str | None) -> dict[str, Any]:
+    """``route``: the priority a submission would get, and the limit that would hold it."""
+    explained["priority"] = priority_name(priority)
+    explained["held"] = held
+    return explained
 
 
 def set_gauges(state: StateManager, planner: CoordinationPlanner, metrics: Metrics, *,

@@ -6,6 +6,7 @@ Write endpoints need an operator's bearer token (``Authorization: Bearer <token>
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from typing import Any, Protocol
 
@@ -183,7 +184,10 @@ class MonitoringServer:
                 spec, submitted_by=operator, default_id=uuid.uuid4().hex
             )
         except SubmissionRefused as exc:
-            return _error(429, str(exc))
+            refused = _error(429, str(exc))
+            if exc.retry_after_s is not None:  # whole seconds, as RFC 9110 wants
+                refused.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+            return refused
         return _json({"task_id": task.id, "status": task.status.value, "duplicate": duplicate},
                      200 if duplicate else 202)
 

@@ -123,6 +123,19 @@ class Metrics:
             "coordinator_escalations_total", "Tasks that exhausted their fallback chain.",
             registry=r,
         )
+        # --- scheduling and fleet-wide limits (coordinator/scheduling.py, limits.py) ---
+        self.limit_held = Counter(
+            "coordinator_limit_held_total", "Dispatch decisions held back by a fleet-wide "
+            "limit, by limit.", ["limit"], registry=r,
+        )
+        self.admission_refused = Counter(
+            "coordinator_admission_refused_total",
+            "Submissions refused because the submitter was past its backlog limit.", registry=r,
+        )
+        self.task_wait = Histogram(
+            "coordinator_task_wait_seconds", "Time a task waited in the queue before an "
+            "assignment, by priority band.", ["priority"], registry=r, buckets=TASK_BUCKETS,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -139,6 +139,9 @@ class TaskSubmit(Model):
     input: JsonValue = None
     timeout_s: float | None = Field(None, gt=0, le=86_400)
     max_retries: int | None = Field(None, ge=0, le=20)
+    #: ``high``, ``medium``, ``low`` or a band 0-9 (higher first); omitted: from the analysis'
+    #: urgency when the coordinator is configured so, else ``medium``. See PROTOCOL.md §priority.
+    priority: Literal["high", "medium", "low"] | Annotated[int, Field(ge=0, le=9)] | None = None
     #: Queue for task.accepted / task.completed (default exchange); omitted = no replies.
     reply_to: Annotated[str, Field(max_length=255)] | None = None
     # --- composite tasks (workflows.py); a composite task is never assigned to an agent itself.
@@ -210,6 +213,8 @@ class TaskCompleted(Model):
     output: JsonValue = None
     error: str | None = None
     attempts: list[AttemptSummary] = []
+    #: ``rejected`` only: when the submission may be tried again (PROTOCOL.md §admission).
+    retry_after_s: float | None = None
 
 
 Payload: TypeAlias = (
