@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator_agent import __version__
+from coordinator_agent.cli.controls import priority_option
 from coordinator_agent.cli.progress import (
     Rates,
     agents_table,
@@ -320,7 +321,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     capabilities = args.capability or _csv(_env("COORDINATOR_TASK_CAPABILITIES"))
     fields = composite_fields(args)
     if args.priority:
-        fields["priority"] = int(args.priority) if args.priority.isdigit() else args.priority
+        fields["priority"] = priority_option(args.priority)
     keyring = Keyring.load(settings.keyring_path)
     principal = operator_id(keyring, args.principal)
     require_broker(settings.broker_url.get_secret_value())

@@ -98,6 +98,9 @@ def route_explanation(explained: Mapping[str, Any]) -> str:
     lines += ["", f"kind       {chosen}{fallback}{via}",
               f"why        {explained.get('reason') or '-'}",
               f"threshold  {explained.get('threshold')}   source {explained.get('source')}"]
+    if explained.get("priority"):  # a live coordinator: scheduling.py and limits.py
+        lines.append(f"priority   {explained['priority']}   "
+                     f"{'held: ' + explained['held'] if explained.get('held') else 'not held'}")
     return "\n".join(lines)
 
 
