@@ -13,7 +13,8 @@
     │   └── NotRegistered           the registry does not know this service (service_id)
     ├── StateError
     │   ├── IllegalTransition       a task state change the table forbids   (task_id)
-    │   └── UnknownTask             (task_id)
+    │   ├── UnknownTask             (task_id)
+    │   └── TaskConflict            an operator action the task's state does not allow (task_id)
     ├── PlanningError               no route for a task                     (task_id)
     └── SubmissionRefused           at an open-task or backlog limit  (retry_after_s)
 
@@ -118,3 +119,12 @@ class SubmissionRefused(CoordinatorError):
     def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class TaskConflict(StateError):
+    """An operator action (cancel, redirect, retry, resolve, fail) the task's state rules out."""
+
+    def __init__(self, task_id: str, message: str) -> None:
+        super().__init__(f"task {task_id}: {message}")
+        self.task_id = task_id
+

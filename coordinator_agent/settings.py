@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
@@ -192,6 +192,20 @@ class FleetLimits(BaseModel):
     retry_after_s: float = Field(5.0, gt=0, le=3600)
 
 
+class EscalationSettings(BaseModel):
+    """The escalation desk: what a task does when its fallback chain runs out."""
+
+    model_config = {"extra": "forbid"}
+
+    #: ``fail`` (the task ends failed, with its chain) or ``desk`` (it waits, ``escalated``,
+    #: for an operator to retry, resolve or fail it).
+    default: Literal["fail", "desk"] = "fail"
+    #: Per agent kind (the kind of its last attempt), overriding ``default``.
+    kinds: dict[str, Literal["fail", "desk"]] = {}
+    #: An escalated task waiting longer than this is overdue (metric, alert rule).
+    overdue_after_s: float = Field(3600.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything the coordinator, workers and CLI read from configuration."""
 
@@ -221,6 +235,7 @@ class Settings(BaseSettings):
     liveness: Liveness = Liveness()
     scheduling: SchedulingSettings = SchedulingSettings()
     fleet: FleetLimits = FleetLimits()
+    escalation: EscalationSettings = EscalationSettings()
 
     @field_validator("log_level")
     @classmethod

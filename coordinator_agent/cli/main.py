@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator_agent import __version__
-from coordinator_agent.cli.controls import priority_option
+from coordinator_agent.cli.controls import CONTROL_COMMANDS, add_control_commands, priority_option
 from coordinator_agent.cli.progress import (
     Rates,
     agents_table,
@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         _url_option(cmd)
 
     add_routing_commands(sub, common, _url_option)
+    add_control_commands(sub, common, _url_option)  # cancel, redirect, the escalation desk
 
     watch = sub.add_parser("watch", parents=[common],
                            help="live view: status, agents and latest tasks, until Ctrl-C")
@@ -570,6 +571,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "watch": cmd_watch,
     "routing": cmd_routing,
     "route": cmd_route,
+    **CONTROL_COMMANDS,
     "check": cmd_check,
     "keys": cmd_keys,
     "demo": cmd_demo,

@@ -202,6 +202,11 @@ class Dispatcher:
             return False
         return self.workflows.hedge(task, [routing["kind"], runner_up["kind"]])
 
+    def assign_to(self, task: TaskRecord, agent: AgentRecord) -> None:
+        """An operator's choice of agent (desk.py): no routing, no limits."""
+        self.drop(task.id)
+        self._assign(task, agent)
+
     def _assign(self, task: TaskRecord, agent: AgentRecord) -> None:
         now = time.time()
         attempt = Attempt(len(task.attempts) + 1, agent.id, now, now + task.timeout_s)

@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import CollectorRegistry
 
 from coordinator_agent.coordinator import views
+from coordinator_agent.coordinator.desk import OperatorDesk
 from coordinator_agent.coordinator.discovery import RegistryWatcher
 from coordinator_agent.coordinator.dispatch import Dispatcher
 from coordinator_agent.coordinator.heartbeats import AgentReports
@@ -108,6 +109,10 @@ class CoordinatorAgent:
             cancel=self.results.cancel, max_merged_bytes=merged_output_limit(limits))
         self.dispatcher.workflows = self.results.workflows = self.intake.workflows = self.workflows
         self.dispatcher.on_undeliverable = self.results.retry_or_fail
+        self.desk = OperatorDesk(  # cancel, redirect, and the escalation desk
+            self.state, self.dispatcher, self.results, self.outbox, self.metrics,
+            config=settings.escalation, max_output_bytes=limits.max_output_bytes)
+        self.results.escalate = self.desk.escalate
         self.reports = AgentReports(self.state, self.dispatcher, self.results, self.metrics)
         self.keyrings = KeyringReloader(settings.keyring_path, self.security, keyring)
         self.sweeper = Sweeper(self.state, self.results, self.outbox, self.keyrings)
@@ -298,6 +303,7 @@ class CoordinatorAgent:
         views.set_gauges(self.state, self.planner, self.metrics,
                          max_in_flight_per_agent=self.settings.limits.max_in_flight_per_agent,
                          registry=self.registry_state)
+        self.desk.set_gauges(time.time())
 
     def render_metrics(self) -> bytes:
         self.refresh_gauges()  # gauges are set here, exact at scrape time

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from coordinator_agent.coordinator.tasks import TaskRecord
 from coordinator_agent.exceptions import SubmissionRefused, UnknownTask
+from coordinator_agent.ops.desk_api import DeskView, desk_routes
 from coordinator_agent.ops.statuspage import status_page
 from coordinator_agent.wire import protocol
 
@@ -64,6 +65,9 @@ class CoordinatorView(Protocol):
 
     def operator_for_token(self, token: str) -> str | None: ...
 
+    @property
+    def desk(self) -> DeskView: ...
+
 
 class MonitoringServer:
     def __init__(self, coordinator: CoordinatorView, host: str, port: int) -> None:
@@ -85,6 +89,7 @@ class MonitoringServer:
             web.get("/api/routing", self.routing),
             web.get("/api/route", self.route),
         ])
+        app.add_routes(desk_routes(lambda: self.coordinator.desk, self._operator))
         self.app = app
 
     async def start(self) -> None:

@@ -136,6 +136,19 @@ class Metrics:
             "coordinator_task_wait_seconds", "Time a task waited in the queue before an "
             "assignment, by priority band.", ["priority"], registry=r, buckets=TASK_BUCKETS,
         )
+        # --- the operator's desk (coordinator/desk.py) ---
+        self.desk_actions = Counter(
+            "coordinator_desk_actions_total", "Tasks escalated to the desk, and operator "
+            "actions on tasks, by action.", ["action"], registry=r,
+        )
+        self.escalated_oldest = Gauge(
+            "coordinator_escalated_oldest_seconds",
+            "How long the longest-waiting escalated task has waited for an operator.", registry=r,
+        )
+        self.escalated_overdue = Gauge(
+            "coordinator_escalated_overdue",
+            "Escalated tasks waiting longer than escalation.overdue_after_s.", registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -209,7 +209,8 @@ class AttemptSummary(Model):
 
 class TaskCompleted(Model):
     task_id: Identifier
-    status: Literal["succeeded", "failed", "cancelled", "rejected"]
+    #: ``escalated`` is not final: it says the task waits for an operator (PROTOCOL.md §18.3).
+    status: Literal["succeeded", "failed", "cancelled", "rejected", "escalated"]
     output: JsonValue = None
     error: str | None = None
     attempts: list[AttemptSummary] = []
