@@ -206,6 +206,52 @@ class EscalationSettings(BaseModel):
     overdue_after_s: float = Field(3600.0, gt=0)
 
 
+class SpawnedKind(BaseModel):
+    """How many agents of one kind the spawner keeps, and how it starts one."""
+
+    model_config = {"extra": "forbid"}
+
+    min: int = Field(0, ge=0)
+    max: int = Field(4, ge=0)
+    #: Task slots of one agent: the spawner wants ceil((pending + running) / slots) agents.
+    slots: int = Field(4, ge=1)
+    #: Local backend: the agent's command; ``{agent_id}`` and ``{kind}`` are filled in. It gets
+    #: COORDINATOR_AGENT_ID, COORDINATOR_AGENT_KIND and COORDINATOR_KEYRING_PATH (its own key).
+    #: Default: ``<python> -m coordinator_agent worker --kind KIND --concurrency SLOTS``.
+    command: list[str] | None = None
+
+    @field_validator("max")
+    @classmethod
+    def _max_at_least_min(cls, v: int, info: Any) -> int:
+        if v < info.data.get("min", 0):
+            raise ValueError("must be at least min")
+        return v
+
+
+class SpawnerSettings(BaseModel):
+    """Agents on demand: ``local`` processes, or a desired count for Kubernetes (KEDA)."""
+
+    model_config = {"extra": "forbid"}
+
+    #: ``none``, ``local`` (supervised processes), or ``kubernetes`` (export
+    #: coordinator_desired_agents{kind} for KEDA; start nothing).
+    backend: Literal["none", "local", "kubernetes"] = "none"
+    kinds: dict[str, SpawnedKind] = {}
+    #: Spawned agents of all kinds together, at most.
+    max_agents: int = Field(20, ge=1)
+    #: Pending tasks that name no kind count for this kind (unset: they count for none).
+    default_kind: str | None = None
+    #: How often the spawner compares what it has with what it wants.
+    interval_s: float = Field(2.0, gt=0)
+    #: An agent above the wanted number, idle this long, is drained and stopped.
+    idle_timeout_s: float = Field(60.0, gt=0)
+    #: A crashed agent is restarted after this delay, doubled at each crash, up to the max.
+    restart_backoff_s: float = Field(1.0, gt=0)
+    max_restart_backoff_s: float = Field(60.0, gt=0)
+    #: After the drain, how long an agent has to exit before it is killed.
+    stop_timeout_s: float = Field(30.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything the coordinator, workers and CLI read from configuration."""
 
@@ -236,6 +282,7 @@ class Settings(BaseSettings):
     scheduling: SchedulingSettings = SchedulingSettings()
     fleet: FleetLimits = FleetLimits()
     escalation: EscalationSettings = EscalationSettings()
+    spawner: SpawnerSettings = SpawnerSettings()
 
     @field_validator("log_level")
     @classmethod

@@ -53,6 +53,8 @@ class Dispatcher:
         self.limits = limits
         self.scan_limit = scan_limit
         self._token_wake_at = 0.0  # when the wake for a rate-limited task is due
+        #: Agents that get no new work: the spawner is draining them (spawner.py).
+        self.retiring: set[str] = set()
         self.wake = asyncio.Event()
         self.active = False
         # Bound by the service once the parts that depend on each other exist.
@@ -78,7 +80,7 @@ class Dispatcher:
             await asyncio.sleep(0)
 
     def dispatch(self) -> None:
-        agents: Collection[AgentRecord] = self.state.agents.values()
+        agents: Collection[AgentRecord] = self._serving()
         free = sum(max(0, a.free_slots(self.cap)) for a in agents if a.assignable)
         if free <= 0 or not self.pending:
             return  # a backlog with no free agent costs nothing per wake
@@ -172,9 +174,13 @@ class Dispatcher:
                 held[kind] = hold[1]
         return held
 
+    def _serving(self) -> Collection[AgentRecord]:
+        agents = self.state.agents.values()
+        return [a for a in agents if a.id not in self.retiring] if self.retiring else agents
+
     def _without(self, held_kinds: dict[str, str]) -> Collection[AgentRecord]:
         """The agents a task may go to: a kind at its limit counts as a kind with no free agent."""
-        agents = self.state.agents.values()
+        agents = self._serving()
         return [a for a in agents if a.kind not in held_kinds] if held_kinds else agents
 
     def _wake_for_tokens(self, now: float) -> None:

@@ -29,6 +29,7 @@ from coordinator_agent.coordinator.liveness import AgentLiveness
 from coordinator_agent.coordinator.outbox import Outbox, background
 from coordinator_agent.coordinator.results import TaskResults
 from coordinator_agent.coordinator.scheduling import SchedulingQueue
+from coordinator_agent.coordinator.spawner import AgentSpawner
 from coordinator_agent.coordinator.state import AgentRecord, StateManager
 from coordinator_agent.coordinator.store import TaskStore
 from coordinator_agent.coordinator.sweep import KeyringReloader, Sweeper
@@ -116,6 +117,12 @@ class CoordinatorAgent:
         self.reports = AgentReports(self.state, self.dispatcher, self.results, self.metrics)
         self.keyrings = KeyringReloader(settings.keyring_path, self.security, keyring)
         self.sweeper = Sweeper(self.state, self.results, self.outbox, self.keyrings)
+        self.spawner = AgentSpawner(  # agents on demand: local processes, or a count for KEDA
+            settings.spawner, self.state, self.metrics, name=settings.name,
+            broker_url=settings.broker_url.get_secret_value(),
+            keyring_path=settings.keyring_path, data_dir=settings.data_dir,
+            adopt_keyring=self.keyrings.adopt, send_drain=self.outbox.to_agent,
+            retiring=self.dispatcher.retiring)
 
         self._loops: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
@@ -144,6 +151,8 @@ class CoordinatorAgent:
         ]
         if self.discovery is not None:
             self._loops.append(asyncio.create_task(self.discovery.run(), name="registry"))
+        if self.settings.spawner.backend != "none":
+            self._loops.append(asyncio.create_task(self.spawner.run(), name="spawner"))
         self.dispatcher.wake.set()
         log.info("coordinator %s started (broker %s)", self.settings.name,
                  self.messages.url_for_display)
@@ -154,6 +163,7 @@ class CoordinatorAgent:
             return
         self.accepting = False
         timeout = self.settings.limits.drain_timeout_s
+        await self.spawner.stop()  # its agents drain and say goodbye while we still listen
         await self.messages.stop_consuming()
         drained = await self.messages.drain(timeout)
         if self._background:
@@ -279,7 +289,7 @@ class CoordinatorAgent:
         await self.outbox.to_agent(agent_id, protocol.AgentDrain(reason=reason))
 
     def agents_view(self) -> list[dict[str, Any]]:
-        return views.agents_view(self.state)
+        return views.agents_view(self.state, spawned=self.spawner.describe())
 
     def status_view(self) -> dict[str, Any]:
         return views.status_view(

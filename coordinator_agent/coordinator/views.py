@@ -12,9 +12,15 @@ from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.routing.planner import CoordinationPlanner
 
 
-def agents_view(state: StateManager) -> list[dict[str, Any]]:
+def agents_view(state: StateManager, spawned: dict[str, dict[str, Any]] | None = None
+                ) -> list[dict[str, Any]]:
+    """Every known agent; ``spawned``: what the local spawner says of the ones it runs."""
     now = time.time()
-    return [a.public_view(now) for a in sorted(state.agents.values(), key=lambda a: a.id)]
+    views = [a.public_view(now) for a in sorted(state.agents.values(), key=lambda a: a.id)]
+    for view in views:
+        if spawned and view["id"] in spawned:
+            view["spawned"] = spawned[view["id"]]
+    return views
 
 
 def status_view(name: str, state: StateManager, *, ready: bool, broker_connected: bool,

@@ -149,6 +149,19 @@ class Metrics:
             "coordinator_escalated_overdue",
             "Escalated tasks waiting longer than escalation.overdue_after_s.", registry=r,
         )
+        # --- the agent spawner (coordinator/spawner.py) ---
+        self.desired_agents = Gauge(
+            "coordinator_desired_agents", "Agents the spawner wants, by kind (KEDA scales "
+            "agent Deployments on it).", ["kind"], registry=r,
+        )
+        self.spawned_agents = Gauge(
+            "coordinator_spawned_agents", "Agent processes the local spawner runs, by kind.",
+            ["kind"], registry=r,
+        )
+        self.spawner_restarts = Counter(
+            "coordinator_spawner_restarts_total", "Spawned agents restarted after a crash, by "
+            "kind.", ["kind"], registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -183,7 +183,10 @@ async def test_rules_and_dashboard_use_only_exported_metrics(
                  "coordinator_admission_refused_total",
                  # the operator's desk (coordinator/desk.py)
                  "coordinator_desk_actions_total", "coordinator_escalated_oldest_seconds",
-                 "coordinator_escalated_overdue"):
+                 "coordinator_escalated_overdue",
+                 # the agent spawner (coordinator/spawner.py)
+                 "coordinator_desired_agents", "coordinator_spawned_agents",
+                 "coordinator_spawner_restarts_total"):
         assert name in dashboard_used, f"the dashboard does not show {name}"
     # Unlabelled metrics print samples right away: those the rules use are really there.
     for name in ("coordinator_active_agents", "coordinator_registry_up",
