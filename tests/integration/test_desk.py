@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,6 +21,7 @@ from coordinator_agent.wire.keyring import Keyring
 from .conftest import OPERATOR, StartWorker
 from .helpers import task_is, wait_until
 from .test_cli_live import cli
+from .test_status_page import by_id, chromium_binary, parse, run_chromium
 
 
 @pytest.fixture
@@ -164,7 +166,7 @@ async def test_escalate_retry_on_an_agent_then_resolve_from_the_cli(
 
 async def test_fail_an_escalated_task_and_kinds_that_still_fail_as_before(
     desk_coordinator: CoordinatorAgent, start_worker: StartWorker, client: CoordinatorClient,
-    keyring: Keyring,
+    keyring: Keyring, tmp_path: Path,
 ) -> None:
     coordinator = desk_coordinator
     await start_worker("agent-1", "general")
@@ -179,6 +181,17 @@ async def test_fail_an_escalated_task_and_kinds_that_still_fail_as_before(
     code, body = await operator.post(f"/api/tasks/{to_desk}/fail", {})
     assert code == 422, body  # a reason is required
     assert body["problems"][0]["field"] == "reason"
+    # The status page shows it at the desk, with its actions.
+    chromium_binary()
+    dom = parse(await run_chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom",
+                                   operator.base + "/"))
+    desk = by_id(dom, "desk")
+    rows = {n.attrs.get("data-task-id"): n for n in desk.walk()
+            if n.tag == "tr" and n.attrs.get("data-task-id")}
+    assert set(rows) == {to_desk}, desk.text()
+    assert [n.text() for n in rows[to_desk].walk() if n.tag == "button"] == [
+        "Retry", "Resolve", "Fail"]
+    assert "asked to fail" in rows[to_desk].text()
     code, view = await operator.post(f"/api/tasks/{to_desk}/fail", {"reason": "not fixable"})
     assert code == 200, view
     final = await client.wait(to_desk, 10, final=True)
