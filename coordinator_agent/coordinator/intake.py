@@ -45,7 +45,9 @@ class Intake:
             return existing, True
         if len(self.state.tasks) >= self.limits.max_pending_tasks:
             raise SubmissionRefused(f"{len(self.state.tasks)} tasks open, the limit is "
-                                    f"{self.limits.max_pending_tasks}", retry_after_s=5.0)
+                                    f"{self.limits.max_pending_tasks}",
+                                    retry_after_s=self.admission.config.retry_after_s
+                                    if self.admission is not None else None)
         if self.admission is not None:
             self.admission.admit(submitted_by, self.dispatcher.pending.backlog(submitted_by))
         task = TaskRecord(

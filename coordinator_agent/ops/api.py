@@ -55,6 +55,8 @@ class CoordinatorView(Protocol):
 
     def get_task(self, task_id: str) -> TaskRecord: ...
 
+    def queue_position(self, task_id: str) -> dict[str, float] | None: ...
+
     def routing_view(self) -> dict[str, Any]: ...
 
     def explain_route(self, description: str, *, kind: str | None,
@@ -147,7 +149,10 @@ class MonitoringServer:
             task = self.coordinator.get_task(request.match_info["task_id"])
         except UnknownTask:
             return _error(404, "no such task")
-        return _json(task.public_view())
+        view = task.public_view()
+        # Pending: its band, the priority aging has given it so far, and how long it has waited.
+        view["queue"] = self.coordinator.queue_position(task.id)
+        return _json(view)
 
     async def routing(self, request: web.Request) -> web.Response:
         """What the router has learned: accuracy, fallback rate, confidence, per-kind success."""

@@ -54,6 +54,12 @@ async def test_mixed_priorities_are_served_high_first(
     # Pending tasks carry their band; the task view shows it.
     first = coordinator.get_task(next(iter(ids))).public_view()
     assert first["priority"] == 2
+    async with aiohttp.ClientSession() as http, http.get(
+            f"http://127.0.0.1:{coordinator.monitoring.port}/api/tasks/{next(iter(ids))}"
+    ) as response:
+        view = await response.json()
+    assert view["priority"] == 2
+    assert view["queue"]["band"] == 2 and view["queue"]["waited_s"] >= 0
     await start_worker("agent-1", max_concurrency=1)  # one slot: the order is the queue's
     results = await asyncio.gather(*(client.wait(t, 20) for t in ids))
     assert {r.status for r in results} == {"succeeded"}
