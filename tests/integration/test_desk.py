@@ -90,19 +90,20 @@ async def test_cancel_a_running_workflow_with_its_children(
         assert unauthenticated.status == 401
 
 
-async def test_redirect_a_running_task_to_another_kind(
+async def test_redirect_a_running_task_to_another_kind_from_the_cli(
     coordinator: CoordinatorAgent, start_worker: StartWorker, client: CoordinatorClient,
-    keyring: Keyring,
+    keyring: Keyring, settings: Settings,
 ) -> None:
     await start_worker("agent-1", "slow")
     await start_worker("agent-2", "general")
     task_id = await client.submit("take your time", kind="slow", max_retries=0,
-                                  input={"op": "sleep", "seconds": 0.5})
+                                  input={"op": "sleep", "seconds": 5})
     await wait_until(task_is(coordinator, task_id, "running"), 10, "running on the slow kind")
-    code, view = await Operator(coordinator, keyring).post(
-        f"/api/tasks/{task_id}/redirect", {"kind": "general"})
-    assert code == 200, view
-    assert view["kind"] == "general"
+    code, out, err = await cli(settings, "redirect", task_id, "--kind", "general", "--url",
+                               Operator(coordinator, keyring).base, "--principal", OPERATOR,
+                               "--json")
+    assert code == 0, err
+    assert json.loads(out)["kind"] == "general"
     done = await client.wait(task_id, 15)
     assert done.status == "succeeded"
     assert [(a.agent_id, a.outcome) for a in done.attempts] == [

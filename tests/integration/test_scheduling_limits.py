@@ -122,6 +122,30 @@ async def test_a_kind_limit_holds_across_agents_and_is_visible(
     assert explained["held"] == "general at its limit of 2 running"
 
 
+async def test_limits_apply_to_the_children_of_a_workflow(
+    make_coordinator: MakeCoordinator, start_worker: StartWorker, client: CoordinatorClient
+) -> None:
+    coordinator = await make_coordinator(fleet={"kinds": {"general": {"max_running": 1}}})
+    await start_worker("agent-1", max_concurrency=4)
+    parent = await client.submit("four parts", subtasks=[
+        {"description": f"part {i}", "kind": "general", "input": {"op": "sleep", "seconds": 0.2}}
+        for i in range(4)])
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, len(coordinator.state.agents["agent-1"].in_flight)
+                       if "agent-1" in coordinator.state.agents else 0)
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    done = await client.wait(parent, 30)
+    watcher.cancel()
+    assert done.status == "succeeded"
+    assert peak == 1
+
+
 async def test_a_principal_rate_limit_spaces_its_tasks(
     make_coordinator: MakeCoordinator, start_worker: StartWorker, client: CoordinatorClient
 ) -> None:
