@@ -136,8 +136,8 @@ class AgentSpawner:
             return
         for spawned in self.agents.values():
             record = self.state.agents.get(spawned.agent_id)
-            if record is not None and record.in_flight:
-                spawned.last_busy = now
+            if record is None or not record.heard or record.in_flight:
+                spawned.last_busy = now  # busy, or still starting: not idle yet
         for kind, want in desired.items():
             serving = [a for a in self.agents.values() if a.kind == kind
                        and a.state in (ProcessState.RUNNING, ProcessState.RESTARTING)]
