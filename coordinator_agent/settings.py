@@ -241,6 +241,9 @@ class SpawnerSettings(BaseModel):
     max_agents: int = Field(20, ge=1)
     #: Pending tasks that name no kind count for this kind (unset: they count for none).
     default_kind: str | None = None
+    #: A kind whose oldest pending task has waited this long wants one agent more than it has
+    #: (slow tasks: the backlog is small but the wait grows).
+    wait_threshold_s: float = Field(30.0, gt=0)
     #: How often the spawner compares what it has with what it wants.
     interval_s: float = Field(2.0, gt=0)
     #: An agent above the wanted number, idle this long, is drained and stopped.

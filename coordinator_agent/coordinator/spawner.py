@@ -8,6 +8,9 @@ backend. Then:
 
 * ``kubernetes``: nothing else; KEDA scales each agent Deployment on the metric
   (``deploy/k8s/scaledobjects.yaml``), to zero and back.
+A kind whose oldest pending task has waited longer than ``wait_threshold_s`` wants one agent
+more than it has, even when its backlog is small (long tasks).
+
 * ``local``: the spawner runs the agents itself as child processes. Each gets a key of its own
   (a new principal in the coordinator's keyring, and a keyring file holding only that key); a
   process that dies is restarted with the same id and key after a backoff that doubles per crash;
@@ -95,18 +98,27 @@ class AgentSpawner:
 
     # --- what is wanted -----------------------------------------------------------------------
 
-    def desired(self) -> dict[str, int]:
+    def desired(self, now: float | None = None) -> dict[str, int]:
+        now = time.time() if now is None else now
         demand = dict.fromkeys(self.config.kinds, 0)
+        oldest = dict.fromkeys(self.config.kinds, now)
         for task in self.state.tasks.values():
             if task.status is TaskStatus.PENDING and task.workflow is None:
                 kind = task.kind or task.routing.get("kind") or self.config.default_kind
                 if kind in demand:
                     demand[kind] += 1
+                    oldest[kind] = min(oldest[kind], task.updated_at)
+        serving = dict.fromkeys(self.config.kinds, 0)
         for agent in self.state.agents.values():
             if agent.kind in demand:
                 demand[agent.kind] += len(agent.in_flight)
-        wanted = {kind: min(spec.max, max(spec.min, math.ceil(demand[kind] / spec.slots)))
-                  for kind, spec in self.config.kinds.items()}
+                serving[agent.kind] += not agent.liveness.gone
+        wanted = {}
+        for kind, spec in self.config.kinds.items():
+            want = math.ceil(demand[kind] / spec.slots)
+            if now - oldest[kind] > self.config.wait_threshold_s:
+                want = max(want, serving[kind] + 1)  # the wait grows: one more than it has
+            wanted[kind] = min(spec.max, max(spec.min, want))
         # The global cap: the minimums first, then in turn one more for each kind that wants it.
         budget = self.config.max_agents
         granted = {kind: min(self.config.kinds[kind].min, wanted[kind]) for kind in wanted}
@@ -129,7 +141,7 @@ class AgentSpawner:
             await asyncio.sleep(self.config.interval_s)
 
     async def step(self, now: float) -> None:
-        desired = self.desired()
+        desired = self.desired(now)
         for kind, count in desired.items():
             self.metrics.desired_agents.labels(kind).set(count)
         if not self.local or self._stopping:

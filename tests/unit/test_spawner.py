@@ -51,6 +51,18 @@ def test_running_tasks_count_and_unnamed_work_goes_to_the_default_kind(
     assert s.desired() == {"general": 3}  # (2 running + 3 pending) / 2 slots
 
 
+def test_a_growing_wait_asks_for_one_more_agent(state: StateManager, tmp_path: Path) -> None:
+    s = spawner(state, tmp_path, wait_threshold_s=30,
+                kinds={"slow": {"max": 5, "slots": 8}})
+    agent = AgentRecord("slow-1", "slow", frozenset(), 8)
+    agent.in_flight.update({"a", "b"})
+    state.agents[agent.id] = agent
+    pending(state, 1, "slow")
+    now = state.tasks["t0"].updated_at
+    assert s.desired(now + 10) == {"slow": 1}  # (2 + 1) / 8 slots
+    assert s.desired(now + 31) == {"slow": 2}  # waited too long: one more than it has
+
+
 def test_the_global_cap_is_shared_fairly(state: StateManager, tmp_path: Path) -> None:
     s = spawner(state, tmp_path, max_agents=5, kinds={
         "a": {"min": 1, "max": 10, "slots": 1}, "b": {"max": 10, "slots": 1},
