@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -198,3 +202,84 @@ async def test_fail_an_escalated_task_and_kinds_that_still_fail_as_before(
     final = await client.wait(to_desk, 10, final=True)
     assert final.status == "failed"
     assert final.error == f"failed by {OPERATOR}: not fixable"
+
+
+async def evaluate_in_chromium(tmp_path: Path, url: str, expression: str) -> Any:
+    """Open ``url`` in headless Chromium and run ``expression`` there (DevTools protocol)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = await asyncio.create_subprocess_exec(
+        chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu",
+        "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions",
+        f"--user-data-dir={tmp_path / 'chromium-cdp'}", f"--remote-debugging-port={port}",
+        url, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        async with aiohttp.ClientSession() as http:
+            page = None
+            for _ in range(300):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/json/list") as response:
+                        pages = [t for t in await response.json() if t.get("type") == "page"]
+                        if pages:
+                            page = pages[0]
+                            break
+                await asyncio.sleep(0.1)
+            assert page is not None, "chromium's DevTools endpoint never answered"
+            async with http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                # Until the page has loaded, its context may be replaced under the call: retry.
+                for call in range(1, 51):
+                    await ws.send_json({"id": call, "method": "Runtime.evaluate", "params": {
+                        "expression": expression, "awaitPromise": True,
+                        "returnByValue": True}})
+                    async with asyncio.timeout(60):
+                        message = await ws.receive_json()
+                        while message.get("id") != call:
+                            message = await ws.receive_json()
+                    if "result" in message:
+                        return message["result"]["result"].get("value")
+                    await asyncio.sleep(0.2)
+                raise AssertionError(f"chromium could not run the script: {message}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+
+async def test_resolve_an_escalated_task_from_the_status_page(
+    desk_coordinator: CoordinatorAgent, start_worker: StartWorker, client: CoordinatorClient,
+    keyring: Keyring, tmp_path: Path,
+) -> None:
+    await start_worker("agent-1", "general")
+    task_id = await client.submit("fails", kind="general", max_retries=0, input={"op": "fail"})
+    assert (await client.wait(task_id, 20)).status == "escalated"
+    token = keyring.principals[OPERATOR].api_token
+    assert token is not None
+    # What an operator does: paste the token, type the output, press Resolve.
+    script = """(async () => {
+      const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
+      for (let i = 0; i < 200; i++) {
+        const row = document.querySelector('#desk tr[data-task-id="TASK"]');
+        if (row) {
+          document.getElementById("desk-token").value = "TOKEN";
+          row.querySelectorAll("td.act input")[1].value = '{"fixed": "from the page"}';
+          [...row.querySelectorAll("button")].find((b) => b.textContent === "Resolve").click();
+          for (let j = 0; j < 200; j++) {
+            const said = document.getElementById("desk-result").textContent;
+            if (said) return said;
+            await sleep(50);
+          }
+          return "no answer";
+        }
+        await sleep(50);
+      }
+      return "no row";
+    })()""".replace("TASK", task_id).replace("TOKEN", token.get_secret_value())
+    base = f"http://127.0.0.1:{desk_coordinator.monitoring.port}/"
+    said = await evaluate_in_chromium(tmp_path, base, script)
+    assert said == f"resolve {task_id}: now succeeded", said
+    final = await client.wait(task_id, 10, final=True)
+    assert final.status == "succeeded"
+    assert final.output == {"fixed": "from the page"}
+    assert desk_coordinator.get_task(task_id).desk[-1]["by"] == OPERATOR
