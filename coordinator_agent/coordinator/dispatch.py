@@ -87,7 +87,8 @@ class Dispatcher:
         now = time.time()
         limits = self.limits
         by_principal: dict[str, int] = {}
-        held_kinds: dict[str, str] = {}
+        held_kinds: dict[str, tuple[str, str]] = {}  # kind -> (limit, why)
+        holding: set[str] = set()  # held kinds that kept a task waiting in this pass
         if limits is not None:
             by_kind, by_principal, in_flight = self._running()
             limits.begin(by_kind, by_principal, in_flight)
@@ -117,7 +118,8 @@ class Dispatcher:
                         serving.leave(principal)  # the rest of its tasks are held alike
                         continue
                     if task.kind is not None and task.kind in held_kinds:
-                        task.routing["held"] = held_kinds[task.kind]
+                        task.routing["held"] = held_kinds[task.kind][1]
+                        holding.add(task.kind)
                         continue
                 decision = self.planner.select(task, agents)
                 if self._hedge(task):
@@ -125,7 +127,9 @@ class Dispatcher:
                     continue
                 if decision.agent is None:
                     if held_kinds:
-                        task.routing["held"] = "; ".join(sorted(set(held_kinds.values())))
+                        task.routing["held"] = "; ".join(sorted(
+                            {why for _, why in held_kinds.values()}))
+                        holding.update(held_kinds)
                     if (decision.reason == "no_matching_agent" and self.workflows is not None
                             and self.workflows.try_coalition(task, agents)):
                         self.drop(task_id)  # split across agents (workflows.py)
@@ -140,13 +144,13 @@ class Dispatcher:
                     limits.started(kind, principal, now)
                     hold = limits.kind_hold(kind, now)
                     if hold is not None:  # that kind is full now: route the rest elsewhere
-                        held_kinds[kind] = hold[1]
+                        held_kinds[kind] = hold
                         agents = self._without(held_kinds)
         finally:
             serving.close()
         if limits is not None:
-            for reason in set(held_kinds.values()):
-                limits.held("kind_rate" if "rate" in reason else "kind_running")
+            for kind in holding:
+                limits.held(held_kinds[kind][0])
             self._wake_for_tokens(now)
 
     def _running(self) -> tuple[dict[str, int], dict[str, int], int]:
@@ -165,20 +169,20 @@ class Dispatcher:
                     by_principal[task.submitted_by] = by_principal.get(task.submitted_by, 0) + 1
         return by_kind, by_principal, total
 
-    def _held_kinds(self, now: float) -> dict[str, str]:
+    def _held_kinds(self, now: float) -> dict[str, tuple[str, str]]:
         assert self.limits is not None
-        held: dict[str, str] = {}
+        held: dict[str, tuple[str, str]] = {}
         for kind in self.limits.config.kinds:
             hold = self.limits.kind_hold(kind, now)
             if hold is not None:
-                held[kind] = hold[1]
+                held[kind] = hold
         return held
 
     def _serving(self) -> Collection[AgentRecord]:
         agents = self.state.agents.values()
         return [a for a in agents if a.id not in self.retiring] if self.retiring else agents
 
-    def _without(self, held_kinds: dict[str, str]) -> Collection[AgentRecord]:
+    def _without(self, held_kinds: dict[str, tuple[str, str]]) -> Collection[AgentRecord]:
         """The agents a task may go to: a kind at its limit counts as a kind with no free agent."""
         agents = self._serving()
         return [a for a in agents if a.kind not in held_kinds] if held_kinds else agents
