@@ -65,7 +65,7 @@ class Dispatcher:
         task = self.state.tasks.get(task_id)
         if task is None:
             return
-        self.pending.add(task_id, task.submitted_by, task.priority, time.time())
+        self.pending.add(task_id, task.submitted_by, task.priority, time.time(), task.kind)
         self.wake.set()
 
     def drop(self, task_id: str) -> None:
@@ -99,7 +99,11 @@ class Dispatcher:
             free = free if room is None else min(free, room)
             held_kinds = self._held_kinds(now)
             agents = self._without(held_kinds)
-        serving = self.pending.serving_order(now, by_principal)
+        # Tasks that name a kind with no free agent, or one held by a limit, wait as a lane.
+        open_kinds = {a.kind for a in agents if a.assignable and a.free_slots(self.cap) > 0}
+        known_kinds = {a.kind for a in self.state.agents.values()}
+        blocked = (known_kinds - open_kinds) | set(held_kinds)
+        serving = self.pending.serving_order(now, by_principal, blocked)
         try:
             while free > 0:
                 picked = serving.next(self.scan_limit)

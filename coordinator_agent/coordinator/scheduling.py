@@ -13,21 +13,24 @@ Two rules, in this order:
    starves, and nothing gains more than the bound. Ties go to the task that waited longer.
 
 Age counts from the moment a task (re)joined the queue, so a retry waits its turn anew.
-The structures are small: one insertion-ordered dict per (principal, band); a pass merges at
-most ten band heads per principal, so picking the next task never scans the whole backlog.
+The structures are small: one insertion-ordered dict per (principal, band, named kind); a pass
+merges the lane heads of each principal, so picking the next task never scans the whole
+backlog, and tasks that name a kind with no free agent are skipped lane by lane.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 PRIORITY_NAMES: dict[str, int] = {"low": 2, "medium": 5, "high": 8}
 #: Analysis urgency (routing/analysis.py) -> band, used when a submission names no priority.
 URGENCY_PRIORITY: dict[str, int] = {"critical": 9, "high": 8, "normal": 5, "low": 2}
 DEFAULT_PRIORITY = PRIORITY_NAMES["medium"]
+#: A principal's queue is split into lanes: (band, the kind the tasks name or "" if routed).
+Lane = tuple[int, str]
 MIN_PRIORITY, MAX_PRIORITY = 0, 9
 
 
@@ -55,11 +58,13 @@ def priority_name(band: int) -> str:
 @dataclass
 class _Principal:
     weight: float
-    #: band -> task id -> the time it joined the queue (insertion order is age order).
-    bands: dict[int, dict[str, float]] = field(default_factory=dict)
+    #: (band, kind) -> task id -> the time it joined the queue (insertion order is age order).
+    #: ``kind`` is the kind a task names, "" for a routed one: a pass can skip, in one step,
+    #: every task that names a kind with no free agent.
+    lanes: dict[Lane, dict[str, float]] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return sum(len(b) for b in self.bands.values())
+        return sum(len(b) for b in self.lanes.values())
 
 
 class SchedulingQueue:
@@ -73,11 +78,11 @@ class SchedulingQueue:
         self.weights = dict(weights or {})
         self.default_weight = default_weight
         self._principals: dict[str, _Principal] = {}
-        #: task id -> (principal, band), for O(1) removal.
-        self._where: dict[str, tuple[str, int]] = {}
+        #: task id -> (principal, lane), for O(1) removal.
+        self._where: dict[str, tuple[str, Lane]] = {}
         #: While a pass iterates the band dicts, changes wait here (a dict must not change size
         #: under its iterator) and are applied, in order, when the pass closes.
-        self._deferred: list[tuple[bool, str, str, int, float]] | None = None
+        self._deferred: list[tuple[bool, str, str, Lane, float]] | None = None
 
     def __len__(self) -> int:
         return len(self._where)
@@ -88,20 +93,22 @@ class SchedulingQueue:
     def __bool__(self) -> bool:
         return bool(self._where)
 
-    def add(self, task_id: str, principal: str, band: int, now: float) -> None:
+    def add(self, task_id: str, principal: str, band: int, now: float,
+            kind: str | None = None) -> None:
         if task_id in self._where:
             return  # keeps its place and its age
-        self._where[task_id] = (principal, band)
+        lane = (band, kind or "")
+        self._where[task_id] = (principal, lane)
         if self._deferred is not None:
-            self._deferred.append((True, task_id, principal, band, now))
+            self._deferred.append((True, task_id, principal, lane, now))
             return
-        self._insert(task_id, principal, band, now)
+        self._insert(task_id, principal, lane, now)
 
-    def _insert(self, task_id: str, principal: str, band: int, now: float) -> None:
+    def _insert(self, task_id: str, principal: str, lane: Lane, now: float) -> None:
         queue = self._principals.get(principal)
         if queue is None:
             queue = self._principals[principal] = _Principal(self.weight(principal))
-        queue.bands.setdefault(band, {})[task_id] = now
+        queue.lanes.setdefault(lane, {})[task_id] = now
 
     def discard(self, task_id: str) -> None:
         where = self._where.pop(task_id, None)
@@ -112,13 +119,13 @@ class SchedulingQueue:
             return
         self._remove(task_id, *where)
 
-    def _remove(self, task_id: str, principal: str, band: int) -> None:
+    def _remove(self, task_id: str, principal: str, lane: Lane) -> None:
         queue = self._principals[principal]
-        tasks = queue.bands[band]
+        tasks = queue.lanes[lane]
         del tasks[task_id]
         if not tasks:
-            del queue.bands[band]
-            if not queue.bands:
+            del queue.lanes[lane]
+            if not queue.lanes:
                 del self._principals[principal]
 
     def weight(self, principal: str) -> float:
@@ -138,38 +145,46 @@ class SchedulingQueue:
         where = self._where.get(task_id)
         if where is None:
             return None
-        principal, band = where
-        since = self._principals[principal].bands[band][task_id]
+        principal, lane = where
+        band = lane[0]
+        since = self._principals[principal].lanes[lane][task_id]
         return {"band": band, "effective_priority": round(
             self.effective_priority(band, since, now), 2), "waited_s": round(now - since, 3)}
 
-    def serving_order(self, now: float, running: Mapping[str, int]) -> ServingPass:
-        """One dispatch pass over the queue; see :class:`ServingPass`. Close it when done."""
+    def serving_order(self, now: float, running: Mapping[str, int],
+                      blocked_kinds: Collection[str] = ()) -> ServingPass:
+        """One dispatch pass over the queue; see :class:`ServingPass`. Close it when done.
+
+        Tasks that name a kind in ``blocked_kinds`` (no free agent, or held by a limit) are
+        left out of the pass without being looked at one by one.
+        """
         self._deferred = []
-        return ServingPass(self, now, running)
+        return ServingPass(self, now, running, frozenset(blocked_kinds))
 
     def _close_pass(self) -> None:
         deferred, self._deferred = self._deferred or [], None
-        for added, task_id, principal, band, now in deferred:
+        for added, task_id, principal, lane, now in deferred:
             queue = self._principals.get(principal)
-            present = queue is not None and task_id in queue.bands.get(band, {})
-            if added and not present and self._where.get(task_id) == (principal, band):
-                self._insert(task_id, principal, band, now)
+            present = queue is not None and task_id in queue.lanes.get(lane, {})
+            if added and not present and self._where.get(task_id) == (principal, lane):
+                self._insert(task_id, principal, lane, now)
             elif not added and present:
-                self._remove(task_id, principal, band)
+                self._remove(task_id, principal, lane)
 
-    def _ordered(self, principal: str, now: float) -> Iterator[tuple[tuple[float, float], str]]:
-        """A principal's tasks, best first: the band queues merged by (aged priority, age)."""
+    def _ordered(self, principal: str, now: float, blocked_kinds: frozenset[str]
+                 ) -> Iterator[tuple[tuple[float, float], str]]:
+        """A principal's tasks, best first: the lanes merged by (aged priority, age)."""
         queue = self._principals[principal]
 
-        def band_items(band: int, tasks: dict[str, float]
+        def lane_items(band: int, tasks: dict[str, float]
                        ) -> Iterator[tuple[tuple[float, float], str]]:
-            # Within one band, older means at least as aged: each band is already in order.
+            # Within one lane, older means at least as aged: each lane is already in order.
             for task_id, since in tasks.items():
                 if task_id in self._where:  # not discarded earlier in this pass
                     yield (-self.effective_priority(band, since, now), since), task_id
 
-        return heapq.merge(*(band_items(b, t) for b, t in queue.bands.items()))
+        return heapq.merge(*(lane_items(band, tasks) for (band, kind), tasks
+                             in queue.lanes.items() if kind not in blocked_kinds))
 
 
 class ServingPass:
@@ -181,10 +196,11 @@ class ServingPass:
     cannot run costs a bounded amount of work per wake.
     """
 
-    def __init__(self, queue: SchedulingQueue, now: float, running: Mapping[str, int]) -> None:
+    def __init__(self, queue: SchedulingQueue, now: float, running: Mapping[str, int],
+                 blocked_kinds: frozenset[str] = frozenset()) -> None:
         self.queue = queue
         self.running = dict(running)
-        self._streams = {p: queue._ordered(p, now) for p in list(queue._principals)}
+        self._streams = {p: queue._ordered(p, now, blocked_kinds) for p in list(queue._principals)}
         self._heads: dict[str, tuple[tuple[float, float], str]] = {}
         self._skipped: dict[str, int] = {}
         self._current: str | None = None

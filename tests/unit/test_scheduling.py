@@ -135,3 +135,18 @@ def test_scan_limit_bounds_the_work_on_an_unplaceable_backlog() -> None:
     assert seen == ["stuck-0", "stuck-1", "stuck-2", "bob-1"]
     assert len(queue) == 51
     assert queue.backlog("alice") == 50
+
+
+def test_tasks_naming_a_blocked_kind_are_skipped_as_a_lane() -> None:
+    queue = SchedulingQueue(aging_s=0)
+    for i in range(500):  # older, and all for a kind whose agents are busy
+        queue.add(f"x-{i}", "alice", 5, float(i), kind="x")
+    queue.add("y-1", "alice", 5, 1000.0, kind="y")
+    queue.add("routed-1", "alice", 5, 1001.0)
+    serving = queue.serving_order(2000.0, {}, blocked_kinds={"x"})
+    seen = []
+    while (picked := serving.next(scan_limit=3)) is not None:
+        seen.append(picked[0])  # none of the 500 is looked at, so the scan limit is not hit
+    serving.close()
+    assert seen == ["y-1", "routed-1"]
+    assert drain(queue, 2000.0, take=1) == ["x-0"]  # unblocked: oldest first again
