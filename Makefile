@@ -5,11 +5,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install services tools run test unit integration lint bench demo clean
+.PHONY: help install services tools run test faults unit integration lint bench demo clean
 
 help:
 	@echo "make run       coordinator + demo agents with a trickle of tasks (Ctrl-C to stop)"
 	@echo "make test      lint, then the whole suite against real RabbitMQ and Consul"
+	@echo "make faults    the fault-injection suite, on a RabbitMQ node of its own (~5 min)"
 	@echo "make lint      ruff + mypy (strict)"
 	@echo "make services  make sure RabbitMQ and Consul are running on loopback"
 	@echo "make bench     benchmarks with their baselines (prints ratios)"
@@ -46,6 +47,12 @@ integration: install services
 
 test: install services tools lint
 	$(BIN)/python -m pytest -q -ra
+
+# The fault suite starts its own RabbitMQ node (scripts/faults-broker.sh: port 5682, node
+# faults@localhost) and always stops it; the shared broker is never paused or restarted.
+faults: install services
+	rm -f var/faults/figures.jsonl
+	COORDINATOR_FAULTS=1 $(BIN)/python -m pytest tests/faults -q -ra -s --timeout 600
 
 bench: install services
 	$(BIN)/python bench/run_all.py

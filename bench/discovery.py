@@ -944,7 +944,9 @@ class FleetRun:
         await wait_for(lambda: len(rnd.handled) == len(rnd.tasks), 10,
                        f"{rnd.rescuer_id} to start them")
         firsts = [t.attempts[0] for t in rnd.tasks]
-        if any(a.outcome is not AttemptOutcome.AGENT_LOST for a in firsts):
+        # Started on the killed agent: crashed; still queued there: withdrawn (no retry spent).
+        lost = (AttemptOutcome.CRASHED, AttemptOutcome.WITHDRAWN)
+        if any(a.outcome not in lost for a in firsts):
             raise RuntimeError(f"unexpected first outcomes: {[a.outcome for a in firsts]}")
         ended = [a.ended_at for a in firsts if a.ended_at is not None]
         new = [a.started_at for t in rnd.tasks for a in t.attempts

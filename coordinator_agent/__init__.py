@@ -22,8 +22,10 @@ from coordinator_agent.exceptions import (  # after __version__: modules import 
     RejectedMessage,
     SecurityError,
     SubmissionRefused,
+    SubmissionTooLarge,
     TransportError,
     Unroutable,
+    WaitTimeout,
 )
 
 if TYPE_CHECKING:
@@ -68,9 +70,11 @@ __all__ = [
     "SecurityError",
     "Settings",
     "SubmissionRefused",
+    "SubmissionTooLarge",
     "TaskContext",
     "TransportError",
     "Unroutable",
+    "WaitTimeout",
     "WorkerAgent",
     "__version__",
     "load_settings",

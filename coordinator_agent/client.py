@@ -6,11 +6,13 @@ Replies come to a queue of the client's own, named once, so they survive reconne
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from coordinator_agent.exceptions import SubmissionTooLarge, WaitTimeout
 from coordinator_agent.settings import Settings
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
@@ -19,6 +21,15 @@ from coordinator_agent.wire.messaging import MessageHandler, coordinator_topolog
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
 
 REPLY_QUEUE_EXPIRES_MS = 5 * 60 * 1000
+
+
+def fernet_token_bytes(plaintext_bytes: int) -> int:
+    """The length of a Fernet token over that much plaintext (what the size limit counts).
+
+    version (1) + timestamp (8) + IV (16) + AES-CBC with PKCS7 padding + HMAC (32), base64url.
+    """
+    ciphertext = 16 * (plaintext_bytes // 16 + 1)
+    return 4 * math.ceil((1 + 8 + 16 + ciphertext + 32) / 3)
 
 
 class CoordinatorClient:
@@ -77,14 +88,15 @@ class CoordinatorClient:
         timeout_s: float | None = None,
         max_retries: int | None = None,
         task_id: str | None = None,
-        priority: str | int | None = None,
+        priority: protocol.PriorityName | int | None = None,
         **fields: Any,
     ) -> str:
         """Publish a task.submit (confirmed by the broker); returns the task id.
 
         ``fields`` are the other ``task.submit`` fields, e.g. ``subtasks=[...]``,
         ``steps=[...]``, ``decompose=True``, ``on_subtask_error="skip"`` (see PROTOCOL.md);
-        pydantic's ValidationError says what is wrong with them before anything is sent.
+        pydantic's ValidationError says what is wrong with them before anything is sent, and
+        SubmissionTooLarge refuses a task the coordinator would drop for its size.
         """
         task_id = task_id or uuid.uuid4().hex
         spec = protocol.TaskSubmit(
@@ -93,6 +105,10 @@ class CoordinatorClient:
             timeout_s=timeout_s, max_retries=max_retries, reply_to=self.reply_queue,
             priority=priority, **fields,
         )
+        encoded = protocol.encode(protocol.make_envelope(spec, sender=self.principal_id))
+        size = fernet_token_bytes(len(encoded))
+        if size > self.security.max_message_bytes:
+            raise SubmissionTooLarge(size, self.security.max_message_bytes)
         await self.messages.publish(spec, peer=self.coordinator_id,
                                     exchange=c.COORDINATOR_EXCHANGE,
                                     routing_key=c.tasks_key(self.coordinator_id))
@@ -101,7 +117,8 @@ class CoordinatorClient:
     async def wait(self, task_id: str, timeout: float | None = None, *,
                    final: bool = False) -> protocol.TaskCompleted:
         """The task's outcome, or an ``escalated`` notice: it waits for an operator (its
-        ``attempts`` are the chain so far). ``final=True`` waits past escalation."""
+        ``attempts`` are the chain so far). ``final=True`` waits past escalation.
+        WaitTimeout (a TimeoutError) after ``timeout`` seconds."""
         done = self.completed.get(task_id)
         if done is None and not final:
             done = self.escalated.get(task_id)
@@ -113,6 +130,8 @@ class CoordinatorClient:
         self._waiters.setdefault(task_id, []).append(future)
         try:
             return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise WaitTimeout(task_id, timeout) from None
         finally:
             waiters = self._waiters.get(task_id, [])
             if future in waiters:

@@ -2,6 +2,7 @@
 
     CoordinatorError
     ├── ConfigError                 bad settings or keyring file
+    ├── UsageError                  a command line that cannot work (a bad option value)
     ├── RejectedMessage             an inbound message failed a check  (reason, sender, message_id)
     │   ├── ProtocolError           not a valid v1 message
     │   └── SecurityError           failed a security check
@@ -16,7 +17,12 @@
     │   ├── UnknownTask             (task_id)
     │   └── TaskConflict            an operator action the task's state does not allow (task_id)
     ├── PlanningError               no route for a task                     (task_id)
-    └── SubmissionRefused           at an open-task or backlog limit  (retry_after_s)
+    ├── StoreError                  the task store could not keep a change  (task_id)
+    │   ├── StoreUnavailable        the write failed (disk full, I/O error): try again later
+    │   └── UnstorableTask          the task itself cannot be stored (e.g. a huge integer)
+    ├── SubmissionRefused           at an open-task or backlog limit  (retry_after_s)
+    ├── SubmissionTooLarge          the client refused to send it: over the size limit
+    └── WaitTimeout                 no result in time; also a TimeoutError   (task_id)
 
 Foreign exceptions (aio-pika, cryptography, pydantic, consul) are translated once, at the module
 that talks to them; domain code never sees them. Messages never contain payloads or secrets.
@@ -31,6 +37,10 @@ class CoordinatorError(Exception):
 
 class ConfigError(CoordinatorError):
     pass
+
+
+class UsageError(CoordinatorError):
+    """An option value that cannot work, said before anything is sent (exit status 2)."""
 
 
 class RejectedMessage(CoordinatorError):
@@ -112,6 +122,23 @@ class PlanningError(CoordinatorError):
         super().__init__(f"task {task_id}: {reason}")
 
 
+class StoreError(CoordinatorError):
+    """A change could not be made durable; memory was rolled back to what the store holds."""
+
+    def __init__(self, task_id: str, detail: str) -> None:
+        self.task_id = task_id
+        self.detail = detail
+        super().__init__(f"task {task_id}: {detail}")
+
+
+class StoreUnavailable(StoreError):
+    """The store refused a write (disk full, read-only, I/O error). Retrying later may work."""
+
+
+class UnstorableTask(StoreError):
+    """The task cannot be serialised for the store: retrying will never work."""
+
+
 class SubmissionRefused(CoordinatorError):
     """The coordinator is at its open-task limit (limits.max_pending_tasks), or the submitter
     at its backlog limit (fleet.*.max_backlog); ``retry_after_s`` says when to try again."""
@@ -128,3 +155,25 @@ class TaskConflict(StateError):
         super().__init__(f"task {task_id}: {message}")
         self.task_id = task_id
 
+
+class SubmissionTooLarge(CoordinatorError):
+    """A task.submit that would exceed limits.max_message_bytes; the coordinator would drop it."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"task is {size} bytes sealed, over the limit of {limit} bytes "
+            "(limits.max_message_bytes): make its input smaller, or raise the limit on the "
+            "coordinator and its clients alike"
+        )
+
+
+class WaitTimeout(CoordinatorError, TimeoutError):
+    """No result within the wait; the task itself goes on (look it up by ``task_id``)."""
+
+    def __init__(self, task_id: str, timeout: float | None) -> None:
+        self.task_id = task_id
+        self.timeout = timeout
+        super().__init__(f"no result for task {task_id} within {timeout:g}s (the task goes on)"
+                         if timeout is not None else f"no result for task {task_id}")

@@ -1,17 +1,22 @@
 """One typed settings object: defaults < ``config/coordinator.yaml`` < ``COORDINATOR_*`` env vars.
 
 Nested fields use a double underscore in the environment, for example
-``COORDINATOR_LIMITS__MAX_RETRIES=5``.
+``COORDINATOR_LIMITS__MAX_RETRIES=5``. A ``COORDINATOR_*`` variable that is neither a setting
+nor one of the command line's own (``OTHER_VARIABLES``) is refused, top-level or nested alike:
+a misspelt name must not be ignored silently.
 """
 
 from __future__ import annotations
 
+import contextvars
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +28,33 @@ from coordinator_agent.exceptions import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("config/coordinator.yaml")
 CONFIG_ENV = "COORDINATOR_CONFIG"
+ENV_PREFIX = "COORDINATOR_"
+#: COORDINATOR_* variables that are not settings: the command line's own options (each named in
+#: its --help; tests/unit/test_cli_newcomer.py keeps the two in step) and the config file's name.
+OTHER_VARIABLES = frozenset({
+    CONFIG_ENV, "COORDINATOR_URL", "COORDINATOR_JSON", "COORDINATOR_PRINCIPAL",
+    "COORDINATOR_AGENT_ID", "COORDINATOR_AGENT_KIND", "COORDINATOR_AGENT_CAPABILITIES",
+    "COORDINATOR_AGENT_CONCURRENCY",
+    "COORDINATOR_TASK_KIND", "COORDINATOR_TASK_CAPABILITIES", "COORDINATOR_TASK_SUBTASKS",
+    "COORDINATOR_TASK_STEPS", "COORDINATOR_TASK_SPEC", "COORDINATOR_TASK_INPUT",
+    "COORDINATOR_TASK_ID", "COORDINATOR_TASK_TIMEOUT_S", "COORDINATOR_WAIT",
+    "COORDINATOR_WAIT_TIMEOUT_S",
+    "COORDINATOR_WATCH_INTERVAL", "COORDINATOR_WATCH_TASKS", "COORDINATOR_WATCH_ONCE",
+    "COORDINATOR_CHECK_CONFIG_ONLY",
+    "COORDINATOR_KEYS_PRINCIPAL", "COORDINATOR_KEYS_ROLE", "COORDINATOR_KEYS_OUT",
+    "COORDINATOR_DEMO_AGENTS", "COORDINATOR_DEMO_TASKS", "COORDINATOR_DEMO_FOREVER",
+    "COORDINATOR_DEMO_RATE",
+    "COORDINATOR_ROUTE_KIND", "COORDINATOR_ROUTE_CAPABILITIES", "COORDINATOR_ROUTE_LOCAL",
+    "COORDINATOR_DRAIN_REASON",
+    "COORDINATOR_CONFORMANCE_ID", "COORDINATOR_CONFORMANCE_KIND", "COORDINATOR_CONFORMANCE_TASKS",
+    "COORDINATOR_CONFORMANCE_WAIT",
+    "COORDINATOR_REPLAY_CONFIG", "COORDINATOR_REPLAY_STORE", "COORDINATOR_REPLAY_SEED",
+    "COORDINATOR_TASK_PRIORITY", "COORDINATOR_CANCEL_REASON", "COORDINATOR_REDIRECT_KIND",
+    "COORDINATOR_RETRY_KIND", "COORDINATOR_RETRY_AGENT", "COORDINATOR_RESOLVE_OUTPUT",
+    "COORDINATOR_FAIL_REASON",
+})
+#: The test suite's own variables (COORDINATOR_TEST_BROKER_URL, ...): never settings.
+TEST_VARIABLE_PREFIX = "COORDINATOR_TEST_"
 #: cryptography's Fernet accepts tokens stamped up to this far in the future.
 FERNET_MAX_CLOCK_SKEW_S = 60
 
@@ -33,7 +65,8 @@ class Limits(BaseModel):
     max_message_bytes: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024)
     max_output_bytes: int = Field(64 * 1024, ge=256)
     max_in_flight_per_agent: int = Field(32, ge=1)
-    max_pending_tasks: int = Field(100_000, ge=1)
+    #: Open tasks held at once (~5 KiB of coordinator memory each: docs/RELIABILITY.md).
+    max_pending_tasks: int = Field(20_000, ge=1)
     task_timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(2, ge=0, le=20)
     publish_timeout_s: float = Field(10.0, gt=0)
@@ -286,6 +319,12 @@ class Settings(BaseSettings):
     fleet: FleetLimits = FleetLimits()
     escalation: EscalationSettings = EscalationSettings()
     spawner: SpawnerSettings = SpawnerSettings()
+    #: The YAML file these settings were read from (None: none was found); see load_settings.
+    _config_file: Path | None = PrivateAttr(None)
+
+    @property
+    def config_file(self) -> Path | None:
+        return self._config_file
 
     @field_validator("log_level")
     @classmethod
@@ -305,6 +344,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Explicit arguments (CLI flags) win over the environment, which wins over the file.
+        check_environment(os.environ)
         return (init_settings, env_settings, _YamlSource(settings_cls))
 
     @property
@@ -328,34 +368,89 @@ class _YamlSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return read_config_file(config_path())
+        return read_config_file(*config_choice())
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse a COORDINATOR_* variable that nothing reads, naming the closest real one."""
+    sections = {name.upper() for name, field in Settings.model_fields.items()
+                if isinstance(field.default, BaseModel)}
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | OTHER_VARIABLES
+    for variable in sorted(environ):
+        name = variable.upper()
+        if (not name.startswith(ENV_PREFIX) or name in known
+                or name.startswith(TEST_VARIABLE_PREFIX)):
+            continue
+        section, nested, _ = name[len(ENV_PREFIX):].partition("__")
+        if nested and section in sections:
+            continue  # COORDINATOR_LIMITS__X: the section's model checks X itself
+        guess = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        hint = f" (did you mean {guess[0]}?)" if guess else ""
+        raise ConfigError(
+            f"unknown environment variable {variable}{hint}: no setting or option reads it; "
+            "config/coordinator.yaml lists every setting, `coordinator-agent COMMAND --help` "
+            "every option"
+        )
+
+
+#: A config file named by the command line (--config) for the load under way, and its origin.
+_CHOSEN: contextvars.ContextVar[tuple[Path, str] | None] = contextvars.ContextVar(
+    "coordinator_config_file", default=None)
+
+
+def config_choice() -> tuple[Path | None, str]:
+    """The config file to read and who named it: --config, COORDINATOR_CONFIG or the default."""
+    chosen = _CHOSEN.get()
+    if chosen is not None:
+        return chosen
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        return Path(explicit), CONFIG_ENV
+    found = DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+    return found, "default"
 
 
 def config_path() -> Path | None:
-    explicit = os.environ.get(CONFIG_ENV)
-    if explicit:
-        return Path(explicit)
-    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+    return config_choice()[0]
 
 
-def read_config_file(path: Path | None) -> dict[str, Any]:
+def read_config_file(path: Path | None, origin: str = CONFIG_ENV) -> dict[str, Any]:
     if path is None:
         return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist (set {CONFIG_ENV})") from exc
+        # A file object, not its text: YAML's error marks then name the file.
+        with path.open(encoding="utf-8") as stream:
+            data = yaml.safe_load(stream) or {}
+    except FileNotFoundError:
+        named = "" if origin == "default" else f" (named by {origin})"
+        raise ConfigError(f"config file {path}{named} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Build settings, turning validation errors into one readable ConfigError."""
+def describe_config_source(settings: Settings) -> str:
+    """One line for the log: which config file was read, or that none was and where we looked."""
+    if settings.config_file is not None:
+        return f"configuration from {settings.config_file.resolve()}"
+    return (f"no config file ({DEFAULT_CONFIG_PATH} not found in {Path.cwd()}; name one with "
+            f"--config or {CONFIG_ENV}): defaults and {ENV_PREFIX}* variables only")
+
+
+def load_settings(*, config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings, turning validation errors into one readable ConfigError.
+
+    ``config_file`` (the command line's --config) wins over COORDINATOR_CONFIG.
+    """
+    token = _CHOSEN.set((Path(config_file), "--config")) if config_file else None
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+        settings._config_file = config_path()
+        return settings
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
@@ -363,3 +458,6 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(f"invalid configuration: {problems}") from None
     except SettingsError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
+    finally:
+        if token is not None:
+            _CHOSEN.reset(token)

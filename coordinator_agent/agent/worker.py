@@ -10,6 +10,13 @@ It says hello, heartbeats with its load, runs at most ``max_concurrency`` tasks 
 reports progress and results, ignores an assignment it already has
 or has finished, and on stop drains: no new work, running tasks finish, then goodbye.
 An assignment is acked only after its result is confirmed by the broker.
+
+A process's session is the id of its ``agent.hello``; its heartbeats carry it as their
+correlation id. It says hello *before* it consumes its queue, and runs only the assignments
+whose correlation id is its session: what was queued for an earlier process of the same agent
+(one that crashed, say) is the coordinator's to give again, and is dropped here unrun. Before a
+task's handler runs, a ``task.progress`` of 0 ("started") is confirmed by the broker, so that if
+the task kills the process the coordinator knows which task did it (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from coordinator_agent.registry import (
 from coordinator_agent.settings import Settings
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
-from coordinator_agent.wire.keyring import Keyring
+from coordinator_agent.wire.keyring import Keyring, require_role
 from coordinator_agent.wire.messaging import MessageHandler, agent_topology, lane_for
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
 
@@ -89,6 +96,8 @@ class WorkerAgent:
         self.capabilities = sorted(set(capabilities or []))
         self.max_concurrency = max_concurrency
         self.coordinator_id = settings.name
+        # An operator's key would be refused on every heartbeat: say so now, not never.
+        require_role(keyring, agent_id, "agent", "the keyring")
         self.security = SecurityManager.from_settings(settings, keyring.subset(agent_id), agent_id)
         self.messages = MessageHandler(
             settings.broker_url, self.security, name=f"{settings.name}/agent:{agent_id}",
@@ -96,9 +105,10 @@ class WorkerAgent:
             publish_timeout_s=settings.limits.publish_timeout_s,
         )
         self.messages.add_topology(agent_topology(settings.name, agent_id))
-        self.messages.consume(c.agent_queue(settings.name, agent_id), self._on_message,
+        self._queue = c.agent_queue(settings.name, agent_id)
+        self.messages.consume(self._queue, self._on_message,
                               prefetch=max_concurrency + CONTROL_HEADROOM,
-                              requeue_on_error=False)
+                              requeue_on_error=False, paused=True)  # until the hello is out
         self._slots = asyncio.Semaphore(max_concurrency)
         self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._finished: OrderedDict[tuple[str, int], None] = OrderedDict()
@@ -111,6 +121,10 @@ class WorkerAgent:
         self._registration: asyncio.Task[None] | None = None
         self.completed = 0
         self.failed = 0
+        #: This process: the id of its hello (None before it is sent).
+        self.session: str | None = None
+        #: Assignments dropped unrun because they were queued for another process.
+        self.dropped = 0
 
     def __repr__(self) -> str:
         return f"WorkerAgent(id={self.agent_id!r}, kind={self.kind!r})"
@@ -123,9 +137,11 @@ class WorkerAgent:
 
     async def start(self) -> None:
         await self.messages.start()
-        await self.send(protocol.AgentHello(kind=self.kind, capabilities=self.capabilities,
-                                            max_concurrency=self.max_concurrency,
-                                            version=__version__))
+        hello = await self.send(protocol.AgentHello(
+            kind=self.kind, capabilities=self.capabilities,
+            max_concurrency=self.max_concurrency, version=__version__))
+        self.session = hello.id
+        await self.messages.resume(self._queue)  # only now: the hello is ahead of any work
         await self._send_status()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         if self.registry is not None:
@@ -175,15 +191,17 @@ class WorkerAgent:
 
     # --- outbound -----------------------------------------------------------------------------
 
-    async def send(self, payload: protocol.Model) -> None:
+    async def send(self, payload: protocol.Model) -> protocol.Envelope:
         message_type = protocol.TYPE_OF_PAYLOAD[type(payload)]
         lane = lane_for(self.coordinator_id, message_type)
         durable = lane == c.tasks_key(self.coordinator_id)
-        await self.messages.publish(
+        return await self.messages.publish(
             payload, peer=self.coordinator_id, exchange=c.COORDINATOR_EXCHANGE, routing_key=lane,
             persistent=durable,
             # Telemetry is worthless once its token has expired; let the broker drop it.
             expiration_s=None if durable else self.settings.security.message_ttl_s,
+            # Which process speaks: the coordinator tells a restart from a redelivery by it.
+            correlation_id=self.session,
         )
 
     async def _send_status(self) -> None:
@@ -256,6 +274,14 @@ class WorkerAgent:
         if envelope.sender != self.coordinator_id:
             return
         if isinstance(payload, protocol.TaskAssign):
+            if envelope.correlation_id != self.session:
+                # Queued for an earlier process of this agent: the coordinator has withdrawn
+                # it (or will, on our hello) and gives it out again. Running it here would run
+                # it twice, or crash this process as it did the last one.
+                self.dropped += 1
+                log.info("agent %s: dropped assignment %s#%d meant for another process",
+                         self.agent_id, payload.task_id, payload.attempt)
+                return
             await self._run_assignment(payload)
         elif isinstance(payload, protocol.TaskCancel):
             for (task_id, attempt), task in list(self._running.items()):
@@ -284,6 +310,7 @@ class WorkerAgent:
         started = time.monotonic()
         try:
             async with self._slots:
+                await self._report_started(assign)
                 output = await asyncio.wait_for(self.handler(ctx), assign.timeout_s)
             result = protocol.TaskResult(task_id=assign.task_id, attempt=assign.attempt,
                                          success=True, output=output,
@@ -304,6 +331,15 @@ class WorkerAgent:
         finally:
             self._running.pop(key, None)
         self._remember(key)
+
+    async def _report_started(self, assign: protocol.TaskAssign) -> None:
+        """Confirmed before the handler runs: should it kill us, the coordinator knows."""
+        started = protocol.TaskProgress(task_id=assign.task_id, attempt=assign.attempt,
+                                        progress=0.0, message="started")
+        try:
+            await self.send(started)
+        except TransportError as exc:  # run anyway: the work matters more than the blame
+            log.warning("start of %s not reported: %s", assign.task_id, exc)
 
     async def _send_result(self, result: protocol.TaskResult) -> None:
         """Results must not be lost: retry through broker outages until confirmed."""

@@ -18,7 +18,7 @@ from typing import Any
 from coordinator_agent.cli.progress import format_table
 from coordinator_agent.cli.reach import api_get, describe_error, monitoring_url, origin
 from coordinator_agent.coordinator.scheduling import priority_band
-from coordinator_agent.exceptions import ConfigError, CoordinatorError
+from coordinator_agent.exceptions import ConfigError, CoordinatorError, UsageError
 from coordinator_agent.settings import Settings
 from coordinator_agent.wire.keyring import Keyring
 
@@ -29,7 +29,7 @@ def priority_option(value: str) -> str | int:
     try:
         priority_band(given)
     except ValueError as exc:
-        raise ConfigError(f"--priority: {exc}") from None
+        raise UsageError(f"--priority: {exc}") from None
     return given
 
 

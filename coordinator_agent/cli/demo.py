@@ -134,7 +134,14 @@ async def run_demo(
 ) -> int:
     demo_settings, keyring, workdir = _prepare(settings, agents, forever)
     coordinator = CoordinatorAgent(demo_settings, keyring)
-    await coordinator.start()
+    try:
+        await coordinator.start()
+    except BaseException:
+        # A second `make run` finds the monitoring port taken: close what had started, so the
+        # one-line error is all that is printed.
+        with contextlib.suppress(Exception):
+            await coordinator.stop()
+        raise
     processes = await _start_agents(demo_settings, agents)
     client = CoordinatorClient(demo_settings, keyring, OPERATOR)
     try:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator_agent import __version__
+from coordinator_agent.cli.conformance import add_conformance_command, cmd_conformance
 from coordinator_agent.cli.controls import CONTROL_COMMANDS, add_control_commands, priority_option
 from coordinator_agent.cli.progress import (
     Rates,
@@ -31,11 +33,24 @@ from coordinator_agent.cli.progress import (
     use_colour,
     watch_frame,
 )
-from coordinator_agent.cli.reach import api_get, http_get, monitoring_url, origin, require_broker
+from coordinator_agent.cli.reach import (
+    api_get,
+    api_post,
+    http_get,
+    monitoring_url,
+    origin,
+    require_broker,
+)
 from coordinator_agent.cli.routing import add_routing_commands, cmd_route, cmd_routing
-from coordinator_agent.exceptions import ConfigError, CoordinatorError
-from coordinator_agent.settings import CONFIG_ENV, Settings, load_settings
-from coordinator_agent.wire.keyring import ROLES, Keyring
+from coordinator_agent.exceptions import (
+    ConfigError,
+    CoordinatorError,
+    SubmissionTooLarge,
+    UsageError,
+    WaitTimeout,
+)
+from coordinator_agent.settings import CONFIG_ENV, Settings, describe_config_source, load_settings
+from coordinator_agent.wire.keyring import ROLES, Keyring, check_principal_id, require_role
 
 log = logging.getLogger("coordinator_agent")
 
@@ -51,6 +66,27 @@ def _flag(name: str) -> bool:
 
 def _csv(value: str | None) -> list[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def _more_than(kind: Callable[[str], float], minimum: float, *, inclusive: bool = False
+               ) -> Callable[[str], float]:
+    """An argparse type: a number above ``minimum`` (or at least it), refused cleanly else."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(
+                f"must be {'at least' if inclusive else 'more than'} {minimum:g}, not {text}")
+        return value
+    return parse
+
+
+POSITIVE = _more_than(float, 0)
+AT_LEAST_ONE = _more_than(int, 1, inclusive=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="agent kind [COORDINATOR_AGENT_KIND]")
     worker.add_argument("--capabilities", default=_env("COORDINATOR_AGENT_CAPABILITIES", ""),
                         help="comma-separated [COORDINATOR_AGENT_CAPABILITIES]")
-    worker.add_argument("--concurrency", type=int,
+    worker.add_argument("--concurrency", type=AT_LEAST_ONE,
                         default=_env("COORDINATOR_AGENT_CONCURRENCY", "4"),
                         help="tasks at once [COORDINATOR_AGENT_CONCURRENCY]")
 
@@ -111,14 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--priority", default=_env("COORDINATOR_TASK_PRIORITY"),
                         help="high, medium, low or a band 0-9 (default: from the text's "
                         "urgency, else medium) [COORDINATOR_TASK_PRIORITY]")
-    submit.add_argument("--timeout", type=float, default=_env("COORDINATOR_TASK_TIMEOUT_S"),
-                        help="seconds per attempt [COORDINATOR_TASK_TIMEOUT_S]")
+    submit.add_argument("--timeout", type=POSITIVE,
+                        default=_env("COORDINATOR_TASK_TIMEOUT_S"),
+                        help="seconds per attempt, more than 0 [COORDINATOR_TASK_TIMEOUT_S]")
     submit.add_argument("--wait", action="store_true", default=_flag("COORDINATOR_WAIT"),
                         help="wait for the result; a spinner on stderr shows the wait "
                         "[COORDINATOR_WAIT=1]")
-    submit.add_argument("--wait-timeout", type=float,
+    submit.add_argument("--wait-timeout", type=POSITIVE,
                         default=_env("COORDINATOR_WAIT_TIMEOUT_S", "120"),
-                        help="give up waiting after this many seconds "
+                        help="give up waiting after this many seconds (the task goes on) "
                         "[COORDINATOR_WAIT_TIMEOUT_S]")
     _principal_option(submit)
 
@@ -128,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_routing_commands(sub, common, _url_option)
     add_control_commands(sub, common, _url_option)  # cancel, redirect, the escalation desk
+    add_conformance_command(sub, common)
+
+    drain = sub.add_parser("drain", parents=[common],
+                           help="ask an agent to drain: no new work, running tasks finish, "
+                           "then it leaves")
+    drain.add_argument("agent", metavar="AGENT", help="the agent's id")
+    drain.add_argument("--reason", default=_env("COORDINATOR_DRAIN_REASON", ""),
+                       help="said to the agent and logged [COORDINATOR_DRAIN_REASON]")
+    _url_option(drain)
+    _principal_option(drain)
 
     watch = sub.add_parser("watch", parents=[common],
                            help="live view: status, agents and latest tasks, until Ctrl-C")
@@ -167,14 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[common],
                           help="coordinator + agent processes + tasks, then a summary")
-    demo.add_argument("--agents", type=int, default=_env("COORDINATOR_DEMO_AGENTS", "3"),
-                      help="[COORDINATOR_DEMO_AGENTS]")
-    demo.add_argument("--tasks", type=int, default=_env("COORDINATOR_DEMO_TASKS", "30"),
-                      help="[COORDINATOR_DEMO_TASKS]")
+    demo.add_argument("--agents", type=AT_LEAST_ONE,
+                      default=_env("COORDINATOR_DEMO_AGENTS", "3"),
+                      help="agent processes, at least 1 [COORDINATOR_DEMO_AGENTS]")
+    demo.add_argument("--tasks", type=AT_LEAST_ONE, default=_env("COORDINATOR_DEMO_TASKS", "30"),
+                      help="tasks to run, at least 1 [COORDINATOR_DEMO_TASKS]")
     demo.add_argument("--forever", action="store_true", default=_flag("COORDINATOR_DEMO_FOREVER"),
                       help="keep a steady trickle of tasks until Ctrl-C (make run) "
                       "[COORDINATOR_DEMO_FOREVER=1]")
-    demo.add_argument("--rate", type=float, default=_env("COORDINATOR_DEMO_RATE", "2"),
+    demo.add_argument("--rate", type=POSITIVE, default=_env("COORDINATOR_DEMO_RATE", "2"),
                       help="tasks per second with --forever [COORDINATOR_DEMO_RATE]")
     return parser
 
@@ -197,12 +245,18 @@ def _url_option(cmd: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    if args.config:
-        os.environ[CONFIG_ENV] = args.config
-    return load_settings(
-        name=args.name, broker_url=args.broker_url, keyring_path=args.keyring_path,
-        log_level=args.log_level, monitoring_port=args.monitoring_port,
+    settings = load_settings(
+        config_file=args.config, name=args.name, broker_url=args.broker_url,
+        keyring_path=args.keyring_path, log_level=args.log_level,
+        monitoring_port=args.monitoring_port,
     )
+    if args.config:
+        os.environ[CONFIG_ENV] = args.config  # processes we start (demo agents) read it too
+    return settings
+
+
+#: Commands that run for long: they say at INFO which config file they read (others at DEBUG).
+LONG_RUNNING = frozenset({"run", "worker", "demo"})
 
 
 def setup_logging(level: str) -> None:
@@ -222,10 +276,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from(args)
         setup_logging(settings.log_level)
+        log.log(logging.INFO if args.command in LONG_RUNNING else logging.DEBUG, "%s",
+                describe_config_source(settings))
         handler = COMMANDS[args.command]
         return handler(args, settings)
     except ConfigError as exc:
         print(f"coordinator-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"coordinator-agent: {exc}", file=sys.stderr)
         return 2
     except CoordinatorError as exc:
         print(f"coordinator-agent: {exc}", file=sys.stderr)
@@ -265,9 +324,51 @@ def run_until_signal(
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
-        await start()
+        try:
+            await start()
+        except BaseException:
+            # Whatever started before the failure (connections, consumers) is closed again,
+            # so the error is all that is printed: no "Task was destroyed" tracebacks.
+            with contextlib.suppress(Exception):
+                await stop()
+            raise
         await stopping.wait()
         await stop()
+        return 0
+
+    return asyncio.run(body())
+
+
+def serve_until_signal(
+    serve: Callable[[], Coroutine[Any, Any, None]], request_stop: Callable[[], None],
+    *, close: Callable[[], Coroutine[Any, Any, None]] | None = None,
+) -> int:
+    """Run ``serve()`` to its end, which may come on its own (an agent told to drain); the first
+    SIGTERM/SIGINT asks it to stop gracefully, a second forces exit. If ``serve()`` fails,
+    ``close()`` closes what it had opened."""
+
+    async def body() -> int:
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                log.warning("second signal: exiting now")
+                os._exit(130)
+            log.info("stopping (send the signal again to force)")
+            request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await serve()
+        except BaseException:
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+            raise
         return 0
 
     return asyncio.run(body())
@@ -284,17 +385,16 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from coordinator_agent.agent.examples import example_handler
     from coordinator_agent.agent.worker import WorkerAgent
 
+    keyring = Keyring.load(settings.keyring_path)
+    require_role(keyring, check_principal_id(args.id), "agent", settings.keyring_path)
     agent = WorkerAgent(
-        args.id, args.kind, example_handler, settings=settings,
-        keyring=Keyring.load(settings.keyring_path),
+        args.id, args.kind, example_handler, settings=settings, keyring=keyring,
         capabilities=[c.strip() for c in args.capabilities.split(",") if c.strip()],
         max_concurrency=args.concurrency,
     )
 
-    async def stop() -> None:
-        await agent.stop()
-
-    return run_until_signal(agent.start, stop)
+    # Not run_until_signal: an agent.drain from the coordinator ends the agent as well.
+    return serve_until_signal(agent.run, agent.request_stop, close=agent.stop)
 
 
 def operator_id(keyring: Keyring, wanted: str | None) -> str:
@@ -302,7 +402,7 @@ def operator_id(keyring: Keyring, wanted: str | None) -> str:
         return wanted
     operators = [p.id for p in keyring.principals.values() if p.role == "operator"]
     if len(operators) != 1:
-        raise ConfigError(
+        raise UsageError(
             "say which operator to act as with --principal (keyring has "
             f"{len(operators)} operators)"
         )
@@ -318,16 +418,21 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         try:
             task_input = json.loads(args.input)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"--input is not valid JSON: {exc.msg}") from None
+            raise UsageError(f"--input is not valid JSON: {exc.msg}") from None
     capabilities = args.capability or _csv(_env("COORDINATOR_TASK_CAPABILITIES"))
-    fields = composite_fields(args)
-    if args.priority:
-        fields["priority"] = priority_option(args.priority)
+    priority = priority_option(args.priority) if args.priority else None
+    fields = composite_fields(args, kind=args.kind, required_capabilities=capabilities,
+                              timeout_s=args.timeout, task_id=args.task_id, priority=priority)
+    if priority is not None:
+        fields["priority"] = priority
     keyring = Keyring.load(settings.keyring_path)
     principal = operator_id(keyring, args.principal)
     require_broker(settings.broker_url.get_secret_value())
 
+    phase = "submitted"
+
     async def body() -> int:
+        nonlocal phase
         async with CoordinatorClient(settings, keyring, principal) as c:
             task_id = await c.submit(
                 args.description, kind=args.kind, required_capabilities=capabilities,
@@ -337,25 +442,38 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
                 _print(args, {"task_id": task_id, "status": "submitted"}, f"submitted {task_id}")
                 return 0
 
-            def phase() -> str:
-                return "accepted" if task_id in c.accepted else "submitted"
+            def current() -> str:
+                nonlocal phase
+                phase = "accepted" if task_id in c.accepted else "submitted"
+                return phase
 
-            with Spinner(f"task {task_id}", detail=phase):
-                done = await c.wait(task_id, args.wait_timeout)
+            with Spinner(f"task {task_id}", detail=current):
+                try:
+                    done = await c.wait(task_id, args.wait_timeout)
+                finally:
+                    current()
             result = done.model_dump(mode="json")
             _print(args, result, _describe_result(result))
             return 0 if done.status == "succeeded" else 1
 
     try:
         return asyncio.run(body())
-    except TimeoutError:
-        print(f"coordinator-agent: no result within {args.wait_timeout:g}s "
-              "(the task goes on; look it up with GET /api/tasks/ID)", file=sys.stderr)
+    except SubmissionTooLarge as exc:
+        raise UsageError(str(exc)) from None  # nothing was sent: the input is what to change
+    except WaitTimeout as exc:
+        # The task goes on: say which one, and how to find it later.
+        if args.json:
+            print(json.dumps({"task_id": exc.task_id, "status": phase, "timed_out": True,
+                              "wait_timeout_s": args.wait_timeout}))
+        print(f"coordinator-agent: no result for task {exc.task_id} within "
+              f"{args.wait_timeout:g}s; it is {phase} and goes on (look it up with "
+              f"GET /api/tasks/{exc.task_id} or `coordinator-agent watch`)", file=sys.stderr)
         return 3
 
 
-def composite_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """--spec, --subtask and --step as task.submit fields, checked before anything is sent."""
+def composite_fields(args: argparse.Namespace, **checked: Any) -> dict[str, Any]:
+    """--spec, --subtask and --step as task.submit fields, checked (with ``checked``, the other
+    options' fields) before anything is sent."""
     from pydantic import ValidationError
 
     from coordinator_agent.wire import protocol
@@ -365,21 +483,22 @@ def composite_fields(args: argparse.Namespace) -> dict[str, Any]:
         try:
             fields = json.loads(args.spec)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"--spec is not valid JSON: {exc.msg}") from None
+            raise UsageError(f"--spec is not valid JSON: {exc.msg}") from None
         if not isinstance(fields, dict):
-            raise ConfigError("--spec must be a JSON object of task.submit fields")
+            raise UsageError("--spec must be a JSON object of task.submit fields")
     subtasks = args.subtask or _lines(_env("COORDINATOR_TASK_SUBTASKS"))
     steps = args.step or _lines(_env("COORDINATOR_TASK_STEPS"))
     if subtasks:
         fields["subtasks"] = [{"description": d} for d in subtasks]
     if steps:
         fields["steps"] = [{"description": d} for d in steps]
+    given = {k: v for k, v in checked.items() if v not in (None, [])}
     try:
-        protocol.TaskSubmit(description=args.description, **fields)
+        protocol.TaskSubmit(description=args.description, **{**fields, **given})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'task'}: {e['msg']}"
                              for e in exc.errors(include_url=False, include_input=False))
-        raise ConfigError(f"invalid task: {problems}") from None
+        raise UsageError(f"invalid task: {problems}") from None
     return fields
 
 
@@ -438,7 +557,7 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     another as plain blocks, and with --json each frame is one JSON object on one line.
     """
     if args.interval <= 0:
-        raise ConfigError("--interval must be more than 0 seconds")
+        raise UsageError("--interval must be more than 0 seconds")
     base = monitoring_url(args, settings)
     out = sys.stdout
     live = out.isatty() and not args.json
@@ -495,11 +614,29 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
             out.flush()
 
 
+def cmd_drain(args: argparse.Namespace, settings: Settings) -> int:
+    """POST /api/agents/{id}/drain as an operator: the coordinator sends the agent agent.drain."""
+    from urllib.parse import quote
+
+    keyring = Keyring.load(settings.keyring_path)
+    operator = keyring.get(operator_id(keyring, args.principal))
+    if operator is None or operator.api_token is None:
+        raise ConfigError(f"{args.principal!r} is not an operator in {settings.keyring_path}")
+    body = api_post(monitoring_url(args, settings),
+                    f"/api/agents/{quote(args.agent, safe='')}/drain",
+                    {"reason": args.reason}, token=operator.api_token.get_secret_value())
+    _print(args, body, f"asked agent {args.agent} to drain: it takes no new work, finishes "
+           "its tasks and leaves")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     if args.config_only:
         keyring = Keyring.load(settings.keyring_path)
-        _print(args, {"ok": True, "principals": len(keyring.principals)},
-               f"configuration and keyring OK ({len(keyring.principals)} principals)")
+        source = describe_config_source(settings)
+        _print(args, {"ok": True, "principals": len(keyring.principals),
+                      "config_file": str(settings.config_file) if settings.config_file else None},
+               f"{source}\nconfiguration and keyring OK ({len(keyring.principals)} principals)")
         return 0
     try:
         code, body = http_get(monitoring_url(args, settings) + "/readyz", timeout=3)
@@ -569,10 +706,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "status": cmd_status,
     "agents": cmd_agents,
     "watch": cmd_watch,
+    "drain": cmd_drain,
     "routing": cmd_routing,
     "route": cmd_route,
     **CONTROL_COMMANDS,
     "check": cmd_check,
     "keys": cmd_keys,
     "demo": cmd_demo,
+    "conformance": cmd_conformance,
 }

@@ -247,8 +247,12 @@ def tasks_table(
         status = clean(t.get("status"))
         if status == "running" and isinstance(t.get("progress"), int | float):
             status += f" {t['progress'] * 100:.0f}%"
+        route = route_label(t.get("routing"))
+        waiting = t.get("waiting")
+        if route == "-" and isinstance(waiting, Mapping) and waiting.get("reason"):
+            route = f"waiting: {clean(waiting['reason'])}"  # no_matching_agent, no_free_agent
         rows.append([
-            t.get("id"), status, route_label(t.get("routing")), tries,
+            t.get("id"), status, route, tries,
             ago(now - updated) if isinstance(updated, int | float) else "-",
             t.get("description"),
         ])

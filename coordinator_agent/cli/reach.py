@@ -76,10 +76,16 @@ def origin(url: str) -> str:
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, Any]:
     """GET a JSON document from the monitoring API: (HTTP status, body)."""
+    return http_request(urllib.request.Request(url), timeout)  # noqa: S310 - scheme checked
+
+
+def http_request(request: urllib.request.Request, timeout: float = 5.0) -> tuple[int, Any]:
+    """Send a request to the monitoring API and read its JSON answer: (HTTP status, body)."""
+    url = request.full_url
     if urlsplit(url).scheme not in ("http", "https"):
         raise ConfigError(f"{origin(url)} is not an http(s) URL — check --url / COORDINATOR_URL")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
             code, raw = response.status, response.read()
     except urllib.error.HTTPError as exc:
         code, raw = exc.code, exc.read()
@@ -108,3 +114,20 @@ def api_get(base: str, path: str) -> Any:
             f"{f' ({detail})' if detail else ''} — is it the same version as this command?"
         )
     return body
+
+
+def api_post(base: str, path: str, body: Any, *, token: str) -> Any:
+    """A POST with an operator's bearer token that must be accepted (HTTP 2xx).
+
+    The token goes in the Authorization header only: never in a message or the URL.
+    """
+    request = urllib.request.Request(  # noqa: S310 - http_request checks the scheme
+        base + path, data=json.dumps(body).encode(), method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    code, answer = http_request(request)
+    if not 200 <= code < 300:
+        detail = answer.get("error") if isinstance(answer, dict) else None
+        raise CoordinatorError(f"the coordinator at {origin(base)} refused {path}: HTTP {code}"
+                               f"{f' ({detail})' if detail else ''}")
+    return answer

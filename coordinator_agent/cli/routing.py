@@ -14,20 +14,52 @@ import os
 import sys
 import urllib.parse
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator_agent.cli.progress import format_table
 from coordinator_agent.cli.reach import api_get, monitoring_url
 from coordinator_agent.exceptions import CoordinatorError
 from coordinator_agent.settings import Settings
 
+if TYPE_CHECKING:
+    from coordinator_agent.routing.text_prior import TextPrior
+
+
+#: The reasons a description has no agent, in words; ``route`` exits 1 for the first.
+NO_AGENT = {
+    "no_matching_agent": "no known agent can take it (none of that kind, or none with every "
+                         "required capability): a task like this would wait for one until its "
+                         "timeout, then fail",
+    "no_free_agent": "every agent that could take it is busy right now: a task like this would "
+                     "wait for a free slot",
+}
+
 
 def add_routing_commands(
     sub: Any, common: argparse.ArgumentParser, url_option: Callable[[Any], None]
 ) -> None:
     routing = sub.add_parser("routing", parents=[common],
-                             help="routing accuracy, fallback rate, confidence, per-kind success")
+                             help="routing accuracy, fallback rate, confidence, per-kind success;"
+                             " 'routing replay' evaluates another policy on the decision log")
     url_option(routing)
+    actions = routing.add_subparsers(dest="routing_action")
+    replay = actions.add_parser(
+        "replay", help="estimate from the decision log how another routing configuration "
+        "(policy, threshold...) would have done: inverse-propensity and doubly robust")
+    replay.add_argument("--config", dest="replay_config",
+                        default=os.environ.get("COORDINATOR_REPLAY_CONFIG"),
+                        help="the other routing configuration (YAML); default: the packaged "
+                        "one [COORDINATOR_REPLAY_CONFIG]")
+    replay.add_argument("--store", dest="replay_store",
+                        default=os.environ.get("COORDINATOR_REPLAY_STORE"),
+                        help="learning store with the decision log; default: this coordinator's"
+                        " [COORDINATOR_REPLAY_STORE]")
+    replay.add_argument("--seed", dest="replay_seed", type=int,
+                        default=int(os.environ.get("COORDINATOR_REPLAY_SEED", "0")),
+                        help="seed of the bootstrap [COORDINATOR_REPLAY_SEED]")
+    replay.add_argument("--json", dest="replay_json", action="store_true",
+                        default=os.environ.get("COORDINATOR_JSON", "") not in ("", "0"),
+                        help="JSON output [COORDINATOR_JSON=1]")
     route = sub.add_parser("route", parents=[common],
                            help="explain where a description would be routed (submits nothing)")
     route.add_argument("description")
@@ -59,11 +91,13 @@ def routing_summary(stats: Mapping[str, Any]) -> str:
         "",
     ]
     kinds = stats.get("kinds") or {}
+    confidence = stats.get("average_confidence_by_kind") or {}
     rows = [(kind, _pct(k.get("success_rate")), k.get("outcomes", 0),
-             "-" if k.get("mean_duration_s") is None else f"{k['mean_duration_s']:.3f}s")
+             "-" if k.get("mean_duration_s") is None else f"{k['mean_duration_s']:.3f}s",
+             "-" if kind not in confidence else f"{float(confidence[kind]):.3f}")
             for kind, k in sorted(kinds.items())]
-    lines.append(format_table(("KIND", "SUCCESS", "OUTCOMES", "MEAN TIME"), rows,
-                              right=("SUCCESS", "OUTCOMES", "MEAN TIME"),
+    lines.append(format_table(("KIND", "SUCCESS", "OUTCOMES", "MEAN TIME", "CONFIDENCE"), rows,
+                              right=("SUCCESS", "OUTCOMES", "MEAN TIME", "CONFIDENCE"),
                               empty="(nothing learned yet)"))
     return "\n".join(lines)
 
@@ -79,6 +113,52 @@ def route_explanation(explained: Mapping[str, Any]) -> str:
     ]
     kinds = explained.get("kinds") or {}
     order = sorted(kinds, key=lambda k: -float(kinds[k].get("confidence") or 0))
+    if explained.get("policy") == "bandit":
+        lines.append(_bandit_table(kinds, order))
+    else:
+        lines.append(_seed_table(kinds, order))
+    prior = (explained.get("text_prior") or {}).get("probabilities") or {}
+    if prior:
+        lines += ["", "text prior " + "   ".join(
+            f"{kind} {float(p):.3f}" for kind, p in list(prior.items())[:4])]
+    workflow = explained.get("workflow")
+    if workflow:
+        steps = " -> ".join(f"{s.get('kind')} ({s.get('description')!r})" for s in workflow)
+        lines += ["", f"workflow   {steps}"]
+    chosen = explained.get("kind") or "(none)"
+    agent = explained.get("agent")
+    via = f" -> agent {agent}" if agent else ""
+    fallback = " (fallback kind)" if explained.get("fallback_used") else ""
+    reason = explained.get("reason") or "-"
+    lines += ["", f"kind       {chosen}{fallback}{via}",
+              f"why        {NO_AGENT.get(reason, reason)}",
+              f"policy     {explained.get('policy') or 'seed'}   threshold "
+              f"{explained.get('threshold')}   source {explained.get('source')}"]
+    if explained.get("priority"):  # a live coordinator: scheduling.py and limits.py
+        lines.append(f"priority   {explained['priority']}   "
+                     f"{'held: ' + explained['held'] if explained.get('held') else 'not held'}")
+    return "\n".join(lines)
+
+
+def _bandit_table(kinds: Mapping[str, Any], order: list[str]) -> str:
+    rows = []
+    for kind in order:
+        p = kinds[kind].get("parts") or {}
+        chance = p.get("chance")
+        rows.append((kind, f"{float(p.get('prior') or 0):.3f}",
+                     f"{float(p.get('prior_success') or 0):.3f}",
+                     f"{float(p.get('successes') or 0):.1f}/{float(p.get('failures') or 0):.1f}",
+                     f"+-{float(p.get('exploration') or 0):.3f}",
+                     "-" if chance is None else f"{float(chance):.3f}",
+                     f"{float(p.get('probability') or 0):.3f}"))
+    return format_table(("KIND", "PRIOR P(KIND|TEXT)", "PRIOR SUCCESS", "EVIDENCE S/F",
+                         "EXPLORATION", "CHANCE", "PROBABILITY"), rows,
+                        right=("PRIOR P(KIND|TEXT)", "PRIOR SUCCESS", "EVIDENCE S/F",
+                               "EXPLORATION", "CHANCE", "PROBABILITY"),
+                        empty="(no kind can take it)")
+
+
+def _seed_table(kinds: Mapping[str, Any], order: list[str]) -> str:
     rows = []
     for kind in order:
         parts = kinds[kind].get("parts") or {}
@@ -87,24 +167,49 @@ def route_explanation(explained: Mapping[str, Any]) -> str:
                      f"{float(parts.get('domain') or 0):.3f}",
                      f"{float(parts.get('complexity') or 0):.3f}",
                      f"{float(parts.get('workload') or 0):.3f}"))
-    lines.append(format_table(("KIND", "CONFIDENCE", "PATTERN", "DOMAIN", "COMPLEXITY",
-                               "WORKLOAD"), rows,
-                              right=("CONFIDENCE", "PATTERN", "DOMAIN", "COMPLEXITY", "WORKLOAD"),
-                              empty="(no kind can take it)"))
-    chosen = explained.get("kind") or "(none)"
-    agent = explained.get("agent")
-    via = f" -> agent {agent}" if agent else ""
-    fallback = " (fallback kind)" if explained.get("fallback_used") else ""
-    lines += ["", f"kind       {chosen}{fallback}{via}",
-              f"why        {explained.get('reason') or '-'}",
-              f"threshold  {explained.get('threshold')}   source {explained.get('source')}"]
-    if explained.get("priority"):  # a live coordinator: scheduling.py and limits.py
-        lines.append(f"priority   {explained['priority']}   "
-                     f"{'held: ' + explained['held'] if explained.get('held') else 'not held'}")
-    return "\n".join(lines)
+    return format_table(("KIND", "CONFIDENCE", "PATTERN", "DOMAIN", "COMPLEXITY", "WORKLOAD"),
+                        rows, right=("CONFIDENCE", "PATTERN", "DOMAIN", "COMPLEXITY", "WORKLOAD"),
+                        empty="(no kind can take it)")
+
+
+def replay_summary(result: Mapping[str, Any]) -> str:
+    if not result.get("decisions"):
+        return f"decisions 0: {result.get('note', 'nothing to replay')}"
+
+    def line(name: str, key: str) -> str:
+        r = result[key]
+        low, high = r["ci95"]
+        b_low, b_high = r["bootstrap95"]
+        return (f"{name:<16}{100 * r['estimate']:6.1f}%   95% CI {100 * low:5.1f}% .. "
+                f"{100 * high:5.1f}%   bootstrap {100 * b_low:5.1f}% .. {100 * b_high:5.1f}%")
+
+    return "\n".join([
+        f"decisions {result['decisions']} (first attempts chosen by the logged policy "
+        f"{', '.join(result['logged_policy'])}, outcome known)",
+        f"target policy {result['target_policy']}   agreement with the log "
+        f"{100 * result['agreement']:.1f}%   effective sample size "
+        f"{result['effective_sample_size']:.0f}",
+        "first-try success:",
+        line("  logged", "logged"),
+        line("  target, IPS", "ips"),
+        line("  target, DR", "doubly_robust"),
+    ])
+
+
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from coordinator_agent.routing.config import load_routing_config
+    from coordinator_agent.routing.replay import replay
+
+    target = load_routing_config(args.replay_config)
+    store = args.replay_store or settings.routing_store_path
+    result = replay(store, target, seed=args.replay_seed)
+    print(json.dumps(result) if args.json or args.replay_json else replay_summary(result))
+    return 0
 
 
 def cmd_routing(args: argparse.Namespace, settings: Settings) -> int:
+    if getattr(args, "routing_action", None) == "replay":
+        return cmd_replay(args, settings)
     stats = api_get(monitoring_url(args, settings), "/api/routing")
     print(json.dumps(stats) if args.json else routing_summary(stats))
     return 0
@@ -114,11 +219,13 @@ def explain_locally(args: argparse.Namespace, settings: Settings) -> dict[str, A
     """The decision from the configuration and the learning store on disk (no agents known)."""
     from coordinator_agent.routing.config import load_routing_config
     from coordinator_agent.routing.planner import CoordinationPlanner
+    from coordinator_agent.routing.text_prior import TextPrior
 
     store = settings.routing_store_path
+    config = load_routing_config(settings.routing_config)
     planner = CoordinationPlanner(
         settings.limits.max_in_flight_per_agent,
-        config=load_routing_config(settings.routing_config),
+        config=config,
         store_path=store if store.exists() else None,
     )
     try:
@@ -126,7 +233,35 @@ def explain_locally(args: argparse.Namespace, settings: Settings) -> dict[str, A
                                     required_capabilities=args.capability)
     finally:
         planner.close()
+    if args.kind is None:
+        explained = cold_start(explained, TextPrior(config), args.description)
     return {**explained, "source": f"local ({store if store.exists() else 'no learning store'})"}
+
+
+def _evidence(parts: Mapping[str, Any]) -> float:
+    """Learned outcomes behind a kind's score, under either policy."""
+    return float(parts.get("evidence") or 0) + float(parts.get("successes") or 0) + float(
+        parts.get("failures") or 0)
+
+
+def cold_start(explained: dict[str, Any], prior: TextPrior, description: str) -> dict[str, Any]:
+    """With nothing learned for any kind, the text prior decides the kind (``TextPrior``)."""
+    kinds = explained.get("kinds") or {}
+    if any(_evidence(k.get("parts") or {}) > 0 for k in kinds.values()):
+        return explained
+    probabilities = prior.probabilities(description)
+    chosen = prior.best(description)
+    ranked = sorted(probabilities, key=lambda k: -probabilities[k])
+    return {
+        **explained,
+        "kind": chosen,
+        "fallback_used": chosen == prior.fallback,
+        "reason": f"cold start: nothing learned yet, the text prior gives {chosen!r} "
+                  f"{probabilities[chosen]:.2f}",
+        "alternatives": [k for k in ranked if k != chosen],
+        "text_prior": {"probabilities": {k: round(probabilities[k], 4) for k in ranked},
+                       "matched": prior.matched(description)},
+    }
 
 
 def cmd_route(args: argparse.Namespace, settings: Settings) -> int:
@@ -144,8 +279,12 @@ def cmd_route(args: argparse.Namespace, settings: Settings) -> int:
             print(f"note: {exc}; explaining from local configuration instead", file=sys.stderr)
     if explained is None:
         explained = explain_locally(args, settings)
+    words = NO_AGENT.get(str(explained.get("reason")))
+    if words is not None:
+        explained["explanation"] = words
     if args.json:
         print(json.dumps(explained))
     else:
         print(route_explanation(explained))
-    return 0
+    # A script asking "would this run?" gets no for a description that no agent can take.
+    return 1 if explained.get("reason") == "no_matching_agent" else 0

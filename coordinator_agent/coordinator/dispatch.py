@@ -9,6 +9,7 @@ a kind and an instance, and records the assignment before publishing it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -19,8 +20,9 @@ from coordinator_agent.coordinator.scheduling import SchedulingQueue
 from coordinator_agent.coordinator.state import AgentRecord, StateManager
 from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
 from coordinator_agent.coordinator.workflows import WorkflowEngine
-from coordinator_agent.exceptions import TransportError, Unroutable
+from coordinator_agent.exceptions import StoreError, TransportError, Unroutable
 from coordinator_agent.ops.metrics import Metrics
+from coordinator_agent.routing.config import CloseCall
 from coordinator_agent.routing.planner import CoordinationPlanner
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,9 @@ class Dispatcher:
         # Bound by the service once the parts that depend on each other exist.
         self.workflows: WorkflowEngine | None = None
         self.on_undeliverable: Undeliverable | None = None
+        #: False while the broker does not work (no connection, or no confirms): assignments
+        #: wait instead of timing out, so an outage costs no retries.
+        self.broker_ok: Callable[[], bool] = lambda: True
 
     def enqueue(self, task_id: str) -> None:
         task = self.state.tasks.get(task_id)
@@ -75,7 +80,7 @@ class Dispatcher:
         while True:
             await self.wake.wait()
             self.wake.clear()
-            if self.active:
+            if self.active and self.broker_ok():
                 self.dispatch()
             await asyncio.sleep(0)
 
@@ -125,7 +130,10 @@ class Dispatcher:
                         task.routing["held"] = held_kinds[task.kind][1]
                         holding.add(task.kind)
                         continue
-                decision = self.planner.select(task, agents)
+                spared = task.crashed_agents
+                # At most one crash per agent: a task never goes back to an agent it crashed.
+                decision = self.planner.select(
+                    task, [a for a in agents if a.id not in spared] if spared else agents)
                 if self._hedge(task):
                     self.drop(task_id)  # raced on two kinds (workflows.py)
                     continue
@@ -140,7 +148,8 @@ class Dispatcher:
                     continue
                 self.drop(task_id)
                 task.routing.pop("held", None)
-                self._assign(task, decision.agent)
+                if not self._assign(task, decision.agent):
+                    continue  # not recorded: rolled back and queued again (on_rollback)
                 serving.took(principal)
                 free -= 1
                 if limits is not None:
@@ -214,36 +223,65 @@ class Dispatcher:
         runner_up = alternatives[0]
         if top - float(runner_up.get("confidence", 0.0)) > hedge.margin:
             return False
-        return self.workflows.hedge(task, [routing["kind"], runner_up["kind"]])
+        merge = hedge.mode is CloseCall.MERGE
+        started = self.workflows.hedge(task, [routing["kind"], runner_up["kind"]], merge=merge)
+        if started:
+            self.metrics.multi_master_tasks.labels(hedge.mode.value).inc()
+        return started
 
     def assign_to(self, task: TaskRecord, agent: AgentRecord) -> None:
         """An operator's choice of agent (desk.py): no routing, no limits."""
         self.drop(task.id)
         self._assign(task, agent)
 
-    def _assign(self, task: TaskRecord, agent: AgentRecord) -> None:
+    def _assign(self, task: TaskRecord, agent: AgentRecord) -> bool:
+        """Record the assignment, then send it; False if the store could not record it."""
         now = time.time()
-        attempt = Attempt(len(task.attempts) + 1, agent.id, now, now + task.timeout_s)
+        attempt = Attempt(len(task.attempts) + 1, agent.id, now, now + task.timeout_s,
+                          session=agent.session)
         task.attempts.append(attempt)
         if attempt.number == 1:
             waited = max(0.0, now - task.created_at)
             self.metrics.task_wait.labels(str(task.priority)).observe(waited)
         task.move(TaskStatus.ASSIGNED)
         agent.in_flight.add(task.id)
-        self.state.save(task)
+        try:
+            self.state.save(task)  # durable before it is sent
+        except StoreError as exc:
+            log.warning("assignment of %s not recorded: %s", task.id, exc)
+            return False  # rolled back to pending, and queued again by on_rollback
         self.metrics.operations.labels("task_assign").inc()
         self.spawn(self.send(task, attempt))
+        return True
 
     async def send(self, task: TaskRecord, attempt: Attempt) -> None:
-        try:
-            await self.outbox.assignment(task, attempt)
-        except TransportError as exc:
-            if attempt is not task.current_attempt:
+        """Publish an assignment until the broker takes it, or it no longer counts.
+
+        A timeout or a lost connection leaves it unknown whether the agent got it, so the same
+        attempt is sent again (the agent ignores a copy it already has) rather than a new one
+        made: a broker outage neither costs a retry nor runs the task twice.
+        """
+        delay = 0.5
+        while True:
+            try:
+                await self.outbox.assignment(task, attempt)
                 return
-            log.warning("assignment of %s to %s failed: %s", task.id, attempt.agent_id, exc)
-            if isinstance(exc, Unroutable):
+            except Unroutable as exc:
+                if self.state.tasks.get(task.id) is not task or attempt is not task.current_attempt:
+                    return
+                log.warning("assignment of %s to %s failed: %s", task.id, attempt.agent_id, exc)
                 agent = self.state.agents.get(attempt.agent_id)
                 if agent is not None:
                     self.state.suspect(agent, "queue_gone")
-            if self.on_undeliverable is not None:
-                self.on_undeliverable(task, attempt, AttemptOutcome.UNDELIVERABLE, str(exc))
+                if self.on_undeliverable is not None:
+                    with contextlib.suppress(StoreError):
+                        self.on_undeliverable(task, attempt, AttemptOutcome.UNDELIVERABLE,
+                                              str(exc))
+                return
+            except TransportError as exc:
+                if self.state.tasks.get(task.id) is not task or attempt is not task.current_attempt:
+                    return
+                log.info("assignment of %s to %s not confirmed (%s); sending it again",
+                         task.id, attempt.agent_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

@@ -1,7 +1,11 @@
 """Agents' own reports about themselves: hello, heartbeat (``agent.status``), metrics, goodbye.
 
 A heartbeat updates the agent's record (load, in-flight, last seen) and may make it assignable,
-which wakes dispatch. A fresh process's hello, or a goodbye, hands its tasks back for a retry.
+which wakes dispatch. A fresh process's hello, or a goodbye, hands its tasks back: what it had
+started is retried (a crash is charged to the task), what was only queued is withdrawn.
+
+A process is told apart by its session, the id of its ``agent.hello``, which the SDK also sends
+as the correlation id of its heartbeats; assignments carry the session they are meant for.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from coordinator_agent.coordinator.dispatch import Dispatcher
 from coordinator_agent.coordinator.liveness import AgentLiveness
 from coordinator_agent.coordinator.results import TaskResults
 from coordinator_agent.coordinator.state import AgentRecord, StateManager
+from coordinator_agent.coordinator.tasks import Attempt
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.wire import protocol
 
@@ -28,18 +33,39 @@ class AgentReports:
 
     def seen(
         self, agent_id: str, info: protocol.AgentHello | protocol.AgentStatus, now: float,
-        *, redelivered: bool = False,
+        *, redelivered: bool = False, session: str | None = None,
     ) -> None:
         previous = self.state.agents.get(agent_id)
-        if (isinstance(info, protocol.AgentHello) and not redelivered
-                and previous is not None and previous.in_flight):
-            # A (first-delivery) hello means a fresh process: what the old one ran is gone.
-            self.results.lose_agent_tasks(previous, "agent restarted")
+        if isinstance(info, protocol.AgentHello) and previous is not None and previous.in_flight:
+            self._new_process(previous, session, redelivered=redelivered)
         agent, became_assignable = self.state.observe_agent(agent_id, info, now)
+        if session is not None and (isinstance(info, protocol.AgentHello)
+                                    or agent.session is None):
+            agent.session = session
         self.metrics.operations.labels("heartbeat").inc()
         if became_assignable:
             log.info("agent %s (%s) is available", agent_id, agent.kind)
             self.dispatcher.wake.set()
+
+    def _new_process(self, previous: AgentRecord, session: str | None, *,
+                     redelivered: bool) -> None:
+        """A hello: what other processes of this agent held is no longer theirs.
+
+        Attempts made for this very session stay (the same hello delivered again, or its
+        heartbeat got here first); everything else ends, started or not (results.py).
+        """
+        if session is None:
+            # No session (a hello without an id cannot happen on the wire; kept for callers
+            # that have none): a first delivery means a new process.
+            if not redelivered:
+                self.results.lose_agent_tasks(previous, "agent restarted", crashed=True)
+            return
+
+        def still_its_own(attempt: Attempt) -> bool:
+            return attempt.session == session
+
+        self.results.lose_agent_tasks(previous, "agent restarted", crashed=True,
+                                      keep=still_its_own)
 
     def touch(self, agent_id: str, now: float) -> AgentRecord | None:
         """Any message from an agent is a sign of life."""
@@ -57,4 +83,4 @@ class AgentReports:
         agent = self.state.agent_left(agent_id)
         if agent is not None:
             log.info("agent %s left", agent_id)
-            self.results.lose_agent_tasks(agent, "agent left")
+            self.results.lose_agent_tasks(agent, "agent left", crashed=False)

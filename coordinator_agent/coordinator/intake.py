@@ -1,4 +1,10 @@
-"""Intake: a submitted task becomes a durable record and joins the dispatch queue."""
+"""Intake: a submitted task becomes a durable record and joins the dispatch queue.
+
+Durable first, visible after: the record is written before it enters memory, before any
+``task.accepted`` and before the ack. A task the store cannot take is refused: over AMQP the
+client gets a ``rejected`` notice and the submission is dead-lettered with the reason
+(``store_unavailable`` or ``unstorable_input``); over HTTP the answer is 503 or 422.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,13 @@ from coordinator_agent.coordinator.scheduling import URGENCY_PRIORITY, priority_
 from coordinator_agent.coordinator.state import StateManager
 from coordinator_agent.coordinator.tasks import TaskRecord
 from coordinator_agent.coordinator.workflows import WorkflowEngine
-from coordinator_agent.exceptions import AuthorizationError, SubmissionRefused
+from coordinator_agent.exceptions import (
+    AuthorizationError,
+    RejectedMessage,
+    StoreError,
+    SubmissionRefused,
+    UnstorableTask,
+)
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.routing.planner import CoordinationPlanner
 from coordinator_agent.settings import Limits
@@ -63,8 +75,9 @@ class Intake:
             priority=self.priority_for(spec.priority, spec.description),
         )
         assert self.workflows is not None
+        spec = self._phased(spec)
         composite = self.workflows.prepare(task, spec)  # before the first save, for a restart
-        self.state.add_task(task)
+        self.state.add_task(task)  # raises StoreError: then nothing was accepted
         self.metrics.tasks_submitted.inc()
         self.metrics.operations.labels("task_submit").inc()
         if composite:
@@ -79,6 +92,29 @@ class Intake:
             return priority_band(given)
         urgency = self.planner.analyzer.analyze(description).urgency
         return URGENCY_PRIORITY.get(urgency, priority_band(None))
+
+    def _phased(self, spec: protocol.TaskSubmit) -> protocol.TaskSubmit:
+        """A multi-phase description becomes sequential steps (routing ``phases``)."""
+        if spec.composite or spec.kind is not None or spec.required_capabilities:
+            return spec
+        steps = self.dispatcher.planner.phases(spec.description)
+        if not steps:
+            return spec
+        # Each step names its kind, a hard constraint: split only when the fleet has them all,
+        # or the task would wait for a kind nobody runs instead of running whole.
+        known = {a.kind for a in self.state.agents.values() if not a.liveness.gone}
+        if any(s["kind"] not in known for s in steps):
+            return spec
+        return spec.model_copy(update={"steps": [
+            protocol.SubtaskSpec(description=s["description"], kind=s["kind"]) for s in steps]})
+
+    def _refuse(self, envelope: protocol.Envelope, spec: protocol.TaskSubmit, why: str,
+                *, retry_after_s: float | None = None) -> None:
+        if spec.reply_to:
+            notice = protocol.TaskCompleted(task_id=spec.task_id or envelope.id,
+                                            status="rejected", error=why,
+                                            retry_after_s=retry_after_s)
+            self.outbox.reply(spec.reply_to, envelope.sender, notice)
 
     def create_child(self, child: TaskRecord) -> None:
         """A composite task's child (workflows.py): an ordinary task from here on."""
@@ -99,12 +135,17 @@ class Intake:
             task, duplicate = self.submit(spec, submitted_by=envelope.sender,
                                           default_id=envelope.id)
         except SubmissionRefused as exc:
-            if spec.reply_to:
-                notice = protocol.TaskCompleted(task_id=spec.task_id or envelope.id,
-                                                status="rejected", error=str(exc),
-                                                retry_after_s=exc.retry_after_s)
-                self.outbox.reply(spec.reply_to, envelope.sender, notice)
+            self._refuse(envelope, spec, str(exc), retry_after_s=exc.retry_after_s)
             return
+        except StoreError as exc:
+            self.metrics.store_errors.labels("task.submit").inc()
+            reason = "unstorable_input" if isinstance(exc, UnstorableTask) else "store_unavailable"
+            detail = (f"the task store cannot hold this task: {exc.detail}"
+                      if isinstance(exc, UnstorableTask)
+                      else "the task store is not writable; submit again later")
+            self._refuse(envelope, spec, detail)
+            raise RejectedMessage(reason, detail, sender=envelope.sender,
+                                  message_id=envelope.id) from exc
         if spec.reply_to:
             accepted = protocol.TaskAccepted(task_id=task.id, status=task.status.value,
                                              duplicate=duplicate)

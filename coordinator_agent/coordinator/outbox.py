@@ -14,7 +14,7 @@ from typing import Any
 
 from coordinator_agent.coordinator.state import StateManager
 from coordinator_agent.coordinator.tasks import Attempt, TaskRecord
-from coordinator_agent.exceptions import TransportError, Unroutable
+from coordinator_agent.exceptions import StoreError, TransportError, Unroutable
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
 from coordinator_agent.wire.messaging import MessageHandler
@@ -58,7 +58,26 @@ class Outbox:
         await self.messages.publish(
             assign, peer=attempt.agent_id, exchange=c.AGENTS_EXCHANGE,
             routing_key=c.agent_key(self.name, attempt.agent_id),
+            # The agent process it is for: another process of the agent drops it unrun.
+            correlation_id=attempt.session,
         )
+
+    def quarantined(self, task: TaskRecord) -> None:
+        """Park a poison task on the dead-letter queue, with its reason, for an operator."""
+        self.spawn(self._park(task))
+
+    async def _park(self, task: TaskRecord) -> None:
+        last = task.attempts[-1] if task.attempts else None
+        if last is None:
+            return
+        assign = protocol.TaskAssign(
+            task_id=task.id, attempt=last.number, description=task.description,
+            input=task.input, timeout_s=task.timeout_s)
+        detail = task.error or "poison task"
+        with contextlib.suppress(TransportError):
+            await self.messages.park(assign, peer=last.agent_id, reason="poison_task",
+                                     detail=detail, exchange=c.AGENTS_EXCHANGE,
+                                     routing_key=c.agent_key(self.name, last.agent_id))
 
     async def to_agent(self, agent_id: str, payload: protocol.Model) -> None:
         """A best-effort directive (cancel, drain): lost with the agent's queue, which is fine."""
@@ -87,16 +106,22 @@ class Outbox:
 
     async def notify(self, task: TaskRecord) -> None:
         """Send task.completed from the store; marked sent only once confirmed."""
+        stored = self.state.store.get(task.id)
+        if stored is None or not stored.status.terminal or stored.notified:
+            return  # only what the store holds is announced
+        if self.state.tasks.get(task.id) is not task:
+            return  # memory was rolled back or moved on; the sweep sends the current one
         if task.reply_to:
             try:
-                await self.messages.publish(completed_notice(task), peer=task.submitted_by,
+                await self.messages.publish(completed_notice(stored), peer=task.submitted_by,
                                             exchange="", routing_key=task.reply_to)
             except Unroutable:
                 log.info("client queue for task %s is gone; result kept for the API", task.id)
             except TransportError:
                 return  # the sweep tries again
         task.notified = True
-        self.state.save(task)
+        with contextlib.suppress(StoreError):  # sent again later: clients keep the first
+            self.state.save(task)
 
     def resend_unsent(self) -> None:
         if not self.messages.connected:

@@ -19,16 +19,22 @@ import orjson
 from coordinator_agent.coordinator.dispatch import Dispatcher
 from coordinator_agent.coordinator.outbox import Outbox
 from coordinator_agent.coordinator.state import AgentRecord, StateManager
-from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
+from coordinator_agent.coordinator.tasks import (
+    FREE_OUTCOMES,
+    Attempt,
+    AttemptOutcome,
+    TaskRecord,
+    TaskStatus,
+)
 from coordinator_agent.coordinator.workflows import WorkflowEngine
 from coordinator_agent.exceptions import AuthorizationError
 from coordinator_agent.ops.metrics import Metrics
-from coordinator_agent.routing.planner import CoordinationPlanner, FallbackAction
+from coordinator_agent.routing.planner import CoordinationPlanner, FallbackAction, matches
 from coordinator_agent.wire import protocol
 
 log = logging.getLogger(__name__)
 
-#: Assignments the broker could not deliver cost no retry, up to this many per task.
+#: Assignments that never ran (undeliverable, withdrawn) cost no retry, up to this many per task.
 MAX_UNDELIVERABLE = 10
 
 
@@ -64,8 +70,13 @@ class TaskResults:
             raise AuthorizationError("not_assigned", "attempt belongs to another agent",
                                      sender=agent_id)
         task.progress = report.progress
-        if task.status is TaskStatus.ASSIGNED:
-            task.move(TaskStatus.RUNNING)
+        if not attempt.started:
+            attempt.started = True
+            if task.executions > 1:
+                # An earlier attempt had started too: the work runs (at least) twice.
+                self.metrics.duplicate_executions.inc()
+            if task.status is TaskStatus.ASSIGNED:
+                task.move(TaskStatus.RUNNING)
             self.state.save(task)
 
     def on_result(self, agent_id: str, result: protocol.TaskResult) -> None:
@@ -109,7 +120,10 @@ class TaskResults:
         self.dispatcher.wake.set()
 
     def _bounded(self, output: Any) -> tuple[Any, str | None]:
-        size = len(orjson.dumps(output))
+        try:
+            size = len(orjson.dumps(output))
+        except (orjson.JSONEncodeError, TypeError) as exc:
+            return None, f"output cannot be stored: {exc}"
         if size > self.max_output_bytes:
             return None, f"output of {size} bytes exceeds the {self.max_output_bytes}-byte limit"
         return output, None
@@ -123,13 +137,19 @@ class TaskResults:
         agent = self.state.agents.get(attempt.agent_id)
         if agent is not None:
             agent.in_flight.discard(task.id)
-        self.planner.record_outcome(task, agent, False)
-        if outcome is AttemptOutcome.UNDELIVERABLE:
-            delay = 0.0 if task.undeliverable_attempts <= MAX_UNDELIVERABLE else None
-            reason = "too many undeliverable assignments"
+        if outcome in FREE_OUTCOMES:
+            delay: float | None = 0.0
+            if task.undeliverable_attempts > MAX_UNDELIVERABLE:
+                delay, reason = None, "too many assignments that never ran"
         else:
+            self.planner.record_outcome(task, agent, False)
+            if outcome is AttemptOutcome.CRASHED and self._poison(task):
+                self.quarantine(task)
+                return
             # The fallback chain: retry the kind with backoff, then the next alternative kind.
-            step = self.planner.next_step(task, outcome)
+            # A crash is the agent lost, as far as the chain is concerned.
+            step = self.planner.next_step(task, AttemptOutcome.AGENT_LOST
+                                          if outcome is AttemptOutcome.CRASHED else outcome)
             delay = None if step.action is FallbackAction.ESCALATE else step.delay_s
             reason = step.reason
         if delay is None:
@@ -149,6 +169,29 @@ class TaskResults:
         else:
             self.dispatcher.enqueue(task.id)
 
+    # --- poison tasks -------------------------------------------------------------------------
+
+    def _poison(self, task: TaskRecord) -> bool:
+        """After a crash: no retry left, or every agent that could run it has crashed on it."""
+        if task.retries_left <= 0:
+            return True
+        spared = task.crashed_agents
+        return not any(
+            agent.id not in spared and not agent.liveness.gone and agent.heard
+            and matches(task, agent) for agent in self.state.agents.values())
+
+    def quarantine(self, task: TaskRecord) -> None:
+        """Fail a task that keeps killing its agents, and park it on the dead-letter queue."""
+        crashes = task.crashes
+        agents = ", ".join(sorted(task.crashed_agents))
+        log.error("task %s crashed its agent %d times (%s): quarantined", task.id, crashes,
+                  agents)
+        self.metrics.tasks_quarantined.inc()
+        self.finish(task, TaskStatus.FAILED,
+                    error=f"crashed its agent {crashes} times ({agents}); quarantined: "
+                    "dead-lettered with reason poison_task, not retried")
+        self.outbox.quarantined(task)
+
     def abandon(self, task: TaskRecord, attempt: Attempt, outcome: AttemptOutcome) -> None:
         """End an attempt that no longer counts and tell its agent to stop."""
         attempt.end(outcome)
@@ -158,9 +201,9 @@ class TaskResults:
         self.outbox.cancel_attempt(task, attempt, outcome.value)
 
     def time_out(self, task: TaskRecord, attempt: Attempt) -> None:
-        self.outbox.cancel_attempt(task, attempt, "timeout")
         self.retry_or_fail(task, attempt, AttemptOutcome.TIMEOUT,
                            f"no result within {task.timeout_s:g}s")
+        self.outbox.cancel_attempt(task, attempt, "timeout")  # once the store agrees
 
     def finish(
         self, task: TaskRecord, status: TaskStatus, *, output: Any = None, error: str | None = None
@@ -191,17 +234,36 @@ class TaskResults:
 
     # --- agents that went away ----------------------------------------------------------------
 
-    def lose_agent_tasks(self, agent: AgentRecord, why: str) -> None:
+    def lose_agent_tasks(
+        self, agent: AgentRecord, why: str, *, crashed: bool,
+        keep: Callable[[Attempt], bool] | None = None,
+    ) -> None:
+        """The agent's process is gone (``crashed``: died or restarted; else it left).
+
+        What it had started ends ``crashed`` (or ``agent_lost``) and costs a retry: at least
+        once. What it had not started is withdrawn at no cost: its queued copy is another
+        process's now, and the agent drops it (the session check), so it runs once.
+        ``keep`` spares attempts that are still the agent's (its current session's).
+        """
         for task_id in list(agent.in_flight):
             task = self.state.tasks.get(task_id)
             attempt = task.current_attempt if task else None
+            if task is None or attempt is None or attempt.agent_id != agent.id:
+                agent.in_flight.discard(task_id)
+                continue
+            if keep is not None and keep(attempt):
+                continue
             agent.in_flight.discard(task_id)
-            if task is not None and attempt is not None and attempt.agent_id == agent.id:
-                self.retry_or_fail(task, attempt, AttemptOutcome.AGENT_LOST, why)
+            if not attempt.started:
+                outcome = AttemptOutcome.WITHDRAWN
+            else:
+                outcome = AttemptOutcome.CRASHED if crashed else AttemptOutcome.AGENT_LOST
+            self.retry_or_fail(task, attempt, outcome, why)
 
     def bury(self, dead: list[AgentRecord], now: float) -> None:
         for agent in dead:
             log.warning("agent %s is dead (%s, silent %.1fs, registry %s); reassigning %d tasks",
                         agent.id, agent.liveness_reason, now - agent.last_seen,
                         agent.registry.value if agent.registry else "-", len(agent.in_flight))
-            self.lose_agent_tasks(agent, f"agent is dead ({agent.liveness_reason})")
+            self.lose_agent_tasks(agent, f"agent is dead ({agent.liveness_reason})",
+                                  crashed=True)

@@ -128,6 +128,15 @@ class SchedulingQueue:
             if not queue.lanes:
                 del self._principals[principal]
 
+    def compact(self) -> None:
+        """Right-sized copies of the dicts that grew with a flood (memory.py); order is kept."""
+        if self._deferred is not None:
+            return  # never under a pass's iterators
+        self._where = dict(self._where)
+        for queue in self._principals.values():
+            queue.lanes = {lane: dict(tasks) for lane, tasks in queue.lanes.items()}
+        self._principals = dict(self._principals)
+
     def weight(self, principal: str) -> float:
         return self.weights.get(principal, self.default_weight)
 

@@ -26,6 +26,8 @@ from coordinator_agent.coordinator.heartbeats import AgentReports
 from coordinator_agent.coordinator.intake import Intake
 from coordinator_agent.coordinator.limits import FleetLimiter
 from coordinator_agent.coordinator.liveness import AgentLiveness
+from coordinator_agent.coordinator.memory import FloodWatch
+from coordinator_agent.coordinator.outage import OutageClock
 from coordinator_agent.coordinator.outbox import Outbox, background
 from coordinator_agent.coordinator.results import TaskResults
 from coordinator_agent.coordinator.scheduling import SchedulingQueue
@@ -35,6 +37,7 @@ from coordinator_agent.coordinator.store import TaskStore
 from coordinator_agent.coordinator.sweep import KeyringReloader, Sweeper
 from coordinator_agent.coordinator.tasks import TaskRecord, TaskStatus
 from coordinator_agent.coordinator.workflows import WorkflowEngine, merged_output_limit
+from coordinator_agent.exceptions import StoreUnavailable
 from coordinator_agent.ops.api import MonitoringServer
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.registry import ServiceRegistry, registry_from_settings
@@ -48,6 +51,9 @@ from coordinator_agent.wire.messaging import MessageHandler, coordinator_topolog
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
 
 log = logging.getLogger(__name__)
+
+PROBE_INTERVAL_S = 0.5
+PROBE_TIMEOUT_S = 1.0
 
 
 class CoordinatorAgent:
@@ -78,6 +84,8 @@ class CoordinatorAgent:
             authorizer=self.authorizer,
             metrics=self.metrics,
             publish_timeout_s=limits.publish_timeout_s,
+            # A hung broker keeps the connection open: a confirmed probe shows it within ~1 s.
+            probe_interval_s=PROBE_INTERVAL_S, probe_timeout_s=PROBE_TIMEOUT_S,
         )
         self.messages.add_topology(coordinator_topology(settings.name))
         self.messages.consume(c.tasks_queue(settings.name), self._on_message,
@@ -116,7 +124,14 @@ class CoordinatorAgent:
         self.results.escalate = self.desk.escalate
         self.reports = AgentReports(self.state, self.dispatcher, self.results, self.metrics)
         self.keyrings = KeyringReloader(settings.keyring_path, self.security, keyring)
-        self.sweeper = Sweeper(self.state, self.results, self.outbox, self.keyrings)
+        self.outage = OutageClock(self.state, lambda: self.messages.connected,
+                                  settings.liveness)
+        self.flood = FloodWatch(self._compact)
+        self.sweeper = Sweeper(self.state, self.results, self.outbox, self.keyrings,
+                               outage=self.outage, flood=self.flood)
+        # Assignments wait while there is no connection; an unconfirmed one is sent again.
+        self.dispatcher.broker_ok = lambda: self.messages.transport_up
+        self.state.on_rollback = self._rolled_back
         self.spawner = AgentSpawner(  # agents on demand: local processes, or a count for KEDA
             settings.spawner, self.state, self.metrics, name=settings.name,
             broker_url=settings.broker_url.get_secret_value(),
@@ -213,16 +228,50 @@ class CoordinatorAgent:
             log.info("restored %d open tasks (%d pending)", len(self.state.tasks),
                      len(self.dispatcher.pending))
 
+    def _rolled_back(self, task: TaskRecord) -> None:
+        """A failed write put the task back to its stored state: queue it if it waits."""
+        if task.status is TaskStatus.PENDING and task.workflow is None:
+            self.dispatcher.enqueue(task.id)
+
+    def _compact(self) -> None:
+        """After a flood: right-sized copies of the containers that grew with it."""
+        self.state.tasks = dict(self.state.tasks)
+        self.dispatcher.pending.compact()
+        self.security.replay.compact()
+        self.state.store.shrink_memory()
+
     # --- inbound messages, by type --------------------------------------------------------------
 
     async def _on_message(
         self, envelope: protocol.Envelope, message: AbstractIncomingMessage
     ) -> None:
+        """Handle one message; while the store cannot be written, hold it and try again.
+
+        Held, the message stays unacked (the broker's delivery count does not grow) and the
+        prefetch limit stops the flow. Submissions are the exception: they are refused at once
+        (intake.py) so that the client hears of it.
+        """
+        while True:
+            try:
+                self._handle(envelope, message)
+                return
+            except StoreUnavailable as exc:
+                self.metrics.store_errors.labels(envelope.type).inc()
+                log.warning("%s held until the store is writable: %s", envelope.type, exc)
+                self.sweeper.store_writable.clear()
+            await self.sweeper.store_writable.wait()
+
+    def _handle(self, envelope: protocol.Envelope, message: AbstractIncomingMessage) -> None:
         payload = envelope.payload
         sender = envelope.sender
         now = time.time()
         if isinstance(payload, protocol.AgentStatus | protocol.AgentHello):
-            self.reports.seen(sender, payload, now, redelivered=bool(message.redelivered))
+            # A process's session is the id of its hello; its heartbeats carry it as their
+            # correlation id (agents that send none get the old first-delivery rule).
+            session = (envelope.id if isinstance(payload, protocol.AgentHello)
+                       else envelope.correlation_id)
+            self.reports.seen(sender, payload, now, redelivered=bool(message.redelivered),
+                              session=session)
         elif isinstance(payload, protocol.TaskResult):
             self.reports.touch(sender, now)
             self.results.on_result(sender, payload)
@@ -254,10 +303,15 @@ class CoordinatorAgent:
     def ready(self) -> bool:
         return all(self.readiness().values())
 
+    def broker_working(self) -> bool:
+        """Connected, confirming publishes, and not every agent silent at once."""
+        return self.messages.connected and not self.outage.active
+
     def readiness(self) -> dict[str, bool]:
         return {
-            "broker_connected": self.messages.connected,
+            "broker_connected": self.broker_working(),
             "consumers_active": self.messages.active_consumers > 0,
+            "store_writable": self.state.store.healthy,
             "accepting": self.accepting,
         }
 
@@ -286,6 +340,9 @@ class CoordinatorAgent:
         return self.state.store.recent(limit)
 
     async def drain_agent(self, agent_id: str, reason: str = "") -> None:
+        agent = self.state.agents.get(agent_id)
+        if agent is not None:
+            agent.reported_state = "draining"  # no new work from now on; its heartbeats agree
         await self.outbox.to_agent(agent_id, protocol.AgentDrain(reason=reason))
 
     def agents_view(self) -> list[dict[str, Any]]:
@@ -294,7 +351,7 @@ class CoordinatorAgent:
     def status_view(self) -> dict[str, Any]:
         return views.status_view(
             self.settings.name, self.state, ready=self.ready,
-            broker_connected=self.messages.connected, registry=self.registry_state,
+            broker_connected=self.broker_working(), registry=self.registry_state,
             started_at=self.started_at)
 
     def routing_view(self) -> dict[str, Any]:
@@ -317,6 +374,7 @@ class CoordinatorAgent:
 
     def render_metrics(self) -> bytes:
         self.refresh_gauges()  # gauges are set here, exact at scrape time
+        self.metrics.broker_connected.set(1 if self.broker_working() else 0)
         return self.metrics.render()
 
     def operator_for_token(self, token: str) -> str | None:

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from coordinator_agent.coordinator.liveness import AgentLiveness, RegistryHealth, judge
 from coordinator_agent.coordinator.store import TaskStore
 from coordinator_agent.coordinator.tasks import TaskRecord, TaskStatus
-from coordinator_agent.exceptions import UnknownTask
+from coordinator_agent.exceptions import StoreError, UnknownTask
 from coordinator_agent.settings import Liveness
 from coordinator_agent.wire import protocol
 
 if TYPE_CHECKING:
     from coordinator_agent.registry import RegisteredAgent
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +44,8 @@ class AgentRecord:
     registry: RegistryHealth | None = None
     #: The agent's queue as it registered it (informational).
     queue: str = ""
+    #: The running process: the id of its last ``agent.hello`` (None: not known yet).
+    session: str | None = None
     #: Task ids the coordinator has assigned to this agent and not yet seen finish.
     in_flight: set[str] = field(default_factory=set)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -76,6 +82,7 @@ class AgentRecord:
             "completed": self.completed,
             "failed": self.failed,
             "version": self.version,
+            "metrics": dict(self.metrics),  # the agent's own figures, from agent.metrics
         }
 
 
@@ -94,6 +101,9 @@ class StateManager:
         self.recent: OrderedDict[str, TaskRecord] = OrderedDict()  # finished, newest last
         self.totals: dict[str, int] = {"submitted": 0, "succeeded": 0, "failed": 0,
                                        "cancelled": 0, "retried": 0}
+        #: Told about a task put back to its stored state after a failed write (dispatch
+        #: queues it again if it is pending).
+        self.on_rollback: Callable[[TaskRecord], None] | None = None
 
     # --- agents -------------------------------------------------------------------------------
 
@@ -114,6 +124,7 @@ class StateManager:
             if record is not None:
                 fresh.in_flight = record.in_flight
                 fresh.registry = record.registry
+                fresh.session = record.session
             record = self.agents[agent_id] = fresh
         record.kind = info.kind
         record.capabilities = frozenset(info.capabilities)
@@ -231,19 +242,57 @@ class StateManager:
         return task
 
     def add_task(self, task: TaskRecord) -> None:
+        """Durable first, visible after: a task that cannot be stored was never accepted."""
+        self.store.save(task)  # raises StoreError, and then nothing has changed
         self.tasks[task.id] = task
         self.totals["submitted"] += 1
-        self.save(task)
+        self._place(task)
 
     def save(self, task: TaskRecord) -> None:
-        """Persist; finished and notified tasks leave the active set."""
-        self.store.save(task)
+        """Persist; finished and notified tasks leave the active set.
+
+        A failed write raises ``StoreError`` after putting the task back to what the store
+        holds, so memory never runs ahead of the store (nor does any notice sent from it).
+        """
+        try:
+            self.store.save(task)
+        except StoreError:
+            self._roll_back(task)
+            raise
+        self._place(task)
+
+    def _place(self, task: TaskRecord) -> None:
         if task.status.terminal and task.notified:
             self.tasks.pop(task.id, None)
             self.recent[task.id] = task
             self.recent.move_to_end(task.id)
             while len(self.recent) > self.RECENT_TASKS:
                 self.recent.popitem(last=False)
+
+    def _roll_back(self, changed: TaskRecord) -> None:
+        try:
+            stored = self.store.get(changed.id)
+        except Exception:  # the store cannot even be read: forget the unsaved copy
+            log.exception("task store unreadable while rolling back %s", changed.id)
+            stored = None
+        # Slots follow the stored attempt, not the one memory had moved to.
+        for task in (changed, stored):
+            attempt = task.current_attempt if task is not None else None
+            agent = self.agents.get(attempt.agent_id) if attempt is not None else None
+            if agent is not None and task is not None:
+                if task is stored:
+                    agent.in_flight.add(task.id)
+                else:
+                    agent.in_flight.discard(task.id)
+        if stored is None:
+            self.tasks.pop(changed.id, None)
+            return
+        if changed.id in self.tasks or not stored.status.terminal or not stored.notified:
+            self.tasks[changed.id] = stored
+        log.warning("task %s: the store kept %s; memory rolled back to it", changed.id,
+                    stored.status.value)
+        if self.on_rollback is not None:
+            self.on_rollback(stored)
 
     def restore(self) -> list[TaskRecord]:
         """Load the tasks a previous run left open (after a crash or a restart)."""

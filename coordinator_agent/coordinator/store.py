@@ -1,15 +1,21 @@
 """Durable task store (SQLite, WAL). A task is written before the message that created or
-changed it is acknowledged, so a coordinator killed with SIGKILL loses nothing it accepted."""
+changed it is acknowledged, so a coordinator killed with SIGKILL loses nothing it accepted.
+
+A write that fails raises ``StoreUnavailable`` (the disk, retry later) or ``UnstorableTask`` (the
+task itself, never retry); ``healthy`` turns False until ``probe`` manages a write again.
+"""
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 
 from coordinator_agent.coordinator.tasks import TERMINAL, TaskRecord
+from coordinator_agent.exceptions import StoreUnavailable, UnstorableTask
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -20,6 +26,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_open ON tasks(open) WHERE open = 1;
+CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL, pad BLOB);
 """
 
 
@@ -32,14 +39,44 @@ class TaskStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        #: False after a failed write, until ``probe`` succeeds.
+        self.healthy = True
+        self.write_errors = 0
 
     def save(self, task: TaskRecord) -> None:
         is_open = int(task.status not in TERMINAL or not task.notified)
-        self._db.execute(
-            "INSERT OR REPLACE INTO tasks (id, status, open, updated_at, data) VALUES (?,?,?,?,?)",
+        try:
             # orjson serialises the dataclass directly: 20x cheaper than dataclasses.asdict.
-            (task.id, task.status.value, is_open, task.updated_at, orjson.dumps(task)),
-        )
+            data = orjson.dumps(task)
+        except (orjson.JSONEncodeError, TypeError) as exc:
+            raise UnstorableTask(task.id, f"cannot be stored: {exc}") from None
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO tasks (id, status, open, updated_at, data) "
+                "VALUES (?,?,?,?,?)",
+                (task.id, task.status.value, is_open, task.updated_at, data),
+            )
+        except sqlite3.Error as exc:
+            self.healthy = False
+            self.write_errors += 1
+            raise StoreUnavailable(task.id, f"task store write failed: {exc}") from None
+
+    def probe(self) -> bool:
+        """Try a small write (the size of a typical task); sets and returns ``healthy``."""
+        try:
+            # A new row, so the write needs free space as a new task would; then gone again.
+            self._db.execute("INSERT INTO probe (at, pad) VALUES (?, ?)",
+                             (time.time(), bytes(4096)))
+            self._db.execute("DELETE FROM probe")
+        except sqlite3.Error:
+            self.healthy = False
+        else:
+            self.healthy = True
+        return self.healthy
+
+    def shrink_memory(self) -> None:
+        """Give back SQLite's page cache (after a flood; it refills as needed)."""
+        self._db.execute("PRAGMA shrink_memory")
 
     def get(self, task_id: str) -> TaskRecord | None:
         row = self._db.execute("SELECT data FROM tasks WHERE id = ?", (task_id,)).fetchone()

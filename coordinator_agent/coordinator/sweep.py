@@ -2,7 +2,9 @@
 
 Four times a second it judges liveness (and reassigns the tasks of dead agents), times out
 attempts, fails tasks that no agent could ever run, resends unsent notices, and picks up a
-replaced keyring file.
+replaced keyring file. During a broker outage (``outage.py``) it judges nothing and times out
+nothing. After a failed store write it probes the store until a write succeeds again, and after
+a flood it gives memory back (``memory.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import logging
 import time
 from pathlib import Path
 
+from coordinator_agent.coordinator.memory import FloodWatch
+from coordinator_agent.coordinator.outage import OutageClock
 from coordinator_agent.coordinator.outbox import Outbox
 from coordinator_agent.coordinator.results import TaskResults
 from coordinator_agent.coordinator.state import AgentRecord, StateManager
@@ -65,11 +69,16 @@ class KeyringReloader:
 
 class Sweeper:
     def __init__(self, state: StateManager, results: TaskResults, outbox: Outbox,
-                 keyring: KeyringReloader) -> None:
+                 keyring: KeyringReloader, *, outage: OutageClock, flood: FloodWatch) -> None:
         self.state = state
         self.results = results
         self.outbox = outbox
         self.keyring = keyring
+        self.outage = outage
+        self.flood = flood
+        #: Cleared by a handler that met an unwritable store; set when a probe write succeeds.
+        self.store_writable = asyncio.Event()
+        self.store_writable.set()
 
     async def run(self) -> None:
         last_notice_retry = time.monotonic()
@@ -77,14 +86,28 @@ class Sweeper:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             try:
                 self.keyring.reload_if_changed()
+                self.check_store()
                 self.sweep(time.time())
+                self.flood.observe(len(self.state.tasks))
                 if time.monotonic() - last_notice_retry > NOTICE_RETRY_S:
                     last_notice_retry = time.monotonic()
                     self.outbox.resend_unsent()
             except Exception:
                 log.exception("sweep failed")
 
+    def check_store(self) -> None:
+        store = self.state.store
+        if not store.healthy and store.probe():
+            log.warning("task store writable again")
+        if store.healthy and not self.store_writable.is_set():
+            self.store_writable.set()
+
     def sweep(self, now: float) -> None:
+        was_out = self.outage.active
+        if self.outage.check(now):
+            return  # the broker is the problem: nobody is judged, nothing times out
+        if was_out:
+            self.results.dispatcher.wake.set()  # assignments held during the outage
         self.results.bury(self.state.sweep_liveness(now), now)
         self.state.forget_departed(now)
         for task in list(self.state.tasks.values()):

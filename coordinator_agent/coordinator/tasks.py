@@ -46,15 +46,22 @@ class AttemptOutcome(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # the agent reported an error
     TIMEOUT = "timeout"
-    AGENT_LOST = "agent_lost"  # the agent died or left with the task
+    AGENT_LOST = "agent_lost"  # the agent left (goodbye) while running it
+    CRASHED = "crashed"  # the agent died or restarted while running it: a poison suspect
+    WITHDRAWN = "withdrawn"  # the agent died, restarted or left before starting it
     UNDELIVERABLE = "undeliverable"  # the broker could not deliver the assignment
     SUPERSEDED = "superseded"  # another attempt finished first
     CANCELLED = "cancelled"  # the task was cancelled while this attempt ran
     REDIRECTED = "redirected"  # an operator sent the task elsewhere (desk.py): costs no retry
 
 
-#: Attempts that cost no retry: never reached an agent, or stopped by an operator.
-FREE_OUTCOMES = frozenset({AttemptOutcome.UNDELIVERABLE, AttemptOutcome.REDIRECTED})
+#: Attempts that never ran on an agent: bounded per task (results.py MAX_UNDELIVERABLE).
+NEVER_RAN = frozenset({AttemptOutcome.UNDELIVERABLE, AttemptOutcome.WITHDRAWN})
+
+#: Attempts that cost no retry: never ran on an agent (undeliverable, withdrawn before it
+#: started), or stopped by an operator (redirected).
+FREE_OUTCOMES = frozenset(
+    {AttemptOutcome.UNDELIVERABLE, AttemptOutcome.WITHDRAWN, AttemptOutcome.REDIRECTED})
 
 
 @dataclass
@@ -67,6 +74,11 @@ class Attempt:
     ended_at: float | None = None
     error: str | None = None
     duration_s: float | None = None
+    #: The agent said it started running it (``task.progress``): a crash now is the task's.
+    started: bool = False
+    #: The agent process it was meant for (the id of that process's ``agent.hello``), sent as
+    #: the assignment's correlation id: another process of the same agent does not run it.
+    session: str | None = None
 
     def end(self, outcome: AttemptOutcome, error: str | None = None) -> None:
         self.outcome = outcome
@@ -127,11 +139,27 @@ class TaskRecord:
 
     @property
     def undeliverable_attempts(self) -> int:
-        return sum(a.outcome is AttemptOutcome.UNDELIVERABLE for a in self.attempts)
+        """Attempts that never ran (undeliverable or withdrawn): bounded, but no retry spent."""
+        return sum(a.outcome in NEVER_RAN for a in self.attempts)
+
+    @property
+    def crashes(self) -> int:
+        return sum(a.outcome is AttemptOutcome.CRASHED for a in self.attempts)
+
+    @property
+    def crashed_agents(self) -> frozenset[str]:
+        """Agents this task crashed: never given it again (one crash per agent at most)."""
+        return frozenset(a.agent_id for a in self.attempts if a.outcome is AttemptOutcome.CRASHED)
+
+    @property
+    def executions(self) -> int:
+        """Attempts an agent started: more than one means the work ran more than once."""
+        return sum(a.started for a in self.attempts)
 
     @property
     def retries_left(self) -> int:
-        # An assignment the broker could not deliver never reached an agent: it costs no retry.
+        # An attempt that never reached an agent, was withdrawn before it started, or was
+        # redirected by an operator costs no retry.
         used = sum(a.outcome not in FREE_OUTCOMES for a in self.attempts)
         return self.max_retries + 1 - used
 

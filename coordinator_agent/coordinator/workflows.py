@@ -159,11 +159,13 @@ class WorkflowEngine:
         self.launch(task)
         return True
 
-    def hedge(self, task: TaskRecord, kinds: Sequence[str]) -> bool:
+    def hedge(self, task: TaskRecord, kinds: Sequence[str], *, merge: bool = False) -> bool:
         """Race the task on several kinds at once; the first success wins, the rest are cancelled.
 
         For a pending task that has never been assigned; the caller takes it off its queue
-        when this returns True. The parent's output is the winner's output, unchanged.
+        when this returns True. The parent's output is the winner's output, unchanged. With
+        ``merge``, every kind runs to the end and the parent's output combines their results
+        (it fails only if all fail).
         """
         distinct = list(dict.fromkeys(kinds))
         if (task.workflow is not None or task.attempts or task.status is not TaskStatus.PENDING
@@ -172,8 +174,13 @@ class WorkflowEngine:
         specs = [{"description": task.description, "kind": kind,
                   "required_capabilities": list(task.required_capabilities), "input": None,
                   "timeout_s": None} for kind in distinct]
-        flow = Workflow(Mode.RACE, "hedge", specs, [Child(i + 1) for i in range(len(specs))],
-                        max_concurrency=len(specs))
+        children = [Child(i + 1) for i in range(len(specs))]
+        if merge:
+            # Both run to the end; the parent merges what succeeded (``combine``).
+            flow = Workflow(Mode.FAN_OUT, "merge", specs, children, max_concurrency=len(specs),
+                            on_error=ErrorPolicy.SKIP, resubmits=0, merge="combine")
+        else:
+            flow = Workflow(Mode.RACE, "hedge", specs, children, max_concurrency=len(specs))
         task.workflow = flow.to_dict()
         self.launch(task)
         return True

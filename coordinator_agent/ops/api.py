@@ -1,12 +1,15 @@
 """MonitoringSystem's HTTP side: /metrics, /healthz, /readyz and the task/agent API (aiohttp).
 
-Write endpoints need an operator's bearer token (``Authorization: Bearer <token>``).
+Write endpoints (submit a task, drain an agent) need an operator's bearer token
+(``Authorization: Bearer <token>``). A refused token is logged and counted, never shown.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import time
 import uuid
 from typing import Any, Protocol
 
@@ -16,14 +19,24 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from coordinator_agent.coordinator.tasks import TaskRecord
-from coordinator_agent.exceptions import SubmissionRefused, UnknownTask
+from coordinator_agent.exceptions import (
+    ConfigError,
+    StoreError,
+    SubmissionRefused,
+    UnknownTask,
+    UnstorableTask,
+)
 from coordinator_agent.ops.desk_api import DeskView, desk_routes
+from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.ops.statuspage import status_page
+from coordinator_agent.ops.waiting import why_waiting
 from coordinator_agent.wire import protocol
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 256 * 1024
+#: The latest tasks the status page shows (and embeds in its first answer).
+PAGE_TASKS = 50
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -35,7 +48,10 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class CoordinatorView(Protocol):
-    """What the HTTP side needs of the coordinator: reads, submit, and the operator check."""
+    """What the HTTP side needs of the coordinator: reads, submit, drain, the operator check."""
+
+    @property
+    def metrics(self) -> Metrics: ...
 
     @property
     def accepting(self) -> bool: ...
@@ -70,6 +86,8 @@ class CoordinatorView(Protocol):
     @property
     def desk(self) -> DeskView: ...
 
+    async def drain_agent(self, agent_id: str, reason: str = "") -> None: ...
+
 
 class MonitoringServer:
     def __init__(self, coordinator: CoordinatorView, host: str, port: int) -> None:
@@ -79,12 +97,13 @@ class MonitoringServer:
         self._runner: web.AppRunner | None = None
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.add_routes([
-            web.get("/", status_page),
+            web.get("/", self.page),
             web.get("/metrics", self.metrics),
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
             web.get("/api/status", self.status),
             web.get("/api/agents", self.agents),
+            web.post("/api/agents/{agent_id}/drain", self.drain),
             web.post("/api/tasks", self.submit),
             web.get("/api/tasks", self.recent_tasks),
             web.get("/api/tasks/{task_id}", self.task),
@@ -98,7 +117,17 @@ class MonitoringServer:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            taken = exc.errno == errno.EADDRINUSE
+            raise ConfigError(
+                f"monitoring port {self.port} on {self.host} is "
+                f"{'already in use (is another coordinator running?)' if taken else 'unusable'}"
+                f"{'' if taken else f' ({exc.strerror})'}: choose another with "
+                "--monitoring-port or COORDINATOR_MONITORING_PORT (0 picks a free one)"
+            ) from None
         server = site._server
         if self.port == 0 and server is not None:
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
@@ -136,23 +165,44 @@ class MonitoringServer:
     async def agents(self, request: web.Request) -> web.Response:
         return _json({"agents": self.coordinator.agents_view()})
 
+    async def page(self, request: web.Request) -> web.Response:
+        """The status page, with its first state inside: a one-shot look shows real data."""
+        first = {
+            "status": self.coordinator.status_view(),
+            "agents": {"agents": self.coordinator.agents_view()},
+            "tasks": {"tasks": self._task_views(self.coordinator.recent_tasks(PAGE_TASKS))},
+        }
+        return status_page(first)
+
     async def recent_tasks(self, request: web.Request) -> web.Response:
         try:
             limit = max(1, min(int(request.query.get("limit", "50")), 500))
         except ValueError:
             return _error(400, "limit must be an integer")
         tasks = self.coordinator.recent_tasks(limit)
-        return _json({"tasks": [t.public_view() for t in tasks]})
+        return _json({"tasks": self._task_views(tasks)})
 
     async def task(self, request: web.Request) -> web.Response:
         try:
             task = self.coordinator.get_task(request.match_info["task_id"])
         except UnknownTask:
             return _error(404, "no such task")
-        view = task.public_view()
-        # Pending: its band, the priority aging has given it so far, and how long it has waited.
-        view["queue"] = self.coordinator.queue_position(task.id)
-        return _json(view)
+        return _json(self._task_views([task])[0])
+
+    def _task_views(self, tasks: list[TaskRecord]) -> list[dict[str, Any]]:
+        """Tasks as the API shows them; a pending one also says why it waits (``waiting``)
+        and where it stands in the queue (``queue``: its band, the priority aging has given it
+        so far, and how long it has waited)."""
+        views = [t.public_view() for t in tasks]
+        if any(v.get("status") == "pending" for v in views):
+            agents, now = self.coordinator.agents_view(), time.time()
+            for view in views:
+                waiting = why_waiting(view, agents, now)
+                if waiting is not None:
+                    view["waiting"] = waiting
+                if view.get("status") == "pending":
+                    view["queue"] = self.coordinator.queue_position(view["id"])
+        return views
 
     async def routing(self, request: web.Request) -> web.Response:
         """What the router has learned: accuracy, fallback rate, confidence, per-kind success."""
@@ -170,10 +220,37 @@ class MonitoringServer:
             required_capabilities=capabilities)
         return _json(explained)
 
+    async def drain(self, request: web.Request) -> web.Response:
+        """Ask an agent to drain: it takes no new work, finishes what it runs, says goodbye."""
+        operator = self._operator(request)
+        if isinstance(operator, web.Response):
+            return operator  # 401
+        agent_id = request.match_info["agent_id"]
+        known = {a["id"]: a for a in self.coordinator.agents_view()}.get(agent_id)
+        if known is None:
+            return _error(404, "no such agent")
+        if known.get("liveness") in ("dead", "left"):
+            return _error(409, f"agent is {known['liveness']}: there is nothing to drain")
+        reason: object = ""
+        body = await request.read()
+        if body.strip():
+            try:
+                parsed = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                return _error(400, 'body must be JSON: {"reason": "..."}')
+            reason = parsed.get("reason", "") if isinstance(parsed, dict) else None
+            try:
+                protocol.AgentDrain.model_validate({"reason": reason})  # the directive's rule
+            except ValidationError:
+                return _error(422, "reason must be a short string (at most 1024 characters)")
+        await self.coordinator.drain_agent(agent_id, str(reason))
+        log.info("operator %s asked agent %s to drain", operator, agent_id)
+        return _json({"agent_id": agent_id, "status": "draining_requested"}, 202)
+
     async def submit(self, request: web.Request) -> web.Response:
         operator = self._operator(request)
-        if operator is None:
-            return _error(401, "an operator bearer token is required (Authorization: Bearer ...)")
+        if isinstance(operator, web.Response):
+            return operator  # 401
         if not self.coordinator.accepting:
             return _error(503, "coordinator is not accepting tasks right now")
         try:
@@ -198,11 +275,29 @@ class MonitoringServer:
             if exc.retry_after_s is not None:  # whole seconds, as RFC 9110 wants
                 refused.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
             return refused
+        except UnstorableTask as exc:
+            return _error(422, f"the task store cannot hold this task: {exc.detail}")
+        except StoreError:
+            return _error(503, "the task store is not writable; nothing was accepted, "
+                          "submit again later")
         return _json({"task_id": task.id, "status": task.status.value, "duplicate": duplicate},
                      200 if duplicate else 202)
 
-    def _operator(self, request: web.Request) -> str | None:
+    def _operator(self, request: web.Request) -> str | web.Response:
+        """The operator a request's bearer token belongs to, or the 401 to answer with."""
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            return None
-        return self.coordinator.operator_for_token(token.strip())
+            reason, text = "missing", ("an operator bearer token is required (Authorization: "
+                                       "Bearer ...; `coordinator-agent keys token`)")
+        else:
+            operator = self.coordinator.operator_for_token(token)
+            if operator is not None:
+                return operator
+            reason, text = "invalid", ("invalid token: it belongs to no operator in the "
+                                       "coordinator's keyring (`coordinator-agent keys token`)")
+        self.coordinator.metrics.api_auth_failures.labels(reason).inc()
+        # Who and what, never the token itself.
+        log.warning("refused %s %s from %s: %s bearer token", request.method, request.path,
+                    request.remote, reason)
+        return _error(401, text)

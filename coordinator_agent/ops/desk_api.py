@@ -68,15 +68,15 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 def desk_routes(desk: Callable[[], DeskView],
-                operator: Callable[[web.Request], str | None]) -> list[web.RouteDef]:
-    """The routes, bound to the coordinator's desk and its operator check (``api.py``)."""
+                operator: Callable[[web.Request], str | web.Response]) -> list[web.RouteDef]:
+    """The routes, bound to the coordinator's desk and its operator check (``api.py``: the
+    operator's id, or the 401 to answer with, logged and counted there)."""
 
     async def act(request: web.Request, body_model: type[_Body],
                   action: Callable[[str, str, Any], TaskRecord]) -> web.Response:
         who = operator(request)
-        if who is None:
-            return _json({"error": "an operator bearer token is required "
-                          "(Authorization: Bearer ...)"}, 401)
+        if isinstance(who, web.Response):
+            return who
         raw = await request.read()
         try:
             body = body_model.model_validate_json(raw or b"{}")

@@ -66,7 +66,21 @@ class Metrics:
             registry=r,
         )
         self.broker_connected = Gauge(
-            "coordinator_broker_connected", "1 while the broker connection is up.", registry=r
+            "coordinator_broker_connected", "1 while the broker is connected and confirms "
+            "publishes, and not every agent has fallen silent at once.", registry=r
+        )
+        # --- reliability (docs/RELIABILITY.md) ---
+        self.duplicate_executions = Counter(
+            "coordinator_duplicate_executions_total", "Attempts that started while an earlier "
+            "attempt of the same task had started too: work run more than once.", registry=r,
+        )
+        self.tasks_quarantined = Counter(
+            "coordinator_tasks_quarantined_total", "Poison tasks failed and dead-lettered "
+            "after crashing their agents.", registry=r,
+        )
+        self.store_errors = Counter(
+            "coordinator_store_errors_total", "Task store writes that failed, by the message "
+            "type that needed them.", ["message_type"], registry=r,
         )
         self.broker_reconnects = Counter(
             "coordinator_broker_reconnects_total", "Broker connections re-established.",
@@ -89,6 +103,10 @@ class Metrics:
         self.agent_capacity = Gauge(
             "coordinator_agent_capacity", "Task slots of assignable agents, by agent kind.",
             ["kind"], registry=r,
+        )
+        self.api_auth_failures = Counter(
+            "coordinator_api_auth_failures_total", "Write requests to the HTTP API refused for "
+            "their bearer token, by reason: missing or invalid.", ["reason"], registry=r,
         )
         # --- routing (CoordinationPlanner) ---
         self.routing_decisions = Counter(
@@ -118,6 +136,16 @@ class Metrics:
         self.routing_kind_success = Gauge(
             "coordinator_routing_kind_success_ratio", "Learned success rate, by agent kind.",
             ["kind"], registry=r,
+        )
+        self.routing_kind_confidence = Gauge(
+            "coordinator_routing_kind_confidence_average",
+            "Mean confidence of decisions that chose each kind, since start.", ["kind"],
+            registry=r,
+        )
+        self.multi_master_tasks = Counter(
+            "coordinator_routing_multi_master_tasks_total",
+            "Tasks run on two kinds at once because their confidences were close, by mode "
+            "(race or merge).", ["mode"], registry=r,
         )
         self.escalations = Counter(
             "coordinator_escalations_total", "Tasks that exhausted their fallback chain.",

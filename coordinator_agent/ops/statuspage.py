@@ -1,8 +1,10 @@
 """The live status page at ``GET /`` of the monitoring port.
 
 One static file, ``static/status.html``, with inline CSS and JavaScript and no external assets,
-so it works offline. It reads the JSON API from the browser and builds its DOM with
-``textContent`` only. The Content-Security-Policy allows exactly the page's own inline script
+so it works offline. The server fills in its first state (the answers of ``/api/status``,
+``/api/agents`` and ``/api/tasks``) as an inert JSON block, so the first paint shows real data;
+then the page polls the JSON API and builds its DOM with ``textContent`` only. The
+Content-Security-Policy allows exactly the page's own inline script
 and style, by hash: an injected ``<script>`` or ``onerror=`` attribute would not run even if a
 rendering bug let one through.
 """
@@ -14,10 +16,14 @@ import functools
 import hashlib
 import re
 from importlib import resources
+from typing import Any
 
+import orjson
 from aiohttp import web
 
 PAGE = "static/status.html"
+#: Where the first state goes: a JSON block the browser never runs (CSP hashes skip it).
+FIRST_STATE = b'<script type="application/json" id="first-state">null</script>'
 
 _INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
 
@@ -52,9 +58,17 @@ def page() -> tuple[bytes, str]:
     return body, content_security_policy(body.decode("utf-8"))
 
 
-async def status_page(request: web.Request) -> web.Response:
+def embed_json(data: Any) -> bytes:
+    """JSON that cannot end the block it sits in: ``<``, ``>`` and ``&`` become escapes."""
+    return (orjson.dumps(data).replace(b"<", b"\\u003c").replace(b">", b"\\u003e")
+            .replace(b"&", b"\\u0026"))
+
+
+def status_page(first_state: Any = None) -> web.Response:
     """``GET /``: the status page (read-only; it only calls the GET endpoints)."""
-    body, policy = page()
+    template, policy = page()
+    body = template.replace(FIRST_STATE, FIRST_STATE.replace(b">null<",
+                                                             b">" + embed_json(first_state) + b"<"))
     return web.Response(
         body=body,
         content_type="text/html",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,10 +42,59 @@ Words = Annotated[
 ]
 
 
+def _phrases(phrases: list[str]) -> list[str]:
+    cleaned = [" ".join(p.lower().split()) for p in phrases]
+    for phrase in cleaned:
+        if not 2 <= len(phrase.split()) <= 4:
+            raise ValueError(f"phrase {phrase!r} must have two to four words")
+    return cleaned
+
+
+def _examples(examples: list[str]) -> list[str]:
+    cleaned = [" ".join(e.split()) for e in examples]
+    seen: set[str] = set()
+    for example in cleaned:
+        if example.lower() in seen:
+            raise ValueError(f"example {example!r} is listed twice")
+        seen.add(example.lower())
+    return cleaned
+
+
+#: Multi-word terms ("memory leak", "pen test") that outweigh the words they are made of.
+Phrases = Annotated[
+    list[Annotated[str, Field(min_length=3, max_length=80)]], AfterValidator(_phrases)
+]
+#: Example tickets of a kind, as people write them: what the text prior learns from.
+Examples = Annotated[
+    list[Annotated[str, Field(min_length=8, max_length=400)]],
+    Field(max_length=200),
+    AfterValidator(_examples),
+]
+
+
 class Complexity(enum.StrEnum):
     LOW = "low"
     MEDIUM = "medium"
     HIGH = "high"
+
+
+class Policy(enum.StrEnum):
+    #: The seed's weighted formula (base + pattern + domain + complexity - workload).
+    SEED = "seed"
+    #: Predicted probability of first-try success, learned online, Thompson sampling.
+    BANDIT = "bandit"
+
+
+class Exploration(enum.StrEnum):
+    THOMPSON = "thompson"
+    GREEDY = "greedy"  # never explore on purpose
+
+
+class CloseCall(enum.StrEnum):
+    """What ``hedge`` does with two kinds whose confidences are within its margin."""
+
+    RACE = "race"  # both run, the first success wins, the other is cancelled
+    MERGE = "merge"  # both run to the end, and their results are merged
 
 
 class Balance(enum.StrEnum):
@@ -57,10 +107,21 @@ class _Model(BaseModel):
 
 
 class KindSpec(_Model):
-    """One kind of agent: what it is for and which words point at it."""
+    """One kind of agent: what it is for and which words point at it.
+
+    ``keywords`` feed the analyser's domains (and so the seed formula) and the text prior;
+    ``terms``, ``hints``, ``phrases`` and ``examples`` are read by the text prior only
+    (``text_prior.py``).
+    """
 
     description: str = ""
     keywords: Words = []
+    #: Further words and product or tool names (okta, argocd, cmdb) that point at this kind.
+    terms: Words = []
+    #: Words that only lean towards this kind ("which", "slow"): they weigh less than terms.
+    hints: Words = []
+    phrases: Phrases = []
+    examples: Examples = []
     complexity: list[Complexity] = Field(
         default_factory=lambda: [Complexity.LOW, Complexity.MEDIUM, Complexity.HIGH],
         min_length=1,
@@ -100,6 +161,9 @@ class RetryPolicy(_Model):
 class Learning(_Model):
     #: An outcome weighs half as much after this long (time decay).
     half_life_s: float = Field(7 * 86_400.0, gt=0)
+    #: Or: an outcome weighs exp(-age / time_constant_s), the seed's form (30 days: 2592000).
+    #: When set, it replaces ``half_life_s`` (half-life = time constant x ln 2).
+    time_constant_s: float | None = Field(None, gt=0)
     #: Pseudo-outcomes of neutral evidence added to every estimate: unknown is neutral, and a
     #: handful of outcomes cannot swing the pattern term to an extreme.
     prior_weight: float = Field(2.0, gt=0)
@@ -111,11 +175,78 @@ class Learning(_Model):
     max_outcomes: int = Field(500_000, ge=100)
 
 
+    @property
+    def decay_half_life_s(self) -> float:
+        if self.time_constant_s is not None:
+            return self.time_constant_s * math.log(2.0)
+        return self.half_life_s
+
+
+class BanditSettings(_Model):
+    """The learned policy (``policy: bandit``); see ``bandit.py`` and ``policy.py``."""
+
+    #: What the text prior is worth, in pseudo-outcomes.
+    prior_strength: float = Field(1.0, gt=0, le=1000)
+    #: Success probability the prior gives a kind the text is sure of (P(kind | text) = 1) ...
+    success_if_right: float = Field(0.8, gt=0, lt=1)
+    #: ... and one the text rules out (P(kind | text) = 0); linear in between.
+    success_if_wrong: float = Field(0.3, gt=0, lt=1)
+    #: A kind is credible when its predicted success reaches this; with none, the fallback kind.
+    credible: float = Field(0.2, ge=0, le=1)
+    exploration: Exploration = Exploration.THOMPSON
+    #: Spread of the Thompson draws relative to the belief (1 = plain Thompson sampling; the
+    #: diagonal belief overstates the spread, so less than 1 explores about as much as needed).
+    exploration_scale: float = Field(0.1, ge=0, le=10)
+    #: At most this share of recent decisions may differ from the greedy choice.
+    exploration_budget: float = Field(0.2, ge=0, le=1)
+    #: Kinds predicted this much below the best are never explored.
+    max_exploration_gap: float = Field(0.3, ge=0, le=1)
+    #: Count decay: each feature of a kind remembers about its last ``window`` outcomes (drift).
+    window: float = Field(20.0, ge=2, le=1_000_000)
+
+
 class Hedge(_Model):
     """Run the top two kinds at once when their confidences are this close (off by default)."""
 
     enabled: bool = False
     margin: float = Field(0.05, ge=0, le=1)
+    #: race: first success wins; merge: both run to the end and their results are combined.
+    mode: CloseCall = CloseCall.RACE
+
+
+class Phases(_Model):
+    """A description with several phases ("implement X, audit it, then deploy") becomes steps."""
+
+    enabled: bool = True
+    #: Words that separate phases ("then", "and then", "after that", ";" always separates).
+    separators: Words = ["then", "afterwards", "finally"]
+    max_steps: int = Field(5, ge=2, le=20)
+
+
+class PriorSettings(_Model):
+    """How the text prior weighs its sources (see ``text_prior.py`` and docs/ROUTING.md)."""
+
+    #: Score a kind gets for each of its keywords found in a description (in nats).
+    keyword_weight: float = Field(1.5, ge=0, le=10)
+    #: Score for each of its terms.
+    term_weight: float = Field(1.0, ge=0, le=10)
+    #: Score a kind gets for each of its hints.
+    hint_weight: float = Field(0.4, ge=0, le=10)
+    #: Score for each of its phrases; the words of a matched phrase count no further.
+    phrase_weight: float = Field(2.0, ge=0, le=10)
+    #: Multiplier of the evidence learned from the kinds' example tickets.
+    example_weight: float = Field(0.5, ge=0, le=10)
+    #: Additive smoothing of the example counts; larger trusts a single example less.
+    example_smoothing: float = Field(1.0, gt=0, le=10)
+    #: Extra weight of the first words: a feature at position p counts (1 + lead_bonus/(1+p))
+    #: times. Titles name their subject first; it also settles ties without a name.
+    lead_bonus: float = Field(0.5, ge=0, le=5)
+    #: Examples of one kind a feature must appear in before the examples teach anything about it.
+    example_min_count: int = Field(2, ge=1, le=100)
+    #: The fallback kind's score: what "nothing in the text points anywhere" is worth.
+    fallback_score: float = Field(0.5, ge=0, le=10)
+    #: Descriptions whose probabilities are kept (least recently used beyond this go).
+    cache_size: int = Field(4096, ge=0, le=1_000_000)
 
 
 class RoutingConfig(_Model):
@@ -126,6 +257,9 @@ class RoutingConfig(_Model):
     complexity: ComplexityHints = ComplexityHints()
     urgency: Urgency = Urgency()
     stopwords: Words = []
+    policy: Policy = Policy.BANDIT
+    bandit: BanditSettings = BanditSettings()
+    phases: Phases = Phases()
     weights: Weights = Weights()
     threshold: float = Field(0.6, ge=0, le=1)
     fallback_kind: KindName = "general"
@@ -133,6 +267,7 @@ class RoutingConfig(_Model):
     retry: RetryPolicy = RetryPolicy()
     hedge: Hedge = Hedge()
     learning: Learning = Learning()
+    prior: PriorSettings = PriorSettings()
     #: How long a grouping of the fleet by kind (health, capacity) is reused between decisions
     #: while the set of agent records stays the same. Loads are read live for the chosen kind
     #: and the chosen agent is re-checked, so this only delays noticing an agent that became
@@ -146,6 +281,17 @@ class RoutingConfig(_Model):
     def _backoff_cap(self) -> RoutingConfig:
         if self.retry.backoff_max_s < self.retry.backoff_base_s:
             raise ValueError("retry.backoff_max_s must be at least retry.backoff_base_s")
+        return self
+
+    @model_validator(mode="after")
+    def _examples_belong_to_one_kind(self) -> RoutingConfig:
+        owner: dict[str, str] = {}
+        for kind, spec in self.kinds.items():
+            for example in spec.examples:
+                other = owner.setdefault(example.lower(), kind)
+                if other != kind:
+                    raise ValueError(
+                        f"example {example!r} is listed under both {other!r} and {kind!r}")
         return self
 
 

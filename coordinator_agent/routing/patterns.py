@@ -41,7 +41,25 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS bandit_weights (  -- BanditModel's state (bandit.py)
+    kind TEXT NOT NULL,
+    feature TEXT NOT NULL,
+    evidence REAL NOT NULL,         -- precision beyond the prior's, x 2**((t - ref) / half-life)
+    information REAL NOT NULL,      -- precision x mean, scaled the same way
+    successes REAL NOT NULL,        -- decayed outcomes behind the weight, scaled the same way
+    failures REAL NOT NULL,
+    ref REAL NOT NULL,              -- the reference time of the scaling
+    PRIMARY KEY (kind, feature)
+);
 """
+_UPSERT_WEIGHT = (
+    "INSERT INTO bandit_weights (kind, feature, evidence, information, successes, failures, ref)"
+    " VALUES (?,?,?,?,?,?,?) ON CONFLICT(kind, feature) DO UPDATE SET "
+    "evidence = excluded.evidence, information = excluded.information, "
+    "successes = excluded.successes, failures = excluded.failures, ref = excluded.ref"
+)
+#: More statements to run in the transaction of an outcome: (SQL, rows for executemany).
+Statements = Sequence[tuple[str, Sequence[Sequence[object]]]]
 _INSERT = (
     "INSERT INTO outcomes (at, kind, agent_id, category, complexity, keywords, success, quality,"
     " duration_s) VALUES (?,?,?,?,?,?,?,?,?)"
@@ -146,13 +164,19 @@ class PatternStore:
 
     # --- writing ------------------------------------------------------------------------------
 
-    def record(self, outcome: Outcome, *, counters: Mapping[str, float] | None = None) -> None:
-        """Persist one outcome (and, in the same transaction, the planner's counters)."""
+    def record(self, outcome: Outcome, *, counters: Mapping[str, float] | None = None,
+               weights: Sequence[Sequence[object]] = (), also: Statements = ()) -> None:
+        """Persist one outcome and, in the same transaction, the planner's counters, the bandit
+        weights it changed and any further statements (the decision log's)."""
         self._db.execute("BEGIN")
         try:
             self._db.execute(_INSERT, _row(outcome))
             if counters:
                 self._save_counters(counters)
+            if weights:
+                self._db.executemany(_UPSERT_WEIGHT, weights)
+            for sql, rows in also:
+                self._db.executemany(sql, rows)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -178,6 +202,19 @@ class PatternStore:
             self._add(_canonical(o.keywords), o.kind, o.value, o.duration_s, o.at)
         self._count += len(batch)
         self._prune()
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection, for the other tables of the learning store (decisions.py)."""
+        return self._db
+
+    def bandit_weights(self) -> list[tuple[str, str, float, float, float, float, float]]:
+        return list(self._db.execute(
+            "SELECT kind, feature, evidence, information, successes, failures, ref "
+            "FROM bandit_weights"))
+
+    def save_bandit_weights(self, rows: Iterable[Sequence[object]]) -> None:
+        self._db.executemany(_UPSERT_WEIGHT, list(rows))
 
     def counters(self) -> dict[str, float]:
         return {name: value for name, value in self._db.execute("SELECT name, value FROM counters")}

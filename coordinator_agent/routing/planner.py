@@ -43,9 +43,19 @@ from coordinator_agent.coordinator.state import AgentRecord
 from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.routing.analysis import TaskAnalysis, TaskAnalyzer
-from coordinator_agent.routing.config import Complexity, RoutingConfig, default_routing_config
+from coordinator_agent.routing.bandit import Row
+from coordinator_agent.routing.config import (
+    Complexity,
+    Policy,
+    RoutingConfig,
+    default_routing_config,
+)
+from coordinator_agent.routing.decisions import DecisionLog
 from coordinator_agent.routing.fleet import Fleet, Pool, pick
+from coordinator_agent.routing.learner import BanditScore, Learner
 from coordinator_agent.routing.patterns import Outcome, PatternStore
+from coordinator_agent.routing.phases import split_phases
+from coordinator_agent.routing.policy import Choice
 
 #: Attempts that say nothing about the kind: never delivered, overtaken, or cancelled.
 NOT_LEARNED = frozenset({AttemptOutcome.RUNNING, AttemptOutcome.UNDELIVERABLE,
@@ -104,6 +114,9 @@ class KindScore:
                 "raw": round(self.raw, 4)}
 
 
+Score = KindScore | BanditScore
+
+
 class FallbackAction(enum.StrEnum):
     RETRY = "retry"  # same kind again, after delay_s
     ALTERNATIVE = "alternative"  # the next kind of the recorded decision
@@ -121,11 +134,12 @@ class FallbackStep:
 @dataclass(frozen=True, slots=True)
 class _Plan:
     analysis: TaskAnalysis
-    scores: list[KindScore]  # best first
-    chosen: KindScore
+    scores: Sequence[Score]  # best first
+    chosen: Score
     fallback_used: bool
     label: str  # short, bounded: metrics and RoutingDecision.reason
     reason: str  # for people
+    propensity: float = 1.0  # P(this choice | the policy), for the decision log
 
 
 class CoordinationPlanner:
@@ -148,11 +162,13 @@ class CoordinationPlanner:
         self.config = config if config is not None else default_routing_config()
         learning = self.config.learning
         self.store = store if store is not None else PatternStore(
-            store_path, half_life_s=learning.half_life_s,
+            store_path, half_life_s=learning.decay_half_life_s,
             partial_match_weight=learning.partial_match_weight,
             max_outcomes=learning.max_outcomes,
         )
         self.analyzer = TaskAnalyzer(self.config)
+        self.learner = Learner(self.config, self.analyzer, self.store)
+        self.decisions = DecisionLog(self.store, max_rows=learning.max_outcomes)
         self.metrics = metrics
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
@@ -164,6 +180,8 @@ class CoordinationPlanner:
         stored = self.store.counters()
         self._counters: dict[str, float] = {name: stored.get(name, 0.0) for name in _COUNTERS}
         self._unsaved = False  # decisions counted since the counters were last written
+        #: Per kind: (decisions, sum of confidences), for the average confidence per kind.
+        self._by_kind: dict[str, list[float]] = {}
 
     # --- selection ----------------------------------------------------------------------------
 
@@ -232,7 +250,9 @@ class CoordinationPlanner:
         return fleet
 
     def _plan(self, task: TaskRecord, analysis: TaskAnalysis,
-              workloads: Mapping[str, float]) -> _Plan:
+              workloads: Mapping[str, float], *, explain: bool = False) -> _Plan:
+        if self.config.policy is Policy.BANDIT:
+            return self._plan_bandit(task, analysis, workloads, explain)
         scores = self.score_kinds(analysis, workloads)
         best = scores[0]
         threshold = self.config.threshold
@@ -259,6 +279,50 @@ class CoordinationPlanner:
                      f"{threshold:.2f}, and the fallback kind {fallback!r} has no healthy "
                      f"agent: best kind taken")
 
+    def _plan_bandit(self, task: TaskRecord, analysis: TaskAnalysis,
+                     workloads: Mapping[str, float], explain: bool) -> _Plan:
+        """``policy: bandit``: Thompson sampling over the predicted success (policy.py)."""
+        scores = self.learner.scores(task.description, analysis, workloads, self._clock(),
+                                     chances=explain)
+        # Best first for the fallback chain; equal probabilities in random order, not by name.
+        keyed = [(-s.confidence, self._rng.random(), s) for s in scores]
+        keyed.sort(key=lambda item: (item[0], item[1]))
+        ranked = [s for _, _, s in keyed]
+        if task.kind is not None:
+            return _Plan(analysis, ranked, ranked[0], False, "explicit_kind",
+                         f"the task asks for kind {task.kind!r}")
+        pinned = task.routing.get("next_kind")
+        for score in ranked:
+            if score.kind == pinned:
+                return _Plan(analysis, ranked, score, False, "fallback_chain",
+                             f"fallback chain: {task.routing.get('next_action')} on {pinned!r}")
+        if explain:
+            # What the policy would most likely do, without drawing or counting anything.
+            best = max(ranked, key=lambda s: (s.chance or 0.0, s.confidence))
+            choice = Choice(best.kind, best.chance or 0.0,
+                            "fallback" if best.kind == self.config.fallback_kind
+                            and best.belief.probability < self.config.bandit.credible
+                            else "greedy",
+                            False, {})
+        else:
+            choice = self.learner.policy.choose([s.belief for s in ranked], self._rng)
+        chosen = next(s for s in ranked if s.kind == choice.kind)
+        p = chosen.confidence
+        credible = self.config.bandit.credible
+        if choice.label == "fallback":
+            top = ranked[0]
+            return _Plan(analysis, ranked, chosen, True, "no_credible_kind",
+                         f"no kind is credible (best {top.kind!r} at {top.confidence:.2f} < "
+                         f"{credible:.2f}): fallback kind {chosen.kind!r}", 1.0)
+        if choice.label == "explore":
+            return _Plan(analysis, ranked, chosen, False, "explore",
+                         f"exploring {chosen.kind!r} (predicted success {p:.2f}, chosen with "
+                         f"probability {choice.propensity:.2f}); best is {ranked[0].kind!r} at "
+                         f"{ranked[0].confidence:.2f}", choice.propensity)
+        return _Plan(analysis, ranked, chosen, False, "confident",
+                     f"{chosen.kind!r}: predicted first-try success {p:.2f} (chosen with "
+                     f"probability {choice.propensity:.2f})", choice.propensity)
+
     def _pick(self, task: TaskRecord, kind: str, pool: Pool) -> AgentRecord | None:
         """An agent of the pool (see ``fleet.pick``); a stale grouping is regrouped next time."""
         agent, stale = pick(task, kind, pool, cap=self.in_flight_cap,
@@ -281,8 +345,10 @@ class CoordinationPlanner:
             "agent_id": agent.id,
             "kind": chosen.kind,
             "confidence": confidence,
+            "policy": self.config.policy.value,
+            "propensity": round(plan.propensity, 6),
             "parts": chosen.parts(),
-            "threshold": self.config.threshold,
+            "threshold": self._threshold(),
             "fallback_used": plan.fallback_used,
             "reason": plan.reason,
             "alternatives": [
@@ -297,9 +363,13 @@ class CoordinationPlanner:
         if "learned" in previous:
             routing["learned"] = previous["learned"]
         task.routing = routing
+        self._log(task, plan)
         counters = self._counters
         counters["decisions"] += 1
         counters["confidence_sum"] += chosen.confidence
+        per_kind = self._by_kind.setdefault(chosen.kind, [0.0, 0.0])
+        per_kind[0] += 1
+        per_kind[1] += chosen.confidence
         self._unsaved = True
         if plan.fallback_used:
             counters["fallbacks"] += 1
@@ -311,6 +381,22 @@ class CoordinationPlanner:
             if plan.fallback_used:
                 self.metrics.routing_fallbacks.labels(plan.label).inc()
         return routing
+
+    def _threshold(self) -> float:
+        if self.config.policy is Policy.BANDIT:
+            return self.config.bandit.credible
+        return self.config.threshold
+
+    def _log(self, task: TaskRecord, plan: _Plan) -> None:
+        # Plain tuples now; rounded and serialised when the log is written (decisions.py).
+        candidates = [(s.kind, s.text, s.confidence, s.belief.std) if isinstance(s, BanditScore)
+                      else (s.kind, None, s.confidence, None) for s in plan.scores]
+        self.decisions.add(
+            task_id=task.id, attempt=len(task.attempts) + 1, at=self._clock(),
+            policy=self.config.policy.value, reason=plan.label,
+            description=task.description[: self.config.learning.max_description_chars],
+            candidates=candidates, kind=plan.chosen.kind, propensity=plan.propensity,
+            confidence=plan.chosen.confidence)
 
     def _select_with_router(
         self, task: TaskRecord, agents: Iterable[AgentRecord]
@@ -363,15 +449,34 @@ class CoordinationPlanner:
         if first_try:
             self._counters["first_tries"] += 1
             self._counters["first_try_successes"] += int(success)
+        now = self._clock()
+        weights = self._learn(task, info, kind, success, now)
+        model_p = task.routing.get("parts", {}).get("model")
+        if first_try and task.routing.get("kind") == kind and isinstance(model_p, float):
+            self._counters.update(self.learner.calibrate(model_p, success))
         self.store.record(Outcome(
             keywords=tuple(info.get("keywords", ())), kind=kind, success=success,
             agent_id=attempt.agent_id, category=str(info.get("category", "general")),
             complexity=str(info.get("complexity", "medium")),
             quality=1.0 if quality is None else quality,
             duration_s=attempt.duration_s if duration_s is None else duration_s,
-            at=self._clock(),
-        ), counters=self._counters)
+            at=now,
+        ), counters=self._counters, weights=weights,
+            also=self.decisions.outcome_statements(task.id, attempt.number, success, now))
         self._unsaved = False
+
+    def _learn(self, task: TaskRecord, info: Mapping[str, Any], kind: str, success: bool,
+               now: float) -> list[Row]:
+        """Teach the learner, whatever the policy, with the prior the decision saw."""
+        prior = None
+        parts = task.routing.get("parts")
+        if task.routing.get("kind") == kind and isinstance(parts, dict):
+            value = parts.get("prior_success")
+            prior = float(value) if isinstance(value, (int, float)) else None
+        analysis = self.analyzer.analyze(task.description)
+        keywords = [str(k) for k in info.get("keywords", ())]
+        return self.learner.learn(task.description, analysis, kind, success, now, prior=prior,
+                                  keywords=keywords)
 
     def next_step(self, task: TaskRecord, outcome: AttemptOutcome | None = None) -> FallbackStep:
         """After a failed attempt (error, timeout, lost agent): what to do next.
@@ -448,8 +553,10 @@ class CoordinationPlanner:
         analysis = self.analyzer.analyze(description)
         result: dict[str, Any] = {
             "analysis": {**analysis.to_dict(), "domain_match": analysis.domain_match},
-            "threshold": self.config.threshold, "kinds": {}, "kind": None,
+            "policy": self.config.policy.value,
+            "threshold": self._threshold(), "kinds": {}, "kind": None,
             "fallback_used": False, "reason": "", "alternatives": [],
+            "workflow": self.phases(description) if kind is None else None,
         }
         pools: dict[str, Pool] | None = None
         if agents is None:
@@ -463,7 +570,7 @@ class CoordinationPlanner:
             if not workloads:
                 result["reason"] = "no_free_agent" if able else "no_matching_agent"
                 return result
-        plan = self._plan(task, analysis, workloads)
+        plan = self._plan(task, analysis, workloads, explain=True)
         result["kinds"] = {s.kind: {"confidence": round(s.confidence, 4), "parts": s.parts()}
                            for s in plan.scores}
         result.update(kind=plan.chosen.kind, fallback_used=plan.fallback_used,
@@ -473,6 +580,52 @@ class CoordinationPlanner:
             agent = self._pick(task, plan.chosen.kind, pools[plan.chosen.kind])
             result["agent"] = agent.id if agent is not None else None
         return result
+
+    # --- offline evaluation (replay.py) -------------------------------------------------------
+
+    def policy_distribution(self, description: str, kinds: Sequence[str],
+                            now: float) -> tuple[dict[str, float], dict[str, float]]:
+        """(P(this planner's policy picks kind), predicted success of kind) for a logged task
+        whose candidate kinds were ``kinds``; the policy's exploration share moves by its
+        expectation."""
+        analysis = self.analyzer.analyze(description)
+        scores = self.learner.scores(description, analysis, kinds, now)
+        predicted = {s.kind: s.confidence for s in scores}
+        if self.config.policy is Policy.BANDIT:
+            return self.learner.replay_distribution(scores), predicted
+        task = TaskRecord(id="replay", description=description)
+        plan = self._plan(task, analysis, dict.fromkeys(kinds, 0.0), explain=True)
+        return {k: float(k == plan.chosen.kind) for k in kinds}, predicted
+
+    def learn_logged(self, description: str, kind: str, success: bool, at: float) -> None:
+        """Learn a logged outcome as if it had happened here (both policies' state)."""
+        outcome = self._learn_description(description, kind, success, at)
+        self.store.record(outcome)
+
+    def import_outcomes(self, rows: Iterable[tuple[str, str, bool, float]]) -> int:
+        """Bulk-learn (description, kind, success, at) rows in one transaction (benchmarks,
+        migrations); returns how many."""
+        outcomes = [self._learn_description(d, k, ok, at) for d, k, ok, at in rows]
+        self.store.record_many(outcomes)
+        self.store.save_bandit_weights(self.learner.model.rows())
+        return len(outcomes)
+
+    def _learn_description(self, description: str, kind: str, success: bool,
+                           at: float) -> Outcome:
+        analysis = self.analyzer.analyze(description)
+        self.learner.learn(description, analysis, kind, success, at)
+        return Outcome(keywords=analysis.keywords, kind=kind, success=success,
+                       category=analysis.category, complexity=analysis.complexity.value, at=at)
+
+    def phases(self, description: str) -> list[dict[str, Any]] | None:
+        """The steps a multi-phase description becomes (``phases``), or None for one phase."""
+        settings = self.config.phases
+        if not settings.enabled:
+            return None
+        steps = split_phases(description, self.learner.text_prior, settings)
+        if steps is None:
+            return None
+        return [{"description": text, "kind": kind} for text, kind in steps]
 
     def snapshot(self) -> dict[str, Any]:
         """Routing accuracy (first-try success), fallback rate, confidence, per-kind success."""
@@ -488,6 +641,10 @@ class CoordinationPlanner:
             "first_try_successes": int(c["first_try_successes"]),
             "accuracy": c["first_try_successes"] / tries if tries else 0.0,
             "outcomes_stored": len(self.store),
+            "policy": self.config.policy.value,
+            "average_confidence_by_kind": {
+                kind: round(total / n, 4) for kind, (n, total) in sorted(self._by_kind.items())
+                if n},
             "kinds": {
                 kind: {"success_rate": round(s.success_rate, 4),
                        "outcomes": round(s.outcomes, 3),
@@ -497,7 +654,12 @@ class CoordinationPlanner:
         }
 
     def export_metrics(self, metrics: Metrics | None = None) -> dict[str, Any]:
-        """Push the snapshot into the routing gauges; returns the snapshot."""
+        """Push the snapshot into the routing gauges; returns the snapshot.
+
+        Called at scrape time, off the decision path: buffered decision-log rows are written
+        here too.
+        """
+        self.decisions.flush()
         snap = self.snapshot()
         target = metrics if metrics is not None else self.metrics
         if target is None:
@@ -512,6 +674,13 @@ class CoordinationPlanner:
             totals[1] += stats["outcomes"] * stats["success_rate"]
         for label, (n, successes) in by_label.items():
             target.routing_kind_success.labels(label).set(successes / n if n else 0.0)
+        confidence: dict[str, list[float]] = {}
+        for kind, (n, total) in self._by_kind.items():
+            sums = confidence.setdefault(self._label(kind), [0.0, 0.0])
+            sums[0] += n
+            sums[1] += total
+        for label, (n, total) in confidence.items():
+            target.routing_kind_confidence.labels(label).set(total / n if n else 0.0)
         return snap
 
     def _label(self, kind: str) -> str:
@@ -525,6 +694,7 @@ class CoordinationPlanner:
 
     def close(self) -> None:
         """Write the decision counters (if any changed) and close the store."""
+        self.decisions.flush()
         if self._unsaved:
             self.store.save_counters(self._counters)
         self.store.close()

@@ -60,6 +60,8 @@ def dead_letter_queue(coordinator: str) -> str:
 #: Which key encrypted the body: the principal id of the sender.
 HEADER_SENDER: Final = "x-ca-sender"
 #: Set on messages the coordinator dead-letters itself.
+#: The coordinator's broker probe: a queue name nobody declares, on the default exchange.
+PROBE_ROUTING_KEY: Final = "ca.probe.unrouted"
 HEADER_REJECT_REASON: Final = "x-ca-reject-reason"
 HEADER_REJECT_DETAIL: Final = "x-ca-reject-detail"
 HEADER_ORIGINAL_ROUTING_KEY: Final = "x-ca-original-routing-key"

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
@@ -24,6 +26,39 @@ Role = Literal["agent", "operator"]
 ROLES: tuple[Role, ...] = ("agent", "operator")
 #: How many retired keys a rotation keeps so that in-flight messages still decrypt.
 KEEP_OLD_KEYS = 2
+#: A principal id travels as the envelope's sender (protocol.Identifier) and names queues and
+#: Consul services, so it is checked when it is created, not when the first message fails.
+PRINCIPAL_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+#: Permission bits a keyring must not have: anything for others, or write for the group. Group
+#: read stays allowed: Kubernetes mounts Secrets 0440 for the pod's fsGroup.
+TOO_OPEN = stat.S_IRWXO | stat.S_IWGRP
+FRESH_START = ("move it aside and create keys again with "
+               "`coordinator-agent keys generate --principal ID --role agent|operator`, "
+               "or restore it from a backup")
+
+
+def check_principal_id(principal_id: str) -> str:
+    if not PRINCIPAL_ID.fullmatch(principal_id):
+        raise ConfigError(
+            f"principal id {principal_id!r} is not allowed: use 1 to 128 letters, digits and "
+            "'_' '.' ':' '@' '-' (it names queues and is checked on every message)"
+        )
+    return principal_id
+
+
+def require_role(keyring: Keyring, principal_id: str, role: Role, path: Path | str) -> None:
+    """Refuse to act as ``principal_id`` unless the keyring gives it ``role``."""
+    principal = keyring.get(principal_id)
+    if principal is None:
+        raise ConfigError(f"{principal_id!r} is not in the keyring {path}: create it with "
+                          f"`coordinator-agent keys generate --principal {principal_id} "
+                          f"--role {role}`")
+    if principal.role != role:
+        raise ConfigError(
+            f"{principal_id!r} is an {principal.role} in {path}, not an {role}: the coordinator "
+            f"would refuse every message it sent as one. Give the {role} its own id "
+            f"(`coordinator-agent keys generate --principal ID --role {role}`)"
+        )
 
 
 @dataclass
@@ -47,6 +82,7 @@ class Keyring:
         return self.principals.get(principal_id)
 
     def generate(self, principal_id: str, role: Role) -> Principal:
+        check_principal_id(principal_id)
         if principal_id in self.principals:
             raise ConfigError(f"principal {principal_id!r} already exists (use keys rotate)")
         token = SecretStr(secrets.token_urlsafe(32)) if role == "operator" else None
@@ -83,32 +119,35 @@ class Keyring:
 
     @classmethod
     def load(cls, path: Path) -> Keyring:
+        """Read a keyring file; every problem is a ConfigError naming the file and what to do."""
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            mode = path.stat().st_mode
+            if os.name == "posix" and stat.S_ISREG(mode) and mode & TOO_OPEN:
+                # As ssh does with a private key: a secret others can read is refused.
+                raise ConfigError(
+                    f"keyring {path} is open to others (mode {stat.S_IMODE(mode):04o}) and holds "
+                    f"secret keys: run `chmod 600 {path}`"
+                )
+            text = path.read_text(encoding="utf-8")
+            raw = json.loads(text)
         except FileNotFoundError:
             raise ConfigError(
                 f"keyring {path} does not exist: create it with "
                 "`coordinator-agent keys generate --principal ID --role agent|operator`"
             ) from None
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"keyring {path} is unreadable: {type(exc).__name__}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"keyring {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                f"{exc.msg}): {FRESH_START}"
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"keyring {path} is not UTF-8 text: {FRESH_START}") from None
+        except OSError as exc:
+            raise ConfigError(f"keyring {path} cannot be read ({exc.strerror})") from None
         try:
-            principals = {
-                pid: Principal(
-                    pid,
-                    _role(entry["role"]),
-                    [SecretStr(k) for k in entry["keys"]],
-                    SecretStr(entry["api_token"]) if entry.get("api_token") else None,
-                )
-                for pid, entry in raw["principals"].items()
-            }
-            for principal in principals.values():
-                if not principal.keys:
-                    raise ValueError("principal without keys")
-                for key in principal.keys:
-                    Fernet(key.get_secret_value())
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ConfigError(f"keyring {path} is malformed ({type(exc).__name__})") from None
+            principals = _parse(raw)
+        except _Malformed as exc:
+            raise ConfigError(f"keyring {path} is malformed: {exc}; {FRESH_START}") from None
         return cls(principals)
 
     @classmethod
@@ -143,7 +182,32 @@ def _new_key() -> SecretStr:
     return SecretStr(Fernet.generate_key().decode())
 
 
-def _role(value: object) -> Role:
-    if value not in ROLES:
-        raise ValueError("unknown role")
-    return value
+class _Malformed(ValueError):
+    """What is wrong in a keyring's JSON, in words that never quote a key."""
+
+
+def _parse(raw: object) -> dict[str, Principal]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("principals"), dict):
+        raise _Malformed('expected {"principals": {ID: {"role": ..., "keys": [...]}}}')
+    principals: dict[str, Principal] = {}
+    for pid, entry in raw["principals"].items():
+        where = f"principal {pid!r}"
+        if not isinstance(entry, dict):
+            raise _Malformed(f"{where} is not an object")
+        role = entry.get("role")
+        if role not in ROLES:
+            raise _Malformed(f"{where} has role {role!r}, not one of {', '.join(ROLES)}")
+        keys = entry.get("keys")
+        if not isinstance(keys, list) or not keys:
+            raise _Malformed(f"{where} has no list of keys")
+        for number, key in enumerate(keys, 1):
+            try:
+                Fernet(key)
+            except (TypeError, ValueError):
+                raise _Malformed(f"{where}: key {number} is not a Fernet key") from None
+        token = entry.get("api_token")
+        if token is not None and not isinstance(token, str):
+            raise _Malformed(f"{where}: api_token is not a string")
+        principals[pid] = Principal(pid, cast(Role, role), [SecretStr(k) for k in keys],
+                                    SecretStr(token) if token else None)
+    return principals

@@ -3,6 +3,10 @@
 It owns one connection and supervises it itself instead of relying on RobustConnection (whose
 restore has known gaps: cancelled consumers and weakly held queues are not always brought back).
 On every (re)connect it declares the topology and starts every registered consumer again.
+A consumer the broker cancels (its queue was deleted) counts as a lost connection: noticed at
+once, the topology is declared again and every consumer restarted. With ``probe_interval_s``
+set, a tiny confirmed publish checks that the broker still works (a hung broker keeps the TCP
+connection open): ``connected`` is False while confirms do not come back.
 
 Inbound: security checks -> authorization -> handler -> ack. A rejected message is republished
 to the dead-letter exchange with its reason, counted and logged without payload, then acked.
@@ -52,6 +56,8 @@ class _Consumer:
     #: Quorum queues count deliveries and dead-letter poison messages; classic queues do not,
     #: so a handler crash there dead-letters at once instead of requeueing forever.
     requeue_on_error: bool
+    #: Not started until ``resume`` (an agent says hello before it takes work).
+    paused: bool = False
 
 
 def mask_url(url: str) -> str:
@@ -75,6 +81,8 @@ class MessageHandler:
         publish_timeout_s: float = 10.0,
         reconnect_delay_s: float = 0.5,
         max_reconnect_delay_s: float = 5.0,
+        probe_interval_s: float | None = None,
+        probe_timeout_s: float = 1.0,
     ) -> None:
         self._url = broker_url
         self.security = security
@@ -98,6 +106,15 @@ class MessageHandler:
         self._consumer_tags: list[tuple[AbstractQueue, str]] = []
         self.connections_made = 0
         self.active_consumers = 0
+        self._lost: asyncio.Event | None = None
+        self._connection_id = 0
+        self.probe_interval_s = probe_interval_s
+        self.probe_timeout_s = probe_timeout_s
+        #: False while probes go unconfirmed (a hung broker); True without probes.
+        self.confirming = True
+        #: When the broker last confirmed a publish or probe (monotonic); None before any.
+        self.last_confirm: float | None = None
+        self.consumer_cancels = 0
 
     def __repr__(self) -> str:
         return f"MessageHandler(name={self.name!r}, url={self.url_for_display!r})"
@@ -108,6 +125,12 @@ class MessageHandler:
 
     @property
     def connected(self) -> bool:
+        """Connected, consumers up, and (when probing) the broker confirms publishes."""
+        return self._ready.is_set() and self.confirming
+
+    @property
+    def transport_up(self) -> bool:
+        """Connected with topology and consumers up, whether or not confirms come back."""
         return self._ready.is_set()
 
     # --- set-up -------------------------------------------------------------------------------
@@ -117,9 +140,23 @@ class MessageHandler:
         self._topology.append(declare)
 
     def consume(
-        self, queue: str, handler: Handler, *, prefetch: int, requeue_on_error: bool = True
+        self, queue: str, handler: Handler, *, prefetch: int, requeue_on_error: bool = True,
+        paused: bool = False,
     ) -> None:
-        self._consumers.append(_Consumer(queue, handler, prefetch, requeue_on_error))
+        self._consumers.append(_Consumer(queue, handler, prefetch, requeue_on_error, paused))
+
+    async def resume(self, queue: str) -> None:
+        """Start a consumer registered ``paused``, now if connected, else on the next connect."""
+        for consumer in self._consumers:
+            if consumer.queue == queue and consumer.paused:
+                consumer.paused = False
+                connection, lost = self._connection, self._lost
+                if self._ready.is_set() and connection is not None and lost is not None:
+                    try:
+                        await self._start_consumer(connection, consumer, lost)
+                    except (*_BROKER_ERRORS, TimeoutError):
+                        lost.set()  # the supervisor reconnects and starts it
+                    self.active_consumers = len(self._consumer_channels)
 
     async def start(self, timeout: float = 15.0) -> None:
         """Connect (retrying) and return once topology and consumers are up."""
@@ -185,14 +222,75 @@ class MessageHandler:
                 log.info("broker connection back after %.1fs", time.monotonic() - failing_since)
                 failing_since = None
             delay = self._reconnect_delay_s
-            await lost.wait()
+            prober = (asyncio.create_task(self._probe(lost), name=f"{self.name}-probe")
+                      if self.probe_interval_s else None)
+            try:
+                await lost.wait()
+            finally:
+                if prober is not None:
+                    prober.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await prober
             self._ready.clear()
             self._set_connected(False)
             if not self._closing:
                 log.warning("broker connection lost; reconnecting")
                 await self._close_connection()
 
+    async def _probe(self, lost: asyncio.Event) -> None:
+        """Publish a tiny confirmed message now and then: a hung broker stops confirming."""
+        assert self.probe_interval_s is not None
+        probe = aio_pika.Message(b"", delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
+        while not lost.is_set():
+            channel = self._publish_channel
+            try:
+                if channel is None:
+                    raise TransportError("not connected")
+                # The default exchange and a queue name nobody uses: confirmed, then dropped.
+                await asyncio.wait_for(channel.default_exchange.publish(
+                    probe, c.PROBE_ROUTING_KEY, mandatory=False), self.probe_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except (*_BROKER_ERRORS, TimeoutError, TransportError) as exc:
+                last = self.last_confirm
+                if (isinstance(exc, TimeoutError) and last is not None
+                        and time.monotonic() - last < self.probe_timeout_s):
+                    continue  # other publishes were confirmed meanwhile: we are slow, not it
+                if self.confirming:
+                    log.warning("broker %s stopped confirming publishes (%s)",
+                                self.url_for_display, type(exc).__name__ or "timeout")
+                    self.confirming = False
+                    self._set_connected(False)
+                continue  # probe again at once: the next confirm ends the outage
+            self.last_confirm = time.monotonic()
+            if not self.confirming:
+                log.info("broker %s confirms publishes again", self.url_for_display)
+                self.confirming = True
+                self._set_connected(self._ready.is_set())
+            await asyncio.sleep(self.probe_interval_s)
+
+    async def _start_consumer(
+        self, connection: AbstractConnection, consumer: _Consumer, lost: asyncio.Event
+    ) -> None:
+        channel = await connection.channel()
+        channel.close_callbacks.add(lambda *_: lost.set())
+        await channel.set_qos(prefetch_count=consumer.prefetch)
+        underlay = await channel.get_underlay_channel()
+
+        def cancelled(_frame: Any) -> None:
+            # The broker cancelled us (queue deleted, or a node of its quorum lost): start over.
+            self.consumer_cancels += 1
+            log.warning("broker cancelled the consumer of %s; declaring it again", consumer.queue)
+            lost.set()
+
+        underlay.on_consumer_cancel_callbacks.add(cancelled)
+        queue = await channel.get_queue(consumer.queue, ensure=False)
+        tag = await queue.consume(self._callback(consumer))
+        self._consumer_channels.append(channel)
+        self._consumer_tags.append((queue, tag))
+
     async def _connect(self, lost: asyncio.Event) -> None:
+        self._lost = lost
         connection = await aio_pika.connect(
             self._url.get_secret_value(),
             timeout=10,
@@ -210,13 +308,8 @@ class MessageHandler:
         self._consumer_tags = []
         if self._consuming:
             for consumer in self._consumers:
-                channel = await connection.channel()
-                channel.close_callbacks.add(lambda *_: lost.set())
-                await channel.set_qos(prefetch_count=consumer.prefetch)
-                queue = await channel.get_queue(consumer.queue, ensure=False)
-                tag = await queue.consume(self._callback(consumer))
-                self._consumer_channels.append(channel)
-                self._consumer_tags.append((queue, tag))
+                if not consumer.paused:
+                    await self._start_consumer(connection, consumer, lost)
         self.active_consumers = len(self._consumer_channels)
         self.connections_made += 1
         if self.connections_made > 1 and self.metrics:
@@ -225,10 +318,10 @@ class MessageHandler:
         self._ready.set()
 
     def _set_connected(self, up: bool) -> None:
-        if not up:
+        if not up and not self._ready.is_set():
             self.active_consumers = 0
         if self.metrics:
-            self.metrics.broker_connected.set(1 if up else 0)
+            self.metrics.broker_connected.set(1 if up and self.confirming else 0)
 
     async def _close_connection(self) -> None:
         self._ready.clear()
@@ -326,6 +419,27 @@ class MessageHandler:
 
     # --- outbound -----------------------------------------------------------------------------
 
+    async def park(
+        self, payload: protocol.Model, *, peer: str, reason: str, detail: str, exchange: str,
+        routing_key: str,
+    ) -> None:
+        """Put a message of our own on the dead-letter queue with a reason (a poison task)."""
+        envelope = protocol.make_envelope(payload, sender=self.security.principal_id)
+        body, headers = self.security.seal(envelope, peer)
+        if self.metrics:
+            self.metrics.messages_rejected.labels(reason).inc()
+        parked = aio_pika.Message(
+            body,
+            headers={**headers, c.HEADER_REJECT_REASON: reason,
+                     c.HEADER_REJECT_DETAIL: detail[:512],
+                     c.HEADER_ORIGINAL_EXCHANGE: exchange,
+                     c.HEADER_ORIGINAL_ROUTING_KEY: routing_key},
+            message_id=envelope.id, type=envelope.type, content_type=c.CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await self._publish_raw(c.dead_letter_exchange(self.security.coordinator_id), "",
+                                parked, mandatory=True)
+
     async def publish(
         self,
         payload: protocol.Model,
@@ -370,6 +484,7 @@ class MessageHandler:
             target = await self._exchange(exchange)
             remaining = max(0.05, deadline - time.monotonic())
             await target.publish(message, routing_key, mandatory=mandatory, timeout=remaining)
+            self.last_confirm = time.monotonic()
         except aiormq.exceptions.PublishError as exc:
             self._count_publish_error("unroutable")
             raise Unroutable(f"no queue bound for {exchange!r}/{routing_key!r}") from exc

@@ -1,24 +1,30 @@
 """Wire protocol v1: the envelope, every payload, and the pure codec (bytes <-> models).
 
 The envelope is a discriminated union on ``type``: one validation pass picks the payload model.
-Everything is ``extra="forbid"`` and bounded, because agent output is untrusted input.
-Encryption is not done here; see ``security.py``. ``docs/PROTOCOL.md`` is the prose version.
+Everything is ``extra="forbid"``, bounded and strict, because agent output is untrusted input:
+no coercion between JSON types (``true`` is not ``1``, ``"1.5"`` is not a number; an integer
+field takes an integer, a number field any number), only finite numbers, and integers that fit
+in a signed 64-bit word, also inside free-form JSON values. Encryption is not done here; see
+``security.py``. ``docs/PROTOCOL.md`` is the specification; a test keeps the two in step.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Annotated, Any, Literal, TypeAlias, Union
 
 import orjson
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     JsonValue,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
@@ -32,9 +38,72 @@ MAX_DESCRIPTION_CHARS = 8192
 Description = Annotated[str, Field(min_length=1, max_length=MAX_DESCRIPTION_CHARS)]
 Labels = Annotated[list[Label], Field(max_length=64)]
 
+#: Every integer on the wire, named or inside a JSON value, fits in a signed 64-bit word:
+#: what other languages hold natively, and what the coordinator's store can write.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: An attempt number, an in-flight count: a non-negative 64-bit integer.
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Attempt = Annotated[int, Field(ge=1, le=INT64_MAX)]
+
+
+#: Digits -> "9", e/E -> "e", +/- -> "+", anything else -> "x": the shape of numbers in a text.
+_NUMBER_SHAPES = bytes(
+    ord("9") if chr(b).isdigit() and b < 128 else ord("e") if b in b"eE"
+    else ord("+") if b in b"+-" else ord("x") for b in range(256))
+
+
+def _numbers_in_range(data: bytes) -> bool:
+    """True if no number in this JSON text can break the rules; cheap (C-speed) and sound.
+
+    A number breaks them only with NaN or Infinity, a three-digit exponent (1e999; an exponent
+    always follows a digit), or 19 digits in a row (every integer beyond 64 bits has them, and
+    so does any float too large to write without an exponent). False alarms (such a shape
+    inside a string, say a hex id) only cost the value-by-value check.
+    """
+    if b"NaN" in data or b"Infinity" in data:
+        return False
+    shapes = data.translate(_NUMBER_SHAPES)
+    return b"9" * 19 not in shapes and b"9e999" not in shapes and b"9e+999" not in shapes
+
+
+#: Validation context from ``decode``: the raw text, and whether its numbers are in range
+#: (scanned at most once per message, and only if it has a JSON value to check at all).
+_RAW_TEXT, _TEXT_IN_RANGE = "raw_text", "text_in_range"
+
+
+def _bounded_json(value: JsonValue, info: ValidationInfo) -> JsonValue:
+    """Free-form JSON obeys the same number rules as named fields (JSON has no NaN either)."""
+    context = info.context
+    if context is not None and _RAW_TEXT in context:
+        if _TEXT_IN_RANGE not in context:
+            context[_TEXT_IN_RANGE] = _numbers_in_range(context[_RAW_TEXT])
+        if context[_TEXT_IN_RANGE]:
+            return value  # every number in the text is fine: no need to walk it in Python
+    stack = [value]
+    pop, extend = stack.pop, stack.extend
+    while stack:
+        item = pop()
+        kind = type(item)  # exact types: bool is not int here, and JSON makes no subclasses
+        if kind is dict:
+            extend(item.values())  # type: ignore[union-attr]
+        elif kind is list:
+            extend(item)  # type: ignore[arg-type]
+        elif kind is int:
+            if not INT64_MIN <= item <= INT64_MAX:  # type: ignore[operator]
+                raise ValueError("integers must fit in a signed 64-bit word")
+        elif kind is float and not math.isfinite(item):  # type: ignore[arg-type]
+            raise ValueError("numbers must be finite")
+    return value
+
+
+#: Any JSON value (task input and output), with finite numbers and 64-bit integers only.
+JSON = Annotated[JsonValue, AfterValidator(_bounded_json)]
+
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: JSON types are never coerced (no bool -> int, no numeric string -> float);
+    # allow_inf_nan=False: NaN, Infinity and overflowing literals such as 1e999 are refused.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 # --- agent -> coordinator -------------------------------------------------------------------
@@ -54,7 +123,7 @@ class AgentStatus(Model):
     capabilities: Labels = []
     max_concurrency: int = Field(1, ge=1, le=10_000)
     state: Literal["ready", "busy", "draining"] = "ready"
-    in_flight: int = Field(0, ge=0)
+    in_flight: Count = 0
     load: float = Field(0.0, ge=0.0, le=1.0)
 
 
@@ -68,16 +137,16 @@ class AgentGoodbye(Model):
 
 class TaskProgress(Model):
     task_id: Identifier
-    attempt: int = Field(ge=1)
+    attempt: Attempt
     progress: float = Field(ge=0.0, le=1.0)
     message: ShortText = ""
 
 
 class TaskResult(Model):
     task_id: Identifier
-    attempt: int = Field(ge=1)
+    attempt: Attempt
     success: bool
-    output: JsonValue = None
+    output: JSON = None
     error: ShortText | None = None
     duration_s: float = Field(0.0, ge=0.0)
 
@@ -87,15 +156,15 @@ class TaskResult(Model):
 
 class TaskAssign(Model):
     task_id: Identifier
-    attempt: int = Field(ge=1)
+    attempt: Attempt
     description: Description
-    input: JsonValue = None
+    input: JSON = None
     timeout_s: float = Field(gt=0)
 
 
 class TaskCancel(Model):
     task_id: Identifier
-    attempt: int | None = Field(None, ge=1)
+    attempt: Attempt | None = None
     reason: ShortText = ""
 
 
@@ -117,7 +186,7 @@ class SubtaskSpec(Model):
     kind: Label | None = None
     required_capabilities: Labels = []
     #: Omitted (null): the sub-task, or the first step, gets the parent's input.
-    input: JsonValue = None
+    input: JSON = None
     timeout_s: float | None = Field(None, gt=0, le=86_400)
 
 
@@ -130,18 +199,22 @@ class Decomposition(Model):
     subtasks: Children
 
 
+#: A priority given by name (``task.submit`` ``priority``; or a band 0-9).
+PriorityName = Literal["high", "medium", "low"]
+
+
 class TaskSubmit(Model):
     #: Idempotency key; a re-submitted id returns the existing task. Default: the envelope id.
     task_id: Identifier | None = None
     description: Description
     kind: Label | None = None
     required_capabilities: Labels = []
-    input: JsonValue = None
+    input: JSON = None
     timeout_s: float | None = Field(None, gt=0, le=86_400)
     max_retries: int | None = Field(None, ge=0, le=20)
     #: ``high``, ``medium``, ``low`` or a band 0-9 (higher first); omitted: from the analysis'
-    #: urgency when the coordinator is configured so, else ``medium``. See PROTOCOL.md §priority.
-    priority: Literal["high", "medium", "low"] | Annotated[int, Field(ge=0, le=9)] | None = None
+    #: urgency when the coordinator is configured so, else ``medium``. See PROTOCOL.md §20.1.
+    priority: PriorityName | Annotated[int, Field(ge=0, le=9)] | None = None
     #: Queue for task.accepted / task.completed (default exchange); omitted = no replies.
     reply_to: Annotated[str, Field(max_length=255)] | None = None
     # --- composite tasks (workflows.py); a composite task is never assigned to an agent itself.
@@ -161,7 +234,7 @@ class TaskSubmit(Model):
     #: Fan-out only: ``combine`` (deterministic, the default) or an agent of kind ``synthesizer``.
     merge: Literal["combine", "synthesizer"] | None = None
     #: ``merge="synthesizer"`` only: the synthesizer's own input, next to the merged results.
-    merge_input: JsonValue = None
+    merge_input: JSON = None
 
     @model_validator(mode="after")
     def _one_composition(self) -> TaskSubmit:
@@ -200,22 +273,34 @@ class TaskAccepted(Model):
 
 
 class AttemptSummary(Model):
-    attempt: int
+    attempt: Attempt
     agent_id: str
     outcome: str
     error: str | None = None
     duration_s: float | None = None
 
 
+#: The statuses a ``task.completed`` may carry (``rejected``: no task was created;
+#: ``escalated``: not final, the task waits for an operator).
+COMPLETED_STATUSES = ("succeeded", "failed", "cancelled", "rejected", "escalated")
+
+
+def _completed_status(status: str) -> str:
+    # A check rather than a Literal, so the coordinator may pass its TaskStatus values as str.
+    if status not in COMPLETED_STATUSES:
+        raise ValueError(f"status must be one of {', '.join(COMPLETED_STATUSES)}")
+    return status
+
+
 class TaskCompleted(Model):
     task_id: Identifier
-    #: ``escalated`` is not final: it says the task waits for an operator (PROTOCOL.md §18.3).
-    status: Literal["succeeded", "failed", "cancelled", "rejected", "escalated"]
-    output: JsonValue = None
+    #: ``escalated`` is not final: it says the task waits for an operator (PROTOCOL.md §20.3).
+    status: Annotated[str, AfterValidator(_completed_status)]
+    output: JSON = None
     error: str | None = None
     attempts: list[AttemptSummary] = []
-    #: ``rejected`` only: when the submission may be tried again (PROTOCOL.md §admission).
-    retry_after_s: float | None = None
+    #: ``rejected`` only: when the submission may be tried again (PROTOCOL.md §20.2).
+    retry_after_s: float | None = Field(None, ge=0)
 
 
 Payload: TypeAlias = (
@@ -257,7 +342,8 @@ def _envelope_class(type_name: str, payload_model: type[Model]) -> type[Envelope
     """The validating envelope of one message type: the wire constraints, its payload model."""
     class_name = "".join(part.title() for part in type_name.split(".")) + "Envelope"
     annotations = {
-        "v": Literal[1],
+        # An int equal to 1: Literal[1] would also take true and 1.0 (they compare equal).
+        "v": Annotated[int, Field(ge=PROTOCOL_VERSION, le=PROTOCOL_VERSION)],
         "id": Identifier,
         "type": Literal[type_name],
         "sender": Identifier,
@@ -313,8 +399,9 @@ def encode(envelope: Envelope) -> bytes:
 
 def decode(data: bytes) -> Envelope:
     """UTF-8 JSON bytes (after decryption) -> validated Envelope, or ProtocolError."""
+    # Scanning the bytes is far cheaper than walking a large input or output in Python.
     try:
-        parsed = _ENVELOPE_ADAPTER.validate_json(data)
+        parsed = _ENVELOPE_ADAPTER.validate_json(data, context={_RAW_TEXT: data})
     except ValidationError as exc:
         raise _protocol_error(exc, data) from None
     return parsed  # type: ignore[no-any-return]

@@ -38,6 +38,8 @@ POLICY: Mapping[str, frozenset[str]] = {
         {"task.assign", "task.cancel", "agent.drain", "task.accepted", "task.completed"}
     ),
 }
+#: How far in the future a stamp may be: Fernet's fixed allowance, applied to ``sent_at`` too.
+MAX_CLOCK_SKEW_S = 60
 #: Message types in which an agent reports on a task: it must have been assigned that task.
 TASK_REPORTS = frozenset({"task.progress", "task.result"})
 
@@ -64,6 +66,10 @@ class ReplayGuard:
 
     def __len__(self) -> int:
         return len(self._seen)
+
+    def compact(self) -> None:
+        """A right-sized copy: a dict keeps the table of its largest size (after a flood)."""
+        self._seen = OrderedDict(self._seen)
 
 
 class PeerKeys:
@@ -214,9 +220,15 @@ class SecurityManager:
                 message_id=envelope.id,
             )
         now = time.time()
-        if envelope.type in TELEMETRY_TYPES and now - envelope.sent_at > self.ttl_s:
-            raise SecurityError("expired", f"{envelope.type} older than {self.ttl_s}s",
-                                sender=sender, message_id=envelope.id)
+        if envelope.type in TELEMETRY_TYPES:
+            age = now - envelope.sent_at  # finite: the schema refuses NaN and infinities
+            if age > self.ttl_s:
+                raise SecurityError("expired", f"{envelope.type} older than {self.ttl_s}s",
+                                    sender=sender, message_id=envelope.id)
+            # Bounded both ways, or a far-future stamp would outlive the replay window.
+            if age < -MAX_CLOCK_SKEW_S:
+                raise SecurityError("expired", f"{envelope.type} stamped {-age:.0f}s in the future",
+                                    sender=sender, message_id=envelope.id)
         # A broker redelivery repeats an id legitimately; handlers are idempotent for it.
         seen_key = f"{sender}/{envelope.id}"
         if not self.replay.check_and_remember(seen_key, now) and not redelivered:

@@ -16,11 +16,12 @@ from .helpers import subprocess_env
 HOSTILE = "\x1b[2J<b>bold</b>\nsecond line"
 
 
-async def cli(settings: Settings, *args: str, timeout: float = 60) -> tuple[int, str, str]:
+async def cli(settings: Settings, *args: str, timeout: float = 60,
+              extra_env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run `python -m coordinator_agent ARGS` without blocking the coordinator's event loop."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "coordinator_agent", *args,
-        env=subprocess_env(settings, COORDINATOR_LOG_LEVEL="WARNING"),
+        env=subprocess_env(settings, COORDINATOR_LOG_LEVEL="WARNING", **(extra_env or {})),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:

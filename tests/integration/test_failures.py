@@ -38,7 +38,7 @@ async def test_agent_killed_mid_task_its_task_completes_on_another_agent(
 
     assert result.status == "succeeded"
     assert [(a.agent_id, a.outcome) for a in result.attempts] == [
-        ("agent-1", AttemptOutcome.AGENT_LOST.value), ("agent-2", AttemptOutcome.SUCCEEDED.value)]
+        ("agent-1", AttemptOutcome.CRASHED.value), ("agent-2", AttemptOutcome.SUCCEEDED.value)]
     assert coordinator.state.agents["agent-1"].liveness.value == "dead"
 
 

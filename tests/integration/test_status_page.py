@@ -28,8 +28,10 @@ from coordinator_agent.agent.worker import TaskContext
 from coordinator_agent.client import CoordinatorClient
 from coordinator_agent.coordinator.service import CoordinatorAgent
 from coordinator_agent.ops.statuspage import page
+from coordinator_agent.wire import protocol
 
 from .conftest import StartWorker
+from .helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACT = REPO / "var" / "artifacts" / "status-page.png"
@@ -279,3 +281,151 @@ def test_the_page_builds_its_dom_from_text_only() -> None:
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     assert f"script-src 'sha256-{digest}'" in policy
     assert "unsafe" not in policy and "frame-ancestors 'none'" in policy
+
+
+# --- a narrow window, and the first paint ------------------------------------------------------
+
+NARROW = (800, 1400)
+NARROW_ARTIFACT = REPO / "var" / "artifacts" / "status-page-800.png"
+LAYOUT_PROBE = """(() => {
+  const px = (v) => parseFloat(v) || 0;
+  const tables = [...document.querySelectorAll('.table-wrap')].map((w) => ({
+    table: w.querySelector('table').id, scroll: w.scrollWidth, client: w.clientWidth}));
+  const ids = [...document.querySelectorAll('.id')].map((e) => {
+    const style = getComputedStyle(e);
+    return {text: e.textContent, height: e.getBoundingClientRect().height,
+            line: px(style.lineHeight) || px(style.fontSize) * 1.4};
+  });
+  return {page: document.documentElement.scrollWidth, window: window.innerWidth, tables, ids,
+          state: document.body.dataset.state, legend: document.querySelector('.legend')
+            ? document.querySelector('.legend').textContent : ''};
+})()"""
+
+
+async def measure_layout(tmp_path: Path, url: str, window: tuple[int, int]) -> dict[str, object]:
+    """Open ``url`` in headless Chromium and evaluate LAYOUT_PROBE over the DevTools protocol."""
+    command = [
+        chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu",
+        "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check",
+        "--hide-scrollbars", "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1",
+        f"--window-size={window[0]},{window[1]}",
+        f"--user-data-dir={tmp_path / 'chromium-layout'}", url,
+    ]
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True)
+    try:
+        assert process.stderr is not None
+        endpoint = None
+        while endpoint is None:
+            line = await asyncio.wait_for(process.stderr.readline(), CHROMIUM_TIMEOUT_S)
+            assert line, "chromium exited before it opened its DevTools endpoint"
+            found = re.search(rb"DevTools listening on ws://([^/]+)/", line)
+            endpoint = found.group(1).decode() if found else None
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):  # the page target appears once the tab has opened
+                async with session.get(f"http://{endpoint}/json/list") as response:
+                    pages = [t for t in await response.json() if t.get("type") == "page"]
+                if pages and pages[0].get("url", "").startswith(url):
+                    break
+                await asyncio.sleep(0.1)
+            async with session.ws_connect(pages[0]["webSocketDebuggerUrl"]) as ws:
+                ready = ("location.href.startsWith('http') && document.readyState === 'complete'"
+                         " && !!document.body && document.body.dataset.state === 'live'")
+                for attempt in range(100):  # until the status page has loaded and rendered
+                    await ws.send_json({"id": attempt, "method": "Runtime.evaluate", "params": {
+                        "expression": ready, "returnByValue": True}})
+                    reply = await ws.receive_json(timeout=10)
+                    while reply.get("id") != attempt:
+                        reply = await ws.receive_json(timeout=10)
+                    if reply.get("result", {}).get("result", {}).get("value") is True:
+                        break
+                    await asyncio.sleep(0.1)
+                await ws.send_json({"id": 1000, "method": "Runtime.evaluate", "params": {
+                    "expression": LAYOUT_PROBE, "returnByValue": True}})
+                while True:
+                    reply = await ws.receive_json(timeout=10)
+                    if reply.get("id") == 1000:
+                        assert "value" in reply["result"]["result"], reply
+                        return reply["result"]["result"]["value"]  # type: ignore[no-any-return]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+
+async def test_status_page_fits_800_px_and_shows_data_on_its_first_paint(
+    coordinator: CoordinatorAgent, start_worker: StartWorker, client: CoordinatorClient,
+    tmp_path: Path,
+) -> None:
+    chromium_binary()
+    long_id = "agent-with-a-rather-long-identifier-7f3a9c"
+    coordinator.keyring.generate(long_id, "agent")
+    coordinator.security.reload(coordinator.keyring)
+    worker = await start_worker("agent-1", "general", capabilities=["text", "hash", "sleep"])
+    await worker.send(protocol.AgentMetrics(values={"cpu_percent": 37.5, "queue_depth": 2}))
+    await start_worker(long_id, "security", capabilities=["hash"])
+    for text in ("Count the words in this sentence, which is long enough to be cut short "
+                 "in a narrow window", "Audit the digest of this release"):
+        done = await client.wait(await client.submit(text, input={"op": "stats"}), 30)
+        assert done.status == "succeeded"
+    waiting = await client.submit("Scan for secrets", kind="nosuchkind", timeout_s=300)
+    await wait_until(lambda: waiting in coordinator.state.tasks
+                     and bool(coordinator.state.agents["agent-1"].metrics), 10,
+                     "the waiting task and the agent's metrics")
+    base = f"http://127.0.0.1:{coordinator.monitoring.port}/"
+
+    # One shot, no time to poll: the data is in the page the server sent.
+    root = parse(await run_chromium(tmp_path, "--dump-dom", base))
+    body = next(n for n in root.walk() if n.tag == "body")
+    assert body.attrs.get("data-state") == "live" and not body.attrs.get("data-polls")
+    rows = {n.attrs.get("data-agent-id"): n for n in by_id(root, "agents").walk()
+            if n.tag == "tr" and n.attrs.get("data-agent-id")}
+    assert set(rows) == {"agent-1", long_id}
+    assert "cpu_percent 37.5" in rows["agent-1"].text() and "queue_depth 2" in rows[
+        "agent-1"].text()
+    assert "connecting" not in by_id(root, "conn").text()
+    tasks = {n.attrs.get("data-task-id"): n for n in by_id(root, "tasks").walk()
+             if n.tag == "tr" and n.attrs.get("data-task-id")}
+    assert "no agent of kind 'nosuchkind' is known" in tasks[waiting].text()
+    assert not [n for n in root.walk() if n.attrs.get("id") == "first-state"]
+
+    # At 800 px: no table wider than its card, no id broken over lines; Load explained.
+    layout = await measure_layout(tmp_path, base, NARROW)
+    assert layout.get("state") == "live", layout
+    assert layout["page"] <= layout["window"], layout
+    NARROW_ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
+    await run_chromium(tmp_path, f"--screenshot={NARROW_ARTIFACT}",
+                       f"--window-size={NARROW[0]},{NARROW[1]}", base)
+    for table in layout["tables"]:  # type: ignore[attr-defined]
+        assert table["scroll"] <= table["client"], f"#{table['table']} is cut off: {table}"
+    ids = layout["ids"]
+    assert {i["text"] for i in ids} >= {"agent-1", long_id, waiting}  # type: ignore[attr-defined]
+    for shown in ids:  # type: ignore[attr-defined]
+        assert shown["height"] < 1.5 * shown["line"], f"id wraps: {shown}"
+    legend = " ".join(str(layout["legend"]).split())
+    assert "Load is what the agent itself last reported in its heartbeat" in legend
+    assert "In flight is the coordinator's count: tasks it has assigned" in legend
+
+    NARROW_ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
+    NARROW_ARTIFACT.unlink(missing_ok=True)
+    await run_chromium(tmp_path, f"--screenshot={NARROW_ARTIFACT}",
+                       f"--window-size={NARROW[0]},{NARROW[1]}", base)
+    width, height, distinct = png_summary(NARROW_ARTIFACT.read_bytes())
+    assert (width, height) == NARROW and distinct > 32
+
+
+def test_the_first_state_cannot_end_its_block() -> None:
+    """Agent strings inside the embedded JSON stay data: no ``</script>`` survives escaping."""
+    import json as json_module
+
+    from coordinator_agent.ops.statuspage import FIRST_STATE, embed_json, status_page
+
+    hostile = {"output": "</script><script>alert(1)</script>", "amp": "a&b", "gt": ">"}
+    embedded = embed_json(hostile)
+    assert b"<" not in embedded and b">" not in embedded and b"&" not in embedded
+    assert json_module.loads(embedded) == hostile
+    body = status_page({"tasks": {"tasks": [hostile]}}).body
+    assert isinstance(body, bytes)
+    assert body.count(b"</script>") == 2  # the data block's own end and the page script's
+    assert FIRST_STATE not in body

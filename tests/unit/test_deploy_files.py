@@ -389,34 +389,47 @@ def test_compose_commands_are_real_cli_commands() -> None:
     )) == [["run", "--name", "x"], [], ["keys", "list", "--json"]]
 
 
+def in_volumes(service: dict[str, Any], container_path: str, volumes: Path) -> Path:
+    """Where ``container_path`` of ``service`` lands when each named volume is a directory."""
+    path = PurePosixPath(container_path)
+    for source, target, is_bind in sorted(mounts(service), key=lambda m: -len(m[1])):
+        if not is_bind and path.is_relative_to(target):
+            return volumes / source / path.relative_to(target)
+    raise AssertionError(f"{container_path} is on no volume of the service")
+
+
 @pytest.mark.timeout(400)  # some 17 CLI runs of about a second each; more on a busy machine
 def test_keys_service_gives_each_principal_its_own_file(tmp_path: Path) -> None:
-    """Run the `keys` service's script (its /secrets moved under tmp_path), twice."""
+    """Run the `keys` service's script (each named volume a directory under tmp_path), twice."""
     keys = services()["keys"]
-    secrets = tmp_path / "secrets"
-    for _, target, _ in mounts(keys):
-        (tmp_path / target.lstrip("/")).mkdir(parents=True)
-    script = interpolate(keys["command"][0]).replace("/secrets/", f"{secrets}/")
+    volumes, root = tmp_path / "volumes", tmp_path / "root"
+    # The keys container's file system: each mount point a link to its volume's directory.
+    for source, target, _ in mounts(keys):
+        (volumes / source).mkdir(parents=True)
+        (root / target.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / target.lstrip("/")).symlink_to(volumes / source, target_is_directory=True)
+    script = interpolate(keys["command"][0]).replace("/secrets/", f"{root}/secrets/")
+    assert "/secrets/" not in script.replace(f"{root}/secrets/", ""), "a path outside /secrets"
     env = clean_env(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         COORDINATOR_CONFIG=str(ROOT / "config" / "coordinator.yaml"),
-        COORDINATOR_KEYRING_PATH=environment(keys)["COORDINATOR_KEYRING_PATH"].replace(
-            "/secrets/", f"{secrets}/"),
+        COORDINATOR_KEYRING_PATH=str(in_volumes(
+            keys, environment(keys)["COORDINATOR_KEYRING_PATH"], volumes)),
     )
 
     def run() -> dict[Path, str]:
         result = subprocess.run([*keys["entrypoint"], script], env=env, capture_output=True,
                                 text=True, timeout=180, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
-        return {p: p.read_text() for p in secrets.rglob("*.json")}
+        return {p: p.read_text() for p in volumes.rglob("*.json")}
 
     first = run()
     full = json.loads(first[Path(env["COORDINATOR_KEYRING_PATH"])])["principals"]
     users = {**agent_services(), "load": services()["load"]}
+    holders: dict[str, str] = {}
     for name, service in users.items():
-        path = Path(environment(service)["COORDINATOR_KEYRING_PATH"].replace(
-            "/secrets/", f"{secrets}/"))
-        assert path in first, f"{name}: the keys service writes no {path.name}"
+        path = in_volumes(service, environment(service)["COORDINATOR_KEYRING_PATH"], volumes)
+        assert path in first, f"{name}: the keys service writes no {path}"
         own = json.loads(first[path])["principals"]
         if name == "load":
             assert [p["role"] for p in own.values()] == ["operator"], own.keys()
@@ -427,6 +440,13 @@ def test_keys_service_gives_each_principal_its_own_file(tmp_path: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
         assert all(str(v).endswith(":ro") for v in service["volumes"]), (
             f"{name}: mount its key read-only")
+        # Only its own key is there to read: each volume it mounts holds its file alone, and
+        # no other service but the keys service mounts that volume.
+        for source, _, _ in mounts(service):
+            assert [p for p in first if p.is_relative_to(volumes / source)] == [path], (
+                f"{name}: volume {source} holds other keys too")
+            assert holders.setdefault(source, name) == name, (
+                f"{name} and {holders[source]} share the volume {source}")
     assert run() == first, "a second start must keep the keys (and the files) as they are"
 
 
@@ -812,3 +832,23 @@ def test_k8s_secret_template_holds_no_key_and_the_readme_says_how() -> None:
         parse_cli("deploy/k8s/README.md", argv)
     for secret in k8s_objects("Secret"):
         assert f"kubectl create secret generic {secret}" in readme, secret
+
+
+def test_k8s_keyring_secrets_are_mounted_with_a_mode_the_keyring_accepts() -> None:
+    """Keyrings others can read are refused (keyring.TOO_OPEN); the Secrets must not be."""
+    from coordinator_agent.wire.keyring import TOO_OPEN
+
+    checked = 0
+    for path, doc in k8s_documents():
+        if doc.get("kind") != "Deployment":
+            continue
+        for volume in doc["spec"]["template"]["spec"].get("volumes", []):
+            secret = volume.get("secret")
+            if secret is None:
+                continue
+            mode = secret.get("defaultMode", 0o644)  # Kubernetes' default
+            assert not mode & TOO_OPEN, (
+                f"{path.name}: Secret {secret['secretName']} mounted {mode:04o}; "
+                "the keyring refuses it")
+            checked += 1
+    assert checked >= 5  # the coordinator and four agents

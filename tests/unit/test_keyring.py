@@ -158,56 +158,132 @@ def test_load_or_create(tmp_path: Path) -> None:
     assert set(Keyring.load_or_create(path).principals) == {"a"}
 
 
-@pytest.mark.parametrize("text", ["{not json", "", "\x00\x01"])
-def test_load_unreadable_file(tmp_path: Path, text: str) -> None:
-    path = tmp_path / "k.json"
+def _private(path: Path, text: str) -> Path:
     path.write_text(text)
-    with pytest.raises(ConfigError, match="unreadable") as info:
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.parametrize(("text", "line", "column"),
+                         [("{not json", 1, 2), ("", 1, 1), ('{\n  "principals": {,\n}', 2, 18)])
+def test_corrupt_json_names_the_file_the_line_and_what_to_do(
+    tmp_path: Path, text: str, line: int, column: int
+) -> None:
+    path = _private(tmp_path / "k.json", text)
+    with pytest.raises(ConfigError) as info:
+        Keyring.load(path)
+    message = str(info.value)
+    assert f"keyring {path} is not valid JSON (line {line}, column {column}:" in message
+    assert "keys generate" in message and "backup" in message
+    assert "JSONDecodeError" not in message
+
+
+def test_binary_keyring_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "k.json"
+    path.write_bytes(b"\xff\xfe\x00")
+    path.chmod(0o600)
+    with pytest.raises(ConfigError, match="is not UTF-8 text") as info:
         Keyring.load(path)
     assert str(path) in str(info.value)
 
 
-def test_load_directory_is_unreadable(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unreadable"):
+def test_load_directory_cannot_be_read(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot be read \(Is a directory\)"):
         Keyring.load(tmp_path)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o660, 0o666, 0o601])
+def test_keyring_open_to_others_is_refused_with_the_chmod_to_run(
+    tmp_path: Path, mode: int
+) -> None:
+    path = tmp_path / "keyring.json"
+    ring = Keyring()
+    ring.generate("a", "agent")
+    ring.save(path)
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as info:
+        Keyring.load(path)
+    assert f"(mode {mode:04o})" in str(info.value)
+    assert f"run `chmod 600 {path}`" in str(info.value)
+    path.chmod(0o600)
+    assert set(Keyring.load(path).principals) == {"a"}
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o640, 0o440])
+def test_private_and_group_readable_keyrings_load(tmp_path: Path, mode: int) -> None:
+    # 0440 is how the Kubernetes manifests mount an agent's key (group: the pod's fsGroup).
+    path = tmp_path / "keyring.json"
+    ring = Keyring()
+    ring.generate("a", "agent")
+    ring.save(path)
+    path.chmod(mode)
+    assert set(Keyring.load(path).principals) == {"a"}
 
 
 GOOD_KEY = Fernet.generate_key().decode()
 
 
 @pytest.mark.parametrize(
-    "data",
+    ("data", "says"),
     [
-        [],
-        "text",
-        {},
-        {"principals": []},
-        {"principals": {"a": "agent"}},
-        {"principals": {"a": {"keys": [GOOD_KEY]}}},
-        {"principals": {"a": {"role": "agent"}}},
-        {"principals": {"a": {"role": "coordinator", "keys": [GOOD_KEY]}}},
-        {"principals": {"a": {"role": "agent", "keys": ["not-a-fernet-key"]}}},
-        {"principals": {"a": {"role": "agent", "keys": [GOOD_KEY[:-4]]}}},
-        {"principals": {"a": {"role": "agent", "keys": 42}}},
-        {"principals": {"a": {"role": "agent", "keys": [42]}}},
+        ([], "expected {"),
+        ("text", "expected {"),
+        ({}, "expected {"),
+        ({"principals": []}, "expected {"),
+        ({"principals": {"a": "agent"}}, "principal 'a' is not an object"),
+        ({"principals": {"a": {"keys": [GOOD_KEY]}}}, "principal 'a' has role None"),
+        ({"principals": {"a": {"role": "agent"}}}, "principal 'a' has no list of keys"),
+        ({"principals": {"a": {"role": "coordinator", "keys": [GOOD_KEY]}}},
+         "principal 'a' has role 'coordinator', not one of agent, operator"),
+        ({"principals": {"a": {"role": "agent", "keys": ["not-a-fernet-key"]}}},
+         "principal 'a': key 1 is not a Fernet key"),
+        ({"principals": {"a": {"role": "agent", "keys": [GOOD_KEY, GOOD_KEY[:-4]]}}},
+         "principal 'a': key 2 is not a Fernet key"),
+        ({"principals": {"a": {"role": "agent", "keys": 42}}}, "has no list of keys"),
+        ({"principals": {"a": {"role": "agent", "keys": [42]}}}, "key 1 is not a Fernet key"),
+        ({"principals": {"a": {"role": "operator", "keys": [GOOD_KEY], "api_token": 7}}},
+         "api_token is not a string"),
     ],
 )
-def test_load_malformed_file(tmp_path: Path, data: object) -> None:
-    path = tmp_path / "k.json"
-    path.write_text(json.dumps(data))
+def test_load_malformed_file(tmp_path: Path, data: object, says: str) -> None:
+    path = _private(tmp_path / "k.json", json.dumps(data))
     with pytest.raises(ConfigError, match="malformed") as info:
         Keyring.load(path)
     assert str(path) in str(info.value)
-    assert GOOD_KEY not in str(info.value)
+    assert says in str(info.value)
+    assert "keys generate" in str(info.value)
+    assert GOOD_KEY not in str(info.value) and GOOD_KEY[:-4] not in str(info.value)
 
 
 def test_load_rejects_principal_without_keys(tmp_path: Path) -> None:
     # An empty key list cannot encrypt or decrypt anything (MultiFernet needs one key);
     # it must be caught when the file is loaded, not later as a crash on the first message.
-    path = tmp_path / "k.json"
-    path.write_text(json.dumps({"principals": {"a": {"role": "agent", "keys": []}}}))
+    path = _private(tmp_path / "k.json",
+                    json.dumps({"principals": {"a": {"role": "agent", "keys": []}}}))
     with pytest.raises(ConfigError, match="malformed"):
         Keyring.load(path)
+
+
+@pytest.mark.parametrize("bad", ["bad name!", "", "a/b", "é", "x" * 129, "a b", "tab\t"])
+def test_generate_refuses_a_principal_id_that_cannot_name_a_queue(bad: str) -> None:
+    ring = Keyring()
+    with pytest.raises(ConfigError, match="is not allowed") as info:
+        ring.generate(bad, "agent")
+    assert "letters, digits" in str(info.value)
+    assert bad not in ring.principals
+
+
+@pytest.mark.parametrize("good", ["worker-1", "a", "team.sec:7@host_x", "x" * 128])
+def test_principal_ids_follow_the_wire_identifier_rule(good: str) -> None:
+    from pydantic import TypeAdapter
+
+    from coordinator_agent.wire import protocol
+
+    Keyring().generate(good, "agent")
+    TypeAdapter(protocol.Identifier).validate_python(good)  # the envelope's sender accepts it
+    for bad in ("bad name!", "a/b", "x" * 129):
+        with pytest.raises(ValueError, match="validation error"):
+            TypeAdapter(protocol.Identifier).validate_python(bad)
 
 
 def test_operator_for_token() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import coordinator_agent
 
 PACKAGE = Path(coordinator_agent.__file__).parent
-SIDES = {"wire", "coordinator", "ha", "routing", "agent", "ops", "cli"}
+SIDES = {"wire", "coordinator", "ha", "routing", "agent", "ops", "cli", "conformance"}
 
 
 def _module_name(path: Path) -> str:

@@ -74,8 +74,12 @@ def _end(task: TaskRecord, agent_id: str, outcome: AttemptOutcome) -> Attempt:
 
 
 def _config(extra: str = "") -> RoutingConfig:
-    """The packaged vocabulary with some top-level settings replaced."""
+    """The packaged vocabulary with the seed's formula and some top-level settings replaced.
+
+    These tests pin the seed policy's arithmetic; the bandit policy has test_bandit.py.
+    """
     base = default_routing_config().model_dump(mode="json")
+    base["policy"] = "seed"
     base.update(parse_routing_config("kinds: {x: {}}\n" + extra).model_dump(
         mode="json", exclude_unset=True, exclude={"kinds"}))
     return RoutingConfig.model_validate(base)
@@ -101,7 +105,8 @@ def clock() -> Clock:
 
 @pytest.fixture
 def planner(clock: Clock) -> Iterator[CoordinationPlanner]:
-    p = CoordinationPlanner(in_flight_cap=CAP, clock=clock, rng=random.Random(1))
+    p = CoordinationPlanner(in_flight_cap=CAP, config=_config(), clock=clock,
+                            rng=random.Random(1))
     yield p
     p.close()
 
@@ -123,7 +128,10 @@ def test_default_construction_uses_packaged_vocabulary_and_memory_store() -> Non
     try:
         assert p.config == default_routing_config()
         assert p.store.path is None
-        assert p.select(_task(CVE), _fleet()).kind == "security"
+        assert p.config.policy.value == "bandit"
+        # The default policy samples: the kind it most likely takes is what explain names.
+        assert p.explain(CVE, _fleet())["kind"] == "security"
+        assert p.select(_task(CVE), _fleet()).agent is not None
     finally:
         p.close()
 

@@ -33,8 +33,11 @@ def test_route_explains_offline_from_the_configuration(
     explained = json.loads(done.stdout)
     assert explained["kind"] == kind
     assert explained["source"].startswith("local")
-    assert set(explained["kinds"][kind]["parts"]) >= {"pattern", "domain", "complexity",
-                                                      "workload"}
+    assert explained["policy"] == "bandit"
+    # Per kind: the prior from the text, the evidence, the exploration term, the probability.
+    assert set(explained["kinds"][kind]["parts"]) >= {"prior", "prior_success", "successes",
+                                                      "failures", "exploration", "chance",
+                                                      "probability"}
     # Nobody listens on port 1: it says so, and carries on without the coordinator.
     assert "cannot reach the coordinator" in done.stderr
 
@@ -55,12 +58,64 @@ def test_route_table_names_kind_agent_and_reason() -> None:
     assert "kind       cicd -> agent cicd-1" in text and "+0.100" in text
 
 
+def test_route_table_of_the_bandit_policy_shows_prior_evidence_exploration() -> None:
+    parts = {"prior": 0.5, "prior_success": 0.55, "successes": 3.0, "failures": 1.0,
+             "exploration": 0.08, "chance": 0.7, "probability": 0.72}
+    text = route_explanation({
+        "analysis": {"keywords": ["deploy"]}, "policy": "bandit",
+        "kinds": {"cicd": {"confidence": 0.72, "parts": parts}},
+        "kind": "cicd", "reason": "confident", "threshold": 0.2, "source": "local",
+        "workflow": [{"description": "implement", "kind": "development"},
+                     {"description": "deploy", "kind": "cicd"}],
+    })
+    assert "PRIOR P(KIND|TEXT)" in text and "3.0/1.0" in text and "+-0.080" in text
+    assert "0.720" in text and "workflow   development ('implement') -> cicd ('deploy')" in text
+
+
 def test_routing_summary_with_and_without_history() -> None:
     assert "(nothing learned yet)" in routing_summary({})
     text = routing_summary({"decisions": 10, "accuracy": 0.9, "first_tries": 10,
                             "first_try_successes": 9, "fallback_rate": 0.1,
                             "average_confidence": 0.72, "outcomes_stored": 12,
                             "kinds": {"security": {"success_rate": 0.75, "outcomes": 4,
-                                                   "mean_duration_s": 0.5}}})
+                                                   "mean_duration_s": 0.5}},
+                            "average_confidence_by_kind": {"security": 0.71}})
     assert "first-try success 90.0% (9/10)" in text and "fallback rate 10.0%" in text
-    assert "security" in text and "75.0%" in text
+    assert "security" in text and "75.0%" in text and "0.710" in text
+
+
+def test_routing_replay_reads_the_decision_log_of_the_store(tmp_path: Path) -> None:
+    import random
+
+    from coordinator_agent.coordinator.state import AgentRecord
+    from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
+    from coordinator_agent.routing.planner import CoordinationPlanner
+
+    store = tmp_path / "logged.sqlite3"
+    planner = CoordinationPlanner(8, store_path=store, rng=random.Random(1))
+    agents = [AgentRecord(f"{k}-1", k, frozenset(), 8) for k in ("cicd", "general")]
+    for i in range(40):
+        task = TaskRecord(id=f"t-{i}", description="Deploy the billing service")
+        decision = planner.select(task, agents)
+        assert decision.agent is not None
+        ok = decision.kind == "cicd"
+        task.attempts.append(Attempt(1, decision.agent.id, 0.0, 1.0, outcome=(
+            AttemptOutcome.SUCCEEDED if ok else AttemptOutcome.FAILED)))
+        planner.record_outcome(task, decision.agent, ok)
+    planner.close()
+    other = tmp_path / "seed.yaml"
+    other.write_text("kinds: {cicd: {keywords: [deploy]}, general: {}}\npolicy: seed\n")
+    done = run_cli("routing", "replay", "--config", str(other), "--store", str(store), "--json",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["decisions"] == 40 and result["target_policy"] == "seed"
+    assert set(result) >= {"logged", "ips", "doubly_robust", "effective_sample_size"}
+    low, high = result["ips"]["ci95"]
+    assert low <= result["ips"]["estimate"] <= high
+    text = run_cli("routing", "replay", "--config", str(other), "--store", str(store),
+                   cwd=tmp_path)
+    assert text.returncode == 0 and "target, DR" in text.stdout
+    missing = run_cli("routing", "replay", "--store", str(tmp_path / "none.sqlite3"),
+                      cwd=tmp_path)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr

@@ -220,3 +220,85 @@ def test_section_models_directly() -> None:
 def test_settings_class_reads_env_too(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COORDINATOR_PREFETCH", "7")
     assert Settings().prefetch == 7
+
+
+# --- what a newcomer gets wrong --------------------------------------------------------------
+
+
+def test_misspelt_top_level_variable_is_refused_like_a_nested_one(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COORDINATOR_MONITORNG_PORT", "9999")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "unknown environment variable COORDINATOR_MONITORNG_PORT" in str(info.value)
+    assert "did you mean COORDINATOR_MONITORING_PORT?" in str(info.value)
+    monkeypatch.delenv("COORDINATOR_MONITORNG_PORT")
+    monkeypatch.setenv("COORDINATOR_LIMTS__MAX_RETRIES", "3")  # a misspelt section
+    with pytest.raises(ConfigError, match="unknown environment variable COORDINATOR_LIMTS__"):
+        load_settings()
+    monkeypatch.delenv("COORDINATOR_LIMTS__MAX_RETRIES")
+    monkeypatch.setenv("COORDINATOR_LIMITS__NO_SUCH_LIMIT", "3")  # nested: refused as before
+    with pytest.raises(ConfigError, match="no_such_limit"):
+        load_settings()
+
+
+def test_the_command_lines_and_the_test_suites_variables_are_not_settings_but_allowed(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("COORDINATOR_AGENT_ID", "COORDINATOR_JSON", "COORDINATOR_URL",
+                 "COORDINATOR_TEST_BROKER_URL", "COORDINATOR_TEST_ANYTHING",
+                 "COORDINATOR_DEMO_RATE", "COORDINATOR_NAME", "COORDINATOR_LIMITS"):
+        monkeypatch.setenv(name, "{}" if name == "COORDINATOR_LIMITS" else "x")
+    assert load_settings().name == "x"
+
+
+def test_missing_config_named_by_the_flag_does_not_blame_the_variable(clean_env: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(config_file="missing.yaml")
+    assert str(info.value) == "config file missing.yaml (named by --config) does not exist"
+
+
+def test_missing_config_named_by_the_variable_says_so(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COORDINATOR_CONFIG", "gone.yaml")
+    with pytest.raises(ConfigError, match=r"gone\.yaml \(named by COORDINATOR_CONFIG\)"):
+        load_settings()
+
+
+def test_the_flag_wins_over_the_variable_and_is_remembered(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flagged = _write(clean_env / "flag.yaml", "name: from-flag\n")
+    monkeypatch.setenv("COORDINATOR_CONFIG", str(_write(clean_env / "env.yaml", "name: env\n")))
+    settings = load_settings(config_file=flagged)
+    assert settings.name == "from-flag"
+    assert settings.config_file == flagged
+    assert load_settings().name == "env"  # the flag held for that one load only
+
+
+def test_yaml_errors_name_the_file_and_the_line(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(clean_env / "bad.yaml", "name: x\nlimits: [\n  max_retries: 3\n")
+    monkeypatch.setenv("COORDINATOR_CONFIG", str(path))
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "<unicode string>" not in str(info.value)
+    assert f'in "{path}", line 2' in str(info.value)  # where the bad block starts
+
+
+def test_which_config_file_was_read_is_said(clean_env: Path) -> None:
+    from coordinator_agent.settings import describe_config_source
+
+    none = load_settings()
+    assert none.config_file is None
+    text = describe_config_source(none)
+    assert text.startswith("no config file (config/coordinator.yaml not found in ")
+    assert str(clean_env) in text and "--config or COORDINATOR_CONFIG" in text
+    _write(clean_env / "config" / "coordinator.yaml", "name: here\n")
+    found = load_settings()
+    assert found.config_file == Path("config/coordinator.yaml")
+    assert describe_config_source(found) == (
+        f"configuration from {clean_env / 'config' / 'coordinator.yaml'}")

@@ -157,7 +157,7 @@ async def test_an_agent_killed_with_sigkill_turns_critical_and_its_task_moves(
         doomed.wait()
     assert result.status == "succeeded"
     assert [(a.agent_id, a.outcome) for a in result.attempts] == [
-        ("agent-1", "agent_lost"), ("agent-2", "succeeded")]
+        ("agent-1", "crashed"), ("agent-2", "succeeded")]
 
 
 async def test_passing_in_consul_but_silent_on_amqp_gets_no_new_work(

@@ -1,0 +1,76 @@
+"""Giving memory back after a flood of tasks has drained.
+
+CPython keeps what it freed: a dict that once held 50,000 tasks keeps its 50,000-slot table when
+it is empty again, and glibc's allocator keeps freed pages in its arenas. So after a flood the
+process would stay at its peak size for good. When the open tasks fall to a quarter of their
+peak (and the peak was large), the coordinator copies its big containers into right-sized ones,
+runs the garbage collector and asks glibc to return free pages (``malloc_trim``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+#: Peaks below this many open tasks are not worth a compaction.
+MIN_PEAK = 1_000
+
+
+def _load_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_malloc_trim = _load_trim()
+
+
+def release_free_memory() -> None:
+    gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+class FloodWatch:
+    """Tracks the open-task peak and compacts as a flood drains.
+
+    The first compaction comes when the open tasks fall to a quarter of the peak, the next at a
+    quarter of that, and so on down to none: a few cheap passes per flood, the last one on an
+    empty table.
+    """
+
+    def __init__(self, compact: Callable[[], None], min_peak: int = MIN_PEAK) -> None:
+        self.compact = compact
+        self.min_peak = min_peak
+        self.peak = 0
+        self._threshold = -1
+        self.compactions = 0
+
+    def observe(self, open_tasks: int) -> bool:
+        """Call now and then with the number of open tasks; True when it compacted."""
+        if open_tasks > self.peak:
+            self.peak, self._threshold = open_tasks, open_tasks // 4
+        if self.peak < self.min_peak or open_tasks > self._threshold:
+            return False
+        log.info("flood draining (%d open tasks, peak %d): giving memory back", open_tasks,
+                 self.peak)
+        self.compact()
+        release_free_memory()
+        self.compactions += 1
+        if open_tasks == 0:
+            self.peak, self._threshold = 0, -1  # drained: the next flood starts afresh
+        else:
+            self._threshold = open_tasks // 4
+        return True

@@ -1,0 +1,151 @@
+"""Learner: the state and arithmetic of ``policy: bandit`` that the planner asks about a task.
+
+It holds the text prior (``text_prior.py``), the model (``bandit.py``), the calibration of its
+probabilities and the policy that picks a kind (``policy.py``), and answers two questions:
+what is believed about each kind for this task (:meth:`Learner.scores`), and what one more
+outcome teaches (:meth:`Learner.learn`). The planner does the rest (constraints, the fallback
+chain, records, metrics); both policies' decisions teach the learner, so switching policy
+keeps what was learned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator_agent.routing.analysis import TaskAnalysis, TaskAnalyzer
+from coordinator_agent.routing.bandit import BanditModel, Calibrator, KindBelief, Row, features
+from coordinator_agent.routing.config import RoutingConfig
+from coordinator_agent.routing.patterns import PatternStore
+from coordinator_agent.routing.policy import ThompsonPolicy
+from coordinator_agent.routing.text_prior import TextPrior
+
+#: Vocabulary words that form the finer context of a task (its "signature").
+MAX_SIGNATURE_WORDS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class BanditScore:
+    """One kind for one task: the text prior, the evidence, the belief, the confidence."""
+
+    kind: str
+    text: float  # P(kind | text)
+    belief: KindBelief
+    exploration_scale: float
+    calibrated: float  # the model's probability, recalibrated (bandit.Calibrator)
+    chance: float | None = None  # P(the policy picks this kind), when computed
+
+    @property
+    def confidence(self) -> float:
+        return self.calibrated
+
+    def with_chance(self, chance: float) -> BanditScore:
+        return BanditScore(self.kind, self.text, self.belief, self.exploration_scale,
+                           self.calibrated, chance)
+
+    def parts(self) -> dict[str, Any]:
+        b = self.belief
+        p = b.probability
+        return {
+            "prior": round(self.text, 4),  # P(kind | text)
+            "prior_success": round(b.prior, 4),  # what the prior alone predicts
+            "successes": round(b.successes, 3),  # decayed, of similar tasks on this kind
+            "failures": round(b.failures, 3),
+            # The typical size of a Thompson draw's deviation, in probability.
+            "exploration": round(p * (1.0 - p) * b.std * self.exploration_scale, 4),
+            "chance": None if self.chance is None else round(self.chance, 4),
+            "model": round(p, 6),  # the model's probability, before calibration
+            "probability": round(self.calibrated, 4),
+        }
+
+
+class Learner:
+    def __init__(self, config: RoutingConfig, analyzer: TaskAnalyzer,
+                 store: PatternStore) -> None:
+        self.config = config
+        self.analyzer = analyzer
+        bandit = config.bandit
+        self.model = BanditModel(prior_strength=bandit.prior_strength, window=bandit.window,
+                                 half_life_s=config.learning.decay_half_life_s)
+        self.model.load(store.bandit_weights())
+        self.calibrator = Calibrator()
+        self.calibrator.load(store.counters())
+        self.policy = ThompsonPolicy(bandit, config.fallback_kind)
+        self._text_prior: TextPrior | None = None  # built on first use: it may load a model
+
+    @property
+    def text_prior(self) -> TextPrior:
+        if self._text_prior is None:
+            self._text_prior = TextPrior(self.config)
+        return self._text_prior
+
+    def contexts(self, analysis: TaskAnalysis, text: Mapping[str, float]) -> tuple[str, str]:
+        """Groups of similar tasks, coarse then fine: the kind the text points at, and the set
+        of vocabulary words the description uses."""
+        index = self.analyzer.domain_index
+        vocabulary = sorted(w for w in analysis.keywords if w in index)[:MAX_SIGNATURE_WORDS]
+        return "k:" + _top_kind(text), "v:" + " ".join(vocabulary)
+
+    def prior_success(self, text: Mapping[str, float], kind: str) -> float:
+        """P(kind | text) mapped onto a success probability; a kind the config does not list
+        (only agents announced it) gets an even share."""
+        b = self.config.bandit
+        p_text = text.get(kind, 1.0 / max(1, len(text)))
+        return b.success_if_wrong + (b.success_if_right - b.success_if_wrong) * p_text
+
+    def scores(self, description: str, analysis: TaskAnalysis, kinds: Iterable[str],
+               now: float, *, chances: bool = False) -> list[BanditScore]:
+        """What is believed about each kind for this task (no side effects); ``chances`` adds
+        each kind's probability of being picked (an integral per kind: for explanations)."""
+        text = self.text_prior.probabilities(description)
+        unknown = 1.0 / max(1, len(text))
+        feats = features(analysis.keywords, self.contexts(analysis, text))
+        shares = {kind: text.get(kind, unknown) for kind in kinds}
+        beliefs = self.model.beliefs({kind: self.prior_success(text, kind) for kind in shares},
+                                     feats, now)
+        scale = self.config.bandit.exploration_scale
+        calibrate = self.calibrator.apply
+        scores = [BanditScore(b.kind, shares[b.kind], b, scale, calibrate(b.probability))
+                  for b in beliefs]
+        if chances:
+            dist = self.policy.distribution(beliefs)
+            scores = [s.with_chance(dist.get(s.kind, 0.0)) for s in scores]
+        return scores
+
+    def learn(self, description: str, analysis: TaskAnalysis, kind: str, success: bool,
+              now: float, *, prior: float | None = None,
+              keywords: Sequence[str] | None = None) -> list[Row]:
+        """Teach the model one outcome; returns the weights it changed, for the store.
+
+        ``prior`` is the prior success the decision saw (recorded on the task), else it is
+        computed again; ``keywords`` those recorded with the decision, else the analysis'.
+        """
+        text = self.text_prior.probabilities(description)
+        if prior is None:
+            prior = self.prior_success(text, kind)
+        words = analysis.keywords if keywords is None else keywords
+        return self.model.update(kind, prior, features(words, self.contexts(analysis, text)),
+                                 success, now)
+
+    def calibrate(self, model_probability: float, success: bool) -> dict[str, float]:
+        """Teach the calibration a first try; returns its state, saved with the counters."""
+        self.calibrator.update(model_probability, success)
+        return self.calibrator.state()
+
+    def replay_distribution(self, scores: Sequence[BanditScore]) -> dict[str, float]:
+        """The policy's distribution for a logged task; its exploration share moves by its
+        expectation, as if it had decided (replay.py)."""
+        dist = self.policy.distribution([s.belief for s in scores])
+        greedy = max(scores, key=lambda s: s.confidence).kind
+        self.policy.expect(dist, greedy)
+        return dist
+
+
+def _top_kind(text: Mapping[str, float]) -> str:
+    """The kind the text points at, or "-" when it is a tie."""
+    if not text:
+        return "-"
+    best = max(text.values())
+    top = [kind for kind, p in text.items() if p >= best - 1e-9]
+    return top[0] if len(top) == 1 else "-"

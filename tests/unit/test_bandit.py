@@ -1,0 +1,394 @@
+"""policy: bandit — the learned probability of success, Thompson sampling with a budget, the
+decision log with propensities, offline replay, phases, and what survives a restart."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import random
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from coordinator_agent.coordinator.state import AgentRecord
+from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
+from coordinator_agent.routing.bandit import BanditModel, Calibrator, KindBelief, features
+from coordinator_agent.routing.config import (
+    BanditSettings,
+    Phases,
+    RoutingConfig,
+    default_routing_config,
+    parse_routing_config,
+)
+from coordinator_agent.routing.decisions import read_log
+from coordinator_agent.routing.phases import split_phases
+from coordinator_agent.routing.planner import CoordinationPlanner
+from coordinator_agent.routing.policy import ThompsonPolicy
+from coordinator_agent.routing.replay import replay
+from coordinator_agent.routing.text_prior import TextPrior
+
+KINDS = ("development", "security", "cicd", "documentation", "inventory", "general")
+NOW = 1_767_225_600.0
+_ids = itertools.count()
+
+
+def _config(**bandit: object) -> RoutingConfig:
+    base = default_routing_config()
+    return base.model_copy(update={"bandit": base.bandit.model_copy(update=bandit)})
+
+
+def _fleet(kinds: Sequence[str] = KINDS) -> list[AgentRecord]:
+    return [AgentRecord(f"{kind}-1", kind, frozenset({"python"}), 64) for kind in kinds]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _route(planner: CoordinationPlanner, agents: list[AgentRecord], description: str,
+           success: bool | dict[str, bool], *, kind: str | None = None) -> TaskRecord:
+    task = TaskRecord(id=f"t-{next(_ids)}", description=description, kind=kind)
+    decision = planner.select(task, agents)
+    assert decision.agent is not None and decision.kind is not None
+    ok = success if isinstance(success, bool) else success.get(decision.kind, False)
+    task.attempts.append(Attempt(1, decision.agent.id, 0.0, 1.0, outcome=(
+        AttemptOutcome.SUCCEEDED if ok else AttemptOutcome.FAILED)))
+    planner.record_outcome(task, decision.agent, ok)
+    return task
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+def test_the_text_prior_the_bandit_reads_is_a_smoothed_distribution() -> None:
+    # The prior's own behaviour is tested in test_text_prior.py; this is the bandit's contract.
+    prior = TextPrior(default_routing_config())
+    probs = prior.probabilities("Scan the repository for a vulnerability")
+    assert set(probs) == set(KINDS) and abs(sum(probs.values()) - 1) < 1e-9
+    assert all(0 < p < 1 for p in probs.values())
+    assert max(probs, key=probs.__getitem__) == "security"
+
+
+def test_successes_raise_and_failures_lower_the_probability() -> None:
+    model = BanditModel(prior_strength=2.0, window=1e6, half_life_s=1e9)
+    feats = features(["deploy", "staging"], "cicd")
+    start = model.belief("cicd", 0.5, feats, NOW).probability
+    assert start == pytest.approx(0.5)
+    for _ in range(20):
+        model.update("cicd", 0.5, feats, True, NOW)
+    high = model.belief("cicd", 0.5, feats, NOW)
+    assert high.probability > 0.85 and high.successes > 0
+    for _ in range(40):
+        model.update("cicd", 0.5, feats, False, NOW)
+    assert model.belief("cicd", 0.5, feats, NOW).probability < 0.45
+    # Another kind learned nothing.
+    assert model.belief("security", 0.5, feats, NOW).probability == pytest.approx(0.5)
+
+
+def test_count_decay_follows_a_drop_within_a_window() -> None:
+    def after_drop(window: float) -> int:
+        model = BanditModel(prior_strength=2.0, window=window, half_life_s=1e12)
+        feats = features(["deploy"], "cicd")
+        rng = random.Random(3)
+        for _ in range(300):
+            model.update("cicd", 0.5, feats, rng.random() < 0.9, NOW)
+        for n in range(1, 500):
+            model.update("cicd", 0.5, feats, rng.random() < 0.3, NOW)
+            if model.belief("cicd", 0.5, feats, NOW).probability < 0.5:
+                return n
+        return 500
+
+    assert after_drop(40) < 40 < after_drop(1e9)
+
+
+def test_time_decay_fades_evidence_back_to_the_prior() -> None:
+    model = BanditModel(prior_strength=2.0, window=1e6, half_life_s=3600.0)
+    feats = features(["deploy"], "cicd")
+    for _ in range(30):
+        model.update("cicd", 0.4, feats, True, NOW)
+    fresh = model.belief("cicd", 0.4, feats, NOW).probability
+    later = model.belief("cicd", 0.4, feats, NOW + 20 * 3600).probability
+    assert fresh > 0.8 and later == pytest.approx(0.4, abs=0.01)
+
+
+def test_seed_time_constant_is_configurable() -> None:
+    config = parse_routing_config("kinds: {a: {}}\nlearning: {time_constant_s: 2592000}\n")
+    assert config.learning.decay_half_life_s == pytest.approx(2592000 * 0.6931471805599453)
+
+
+def test_calibrator_learns_a_monotone_map_and_starts_as_the_identity() -> None:
+    calibrator = Calibrator()
+    assert calibrator.apply(0.3) == pytest.approx(0.3)
+    rng = random.Random(1)
+    for _ in range(3000):  # the model is timid: what it calls 0.6 succeeds 80 % of the time
+        p = rng.choice([0.2, 0.4, 0.6])
+        calibrator.update(p, rng.random() < {0.2: 0.15, 0.4: 0.5, 0.6: 0.8}[p])
+    mapped = [calibrator.apply(p) for p in (0.2, 0.4, 0.6)]
+    assert mapped == sorted(mapped)
+    assert mapped[2] == pytest.approx(0.8, abs=0.05) and mapped[0] == pytest.approx(0.15, abs=0.05)
+    again = Calibrator()
+    again.load(calibrator.state())
+    assert again.apply(0.6) == calibrator.apply(0.6)
+
+
+# --- the policy -------------------------------------------------------------------------------
+
+
+def _belief(kind: str, mean: float, std: float) -> KindBelief:
+    return KindBelief(kind, 0.5, mean, std, 0.0, 0.0)
+
+
+def test_propensity_matches_the_frequency_of_choices() -> None:
+    policy = ThompsonPolicy(BanditSettings(exploration_scale=1.0, exploration_budget=1.0,
+                                           max_exploration_gap=1.0), "general")
+    beliefs = [_belief("a", 0.5, 0.6), _belief("b", 0.2, 1.0), _belief("c", 0.0, 0.3)]
+    dist = policy.distribution(beliefs)
+    assert sum(dist.values()) == pytest.approx(1.0)
+    rng = random.Random(5)
+    counts = collections.Counter()
+    for _ in range(20_000):
+        policy.explore_share = 0.0  # keep the budget out of this measurement
+        choice = policy.choose(beliefs, rng)
+        assert choice.propensity == pytest.approx(dist[choice.kind], abs=1e-6)
+        counts[choice.kind] += 1
+    for kind, p in dist.items():
+        assert counts[kind] / 20_000 == pytest.approx(p, abs=0.015)
+
+
+def test_ties_are_not_broken_by_name() -> None:
+    policy = ThompsonPolicy(BanditSettings(exploration="greedy"), "general")
+    beliefs = [_belief("zeta", 0.3, 0.5), _belief("alpha", 0.3, 0.5)]
+    rng = random.Random(1)
+    picks = collections.Counter(policy.choose(beliefs, rng).kind for _ in range(2000))
+    assert 800 < picks["zeta"] < 1200
+    assert policy.distribution(beliefs) == {"zeta": 0.5, "alpha": 0.5}
+
+
+def test_exploration_is_bounded_by_gap_and_budget() -> None:
+    settings = BanditSettings(exploration_scale=1.0, exploration_budget=0.1,
+                              max_exploration_gap=0.2)
+    policy = ThompsonPolicy(settings, "general")
+    # c is 0.5 below the best: never drawn.
+    beliefs = [_belief("a", 0.0, 1.0), _belief("b", -0.1, 1.0), _belief("c", -3.0, 1.0)]
+    rng = random.Random(2)
+    choices = [policy.choose(beliefs, rng) for _ in range(5000)]
+    assert not any(c.kind == "c" for c in choices)
+    explored = sum(c.explored for c in choices[1000:]) / 4000
+    assert explored <= 0.1 + 0.02
+    greedy = ThompsonPolicy(settings.model_copy(update={"exploration_budget": 0.0}), "general")
+    assert all(greedy.choose(beliefs, rng).kind == "a" for _ in range(200))
+
+
+def test_fallback_only_when_no_kind_is_credible() -> None:
+    policy = ThompsonPolicy(BanditSettings(credible=0.4), "general")
+    rng = random.Random(0)
+    low = [_belief("a", -2.0, 0.1), _belief("general", -3.0, 0.1)]
+    assert policy.choose(low, rng).kind == "general"
+    assert policy.distribution(low) == {"a": 0.0, "general": 1.0}
+    credible = [_belief("a", 0.5, 0.1), _belief("general", -3.0, 0.1)]
+    assert policy.choose(credible, rng).kind == "a"
+
+
+# --- the planner ------------------------------------------------------------------------------
+
+
+def test_hard_constraints_are_never_violated() -> None:
+    planner = CoordinationPlanner(8, config=_config(exploration_scale=3.0,
+                                                    exploration_budget=1.0,
+                                                    max_exploration_gap=1.0),
+                                  rng=random.Random(4))
+    agents = [*_fleet(), AgentRecord("gpu-1", "development", frozenset({"gpu"}), 64)]
+    for _ in range(200):
+        task = TaskRecord(id=f"t-{next(_ids)}", description="Deploy the service",
+                          required_capabilities=["gpu"])
+        decision = planner.select(task, agents)
+        assert decision.agent is not None and decision.agent.id == "gpu-1"
+        explicit = TaskRecord(id=f"t-{next(_ids)}", description="Deploy the service",
+                              kind="documentation")
+        assert planner.select(explicit, agents).kind == "documentation"
+    planner.close()
+
+
+def test_router_learns_a_misleading_keyword() -> None:
+    """'auth' points the text at security, but these bugs succeed on development."""
+    clock = Clock()
+    planner = CoordinationPlanner(8, config=_config(), clock=clock, rng=random.Random(7))
+    agents = _fleet()
+    outcomes = {"development": True}
+    services = ["billing", "orders", "search", "login", "checkout", "profile"]
+    for i in range(150):
+        clock.now += 60
+        _route(planner, agents, f"Auth header missing in the {services[i % 6]} service requests",
+               outcomes)
+    explained = planner.explain("Auth header missing in the orders service requests")
+    assert explained["kind"] == "development"
+    dev = explained["kinds"]["development"]["parts"]
+    sec = explained["kinds"]["security"]["parts"]
+    assert sec["prior"] > dev["prior"]  # the text still points at security ...
+    assert dev["probability"] > 0.8 and dev["successes"] > 0  # ... the evidence does not
+    assert sec["probability"] < 0.3
+    planner.close()
+
+
+def test_decisions_are_logged_with_propensity_and_outcome(tmp_path: Path) -> None:
+    path = tmp_path / "routing.sqlite3"
+    planner = CoordinationPlanner(8, config=_config(), store_path=path, rng=random.Random(1))
+    agents = _fleet()
+    task = _route(planner, agents, "Deploy the billing service to staging", True)
+    routed = _route(planner, agents, "Rotate the leaked credentials", False)
+    pending = TaskRecord(id="open", description="Write the README")
+    assert planner.select(pending, agents).agent is not None  # no outcome yet
+    assert 0 < task.routing["propensity"] <= 1
+    planner.close()
+    db = sqlite3.connect(path)
+    rows = {d.task_id: d for d in read_log(db, with_outcome=False)}
+    db.close()
+    assert rows[task.id].outcome is True and rows[routed.id].outcome is False
+    assert rows["open"].outcome is None
+    assert rows[task.id].propensity == pytest.approx(task.routing["propensity"], abs=1e-6)
+    assert set(rows[task.id].candidates) == set(KINDS)
+    assert rows[task.id].candidates[task.routing["kind"]]["p"] == pytest.approx(
+        task.routing["confidence"], abs=1e-4)
+
+
+def test_learning_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "routing.sqlite3"
+    clock = Clock()
+    first = CoordinationPlanner(8, config=_config(), store_path=path, clock=clock,
+                                rng=random.Random(1))
+    agents = _fleet()
+    for _ in range(30):
+        _route(first, agents, "Write release notes for the billing service",
+               {"documentation": True})
+    before = first.explain("Write release notes for the billing service")["kinds"]
+    first.close()
+    second = CoordinationPlanner(8, config=_config(), store_path=path, clock=clock,
+                                 rng=random.Random(1))
+    after = second.explain("Write release notes for the billing service")["kinds"]
+    second.close()
+    assert after == before
+    assert after["documentation"]["parts"]["successes"] > 0
+
+
+def test_average_confidence_per_kind_and_policy_in_snapshot() -> None:
+    planner = CoordinationPlanner(8, config=_config(), rng=random.Random(1))
+    _route(planner, _fleet(), "Deploy to staging", True, kind="cicd")
+    snap = planner.snapshot()
+    assert snap["policy"] == "bandit"
+    assert set(snap["average_confidence_by_kind"]) == {"cicd"}
+    assert 0 < snap["average_confidence_by_kind"]["cicd"] < 1
+    planner.close()
+
+
+# --- replay -----------------------------------------------------------------------------------
+
+
+def test_replay_estimates_a_policy_whose_value_is_known(tmp_path: Path) -> None:
+    """Log an exploring bandit on a simulated fleet, then evaluate 'always general' (every kind
+    below a credibility of 0.99), whose true first-try success is known exactly."""
+    truth = {"deploy": {"cicd": 0.9, "general": 0.6}, "docs": {"documentation": 0.85,
+                                                               "general": 0.3}}
+    texts = {"deploy": "Deploy the {} service to staging",
+             "docs": "Write the README of the {} service"}
+    path = tmp_path / "routing.sqlite3"
+    clock = Clock()
+    # Every kind keeps a chance (credible 0): off-policy estimates need the logging policy
+    # to be able to take what the target takes.
+    logging_config = _config(exploration_scale=1.5, exploration_budget=1.0,
+                             max_exploration_gap=1.0, credible=0.0)
+    planner = CoordinationPlanner(8, config=logging_config, store_path=path, clock=clock,
+                                  rng=random.Random(11))
+    agents = _fleet()
+    rng = random.Random(12)
+    for i in range(1500):
+        clock.now += 60
+        category = "deploy" if rng.random() < 0.5 else "docs"
+        task = TaskRecord(id=f"r-{i}", description=texts[category].format(i % 7))
+        decision = planner.select(task, agents)
+        assert decision.agent is not None and decision.kind is not None
+        ok = rng.random() < truth[category].get(decision.kind, 0.1)
+        task.attempts.append(Attempt(1, decision.agent.id, 0.0, 1.0, outcome=(
+            AttemptOutcome.SUCCEEDED if ok else AttemptOutcome.FAILED)))
+        planner.record_outcome(task, decision.agent, ok)
+    planner.close()
+    target = _config(credible=0.99)
+    result = replay(path, target)
+    assert result["decisions"] == 1500
+    true_value = (0.6 + 0.3) / 2
+    low, high = result["ips"]["ci95"]
+    assert low - 0.03 <= true_value <= high + 0.03
+    assert abs(result["doubly_robust"]["estimate"] - true_value) < 0.06
+    # The logging policy evaluated on its own log: the estimate is its logged success.
+    same = replay(path, logging_config)
+    assert abs(same["ips"]["estimate"] - same["logged"]["estimate"]) < 0.08
+
+
+def test_propensities_are_honest_on_a_simulated_log(tmp_path: Path) -> None:
+    """For a kind the policy can always pick, E[1{picked} / propensity] = 1."""
+    clock = Clock()
+    planner = CoordinationPlanner(8, config=_config(exploration_scale=1.5,
+                                                    exploration_budget=1.0,
+                                                    max_exploration_gap=1.0, credible=0.0),
+                                  store_path=tmp_path / "r.sqlite3", clock=clock,
+                                  rng=random.Random(3))
+    agents = _fleet(("cicd", "general", "development"))
+    rng = random.Random(4)
+    for i in range(1500):
+        clock.now += 60
+        _route(planner, agents, f"Deploy the {i % 5} service",
+               {"cicd": rng.random() < 0.8, "general": rng.random() < 0.5})
+    planner.close()
+    db = sqlite3.connect(tmp_path / "r.sqlite3")
+    rows = list(read_log(db))
+    db.close()
+    # (development always fails: it is picked rarely, with tiny propensities, a heavy tail.)
+    for kind in ("cicd", "general"):
+        assert sum(1 / r.propensity for r in rows if r.kind == kind) / len(rows) == \
+            pytest.approx(1.0, abs=0.15)
+
+
+def test_replay_of_a_missing_store_is_a_clear_error(tmp_path: Path) -> None:
+    from coordinator_agent.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        replay(tmp_path / "none.sqlite3", default_routing_config())
+
+
+# --- phases -----------------------------------------------------------------------------------
+
+
+def test_a_multi_phase_description_becomes_steps() -> None:
+    prior = TextPrior(default_routing_config())
+    steps = split_phases("Implement rate limiting with a security audit, then deploy", prior,
+                         Phases())
+    assert steps is not None
+    assert [kind for _, kind in steps] == ["development", "security", "cicd"]
+    assert split_phases("Fix the login bug with the new API", prior, Phases()) is None
+    assert split_phases("Implement rate limiting with a security audit, then deploy", prior,
+                        Phases(enabled=False, separators=[])) is None
+
+
+def test_phases_show_in_route_and_can_be_switched_off() -> None:
+    planner = CoordinationPlanner(8, config=default_routing_config())
+    text = "Implement rate limiting with a security audit, then deploy"
+    assert [s["kind"] for s in planner.explain(text)["workflow"]] == [
+        "development", "security", "cicd"]
+    off = default_routing_config().model_copy(update={"phases": Phases(enabled=False)})
+    assert CoordinationPlanner(8, config=off).explain(text)["workflow"] is None
+
+
+def test_explain_names_the_fallback_kind_when_no_kind_is_credible() -> None:
+    planner = CoordinationPlanner(8, config=_config(credible=0.95), rng=random.Random(1))
+    explained = planner.explain("Deploy the billing service", _fleet())
+    assert explained["kind"] == "general" and explained["fallback_used"] is True
+    task = TaskRecord(id="f", description="Deploy the billing service")
+    decision = planner.select(task, _fleet())
+    assert decision.kind == "general" and decision.fallback_used
+    assert task.routing["propensity"] == 1.0
+    planner.close()
