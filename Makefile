@@ -52,7 +52,7 @@ test: install services tools lint
 # faults@localhost) and always stops it; the shared broker is never paused or restarted.
 faults: install services
 	rm -f var/faults/figures.jsonl
-	COORDINATOR_FAULTS=1 $(BIN)/python -m pytest tests/faults -q -ra -s --timeout 600
+	COORDINATOR_TEST_FAULTS=1 $(BIN)/python -m pytest tests/faults -q -ra -s --timeout 600
 
 bench: install services
 	$(BIN)/python bench/run_all.py

@@ -19,8 +19,8 @@ import pytest
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 # The fault suite (tests/faults) starts a broker node of its own and pauses, restarts and cuts
-# it; it runs when asked for, with `make faults` (COORDINATOR_FAULTS=1), which CI runs as well.
-collect_ignore = [] if os.environ.get("COORDINATOR_FAULTS") else ["faults"]
+# it; it runs when asked for, with `make faults` (COORDINATOR_TEST_FAULTS=1), which CI runs as well.
+collect_ignore = [] if os.environ.get("COORDINATOR_TEST_FAULTS") else ["faults"]
 
 
 def broker_url_from_env() -> str:

@@ -219,7 +219,10 @@ class Harness:
              sender_header: str | None = None) -> tuple[str, bytes, dict[str, Any]]:
         """(envelope id, body, headers) as the coordinator would send them to ``peer``; or, with
         the keyword arguments, a token under another key, time or sender header."""
-        envelope = protocol.make_envelope(payload, sender=self.name, message_id=message_id)
+        # A task.assign names the session it is meant for: the id of the peer's latest hello.
+        session = self.session_of(peer) if isinstance(payload, protocol.TaskAssign) else None
+        envelope = protocol.make_envelope(payload, sender=self.name, message_id=message_id,
+                                          correlation_id=session)
         if key is None and stamped_at is None:
             body, headers = self.security.seal(envelope, peer)
         else:
@@ -230,6 +233,11 @@ class Harness:
         if sender_header is not None:
             headers = {c.HEADER_SENDER: sender_header}
         return envelope.id, body, headers
+
+    def session_of(self, peer: str) -> str | None:
+        """The peer's current session (PROTOCOL §11): the id of its latest agent.hello."""
+        hellos = self.messages(peer, "agent.hello")
+        return hellos[-1].envelope.id if hellos else None
 
     def peer_key(self, peer: str) -> Fernet:
         """The key a peer reads with: the newest of its list, the one it also writes with."""
