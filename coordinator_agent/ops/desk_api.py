@@ -15,7 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from coordinator_agent.coordinator.tasks import TaskRecord
-from coordinator_agent.exceptions import TaskConflict, UnknownTask
+from coordinator_agent.exceptions import StoreError, TaskConflict, UnknownTask
 from coordinator_agent.wire.protocol import Identifier, Label
 
 Reason = Annotated[str, Field(max_length=1024)]
@@ -90,6 +90,9 @@ def desk_routes(desk: Callable[[], DeskView],
             return _json({"error": "no such task"}, 404)
         except TaskConflict as exc:
             return _json({"error": str(exc)}, 409)
+        except StoreError:  # memory was rolled back: the action did not happen
+            return _json({"error": "the task store is not writable; nothing was changed, "
+                          "try again later"}, 503)
         return _json(task.public_view())
 
     async def cancel(request: web.Request) -> web.Response:
