@@ -283,3 +283,30 @@ async def test_resolve_an_escalated_task_from_the_status_page(
     assert final.status == "succeeded"
     assert final.output == {"fixed": "from the page"}
     assert desk_coordinator.get_task(task_id).desk[-1]["by"] == OPERATOR
+
+
+async def test_a_desk_action_the_store_refuses_answers_503_and_changes_nothing(
+    desk_coordinator: CoordinatorAgent, start_worker: StartWorker, client: CoordinatorClient,
+    keyring: Keyring,
+) -> None:
+    coordinator = desk_coordinator
+    await start_worker("agent-1", "general")
+    task_id = await client.submit("fails", kind="general", max_retries=0, input={"op": "fail"})
+    assert (await client.wait(task_id, 20)).status == "escalated"
+    operator = Operator(coordinator, keyring)
+    store = coordinator.state.store
+    # A real SQLite failure, as on a full disk: the file may not grow by a page.
+    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    try:
+        code, body = await operator.post(f"/api/tasks/{task_id}/resolve",
+                                         {"output": {"blob": "x" * 20_000}})
+        assert code == 503, body
+        assert "not writable" in body["error"]
+        assert coordinator.get_task(task_id).status.value == "escalated"
+    finally:
+        store._db.execute("PRAGMA max_page_count = 1073741823")
+    code, view = await operator.post(f"/api/tasks/{task_id}/resolve", {"output": {"ok": True}})
+    assert code == 200, view
+    final = await client.wait(task_id, 10, final=True)
+    assert final.status == "succeeded" and final.output == {"ok": True}
