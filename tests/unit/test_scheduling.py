@@ -150,3 +150,27 @@ def test_tasks_naming_a_blocked_kind_are_skipped_as_a_lane() -> None:
     serving.close()
     assert seen == ["y-1", "routed-1"]
     assert drain(queue, 2000.0, take=1) == ["x-0"]  # unblocked: oldest first again
+
+
+def test_compaction_after_a_flood_keeps_every_task_its_place_and_its_age() -> None:
+    def flooded() -> SchedulingQueue:
+        queue = SchedulingQueue(aging_s=10)
+        for i in range(2000):
+            queue.add(f"f{i}", "flooder", 5, float(i), kind="general" if i % 2 else None)
+        queue.add("light", "light", 8, 5.0)
+        for i in range(1990):
+            queue.discard(f"f{i}")
+        return queue
+
+    compacted, kept = flooded(), flooded()
+    compacted.compact()  # what the flood watch does (memory.py)
+    assert compacted.position("f1995", 2000.0) == kept.position("f1995", 2000.0)
+    assert drain(compacted, 2000.0) == drain(kept, 2000.0)
+    assert len(compacted) == 0
+    # Never under a pass: its iterators would see a different dict.
+    queue = flooded()
+    serving = queue.serving_order(2000.0, {})
+    where = queue._where
+    queue.compact()
+    assert queue._where is where
+    serving.close()
