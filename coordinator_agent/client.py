@@ -51,9 +51,12 @@ class CoordinatorClient:
                               requeue_on_error=False)
         self.accepted: dict[str, protocol.TaskAccepted] = {}
         self.completed: dict[str, protocol.TaskCompleted] = {}
+        #: ``escalated`` notices: the task waits for an operator (a final notice follows).
+        self.escalated: dict[str, protocol.TaskCompleted] = {}
         #: Every completion notice received, duplicates included (tests count them).
         self.notices: list[protocol.TaskCompleted] = []
         self._waiters: dict[str, list[asyncio.Future[protocol.TaskCompleted]]] = {}
+        self._final_waiters: set[asyncio.Future[protocol.TaskCompleted]] = set()
 
     async def _declare(self, channel: AbstractChannel) -> None:
         await coordinator_topology(self.coordinator_id)(channel)
@@ -85,6 +88,7 @@ class CoordinatorClient:
         timeout_s: float | None = None,
         max_retries: int | None = None,
         task_id: str | None = None,
+        priority: protocol.PriorityName | int | None = None,
         **fields: Any,
     ) -> str:
         """Publish a task.submit (confirmed by the broker); returns the task id.
@@ -98,7 +102,8 @@ class CoordinatorClient:
         spec = protocol.TaskSubmit(
             task_id=task_id, description=description, kind=kind,
             required_capabilities=required_capabilities or [], input=input,
-            timeout_s=timeout_s, max_retries=max_retries, reply_to=self.reply_queue, **fields,
+            timeout_s=timeout_s, max_retries=max_retries, reply_to=self.reply_queue,
+            priority=priority, **fields,
         )
         encoded = protocol.encode(protocol.make_envelope(spec, sender=self.principal_id))
         size = fernet_token_bytes(len(encoded))
@@ -109,12 +114,19 @@ class CoordinatorClient:
                                     routing_key=c.tasks_key(self.coordinator_id))
         return task_id
 
-    async def wait(self, task_id: str, timeout: float | None = None) -> protocol.TaskCompleted:
-        """The task's completion notice; WaitTimeout (a TimeoutError) after ``timeout`` seconds."""
+    async def wait(self, task_id: str, timeout: float | None = None, *,
+                   final: bool = False) -> protocol.TaskCompleted:
+        """The task's outcome, or an ``escalated`` notice: it waits for an operator (its
+        ``attempts`` are the chain so far). ``final=True`` waits past escalation.
+        WaitTimeout (a TimeoutError) after ``timeout`` seconds."""
         done = self.completed.get(task_id)
+        if done is None and not final:
+            done = self.escalated.get(task_id)
         if done is not None:
             return done
         future: asyncio.Future[protocol.TaskCompleted] = asyncio.get_running_loop().create_future()
+        if final:
+            self._final_waiters.add(future)  # an escalated notice does not end this wait
         self._waiters.setdefault(task_id, []).append(future)
         try:
             return await asyncio.wait_for(future, timeout)
@@ -124,6 +136,7 @@ class CoordinatorClient:
             waiters = self._waiters.get(task_id, [])
             if future in waiters:
                 waiters.remove(future)
+            self._final_waiters.discard(future)
 
     async def _on_reply(
         self, envelope: protocol.Envelope, message: AbstractIncomingMessage
@@ -133,8 +146,18 @@ class CoordinatorClient:
             self.accepted[payload.task_id] = payload
         elif isinstance(payload, protocol.TaskCompleted):
             self.notices.append(payload)
-            self.completed.setdefault(payload.task_id, payload)
-            for future in self._waiters.pop(payload.task_id, []):
+            if payload.status == "escalated":
+                # Not final: ``wait`` returns it (the chain so far); a final notice follows.
+                self.escalated[payload.task_id] = payload
+            else:
+                self.completed.setdefault(payload.task_id, payload)
+            waiting = self._waiters.pop(payload.task_id, [])
+            if payload.status == "escalated":
+                keep = [f for f in waiting if f in self._final_waiters]
+                waiting = [f for f in waiting if f not in self._final_waiters]
+                if keep:
+                    self._waiters[payload.task_id] = keep
+            for future in waiting:
                 if not future.done():
                     future.set_result(payload)
 

@@ -14,12 +14,13 @@
     │   └── NotRegistered           the registry does not know this service (service_id)
     ├── StateError
     │   ├── IllegalTransition       a task state change the table forbids   (task_id)
-    │   └── UnknownTask             (task_id)
+    │   ├── UnknownTask             (task_id)
+    │   └── TaskConflict            an operator action the task's state does not allow (task_id)
     ├── PlanningError               no route for a task                     (task_id)
     ├── StoreError                  the task store could not keep a change  (task_id)
     │   ├── StoreUnavailable        the write failed (disk full, I/O error): try again later
     │   └── UnstorableTask          the task itself cannot be stored (e.g. a huge integer)
-    ├── SubmissionRefused           at the open-task limit: submit again later
+    ├── SubmissionRefused           at an open-task or backlog limit  (retry_after_s)
     ├── NotLeading                  this coordinator is a standby: the message goes back
     ├── SubmissionTooLarge          the client refused to send it: over the size limit
     └── WaitTimeout                 no result in time; also a TimeoutError   (task_id)
@@ -145,7 +146,20 @@ class UnstorableTask(StoreError):
 
 
 class SubmissionRefused(CoordinatorError):
-    """The coordinator is at its open-task limit (limits.max_pending_tasks)."""
+    """The coordinator is at its open-task limit (limits.max_pending_tasks), or the submitter
+    at its backlog limit (fleet.*.max_backlog); ``retry_after_s`` says when to try again."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TaskConflict(StateError):
+    """An operator action (cancel, redirect, retry, resolve, fail) the task's state rules out."""
+
+    def __init__(self, task_id: str, message: str) -> None:
+        super().__init__(f"task {task_id}: {message}")
+        self.task_id = task_id
 
 
 class SubmissionTooLarge(CoordinatorError):

@@ -13,7 +13,7 @@ import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -57,6 +57,9 @@ OTHER_VARIABLES = frozenset({
     "COORDINATOR_CONFORMANCE_ID", "COORDINATOR_CONFORMANCE_KIND", "COORDINATOR_CONFORMANCE_TASKS",
     "COORDINATOR_CONFORMANCE_WAIT",
     "COORDINATOR_REPLAY_CONFIG", "COORDINATOR_REPLAY_STORE", "COORDINATOR_REPLAY_SEED",
+    "COORDINATOR_TASK_PRIORITY", "COORDINATOR_CANCEL_REASON", "COORDINATOR_REDIRECT_KIND",
+    "COORDINATOR_RETRY_KIND", "COORDINATOR_RETRY_AGENT", "COORDINATOR_RESOLVE_OUTPUT",
+    "COORDINATOR_FAIL_REASON",
 })
 #: The test suite's own variables (COORDINATOR_TEST_BROKER_URL, ...): never settings.
 TEST_VARIABLE_PREFIX = "COORDINATOR_TEST_"
@@ -169,6 +172,152 @@ class HASettings(BaseModel):
         return v
 
 
+
+class SchedulingSettings(BaseModel):
+    """Who goes next: fair shares between principals, then priority with bounded aging."""
+
+    model_config = {"extra": "forbid"}
+
+    #: A waiting task gains one priority band per this many seconds (0: no aging).
+    aging_s: float = Field(10.0, ge=0)
+    #: ... and at most this many bands: the bound on aging (9 lets any task overtake any band).
+    max_aging_bands: int = Field(9, ge=0, le=9)
+    #: Fair-share weight per submitting principal; a principal not named here has the default.
+    weights: dict[str, float] = {}
+    default_weight: float = Field(1.0, gt=0)
+    #: A submission that names no priority gets one from the analysis' urgency words.
+    priority_from_urgency: bool = True
+    #: A dispatch pass leaves a principal after this many of its tasks in a row found no agent.
+    scan_limit: int = Field(256, ge=1)
+
+    @field_validator("weights")
+    @classmethod
+    def _positive_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = sorted(p for p, w in v.items() if w <= 0)
+        if bad:
+            raise ValueError(f"weights must be positive (not for {', '.join(bad)})")
+        return v
+
+
+def _per_second(rate: str) -> float:
+    """``"5/s"``, ``"300/min"`` or ``"1000/h"`` -> tasks per second."""
+    count, _, unit = rate.partition("/")
+    seconds = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}.get(unit.strip())
+    try:
+        value = float(count)
+    except ValueError:
+        value = -1.0
+    if seconds is None or value <= 0:
+        raise ValueError(f"rate must look like 5/s, 300/min or 1000/h, not {rate!r}")
+    return value / seconds
+
+
+class FleetLimit(BaseModel):
+    """Limits on one agent kind or one principal, enforced across the whole fleet."""
+
+    model_config = {"extra": "forbid"}
+
+    #: Tasks of this kind (or principal) running at once, on all agents together.
+    max_running: int | None = Field(None, ge=1)
+    #: Token bucket: tasks started per second, minute or hour, e.g. ``10/s`` or ``300/min``.
+    rate: str | None = None
+    #: Bucket size: starts allowed at once after a quiet spell (default: one second's worth).
+    burst: int | None = Field(None, ge=1)
+
+    @field_validator("rate")
+    @classmethod
+    def _valid_rate(cls, v: str | None) -> str | None:
+        if v is not None:
+            _per_second(v)
+        return v
+
+    @property
+    def per_second(self) -> float | None:
+        return _per_second(self.rate) if self.rate is not None else None
+
+
+class PrincipalLimit(FleetLimit):
+    #: Admission control: past this many pending tasks, new submissions are refused
+    #: (HTTP 429 with Retry-After, a ``rejected`` notice over AMQP).
+    max_backlog: int | None = Field(None, ge=1)
+
+
+class FleetLimits(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    #: Tasks in flight (assigned or running) on the whole fleet at once; unset: no cap.
+    max_in_flight: int | None = Field(None, ge=1)
+    kinds: dict[str, FleetLimit] = {}
+    principals: dict[str, PrincipalLimit] = {}
+    #: What applies to a principal not named under ``principals``.
+    default_principal: PrincipalLimit = PrincipalLimit(max_backlog=10_000)
+    #: The Retry-After a refused submission is told to wait.
+    retry_after_s: float = Field(5.0, gt=0, le=3600)
+
+
+class EscalationSettings(BaseModel):
+    """The escalation desk: what a task does when its fallback chain runs out."""
+
+    model_config = {"extra": "forbid"}
+
+    #: ``fail`` (the task ends failed, with its chain) or ``desk`` (it waits, ``escalated``,
+    #: for an operator to retry, resolve or fail it).
+    default: Literal["fail", "desk"] = "fail"
+    #: Per agent kind (the kind of its last attempt), overriding ``default``.
+    kinds: dict[str, Literal["fail", "desk"]] = {}
+    #: An escalated task waiting longer than this is overdue (metric, alert rule).
+    overdue_after_s: float = Field(3600.0, gt=0)
+
+
+class SpawnedKind(BaseModel):
+    """How many agents of one kind the spawner keeps, and how it starts one."""
+
+    model_config = {"extra": "forbid"}
+
+    min: int = Field(0, ge=0)
+    max: int = Field(4, ge=0)
+    #: Task slots of one agent: the spawner wants ceil((pending + running) / slots) agents.
+    slots: int = Field(4, ge=1)
+    #: Local backend: the agent's command; ``{agent_id}`` and ``{kind}`` are filled in. It gets
+    #: COORDINATOR_AGENT_ID, COORDINATOR_AGENT_KIND and COORDINATOR_KEYRING_PATH (its own key).
+    #: Default: ``<python> -m coordinator_agent worker --kind KIND --concurrency SLOTS``.
+    command: list[str] | None = None
+
+    @field_validator("max")
+    @classmethod
+    def _max_at_least_min(cls, v: int, info: Any) -> int:
+        if v < info.data.get("min", 0):
+            raise ValueError("must be at least min")
+        return v
+
+
+class SpawnerSettings(BaseModel):
+    """Agents on demand: ``local`` processes, or a desired count for Kubernetes (KEDA)."""
+
+    model_config = {"extra": "forbid"}
+
+    #: ``none``, ``local`` (supervised processes), or ``kubernetes`` (export
+    #: coordinator_desired_agents{kind} for KEDA; start nothing).
+    backend: Literal["none", "local", "kubernetes"] = "none"
+    kinds: dict[str, SpawnedKind] = {}
+    #: Spawned agents of all kinds together, at most.
+    max_agents: int = Field(20, ge=1)
+    #: Pending tasks that name no kind count for this kind (unset: they count for none).
+    default_kind: str | None = None
+    #: A kind whose oldest pending task has waited this long wants one agent more than it has
+    #: (slow tasks: the backlog is small but the wait grows).
+    wait_threshold_s: float = Field(30.0, gt=0)
+    #: How often the spawner compares what it has with what it wants.
+    interval_s: float = Field(2.0, gt=0)
+    #: An agent above the wanted number, idle this long, is drained and stopped.
+    idle_timeout_s: float = Field(60.0, gt=0)
+    #: A crashed agent is restarted after this delay, doubled at each crash, up to the max.
+    restart_backoff_s: float = Field(1.0, gt=0)
+    max_restart_backoff_s: float = Field(60.0, gt=0)
+    #: After the drain, how long an agent has to exit before it is killed.
+    stop_timeout_s: float = Field(30.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything the coordinator, workers and CLI read from configuration."""
 
@@ -197,6 +346,10 @@ class Settings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     liveness: Liveness = Liveness()
     ha: HASettings = HASettings()
+    scheduling: SchedulingSettings = SchedulingSettings()
+    fleet: FleetLimits = FleetLimits()
+    escalation: EscalationSettings = EscalationSettings()
+    spawner: SpawnerSettings = SpawnerSettings()
     #: The YAML file these settings were read from (None: none was found); see load_settings.
     _config_file: Path | None = PrivateAttr(None)
 

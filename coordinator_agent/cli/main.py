@@ -23,6 +23,7 @@ from typing import Any
 
 from coordinator_agent import __version__
 from coordinator_agent.cli.conformance import add_conformance_command, cmd_conformance
+from coordinator_agent.cli.controls import CONTROL_COMMANDS, add_control_commands, priority_option
 from coordinator_agent.cli.progress import (
     Rates,
     agents_table,
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "[COORDINATOR_TASK_INPUT]")
     submit.add_argument("--task-id", default=_env("COORDINATOR_TASK_ID"),
                         help="idempotency key (default: generated) [COORDINATOR_TASK_ID]")
+    submit.add_argument("--priority", default=_env("COORDINATOR_TASK_PRIORITY"),
+                        help="high, medium, low or a band 0-9 (default: from the text's "
+                        "urgency, else medium) [COORDINATOR_TASK_PRIORITY]")
     submit.add_argument("--timeout", type=POSITIVE,
                         default=_env("COORDINATOR_TASK_TIMEOUT_S"),
                         help="seconds per attempt, more than 0 [COORDINATOR_TASK_TIMEOUT_S]")
@@ -160,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         _url_option(cmd)
 
     add_routing_commands(sub, common, _url_option)
+    add_control_commands(sub, common, _url_option)  # cancel, redirect, the escalation desk
     add_conformance_command(sub, common)
 
     drain = sub.add_parser("drain", parents=[common],
@@ -415,8 +420,11 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         except json.JSONDecodeError as exc:
             raise UsageError(f"--input is not valid JSON: {exc.msg}") from None
     capabilities = args.capability or _csv(_env("COORDINATOR_TASK_CAPABILITIES"))
+    priority = priority_option(args.priority) if args.priority else None
     fields = composite_fields(args, kind=args.kind, required_capabilities=capabilities,
-                              timeout_s=args.timeout, task_id=args.task_id)
+                              timeout_s=args.timeout, task_id=args.task_id, priority=priority)
+    if priority is not None:
+        fields["priority"] = priority
     keyring = Keyring.load(settings.keyring_path)
     principal = operator_id(keyring, args.principal)
     require_broker(settings.broker_url.get_secret_value())
@@ -701,6 +709,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "drain": cmd_drain,
     "routing": cmd_routing,
     "route": cmd_route,
+    **CONTROL_COMMANDS,
     "check": cmd_check,
     "keys": cmd_keys,
     "demo": cmd_demo,

@@ -215,6 +215,10 @@ def agents_table(agents: Sequence[Mapping[str, Any]], *, colour: bool = False) -
         reason = a.get("liveness_reason")
         if reason and reason != "ok":
             liveness += f" ({clean(reason)})"
+        spawned = a.get("spawned")  # run by the coordinator's local spawner (spawner.py)
+        if isinstance(spawned, Mapping):
+            restarts = spawned.get("restarts")
+            liveness += f", spawned{f' x{restarts}' if restarts else ''}"
         load = a.get("load")
         rows.append([
             a.get("id"), a.get("kind"), liveness, signals_label(a),

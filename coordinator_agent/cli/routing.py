@@ -134,6 +134,9 @@ def route_explanation(explained: Mapping[str, Any]) -> str:
               f"why        {NO_AGENT.get(reason, reason)}",
               f"policy     {explained.get('policy') or 'seed'}   threshold "
               f"{explained.get('threshold')}   source {explained.get('source')}"]
+    if explained.get("priority"):  # a live coordinator: scheduling.py and limits.py
+        lines.append(f"priority   {explained['priority']}   "
+                     f"{'held: ' + explained['held'] if explained.get('held') else 'not held'}")
     return "\n".join(lines)
 
 

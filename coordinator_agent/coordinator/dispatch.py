@@ -1,7 +1,9 @@
 """Dispatch: pending tasks meet free agents.
 
 One loop wakes whenever something may have changed (a task queued, an agent freed or revived),
-asks the planner for a kind and an instance, and records the assignment before publishing it.
+takes pending tasks in the order of the queue discipline (``scheduling.py``: fair share, then
+priority with aging), skips what a fleet-wide limit holds (``limits.py``), asks the planner for
+a kind and an instance, and records the assignment before publishing it.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
+from coordinator_agent.coordinator.limits import FleetLimiter
 from coordinator_agent.coordinator.outbox import Outbox, Spawn
+from coordinator_agent.coordinator.scheduling import SchedulingQueue
 from coordinator_agent.coordinator.state import AgentRecord, StateManager
 from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
 from coordinator_agent.coordinator.workflows import WorkflowEngine
@@ -38,6 +41,9 @@ class Dispatcher:
         *,
         max_in_flight_per_agent: int,
         spawn: Spawn,
+        queue: SchedulingQueue | None = None,
+        limits: FleetLimiter | None = None,
+        scan_limit: int = 256,
     ) -> None:
         self.state = state
         self.planner = planner
@@ -45,7 +51,12 @@ class Dispatcher:
         self.metrics = metrics
         self.cap = max_in_flight_per_agent
         self.spawn = spawn
-        self.pending: OrderedDict[str, None] = OrderedDict()
+        self.pending = queue if queue is not None else SchedulingQueue()
+        self.limits = limits
+        self.scan_limit = scan_limit
+        self._token_wake_at = 0.0  # when the wake for a rate-limited task is due
+        #: Agents that get no new work: the spawner is draining them (spawner.py).
+        self.retiring: set[str] = set()
         self.wake = asyncio.Event()
         self.active = False
         # Bound by the service once the parts that depend on each other exist.
@@ -56,11 +67,14 @@ class Dispatcher:
         self.broker_ok: Callable[[], bool] = lambda: True
 
     def enqueue(self, task_id: str) -> None:
-        self.pending[task_id] = None
+        task = self.state.tasks.get(task_id)
+        if task is None:
+            return
+        self.pending.add(task_id, task.submitted_by, task.priority, time.time(), task.kind)
         self.wake.set()
 
     def drop(self, task_id: str) -> None:
-        self.pending.pop(task_id, None)
+        self.pending.discard(task_id)
 
     async def run(self) -> None:
         while True:
@@ -71,32 +85,129 @@ class Dispatcher:
             await asyncio.sleep(0)
 
     def dispatch(self) -> None:
-        agents = self.state.agents.values()
+        agents: Collection[AgentRecord] = self._serving()
         free = sum(max(0, a.free_slots(self.cap)) for a in agents if a.assignable)
         if free <= 0 or not self.pending:
             return  # a backlog with no free agent costs nothing per wake
-        for task_id in list(self.pending):
-            if free <= 0:
+        now = time.time()
+        limits = self.limits
+        by_principal: dict[str, int] = {}
+        held_kinds: dict[str, tuple[str, str]] = {}  # kind -> (limit, why)
+        holding: set[str] = set()  # held kinds that kept a task waiting in this pass
+        if limits is not None:
+            by_kind, by_principal, in_flight = self._running()
+            limits.begin(by_kind, by_principal, in_flight)
+            room = limits.room()
+            if room is not None and room <= 0:
+                limits.held("global_in_flight")
                 return
-            task = self.state.tasks.get(task_id)
-            if task is None or task.status is not TaskStatus.PENDING:
+            free = free if room is None else min(free, room)
+            held_kinds = self._held_kinds(now)
+            agents = self._without(held_kinds)
+        # Tasks that name a kind with no free agent, or one held by a limit, wait as a lane.
+        open_kinds = {a.kind for a in agents if a.assignable and a.free_slots(self.cap) > 0}
+        known_kinds = {a.kind for a in self.state.agents.values()}
+        blocked = (known_kinds - open_kinds) | set(held_kinds)
+        serving = self.pending.serving_order(now, by_principal, blocked)
+        try:
+            while free > 0:
+                picked = serving.next(self.scan_limit)
+                if picked is None:
+                    break
+                task_id, principal = picked
+                task = self.state.tasks.get(task_id)
+                if task is None or task.status is not TaskStatus.PENDING:
+                    self.drop(task_id)
+                    continue
+                if limits is not None:
+                    hold = limits.principal_hold(principal, now)
+                    if hold is not None:
+                        limits.held(hold[0])
+                        task.routing["held"] = hold[1]
+                        serving.leave(principal)  # the rest of its tasks are held alike
+                        continue
+                    if task.kind is not None and task.kind in held_kinds:
+                        task.routing["held"] = held_kinds[task.kind][1]
+                        holding.add(task.kind)
+                        continue
+                spared = task.crashed_agents
+                # At most one crash per agent: a task never goes back to an agent it crashed.
+                decision = self.planner.select(
+                    task, [a for a in agents if a.id not in spared] if spared else agents)
+                if self._hedge(task):
+                    self.drop(task_id)  # raced on two kinds (workflows.py)
+                    continue
+                if decision.agent is None:
+                    if held_kinds:
+                        task.routing["held"] = "; ".join(sorted(
+                            {why for _, why in held_kinds.values()}))
+                        holding.update(held_kinds)
+                    if (decision.reason == "no_matching_agent" and self.workflows is not None
+                            and self.workflows.try_coalition(task, agents)):
+                        self.drop(task_id)  # split across agents (workflows.py)
+                    continue
                 self.drop(task_id)
+                task.routing.pop("held", None)
+                if not self._assign(task, decision.agent):
+                    continue  # not recorded: rolled back and queued again (on_rollback)
+                serving.took(principal)
+                free -= 1
+                if limits is not None:
+                    kind = decision.agent.kind
+                    limits.started(kind, principal, now)
+                    hold = limits.kind_hold(kind, now)
+                    if hold is not None:  # that kind is full now: route the rest elsewhere
+                        held_kinds[kind] = hold
+                        agents = self._without(held_kinds)
+        finally:
+            serving.close()
+        if limits is not None:
+            for kind in holding:
+                limits.held(held_kinds[kind][0])
+            self._wake_for_tokens(now)
+
+    def _running(self) -> tuple[dict[str, int], dict[str, int], int]:
+        """Tasks in flight by agent kind and by principal, and in all."""
+        by_kind: dict[str, int] = {}
+        by_principal: dict[str, int] = {}
+        total = 0
+        for agent in self.state.agents.values():
+            if not agent.in_flight:
                 continue
-            spared = task.crashed_agents
-            # At most one crash per agent: a task never goes back to an agent it crashed.
-            decision = self.planner.select(
-                task, [a for a in agents if a.id not in spared] if spared else agents)
-            if self._hedge(task):
-                self.drop(task_id)  # raced on two kinds (workflows.py)
-                continue
-            if decision.agent is None:
-                if (decision.reason == "no_matching_agent" and self.workflows is not None
-                        and self.workflows.try_coalition(task, agents)):
-                    self.drop(task_id)  # split across agents (workflows.py)
-                continue
-            self.drop(task_id)
-            self._assign(task, decision.agent)
-            free -= 1
+            by_kind[agent.kind] = by_kind.get(agent.kind, 0) + len(agent.in_flight)
+            total += len(agent.in_flight)
+            for task_id in agent.in_flight:
+                task = self.state.tasks.get(task_id)
+                if task is not None:
+                    by_principal[task.submitted_by] = by_principal.get(task.submitted_by, 0) + 1
+        return by_kind, by_principal, total
+
+    def _held_kinds(self, now: float) -> dict[str, tuple[str, str]]:
+        assert self.limits is not None
+        held: dict[str, tuple[str, str]] = {}
+        for kind in self.limits.config.kinds:
+            hold = self.limits.kind_hold(kind, now)
+            if hold is not None:
+                held[kind] = hold
+        return held
+
+    def _serving(self) -> Collection[AgentRecord]:
+        agents = self.state.agents.values()
+        return [a for a in agents if a.id not in self.retiring] if self.retiring else agents
+
+    def _without(self, held_kinds: dict[str, tuple[str, str]]) -> Collection[AgentRecord]:
+        """The agents a task may go to: a kind at its limit counts as a kind with no free agent."""
+        agents = self._serving()
+        return [a for a in agents if a.kind not in held_kinds] if held_kinds else agents
+
+    def _wake_for_tokens(self, now: float) -> None:
+        """A bucket held work: look again when it has a token."""
+        assert self.limits is not None
+        at = self.limits.next_token_at
+        if at is None or now < self._token_wake_at <= at:
+            return  # an earlier wake is already due
+        self._token_wake_at = at
+        asyncio.get_running_loop().call_later(max(0.001, at - now), self.wake.set)
 
     def _hedge(self, task: TaskRecord) -> bool:
         """Race a first attempt on the top two kinds when they score within the margin."""
@@ -118,20 +229,30 @@ class Dispatcher:
             self.metrics.multi_master_tasks.labels(hedge.mode.value).inc()
         return started
 
-    def _assign(self, task: TaskRecord, agent: AgentRecord) -> None:
+    def assign_to(self, task: TaskRecord, agent: AgentRecord) -> None:
+        """An operator's choice of agent (desk.py): no routing, no limits."""
+        self.drop(task.id)
+        self._assign(task, agent)
+
+    def _assign(self, task: TaskRecord, agent: AgentRecord) -> bool:
+        """Record the assignment, then send it; False if the store could not record it."""
         now = time.time()
         attempt = Attempt(len(task.attempts) + 1, agent.id, now, now + task.timeout_s,
                           session=agent.session)
         task.attempts.append(attempt)
+        if attempt.number == 1:
+            waited = max(0.0, now - task.created_at)
+            self.metrics.task_wait.labels(str(task.priority)).observe(waited)
         task.move(TaskStatus.ASSIGNED)
         agent.in_flight.add(task.id)
         try:
             self.state.save(task)  # durable before it is sent
         except StoreError as exc:
             log.warning("assignment of %s not recorded: %s", task.id, exc)
-            return  # rolled back to pending, and queued again by on_rollback
+            return False  # rolled back to pending, and queued again by on_rollback
         self.metrics.operations.labels("task_assign").inc()
         self.spawn(self.send(task, attempt))
+        return True
 
     async def send(self, task: TaskRecord, attempt: Attempt) -> None:
         """Publish an assignment until the broker takes it, or it no longer counts.

@@ -9,7 +9,9 @@ client gets a ``rejected`` notice and the submission is dead-lettered with the r
 from __future__ import annotations
 
 from coordinator_agent.coordinator.dispatch import Dispatcher
+from coordinator_agent.coordinator.limits import FleetLimiter
 from coordinator_agent.coordinator.outbox import Outbox, completed_notice
+from coordinator_agent.coordinator.scheduling import URGENCY_PRIORITY, priority_band
 from coordinator_agent.coordinator.state import StateManager
 from coordinator_agent.coordinator.tasks import TaskRecord
 from coordinator_agent.coordinator.workflows import WorkflowEngine
@@ -21,6 +23,7 @@ from coordinator_agent.exceptions import (
     UnstorableTask,
 )
 from coordinator_agent.ops.metrics import Metrics
+from coordinator_agent.routing.planner import CoordinationPlanner
 from coordinator_agent.settings import Limits
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
@@ -28,8 +31,13 @@ from coordinator_agent.wire import protocol
 
 class Intake:
     def __init__(self, state: StateManager, dispatcher: Dispatcher, outbox: Outbox,
-                 metrics: Metrics, limits: Limits) -> None:
+                 metrics: Metrics, limits: Limits, *, admission: FleetLimiter | None = None,
+                 planner: CoordinationPlanner | None = None,
+                 priority_from_urgency: bool = False) -> None:
         self.state = state
+        self.admission = admission
+        self.planner = planner
+        self.priority_from_urgency = priority_from_urgency
         self.dispatcher = dispatcher
         self.outbox = outbox
         self.metrics = metrics
@@ -49,7 +57,11 @@ class Intake:
             return existing, True
         if len(self.state.tasks) >= self.limits.max_pending_tasks:
             raise SubmissionRefused(f"{len(self.state.tasks)} tasks open, the limit is "
-                                    f"{self.limits.max_pending_tasks}")
+                                    f"{self.limits.max_pending_tasks}",
+                                    retry_after_s=self.admission.config.retry_after_s
+                                    if self.admission is not None else None)
+        if self.admission is not None:
+            self.admission.admit(submitted_by, self.dispatcher.pending.backlog(submitted_by))
         task = TaskRecord(
             id=task_id,
             description=spec.description,
@@ -60,6 +72,7 @@ class Intake:
             max_retries=self.limits.max_retries if spec.max_retries is None else spec.max_retries,
             reply_to=spec.reply_to,
             submitted_by=submitted_by,
+            priority=self.priority_for(spec.priority, spec.description),
         )
         assert self.workflows is not None
         spec = self._phased(spec)
@@ -72,6 +85,13 @@ class Intake:
         else:
             self.dispatcher.enqueue(task.id)
         return task, False
+
+    def priority_for(self, given: str | int | None, description: str) -> int:
+        """The band a submission gets: as given, else from the urgency words (if configured)."""
+        if given is not None or not self.priority_from_urgency or self.planner is None:
+            return priority_band(given)
+        urgency = self.planner.analyzer.analyze(description).urgency
+        return URGENCY_PRIORITY.get(urgency, priority_band(None))
 
     def _phased(self, spec: protocol.TaskSubmit) -> protocol.TaskSubmit:
         """A multi-phase description becomes sequential steps (routing ``phases``)."""
@@ -88,10 +108,12 @@ class Intake:
         return spec.model_copy(update={"steps": [
             protocol.SubtaskSpec(description=s["description"], kind=s["kind"]) for s in steps]})
 
-    def _refuse(self, envelope: protocol.Envelope, spec: protocol.TaskSubmit, why: str) -> None:
+    def _refuse(self, envelope: protocol.Envelope, spec: protocol.TaskSubmit, why: str,
+                *, retry_after_s: float | None = None) -> None:
         if spec.reply_to:
             notice = protocol.TaskCompleted(task_id=spec.task_id or envelope.id,
-                                            status="rejected", error=why)
+                                            status="rejected", error=why,
+                                            retry_after_s=retry_after_s)
             self.outbox.reply(spec.reply_to, envelope.sender, notice)
 
     def create_child(self, child: TaskRecord) -> None:
@@ -113,7 +135,7 @@ class Intake:
             task, duplicate = self.submit(spec, submitted_by=envelope.sender,
                                           default_id=envelope.id)
         except SubmissionRefused as exc:
-            self._refuse(envelope, spec, str(exc))
+            self._refuse(envelope, spec, str(exc), retry_after_s=exc.retry_after_s)
             return
         except StoreError as exc:
             self.metrics.store_errors.labels("task.submit").inc()

@@ -56,6 +56,8 @@ class TaskResults:
         self.metrics = metrics
         self.max_output_bytes = max_output_bytes
         self.workflows: WorkflowEngine | None = None  # bound by the service
+        #: The escalation desk (desk.py), bound by the service: True when it took the task.
+        self.escalate: Callable[[TaskRecord, str], bool] | None = None
 
     # --- reports from agents ------------------------------------------------------------------
 
@@ -88,6 +90,8 @@ class TaskResults:
             # Redelivered or late: the task completes once, whatever arrives after.
             self.metrics.operations.labels("duplicate_result").inc()
             return
+        if attempt.outcome is AttemptOutcome.REDIRECTED:
+            return  # an operator sent the task elsewhere (desk.py); this attempt is over
         attempt.duration_s = result.duration_s
         current = task.current_attempt
         if agent is not None and (current is attempt or current is None):
@@ -150,9 +154,11 @@ class TaskResults:
             reason = step.reason
         if delay is None:
             chain = "; ".join(f"#{a.number} {a.agent_id}: {a.outcome}" for a in task.attempts)
+            error = f"{error}; escalated: {reason} (attempts: {chain})"
+            if self.escalate is not None and self.escalate(task, error):
+                return  # waits, escalated, for an operator
             log.warning("task %s escalated: %s (attempts: %s)", task.id, reason, chain)
-            self.finish(task, TaskStatus.FAILED,
-                        error=f"{error}; escalated: {reason} (attempts: {chain})")
+            self.finish(task, TaskStatus.FAILED, error=error)
             return
         task.move(TaskStatus.PENDING)
         self.state.totals["retried"] += 1

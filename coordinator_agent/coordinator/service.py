@@ -13,23 +13,26 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import CollectorRegistry
 
 from coordinator_agent.coordinator import views
+from coordinator_agent.coordinator.desk import OperatorDesk
 from coordinator_agent.coordinator.discovery import RegistryWatcher
 from coordinator_agent.coordinator.dispatch import Dispatcher
 from coordinator_agent.coordinator.heartbeats import AgentReports
 from coordinator_agent.coordinator.intake import Intake
 from coordinator_agent.coordinator.leadership import Leadership
+from coordinator_agent.coordinator.limits import FleetLimiter
 from coordinator_agent.coordinator.liveness import AgentLiveness
 from coordinator_agent.coordinator.memory import FloodWatch
 from coordinator_agent.coordinator.outage import OutageClock
 from coordinator_agent.coordinator.outbox import Outbox, background
 from coordinator_agent.coordinator.results import TaskResults
+from coordinator_agent.coordinator.scheduling import SchedulingQueue
+from coordinator_agent.coordinator.spawner import AgentSpawner
 from coordinator_agent.coordinator.state import AgentRecord, StateManager
 from coordinator_agent.coordinator.store import TaskStore
 from coordinator_agent.coordinator.sweep import KeyringReloader, Sweeper
@@ -95,17 +98,31 @@ class CoordinatorAgent:
 
         # The parts, in the order they need each other; three late bindings close the loops.
         self.outbox = Outbox(settings.name, self.state, self.messages, spawn)
+        scheduling = settings.scheduling
+        self.limits = FleetLimiter(settings.fleet, self.metrics)  # fleet-wide limits, admission
         self.dispatcher = Dispatcher(self.state, self.planner, self.outbox, self.metrics,
                                      max_in_flight_per_agent=limits.max_in_flight_per_agent,
-                                     spawn=spawn)
+                                     spawn=spawn, limits=self.limits,
+                                     scan_limit=scheduling.scan_limit,
+                                     queue=SchedulingQueue(
+                                         aging_s=scheduling.aging_s,
+                                         max_aging_bands=scheduling.max_aging_bands,
+                                         weights=scheduling.weights,
+                                         default_weight=scheduling.default_weight))
         self.results = TaskResults(self.state, self.planner, self.dispatcher, self.outbox,
                                    self.metrics, max_output_bytes=limits.max_output_bytes)
-        self.intake = Intake(self.state, self.dispatcher, self.outbox, self.metrics, limits)
+        self.intake = Intake(self.state, self.dispatcher, self.outbox, self.metrics, limits,
+                             admission=self.limits, planner=self.planner,
+                             priority_from_urgency=scheduling.priority_from_urgency)
         self.workflows = WorkflowEngine(  # composite tasks: fan-out, steps, coalitions, races
             self.state, create_child=self.intake.create_child, finish=self.results.finish,
             cancel=self.results.cancel, max_merged_bytes=merged_output_limit(limits))
         self.dispatcher.workflows = self.results.workflows = self.intake.workflows = self.workflows
         self.dispatcher.on_undeliverable = self.results.retry_or_fail
+        self.desk = OperatorDesk(  # cancel, redirect, and the escalation desk
+            self.state, self.dispatcher, self.results, self.outbox, self.metrics,
+            config=settings.escalation, max_output_bytes=limits.max_output_bytes)
+        self.results.escalate = self.desk.escalate
         self.reports = AgentReports(self.state, self.dispatcher, self.results, self.metrics)
         self.keyrings = KeyringReloader(settings.keyring_path, self.security, keyring)
         self.outage = OutageClock(self.state, lambda: self.messages.connected,
@@ -124,6 +141,12 @@ class CoordinatorAgent:
         self.dispatcher.broker_ok = lambda: (self.messages.transport_up
                                              and self.leadership.leading)
         self.state.on_rollback = self._rolled_back
+        self.spawner = AgentSpawner(  # agents on demand: local processes, or a count for KEDA
+            settings.spawner, self.state, self.metrics, name=settings.name,
+            broker_url=settings.broker_url.get_secret_value(),
+            keyring_path=settings.keyring_path, data_dir=settings.data_dir,
+            adopt_keyring=self.keyrings.adopt, send_drain=self.outbox.to_agent,
+            retiring=self.dispatcher.retiring)
 
         self._loops: list[asyncio.Task[None]] = []
         self._leader_loops: list[asyncio.Task[None]] = []
@@ -166,6 +189,8 @@ class CoordinatorAgent:
         self._leader_loops = [asyncio.create_task(self.sweeper.run(), name="sweep")]
         if self.discovery is not None:
             self._leader_loops.append(asyncio.create_task(self.discovery.run(), name="registry"))
+        if self.settings.spawner.backend != "none":  # only the leader starts and stops agents
+            self._leader_loops.append(asyncio.create_task(self.spawner.run(), name="spawner"))
         await self.messages.resume_consuming()
         self.dispatcher.wake.set()
 
@@ -191,6 +216,7 @@ class CoordinatorAgent:
         self.accepting = False
         timeout = self.settings.limits.drain_timeout_s
         leader = self.leadership.leading
+        await self.spawner.stop()  # its agents drain and say goodbye while we still listen
         await self.messages.stop_consuming()
         drained = await self.messages.drain(timeout)
         if self._background:
@@ -226,7 +252,7 @@ class CoordinatorAgent:
                 continue  # a composite parent is never assigned: resumed below
             attempt = task.current_attempt
             if task.status is TaskStatus.PENDING or attempt is None:
-                self.dispatcher.pending[task.id] = None
+                self.dispatcher.enqueue(task.id)
                 continue
             # Hold the agent's slot until it heartbeats again or is declared dead.
             agent = self.state.agents.get(attempt.agent_id)
@@ -252,7 +278,7 @@ class CoordinatorAgent:
     def _compact(self) -> None:
         """After a flood: right-sized copies of the containers that grew with it."""
         self.state.tasks = dict(self.state.tasks)
-        self.dispatcher.pending = OrderedDict(self.dispatcher.pending)
+        self.dispatcher.pending.compact()
         self.security.replay.compact()
         self.state.store.shrink_memory()
 
@@ -360,6 +386,10 @@ class CoordinatorAgent:
     def get_task(self, task_id: str) -> TaskRecord:
         return self.state.get_task(task_id)
 
+    def queue_position(self, task_id: str) -> dict[str, float] | None:
+        """A pending task's band, aged priority and wait so far (None when not queued)."""
+        return self.dispatcher.pending.position(task_id, time.time())
+
     def recent_tasks(self, limit: int) -> list[TaskRecord]:
         return self.state.store.recent(limit)
 
@@ -380,7 +410,7 @@ class CoordinatorAgent:
                                                                  epoch=self.outbox.epoch()))
 
     def agents_view(self) -> list[dict[str, Any]]:
-        return views.agents_view(self.state)
+        return views.agents_view(self.state, spawned=self.spawner.describe())
 
     def status_view(self) -> dict[str, Any]:
         return views.status_view(
@@ -393,13 +423,18 @@ class CoordinatorAgent:
 
     def explain_route(self, description: str, *, kind: str | None,
                       required_capabilities: list[str]) -> dict[str, Any]:
-        return self.planner.explain(description, self.state.agents.values(), kind=kind,
-                                    required_capabilities=required_capabilities)
+        explained = self.planner.explain(description, self.state.agents.values(), kind=kind,
+                                         required_capabilities=required_capabilities)
+        kind = explained.get("kind")
+        return views.with_scheduling(
+            explained, priority=self.intake.priority_for(None, description),
+            held=self.limits.describe(kind, time.time()) if kind else None)
 
     def refresh_gauges(self) -> None:
         views.set_gauges(self.state, self.planner, self.metrics,
                          max_in_flight_per_agent=self.settings.limits.max_in_flight_per_agent,
                          registry=self.registry_state)
+        self.desk.set_gauges(time.time())
 
     def render_metrics(self) -> bytes:
         self.refresh_gauges()  # gauges are set here, exact at scrape time

@@ -47,6 +47,12 @@ class KeyringReloader:
         except FileNotFoundError:
             return None
 
+    def adopt(self, keyring: Keyring) -> None:
+        """A keyring this process just wrote (the spawner's keys): use it now, not next sweep."""
+        self._mtime = self._file_mtime()
+        self.current = keyring
+        self.security.reload(keyring)
+
     def reload_if_changed(self) -> None:
         mtime = self._file_mtime()
         if mtime is None or mtime == self._mtime:

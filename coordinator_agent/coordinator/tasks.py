@@ -14,6 +14,7 @@ class TaskStatus(enum.StrEnum):
     PENDING = "pending"  # accepted, waiting for an agent
     ASSIGNED = "assigned"  # sent to an agent, no word from it yet
     RUNNING = "running"  # the agent reported progress
+    ESCALATED = "escalated"  # the fallback chain ran out: waiting for an operator (desk.py)
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -27,11 +28,13 @@ TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCEL
 
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     # pending -> succeeded: a late success of an earlier attempt, after it was given up on.
-    TaskStatus.PENDING: frozenset({TaskStatus.ASSIGNED, *TERMINAL}),
+    TaskStatus.PENDING: frozenset({TaskStatus.ASSIGNED, TaskStatus.ESCALATED, *TERMINAL}),
     TaskStatus.ASSIGNED: frozenset(
-        {TaskStatus.RUNNING, TaskStatus.PENDING, *TERMINAL}
+        {TaskStatus.RUNNING, TaskStatus.PENDING, TaskStatus.ESCALATED, *TERMINAL}
     ),
-    TaskStatus.RUNNING: frozenset({TaskStatus.PENDING, *TERMINAL}),
+    TaskStatus.RUNNING: frozenset({TaskStatus.PENDING, TaskStatus.ESCALATED, *TERMINAL}),
+    # The escalation desk: out of the chain, an operator retries, resolves, fails or cancels.
+    TaskStatus.ESCALATED: frozenset({TaskStatus.PENDING, *TERMINAL}),
     TaskStatus.SUCCEEDED: frozenset(),
     TaskStatus.FAILED: frozenset(),
     TaskStatus.CANCELLED: frozenset(),
@@ -49,10 +52,16 @@ class AttemptOutcome(enum.StrEnum):
     UNDELIVERABLE = "undeliverable"  # the broker could not deliver the assignment
     SUPERSEDED = "superseded"  # another attempt finished first
     CANCELLED = "cancelled"  # the task was cancelled while this attempt ran
+    REDIRECTED = "redirected"  # an operator sent the task elsewhere (desk.py): costs no retry
 
 
-#: Attempts that never ran on an agent: they cost the task no retry.
-FREE_OUTCOMES = frozenset({AttemptOutcome.UNDELIVERABLE, AttemptOutcome.WITHDRAWN})
+#: Attempts that never ran on an agent: bounded per task (results.py MAX_UNDELIVERABLE).
+NEVER_RAN = frozenset({AttemptOutcome.UNDELIVERABLE, AttemptOutcome.WITHDRAWN})
+
+#: Attempts that cost no retry: never ran on an agent (undeliverable, withdrawn before it
+#: started), or stopped by an operator (redirected).
+FREE_OUTCOMES = frozenset(
+    {AttemptOutcome.UNDELIVERABLE, AttemptOutcome.WITHDRAWN, AttemptOutcome.REDIRECTED})
 
 
 @dataclass
@@ -105,6 +114,10 @@ class TaskRecord:
     child_ids: list[str] = field(default_factory=list)
     #: Composite tasks: the engine's JSON-able state; None for an ordinary task.
     workflow: dict[str, Any] | None = None
+    #: Priority band 0-9 (scheduling.py): low 2, medium 5, high 8.
+    priority: int = 5
+    #: Operator actions on the task (desk.py): action, by, at, and what was chosen.
+    desk: list[dict[str, Any]] = field(default_factory=list)
 
     def move(self, target: TaskStatus) -> None:
         if target not in TRANSITIONS[self.status]:
@@ -127,7 +140,7 @@ class TaskRecord:
     @property
     def undeliverable_attempts(self) -> int:
         """Attempts that never ran (undeliverable or withdrawn): bounded, but no retry spent."""
-        return sum(a.outcome in FREE_OUTCOMES for a in self.attempts)
+        return sum(a.outcome in NEVER_RAN for a in self.attempts)
 
     @property
     def crashes(self) -> int:
@@ -145,8 +158,8 @@ class TaskRecord:
 
     @property
     def retries_left(self) -> int:
-        # An assignment that never reached an agent, or was withdrawn before it started,
-        # costs no retry.
+        # An attempt that never reached an agent, was withdrawn before it started, or was
+        # redirected by an operator costs no retry.
         used = sum(a.outcome not in FREE_OUTCOMES for a in self.attempts)
         return self.max_retries + 1 - used
 

@@ -6,14 +6,21 @@ import time
 from typing import Any
 
 from coordinator_agent.coordinator.liveness import AgentLiveness
+from coordinator_agent.coordinator.scheduling import priority_name
 from coordinator_agent.coordinator.state import StateManager
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.routing.planner import CoordinationPlanner
 
 
-def agents_view(state: StateManager) -> list[dict[str, Any]]:
+def agents_view(state: StateManager, spawned: dict[str, dict[str, Any]] | None = None
+                ) -> list[dict[str, Any]]:
+    """Every known agent; ``spawned``: what the local spawner says of the ones it runs."""
     now = time.time()
-    return [a.public_view(now) for a in sorted(state.agents.values(), key=lambda a: a.id)]
+    views = [a.public_view(now) for a in sorted(state.agents.values(), key=lambda a: a.id)]
+    for view in views:
+        if spawned and view["id"] in spawned:
+            view["spawned"] = spawned[view["id"]]
+    return views
 
 
 def status_view(name: str, state: StateManager, *, ready: bool, broker_connected: bool,
@@ -31,6 +38,14 @@ def status_view(name: str, state: StateManager, *, ready: bool, broker_connected
         "tasks_open": state.status_counts(),
         "totals": dict(state.totals),
     }
+
+
+def with_scheduling(explained: dict[str, Any], *, priority: int,
+                    held: str | None) -> dict[str, Any]:
+    """``route``: the priority a submission would get, and the limit that would hold it."""
+    explained["priority"] = priority_name(priority)
+    explained["held"] = held
+    return explained
 
 
 def set_gauges(state: StateManager, planner: CoordinationPlanner, metrics: Metrics, *,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import time
 import uuid
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from coordinator_agent.exceptions import (
     UnknownTask,
     UnstorableTask,
 )
+from coordinator_agent.ops.desk_api import DeskView, desk_routes
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.ops.statuspage import status_page
 from coordinator_agent.ops.waiting import why_waiting
@@ -75,6 +77,8 @@ class CoordinatorView(Protocol):
 
     def get_task(self, task_id: str) -> TaskRecord: ...
 
+    def queue_position(self, task_id: str) -> dict[str, float] | None: ...
+
     def routing_view(self) -> dict[str, Any]: ...
 
     def explain_route(self, description: str, *, kind: str | None,
@@ -84,6 +88,9 @@ class CoordinatorView(Protocol):
                default_id: str) -> tuple[TaskRecord, bool]: ...
 
     def operator_for_token(self, token: str) -> str | None: ...
+
+    @property
+    def desk(self) -> DeskView: ...
 
     async def drain_agent(self, agent_id: str, reason: str = "") -> None: ...
 
@@ -111,6 +118,7 @@ class MonitoringServer:
             web.get("/api/routing", self.routing),
             web.get("/api/route", self.route),
         ])
+        app.add_routes(desk_routes(lambda: self.coordinator.desk, self._operator))
         self.app = app
 
     async def start(self) -> None:
@@ -191,7 +199,9 @@ class MonitoringServer:
         return _json(self._task_views([task])[0])
 
     def _task_views(self, tasks: list[TaskRecord]) -> list[dict[str, Any]]:
-        """Tasks as the API shows them; a pending one also says why it waits (``waiting``)."""
+        """Tasks as the API shows them; a pending one also says why it waits (``waiting``)
+        and where it stands in the queue (``queue``: its band, the priority aging has given it
+        so far, and how long it has waited)."""
         views = [t.public_view() for t in tasks]
         if any(v.get("status") == "pending" for v in views):
             agents, now = self.coordinator.agents_view(), time.time()
@@ -199,6 +209,8 @@ class MonitoringServer:
                 waiting = why_waiting(view, agents, now)
                 if waiting is not None:
                     view["waiting"] = waiting
+                if view.get("status") == "pending":
+                    view["queue"] = self.coordinator.queue_position(view["id"])
         return views
 
     async def routing(self, request: web.Request) -> web.Response:
@@ -273,7 +285,10 @@ class MonitoringServer:
                 spec, submitted_by=operator, default_id=uuid.uuid4().hex
             )
         except SubmissionRefused as exc:
-            return _error(429, str(exc))
+            refused = _error(429, str(exc))
+            if exc.retry_after_s is not None:  # whole seconds, as RFC 9110 wants
+                refused.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+            return refused
         except UnstorableTask as exc:
             return _error(422, f"the task store cannot hold this task: {exc.detail}")
         except StoreError:

@@ -164,6 +164,45 @@ class Metrics:
             "coordinator_escalations_total", "Tasks that exhausted their fallback chain.",
             registry=r,
         )
+        # --- scheduling and fleet-wide limits (coordinator/scheduling.py, limits.py) ---
+        self.limit_held = Counter(
+            "coordinator_limit_held_total", "Dispatch decisions held back by a fleet-wide "
+            "limit, by limit.", ["limit"], registry=r,
+        )
+        self.admission_refused = Counter(
+            "coordinator_admission_refused_total",
+            "Submissions refused because the submitter was past its backlog limit.", registry=r,
+        )
+        self.task_wait = Histogram(
+            "coordinator_task_wait_seconds", "Time a task waited in the queue before an "
+            "assignment, by priority band.", ["priority"], registry=r, buckets=TASK_BUCKETS,
+        )
+        # --- the operator's desk (coordinator/desk.py) ---
+        self.desk_actions = Counter(
+            "coordinator_desk_actions_total", "Tasks escalated to the desk, and operator "
+            "actions on tasks, by action.", ["action"], registry=r,
+        )
+        self.escalated_oldest = Gauge(
+            "coordinator_escalated_oldest_seconds",
+            "How long the longest-waiting escalated task has waited for an operator.", registry=r,
+        )
+        self.escalated_overdue = Gauge(
+            "coordinator_escalated_overdue",
+            "Escalated tasks waiting longer than escalation.overdue_after_s.", registry=r,
+        )
+        # --- the agent spawner (coordinator/spawner.py) ---
+        self.desired_agents = Gauge(
+            "coordinator_desired_agents", "Agents the spawner wants, by kind (KEDA scales "
+            "agent Deployments on it).", ["kind"], registry=r,
+        )
+        self.spawned_agents = Gauge(
+            "coordinator_spawned_agents", "Agent processes the local spawner runs, by kind.",
+            ["kind"], registry=r,
+        )
+        self.spawner_restarts = Counter(
+            "coordinator_spawner_restarts_total", "Spawned agents restarted after a crash, by "
+            "kind.", ["kind"], registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

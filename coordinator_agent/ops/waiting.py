@@ -3,7 +3,8 @@
 Worked out when a task is read, from the task's and the agents' public views, so the dispatch
 loop pays nothing for it. The rules follow dispatch and the sweep: a task goes to a healthy agent
 of its kind (if it names one) with every required capability and a free slot; with no such agent
-known at all, it fails ``timeout_s`` after it was queued, unless it is cancelled first.
+known at all, it fails ``timeout_s`` after it was queued, unless it is cancelled first. A task a
+fleet-wide limit keeps back (``limits.py``) says so with dispatch's own reason (``routing.held``).
 """
 
 from __future__ import annotations
@@ -64,4 +65,9 @@ def why_waiting(
             "text": f"{len(able)} agent{'s' if len(able) != 1 else ''} {_wanted(task)} "
                     "known, none free or healthy right now: the task goes to the first that is",
         }
+    held = (task.get("routing") or {}).get("held")
+    if held:
+        # Dispatch's own words (limits.py): a fleet-wide limit keeps it back, not the agents.
+        return {"reason": "held", "text": f"held by a fleet-wide limit: {held}; it runs when "
+                "the limit allows (a slot or a token frees)"}
     return {"reason": "queued", "text": "an agent that can take it is free: assigned shortly"}

@@ -217,6 +217,10 @@ class Decomposition(Model):
     subtasks: Children
 
 
+#: A priority given by name (``task.submit`` ``priority``; or a band 0-9).
+PriorityName = Literal["high", "medium", "low"]
+
+
 class TaskSubmit(Model):
     #: Idempotency key; a re-submitted id returns the existing task. Default: the envelope id.
     task_id: Identifier | None = None
@@ -226,6 +230,9 @@ class TaskSubmit(Model):
     input: JSON = None
     timeout_s: float | None = Field(None, gt=0, le=86_400)
     max_retries: int | None = Field(None, ge=0, le=20)
+    #: ``high``, ``medium``, ``low`` or a band 0-9 (higher first); omitted: from the analysis'
+    #: urgency when the coordinator is configured so, else ``medium``. See PROTOCOL.md §20.1.
+    priority: PriorityName | Annotated[int, Field(ge=0, le=9)] | None = None
     #: Queue for task.accepted / task.completed (default exchange); omitted = no replies.
     reply_to: Annotated[str, Field(max_length=255)] | None = None
     # --- composite tasks (workflows.py); a composite task is never assigned to an agent itself.
@@ -291,8 +298,9 @@ class AttemptSummary(Model):
     duration_s: float | None = None
 
 
-#: The terminal statuses a ``task.completed`` may carry (``rejected``: no task was created).
-COMPLETED_STATUSES = ("succeeded", "failed", "cancelled", "rejected")
+#: The statuses a ``task.completed`` may carry (``rejected``: no task was created;
+#: ``escalated``: not final, the task waits for an operator).
+COMPLETED_STATUSES = ("succeeded", "failed", "cancelled", "rejected", "escalated")
 
 
 def _completed_status(status: str) -> str:
@@ -304,10 +312,13 @@ def _completed_status(status: str) -> str:
 
 class TaskCompleted(Model):
     task_id: Identifier
+    #: ``escalated`` is not final: it says the task waits for an operator (PROTOCOL.md §20.3).
     status: Annotated[str, AfterValidator(_completed_status)]
     output: JSON = None
     error: str | None = None
     attempts: list[AttemptSummary] = []
+    #: ``rejected`` only: when the submission may be tried again (PROTOCOL.md §20.2).
+    retry_after_s: float | None = Field(None, ge=0)
 
 
 Payload: TypeAlias = (

@@ -177,7 +177,16 @@ async def test_rules_and_dashboard_use_only_exported_metrics(
                  "coordinator_agent_in_flight", "coordinator_agent_capacity",
                  "coordinator_routing_confidence_bucket", "coordinator_routing_fallbacks_total",
                  "coordinator_messages_rejected_total", "coordinator_registry_up",
-                 "coordinator_tasks_total"):
+                 "coordinator_tasks_total",
+                 # scheduling and fleet-wide limits (coordinator/scheduling.py, limits.py)
+                 "coordinator_task_wait_seconds_bucket", "coordinator_limit_held_total",
+                 "coordinator_admission_refused_total",
+                 # the operator's desk (coordinator/desk.py)
+                 "coordinator_desk_actions_total", "coordinator_escalated_oldest_seconds",
+                 "coordinator_escalated_overdue",
+                 # the agent spawner (coordinator/spawner.py)
+                 "coordinator_desired_agents", "coordinator_spawned_agents",
+                 "coordinator_spawner_restarts_total"):
         assert name in dashboard_used, f"the dashboard does not show {name}"
     # Unlabelled metrics print samples right away: those the rules use are really there.
     for name in ("coordinator_active_agents", "coordinator_registry_up",

@@ -231,6 +231,8 @@ async def test_status_page_renders_live_data_and_escapes_agent_strings(
         row_text = task_rows[task_id].text()
         assert task_id in row_text and expected in row_text, row_text
         assert "→ agent-" in row_text, f"no routing decision shown: {row_text}"
+        assert f"priority {api_tasks[task_id]['priority']}" in row_text or "priority medium" \
+            in row_text, f"no priority shown: {row_text}"
         routing = api_tasks[task_id]["routing"]
         if isinstance(routing.get("confidence"), float):
             assert f"conf {routing['confidence']:.2f}" in row_text, row_text

@@ -41,6 +41,10 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     for name in list(os.environ):
         if name.startswith("COORDINATOR_"):
             monkeypatch.delenv(name)
+    # The CLI sets COORDINATOR_CONFIG for the processes it starts (--config): recorded here so
+    # that it is gone again after the test, not left to the tests that follow.
+    monkeypatch.setenv("COORDINATOR_CONFIG", "")
+    monkeypatch.delenv("COORDINATOR_CONFIG")
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     monkeypatch.chdir(workdir)

@@ -76,6 +76,7 @@ def test_the_issue_asks_for_these_alerts() -> None:
         "CoordinatorRoutingFallbackRateHigh": "coordinator_routing_fallbacks_total",
         "CoordinatorBacklogGrowing": 'deriv(coordinator_tasks_active{status="pending"}',
         "CoordinatorRegistryDegraded": "coordinator_registry_up == 0",
+        "CoordinatorEscalationsWaiting": "coordinator_escalated_overdue",
     }
     for alert, fragment in wanted.items():
         assert alert in rules, f"no alert {alert} in {RULES.name}"

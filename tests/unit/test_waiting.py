@@ -73,3 +73,15 @@ def test_the_cli_tasks_table_shows_why_a_task_waits() -> None:
                           "updated_at": NOW, "description": "Scan",
                           "waiting": {"reason": "no_matching_agent", "text": "..."}}], now=NOW)
     assert "waiting: no_matching_agent" in table.splitlines()[1]
+
+
+def test_a_task_held_by_a_fleet_limit_says_so_in_dispatch_s_words() -> None:
+    held = task(routing={"held": "security at its limit of 20 running"})
+    waiting = why_waiting(held, [agent("a1")], NOW)
+    assert waiting is not None
+    assert waiting["reason"] == "held"
+    assert "security at its limit of 20 running" in waiting["text"]
+    # No free agent is the stronger reason: the limit is not what keeps it back then.
+    busy = [agent("a1", in_flight=2)]
+    assert why_waiting(held, busy, NOW)["reason"] == "no_free_agent"  # type: ignore[index]
+    assert why_waiting(task(routing={}), [agent("a1")], NOW)["reason"] == "queued"  # type: ignore[index]
