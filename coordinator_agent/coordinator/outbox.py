@@ -88,9 +88,13 @@ class Outbox:
                                      routing_key=c.agent_key(self.name, last.agent_id))
 
     async def to_agent(self, agent_id: str, payload: protocol.Model) -> None:
-        """A best-effort directive (cancel, drain): lost with the agent's queue, which is fine."""
+        """A best-effort directive (cancel, drain): lost with the agent's queue, which is fine.
+        It carries this term's epoch (fencing), whoever built it."""
         if not self.leading():
             return  # deposed: directives are the new leader's to send
+        epoch = self.epoch()
+        if epoch is not None and getattr(payload, "epoch", epoch) is None:
+            payload = payload.model_copy(update={"epoch": epoch})
         with contextlib.suppress(TransportError):
             await self.messages.publish(
                 payload, peer=agent_id, exchange=c.AGENTS_EXCHANGE,

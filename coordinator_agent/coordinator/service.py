@@ -406,8 +406,7 @@ class CoordinatorAgent:
         agent = self.state.agents.get(agent_id)
         if agent is not None:
             agent.reported_state = "draining"  # no new work from now on; its heartbeats agree
-        await self.outbox.to_agent(agent_id, protocol.AgentDrain(reason=reason,
-                                                                 epoch=self.outbox.epoch()))
+        await self.outbox.to_agent(agent_id, protocol.AgentDrain(reason=reason))
 
     def agents_view(self) -> list[dict[str, Any]]:
         return views.agents_view(self.state, spawned=self.spawner.describe())

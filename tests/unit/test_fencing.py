@@ -58,3 +58,29 @@ def test_the_agent_keeps_the_highest_epoch_and_refuses_lower_ones(worker: Worker
             fence(worker, stale)
         assert refused.value.reason == "stale_epoch"
     assert worker.stale_directives == 2 and worker.max_epoch == 57
+
+
+class _Published:
+    """Stands in for the transport: records what the outbox would publish."""
+
+    def __init__(self) -> None:
+        self.payloads: list[protocol.Model] = []
+
+    async def publish(self, payload: protocol.Model, **_: object) -> None:
+        self.payloads.append(payload)
+
+
+async def test_every_directive_the_leader_sends_carries_its_epoch() -> None:
+    from typing import Any, cast
+
+    from coordinator_agent.coordinator.outbox import Outbox
+
+    published = _Published()
+    outbox = Outbox("c", cast(Any, None), cast(Any, published), spawn=lambda _: None)
+    await outbox.to_agent("a", protocol.AgentDrain(reason="idle: scaled in"))  # no HA: no field
+    outbox.epoch = lambda: 42
+    await outbox.to_agent("a", protocol.AgentDrain(reason="idle: scaled in"))  # built without one
+    await outbox.to_agent("a", protocol.AgentDrain(reason="x", epoch=42))
+    epochs = [getattr(p, "epoch", None) for p in published.payloads]
+    assert epochs == [None, 42, 42]
+    assert "epoch" not in payload_json(published.payloads[0])
