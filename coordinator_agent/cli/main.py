@@ -306,37 +306,16 @@ def run_until_signal(
     start: Callable[[], Coroutine[Any, Any, None]],
     stop: Callable[[], Coroutine[Any, Any, None]],
 ) -> int:
-    """startup -> wait for SIGTERM/SIGINT -> graceful stop; a second signal forces exit."""
+    """startup -> wait for SIGTERM/SIGINT -> graceful stop; a second signal forces exit. A failed
+    start closes what it had opened, so the error is all that is printed."""
+    stopping = asyncio.Event()
 
-    async def body() -> int:
-        loop = asyncio.get_running_loop()
-        stopping = asyncio.Event()
-        signals = 0
-
-        def on_signal() -> None:
-            nonlocal signals
-            signals += 1
-            if signals > 1:
-                log.warning("second signal: exiting now")
-                os._exit(130)
-            log.info("stopping (send the signal again to force)")
-            stopping.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        try:
-            await start()
-        except BaseException:
-            # Whatever started before the failure (connections, consumers) is closed again,
-            # so the error is all that is printed: no "Task was destroyed" tracebacks.
-            with contextlib.suppress(Exception):
-                await stop()
-            raise
+    async def serve() -> None:
+        await start()
         await stopping.wait()
         await stop()
-        return 0
 
-    return asyncio.run(body())
+    return serve_until_signal(serve, stopping.set, close=stop)
 
 
 def serve_until_signal(

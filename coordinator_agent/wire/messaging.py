@@ -367,6 +367,9 @@ class MessageHandler:
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(*_BROKER_ERRORS, asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(connection.close(), 5)
+            # aio-pika runs the connection's close callbacks as tasks: let them end while the
+            # loop still runs, or a loop closed right after us reports them as destroyed.
+            await asyncio.sleep(0)
 
     # --- inbound ------------------------------------------------------------------------------
 
