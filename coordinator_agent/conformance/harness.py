@@ -33,7 +33,7 @@ from coordinator_agent.settings import Settings
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
 from coordinator_agent.wire.keyring import Keyring
-from coordinator_agent.wire.messaging import coordinator_topology
+from coordinator_agent.wire.messaging import close_connection, coordinator_topology
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
 
 _BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError)
@@ -124,8 +124,7 @@ class Harness:
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
-            with contextlib.suppress(*_BROKER_ERRORS, TimeoutError):
-                await asyncio.wait_for(connection.close(), 5)
+            await close_connection(connection)
 
     # --- inbound ------------------------------------------------------------------------------
 

@@ -54,6 +54,18 @@ Topology = Callable[[AbstractChannel], Awaitable[None]]
 _BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError)
 
 
+async def close_connection(connection: AbstractConnection, timeout: float = 5.0) -> None:
+    """Close an aio-pika connection and wait until its close callbacks ran: aio-pika runs them
+    as a task, which a loop closed right after us would report as destroyed."""
+    closed = asyncio.Event()
+    connection.close_callbacks.add(lambda *_: closed.set())
+    with contextlib.suppress(*_BROKER_ERRORS, asyncio.CancelledError, TimeoutError):
+        await asyncio.wait_for(connection.close(), timeout)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(closed.wait(), 1.0)
+    await asyncio.sleep(0)  # the callbacks' task marks itself finished on the next turn
+
+
 @dataclass
 class _Consumer:
     queue: str
@@ -365,11 +377,7 @@ class MessageHandler:
         connection, self._connection = self._connection, None
         self._publish_channel = None
         if connection is not None and not connection.is_closed:
-            with contextlib.suppress(*_BROKER_ERRORS, asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(connection.close(), 5)
-            # aio-pika runs the connection's close callbacks as tasks: let them end while the
-            # loop still runs, or a loop closed right after us reports them as destroyed.
-            await asyncio.sleep(0)
+            await close_connection(connection)
 
     # --- inbound ------------------------------------------------------------------------------
 
