@@ -17,7 +17,6 @@ from cryptography.fernet import Fernet
 
 from coordinator_agent.conformance.harness import Harness, Heard
 from coordinator_agent.conformance.report import Report
-from coordinator_agent.exceptions import ConfigError
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
 
@@ -58,12 +57,7 @@ def running_intervals(result_times: list[float], sleep_s: float,
 class AgentConformance:
     def __init__(self, harness: Harness, agent_id: str, *, kind: str | None = None,
                  wait_s: float = 30.0) -> None:
-        principal = harness.keyring.get(agent_id)
-        if principal is None or principal.role != "agent":
-            raise ConfigError(f"{agent_id!r} is not an agent in the kit's keyring: the kit needs "
-                              "the coordinator's whole keyring")
-        if harness.peer != agent_id:
-            raise ValueError(f"the harness takes messages from {harness.peer!r}, not {agent_id!r}")
+        harness.require_peer(agent_id, "agent")
         self.h = harness
         self.agent = agent_id
         self.kind = kind

@@ -13,7 +13,7 @@ from cryptography.fernet import Fernet
 
 from coordinator_agent.conformance.harness import Harness, Heard
 from coordinator_agent.conformance.report import Report
-from coordinator_agent.exceptions import ConfigError, TransportError
+from coordinator_agent.exceptions import TransportError
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
 
@@ -38,12 +38,7 @@ class _Findings:
 class ClientConformance:
     def __init__(self, harness: Harness, principal: str, *, tasks: int = 1,
                  wait_s: float = 30.0) -> None:
-        entry = harness.keyring.get(principal)
-        if entry is None or entry.role != "operator":
-            raise ConfigError(f"{principal!r} is not an operator in the kit's keyring: the kit "
-                              "needs the coordinator's whole keyring")
-        if harness.peer != principal:
-            raise ValueError(f"the harness takes messages from {harness.peer!r}, not {principal!r}")
+        harness.require_peer(principal, "operator")
         self.h = harness
         self.principal = principal
         self.tasks = tasks

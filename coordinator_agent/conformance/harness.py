@@ -33,10 +33,12 @@ from coordinator_agent.settings import Settings
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
 from coordinator_agent.wire.keyring import Keyring
-from coordinator_agent.wire.messaging import close_connection, coordinator_topology
+from coordinator_agent.wire.messaging import (
+    BROKER_ERRORS,
+    close_connection,
+    coordinator_topology,
+)
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
-
-_BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,15 @@ class Harness:
     def __repr__(self) -> str:
         return f"Harness(name={self.name!r}, peer={self.peer!r})"
 
+    def require_peer(self, principal: str, role: str) -> None:
+        """The principal under test must be a ``role`` of the keyring, and this harness's peer."""
+        entry = self.keyring.get(principal)
+        if entry is None or entry.role != role:
+            raise ConfigError(f"{principal!r} is not an {role} in the kit's keyring: the kit "
+                              "needs the coordinator's whole keyring")
+        if self.peer != principal:
+            raise ValueError(f"the harness takes messages from {self.peer!r}, not {principal!r}")
+
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -117,7 +128,7 @@ class Harness:
                 await consumer.set_qos(prefetch_count=256)
                 queue = await consumer.get_queue(queue_name, ensure=False)
                 await queue.consume(self._on_message)
-        except _BROKER_ERRORS as exc:
+        except BROKER_ERRORS as exc:
             await self.close()
             raise TransportError(f"conformance kit cannot use the broker: {exc}") from exc
 
@@ -145,7 +156,7 @@ class Harness:
             self.heard.append(Heard(now, envelope, message.routing_key or "",
                                     int(message.delivery_mode or 0), message.content_type,
                                     message.message_id))
-        with contextlib.suppress(*_BROKER_ERRORS):
+        with contextlib.suppress(*BROKER_ERRORS):
             await message.ack()
         self._changed.set()
 
@@ -171,14 +182,14 @@ class Harness:
         while True:
             try:
                 message = await queue.get(no_ack=False, fail=False, timeout=5)
-            except _BROKER_ERRORS as exc:
+            except BROKER_ERRORS as exc:
                 raise TransportError(f"cannot read the dead-letter queue: {exc}") from exc
             if message is None:
                 return self.dead_letters
             if str(message.message_id or "") not in self._sent_ids:
                 self.left_alone += 1  # someone else's: stays unacked, back when we disconnect
                 continue
-            with contextlib.suppress(*_BROKER_ERRORS):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await message.ack()
             reason = (message.headers or {}).get(c.HEADER_REJECT_REASON)
             reason = reason.decode() if isinstance(reason, bytes) else str(reason or "")
@@ -206,7 +217,7 @@ class Harness:
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
         finally:
-            with contextlib.suppress(*_BROKER_ERRORS):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await channel.close()
 
     async def _get_queue(self, name: str) -> AbstractQueue:
@@ -258,7 +269,7 @@ class Harness:
                       else await self._channel.get_exchange(exchange, ensure=False))
             await target.publish(message, routing_key, mandatory=True,
                                  timeout=self.settings.limits.publish_timeout_s)
-        except (*_BROKER_ERRORS, TimeoutError) as exc:
+        except (*BROKER_ERRORS, TimeoutError) as exc:
             raise TransportError(f"publish to {exchange!r}/{routing_key!r} failed: "
                                  f"{type(exc).__name__}") from exc
 

@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[protocol.Envelope, AbstractIncomingMessage], Awaitable[None]]
 Topology = Callable[[AbstractChannel], Awaitable[None]]
 
-_BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError)
+#: What aiormq and the socket raise when the broker or the connection fails.
+BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError)
 
 
 async def close_connection(connection: AbstractConnection, timeout: float = 5.0) -> None:
@@ -59,7 +60,7 @@ async def close_connection(connection: AbstractConnection, timeout: float = 5.0)
     as a task, which a loop closed right after us would report as destroyed."""
     closed = asyncio.Event()
     connection.close_callbacks.add(lambda *_: closed.set())
-    with contextlib.suppress(*_BROKER_ERRORS, asyncio.CancelledError, TimeoutError):
+    with contextlib.suppress(*BROKER_ERRORS, asyncio.CancelledError, TimeoutError):
         await asyncio.wait_for(connection.close(), timeout)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(closed.wait(), 1.0)
@@ -172,7 +173,7 @@ class MessageHandler:
                 if self._ready.is_set() and connection is not None and lost is not None:
                     try:
                         await self._start_consumer(connection, consumer, lost)
-                    except (*_BROKER_ERRORS, TimeoutError):
+                    except (*BROKER_ERRORS, TimeoutError):
                         lost.set()  # the supervisor reconnects and starts it
                     self.active_consumers = len(self._consumer_channels)
 
@@ -193,7 +194,7 @@ class MessageHandler:
         """Cancel consumers (graceful stop). Channels stay open so in-flight work can still ack."""
         self._consuming = False
         for queue, tag in self._consumer_tags:
-            with contextlib.suppress(*_BROKER_ERRORS, TimeoutError):
+            with contextlib.suppress(*BROKER_ERRORS, TimeoutError):
                 await queue.cancel(tag, timeout=5)
         self._consumer_tags.clear()
         self.active_consumers = 0
@@ -209,7 +210,7 @@ class MessageHandler:
         self._consumer_tags = []
         self.active_consumers = 0
         for channel in channels:
-            with contextlib.suppress(*_BROKER_ERRORS, TimeoutError):
+            with contextlib.suppress(*BROKER_ERRORS, TimeoutError):
                 await asyncio.wait_for(channel.close(), 5)
 
     async def resume_consuming(self) -> None:
@@ -222,7 +223,7 @@ class MessageHandler:
             for consumer in self._consumers:
                 if not consumer.paused:
                     await self._start_consumer(connection, consumer, lost)
-        except (*_BROKER_ERRORS, TimeoutError):
+        except (*BROKER_ERRORS, TimeoutError):
             lost.set()  # the supervisor reconnects and starts them
         self.active_consumers = len(self._consumer_channels)
 
@@ -255,7 +256,7 @@ class MessageHandler:
             lost = asyncio.Event()
             try:
                 await self._connect(lost)
-            except (*_BROKER_ERRORS, TimeoutError) as exc:
+            except (*BROKER_ERRORS, TimeoutError) as exc:
                 await self._close_connection()
                 if failing_since is None:  # log once per outage, not once per retry
                     failing_since = time.monotonic()
@@ -297,7 +298,7 @@ class MessageHandler:
                     probe, c.PROBE_ROUTING_KEY, mandatory=False), self.probe_timeout_s)
             except asyncio.CancelledError:
                 raise
-            except (*_BROKER_ERRORS, TimeoutError, TransportError) as exc:
+            except (*BROKER_ERRORS, TimeoutError, TransportError) as exc:
                 last = self.last_confirm
                 if (isinstance(exc, TimeoutError) and last is not None
                         and time.monotonic() - last < self.probe_timeout_s):
@@ -408,7 +409,7 @@ class MessageHandler:
             await self.dead_letter(message, exc.reason, exc.detail, sender=exc.sender)
             return
         except NotLeading:
-            with contextlib.suppress(*_BROKER_ERRORS):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await message.nack(requeue=True)  # for the leader (its channel may be gone)
             return
         except asyncio.CancelledError:
@@ -418,7 +419,7 @@ class MessageHandler:
             if consumer.requeue_on_error:
                 if self.metrics:
                     self.metrics.messages_rejected.labels("handler_error").inc()
-                with contextlib.suppress(*_BROKER_ERRORS):
+                with contextlib.suppress(*BROKER_ERRORS):
                     await message.nack(requeue=True)
             else:
                 await self.dead_letter(message, "handler_error", "the handler raised")
@@ -428,7 +429,7 @@ class MessageHandler:
             self.metrics.message_latency.labels(envelope.type).observe(
                 max(0.0, time.time() - envelope.sent_at)
             )
-        with contextlib.suppress(*_BROKER_ERRORS):
+        with contextlib.suppress(*BROKER_ERRORS):
             await message.ack()
 
     async def dead_letter(
@@ -462,10 +463,10 @@ class MessageHandler:
             )
         except TransportError:
             # The broker's own dead-lettering still keeps it (without our reason).
-            with contextlib.suppress(*_BROKER_ERRORS):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await message.reject(requeue=False)
             return
-        with contextlib.suppress(*_BROKER_ERRORS):
+        with contextlib.suppress(*BROKER_ERRORS):
             await message.ack()
 
     # --- outbound -----------------------------------------------------------------------------
@@ -552,7 +553,7 @@ class MessageHandler:
         except aiormq.exceptions.DeliveryError as exc:
             self._count_publish_error("nacked")
             raise TransportError(f"broker refused message for {exchange!r}") from exc
-        except _BROKER_ERRORS as exc:
+        except BROKER_ERRORS as exc:
             self._count_publish_error("connection")
             raise TransportError(f"publish failed: {type(exc).__name__}") from exc
 
@@ -652,10 +653,10 @@ async def delete_namespace(
                  *(c.agent_queue(coordinator, agent_id) for agent_id in agent_ids)]
         for name in names:
             channel = await connection.channel()
-            with contextlib.suppress(*_BROKER_ERRORS):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await channel.queue_delete(name)
-            with contextlib.suppress(*_BROKER_ERRORS):
+            with contextlib.suppress(*BROKER_ERRORS):
                 await channel.close()
         channel = await connection.channel()
-        with contextlib.suppress(*_BROKER_ERRORS):
+        with contextlib.suppress(*BROKER_ERRORS):
             await channel.exchange_delete(c.dead_letter_exchange(coordinator))
