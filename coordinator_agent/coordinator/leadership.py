@@ -107,6 +107,14 @@ class Leadership:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._run
 
+    async def release(self) -> None:
+        """Stop leading and hand the lease over now, without stopping the campaign's task
+        (the caller may be running inside it)."""
+        self._acting = False
+        self.metrics.leader.set(0)
+        if self.campaign is not None:
+            await self.campaign.resign()
+
     async def _elected(self, term: Term) -> None:
         self.epoch = term.epoch
         self._acting = True

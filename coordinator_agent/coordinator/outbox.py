@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from coordinator_agent.coordinator.state import StateManager
@@ -51,12 +51,21 @@ class Outbox:
         #: False once deposed: a directive still on its way out (a retry, a spawned send) is
         #: dropped, not published with a stale epoch (agents would refuse it anyway).
         self.leading: Callable[[], bool] = lambda: True
+        #: HA: until the log has confirmed every change recorded so far (ha/replication.py).
+        #: Nothing leaves before the changes it announces are durable. None without HA.
+        self.barrier: Callable[[], Awaitable[None]] | None = None
+
+    async def _durable(self) -> bool:
+        """Wait for the log (HA); False when this process may not send any more."""
+        if self.barrier is not None:
+            await self.barrier()  # raises TransportError: the log refused a batch
+        return self.leading()
 
     # --- to agents ----------------------------------------------------------------------------
 
     async def assignment(self, task: TaskRecord, attempt: Attempt) -> None:
         """Publish ``task.assign``; raises TransportError (Unroutable: the agent has no queue)."""
-        if not self.leading():
+        if not self.leading() or not await self._durable():
             log.info("assignment of %s not sent: no longer the leader", task.id)
             return
         assign = protocol.TaskAssign(
@@ -83,6 +92,8 @@ class Outbox:
             input=task.input, timeout_s=task.timeout_s, epoch=self.epoch())
         detail = task.error or "poison task"
         with contextlib.suppress(TransportError):
+            if not await self._durable():
+                return
             await self.messages.park(assign, peer=last.agent_id, reason="poison_task",
                                      detail=detail, exchange=c.AGENTS_EXCHANGE,
                                      routing_key=c.agent_key(self.name, last.agent_id))
@@ -96,6 +107,8 @@ class Outbox:
         if epoch is not None and getattr(payload, "epoch", epoch) is None:
             payload = payload.model_copy(update={"epoch": epoch})
         with contextlib.suppress(TransportError):
+            if not await self._durable():
+                return
             await self.messages.publish(
                 payload, peer=agent_id, exchange=c.AGENTS_EXCHANGE,
                 routing_key=c.agent_key(self.name, agent_id), persistent=False,
@@ -114,6 +127,8 @@ class Outbox:
 
     async def _reply(self, queue: str, principal: str, payload: protocol.Model) -> None:
         with contextlib.suppress(TransportError):
+            if not await self._durable():
+                return
             await self.messages.publish(payload, peer=principal, exchange="", routing_key=queue)
 
     def completed(self, task: TaskRecord) -> None:
@@ -126,6 +141,11 @@ class Outbox:
             return  # only what the store holds is announced
         if self.state.tasks.get(task.id) is not task:
             return  # memory was rolled back or moved on; the sweep sends the current one
+        try:
+            if not await self._durable():
+                return  # deposed: the new leader sends it from its store
+        except TransportError:
+            return  # the sweep tries again
         if task.reply_to:
             try:
                 await self.messages.publish(completed_notice(stored), peer=task.submitted_by,

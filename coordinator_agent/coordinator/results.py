@@ -58,6 +58,8 @@ class TaskResults:
         self.workflows: WorkflowEngine | None = None  # bound by the service
         #: The escalation desk (desk.py), bound by the service: True when it took the task.
         self.escalate: Callable[[TaskRecord, str], bool] | None = None
+        #: Told of each routing outcome before the learner takes it (HA: logged for standbys).
+        self.on_outcome: Callable[[TaskRecord, str | None, bool], None] | None = None
 
     # --- reports from agents ------------------------------------------------------------------
 
@@ -111,13 +113,18 @@ class TaskResults:
                 self.abandon(task, current, AttemptOutcome.SUPERSEDED)
             if agent is not None:
                 agent.completed += 1
-            self.planner.record_outcome(task, agent, True)
+            self._learn(task, agent, True)
             self.finish(task, TaskStatus.SUCCEEDED, output=output)
         elif attempt is current:
             if agent is not None:
                 agent.failed += 1
             self.retry_or_fail(task, attempt, AttemptOutcome.FAILED, result.error or "failed")
         self.dispatcher.wake.set()
+
+    def _learn(self, task: TaskRecord, agent: AgentRecord | None, success: bool) -> None:
+        if self.on_outcome is not None:
+            self.on_outcome(task, agent.id if agent is not None else None, success)
+        self.planner.record_outcome(task, agent, success)
 
     def _bounded(self, output: Any) -> tuple[Any, str | None]:
         try:
@@ -142,7 +149,7 @@ class TaskResults:
             if task.undeliverable_attempts > MAX_UNDELIVERABLE:
                 delay, reason = None, "too many assignments that never ran"
         else:
-            self.planner.record_outcome(task, agent, False)
+            self._learn(task, agent, False)
             if outcome is AttemptOutcome.CRASHED and self._poison(task):
                 self.quarantine(task)
                 return

@@ -128,6 +128,11 @@ class SchedulingQueue:
             if not queue.lanes:
                 del self._principals[principal]
 
+    def clear(self) -> None:
+        """Forget every pending id (a new HA term queues again from the store)."""
+        self._principals.clear()
+        self._where.clear()
+
     def compact(self) -> None:
         """Right-sized copies of the dicts that grew with a flood (memory.py); order is kept."""
         if self._deferred is not None:

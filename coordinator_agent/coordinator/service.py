@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -38,7 +39,9 @@ from coordinator_agent.coordinator.store import TaskStore
 from coordinator_agent.coordinator.sweep import KeyringReloader, Sweeper
 from coordinator_agent.coordinator.tasks import TaskRecord, TaskStatus
 from coordinator_agent.coordinator.workflows import WorkflowEngine, merged_output_limit
-from coordinator_agent.exceptions import NotLeading, StoreUnavailable
+from coordinator_agent.exceptions import NotLeading, StoreUnavailable, TransportError
+from coordinator_agent.ha.log import LogCodec
+from coordinator_agent.ha.replication import Replication
 from coordinator_agent.ops.api import MonitoringServer
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.registry import ServiceRegistry, registry_from_settings
@@ -55,6 +58,10 @@ log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 0.5
 PROBE_TIMEOUT_S = 1.0
+#: A new leader's wait for its epoch marker to come back through the log.
+TAKEOVER_BARRIER_TIMEOUT_S = 30.0
+#: Exit status of a leader that left because the log refused a write (a supervisor restarts it).
+EXIT_LOG_FAILED = 75
 
 
 class CoordinatorAgent:
@@ -141,6 +148,10 @@ class CoordinatorAgent:
         self.dispatcher.broker_ok = lambda: (self.messages.transport_up
                                              and self.leadership.leading)
         self.state.on_rollback = self._rolled_back
+        #: HA: the replicated log, written by the leader, applied by everyone (docs/HA.md).
+        self.replication: Replication | None = None
+        if settings.ha.enabled:
+            self.replication = self._replication(settings, keyring)
         self.spawner = AgentSpawner(  # agents on demand: local processes, or a count for KEDA
             settings.spawner, self.state, self.metrics, name=settings.name,
             broker_url=settings.broker_url.get_secret_value(),
@@ -151,6 +162,8 @@ class CoordinatorAgent:
         self._loops: list[asyncio.Task[None]] = []
         self._leader_loops: list[asyncio.Task[None]] = []
         self._restored = False
+        self._abdicating = False
+        self._abdicate_task: asyncio.Future[None] | None = None
         self._stopped = asyncio.Event()
         self.started_at = time.time()
         self.monitoring = MonitoringServer(self, settings.monitoring_host, settings.monitoring_port)
@@ -164,6 +177,29 @@ class CoordinatorAgent:
     def __repr__(self) -> str:
         return f"CoordinatorAgent(name={self.settings.name!r})"
 
+    def _replication(self, settings: Settings, keyring: Keyring) -> Replication:
+        # The keyring holds no key of the coordinator's own: the log is sealed with the
+        # operators' keys (first operator by id seals; any of them opens), which every
+        # coordinator sharing the keyring holds and no agent or client does.
+        operators = sorted((p for p in keyring.principals.values() if p.role == "operator"),
+                           key=lambda p: p.id)
+        secrets = [key.get_secret_value() for p in operators for key in p.keys]
+        if not secrets:
+            raise ValueError("ha.enabled needs an operator key in the keyring to seal the log")
+        replication = Replication(
+            settings.broker_url.get_secret_value(), settings.name,
+            LogCodec(secrets), self.state.store,
+            epoch=lambda: self.leadership.epoch, on_outcome=self._learn_from_log)
+        self.state.on_saved = replication.record_task
+        self.results.on_outcome = replication.record_outcome
+        self.outbox.barrier = self.durable
+        return replication
+
+    def _learn_from_log(self, task: TaskRecord, agent_id: str | None, success: bool) -> None:
+        """A standby's learner takes the leader's routing outcomes, as the leader's did."""
+        agent = self.state.agents.get(agent_id) if agent_id is not None else None
+        self.planner.record_outcome(task, agent, success)
+
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -173,6 +209,8 @@ class CoordinatorAgent:
             self._restore()  # the only coordinator: state first, then messages
             self._restored = True
         await self.messages.start()
+        if self.replication is not None:
+            await self.replication.start()  # a standby's store follows the log from now on
         await self.monitoring.start()
         self._loops = [asyncio.create_task(self.dispatcher.run(), name="dispatch")]
         await self.leadership.start()
@@ -182,7 +220,19 @@ class CoordinatorAgent:
 
     async def _lead(self) -> None:
         """Elected (or HA off): carry on from the store, then take messages and act."""
-        if not self._restored:  # later terms of this process carry on from its memory
+        if self.replication is not None:
+            # The takeover barrier: once our epoch's marker is applied, the store holds
+            # everything the previous leader logged. Every term starts from the store.
+            try:
+                await self.replication.begin_term(self.leadership.epoch,
+                                                  TAKEOVER_BARRIER_TIMEOUT_S)
+            except (TransportError, TimeoutError) as exc:
+                await self._abdicate(f"the term could not be marked in the log: {exc!r}")
+                return
+            self.dispatcher.pending.clear()
+            self._restore()
+            self._restored = True
+        elif not self._restored:  # later terms of this process carry on from its memory
             self._restore()
             self._restored = True
         self.accepting = True
@@ -198,8 +248,24 @@ class CoordinatorAgent:
         """Deposed: stop acting at once. Unacked messages go back to the queues for the leader;
         the Consul registration is left alone, the new leader's to keep."""
         self.accepting = False
+        if self.replication is not None:
+            self.replication.end_term()
         await self.messages.pause_consuming()
         await self._stop_leader_loops()
+
+    async def _abdicate(self, reason: str) -> None:
+        """Crash-only exit of an HA leader whose memory may be ahead of the log: hand the
+        lease over at once and exit; restarted, it reads the log like any standby."""
+        if self._abdicating:
+            return
+        self._abdicating = True
+        log.critical("leaving the lead and exiting: %s", reason)
+        self.accepting = False
+        with contextlib.suppress(Exception):
+            await self.messages.pause_consuming()
+        with contextlib.suppress(Exception):
+            await self.leadership.release()
+        os._exit(EXIT_LOG_FAILED)
 
     async def _stop_leader_loops(self) -> None:
         loops, self._leader_loops = self._leader_loops, []
@@ -229,6 +295,8 @@ class CoordinatorAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
         await self.messages.close()
+        if self.replication is not None:
+            await self.replication.stop()
         if self.discovery is not None:
             # Last: Consul stops sending us its health checks. A standby never registered, and
             # must not remove the leader's registration (same service id).
@@ -298,12 +366,33 @@ class CoordinatorAgent:
                 raise NotLeading()  # back to the queue: deposed since it was delivered
             try:
                 self._handle(envelope, message)
-                return
+                break
             except StoreUnavailable as exc:
                 self.metrics.store_errors.labels(envelope.type).inc()
                 log.warning("%s held until the store is writable: %s", envelope.type, exc)
                 self.sweeper.store_writable.clear()
             await self.sweeper.store_writable.wait()
+        if self.replication is not None:
+            # Acked only once the log holds what the message changed.
+            try:
+                await self.replication.barrier()
+            except TransportError as exc:
+                self.background_abdicate(str(exc))
+                raise NotLeading() from None
+            if not self.leadership.leading:
+                raise NotLeading()  # the successor handles it again (handlers are idempotent)
+
+    def background_abdicate(self, reason: str) -> None:
+        self._abdicate_task = asyncio.ensure_future(self._abdicate(reason))
+
+    async def durable(self) -> None:
+        """Until every change made so far is in the log (HA); raises TransportError."""
+        if self.replication is not None:
+            try:
+                await self.replication.barrier()
+            except TransportError as exc:
+                self.background_abdicate(str(exc))
+                raise
 
     def _handle(self, envelope: protocol.Envelope, message: AbstractIncomingMessage) -> None:
         payload = envelope.payload
@@ -406,16 +495,24 @@ class CoordinatorAgent:
         agent = self.state.agents.get(agent_id)
         if agent is not None:
             agent.reported_state = "draining"  # no new work from now on; its heartbeats agree
+        if self.replication is not None:
+            self.replication.record_drained(agent_id, reason)
         await self.outbox.to_agent(agent_id, protocol.AgentDrain(reason=reason))
 
     def agents_view(self) -> list[dict[str, Any]]:
         return views.agents_view(self.state, spawned=self.spawner.describe())
 
     def status_view(self) -> dict[str, Any]:
-        return views.status_view(
+        view = views.status_view(
             self.settings.name, self.state, ready=self.ready,
             broker_connected=self.broker_working(), registry=self.registry_state,
             started_at=self.started_at, role=self.role, epoch=self.leadership.epoch)
+        if self.replication is not None:
+            view["replication"] = {"log_offset": self.state.store.log_offset(),
+                                   "lag_entries": self.replication.lag,
+                                   "applied_events": self.replication.applied_events,
+                                   "fenced_events": self.replication.fence.dropped}
+        return view
 
     def routing_view(self) -> dict[str, Any]:
         return self.planner.export_metrics()
@@ -438,6 +535,8 @@ class CoordinatorAgent:
     def render_metrics(self) -> bytes:
         self.refresh_gauges()  # gauges are set here, exact at scrape time
         self.metrics.broker_connected.set(1 if self.broker_working() else 0)
+        if self.replication is not None:
+            self.metrics.log_lag.set(self.replication.lag)
         return self.metrics.render()
 
     def operator_for_token(self, token: str) -> str | None:

@@ -11,11 +11,14 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from coordinator_agent.coordinator.tasks import TERMINAL, TaskRecord
 from coordinator_agent.exceptions import StoreUnavailable, UnstorableTask
+
+_TERMINAL_VALUES = frozenset(status.value for status in TERMINAL)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -27,6 +30,8 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_open ON tasks(open) WHERE open = 1;
 CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL, pad BLOB);
+-- HA: the replicated log's offset applied so far, kept in the same transaction as the state.
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -60,6 +65,35 @@ class TaskStore:
             self.healthy = False
             self.write_errors += 1
             raise StoreUnavailable(task.id, f"task store write failed: {exc}") from None
+
+    def apply_log(self, rows: list[dict[str, Any]], offset: int, fence_epoch: int) -> None:
+        """Apply one log entry's task records and its offset in one transaction (HA replica)."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO tasks (id, status, open, updated_at, data) "
+                    "VALUES (?,?,?,?,?)", [_row(r) for r in rows])
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    [("log_offset", str(offset)), ("fence_epoch", str(fence_epoch))])
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self.healthy = False
+            self.write_errors += 1
+            raise StoreUnavailable(f"log@{offset}", f"task store write failed: {exc}") from None
+
+    def log_offset(self) -> int | None:
+        """The last log offset applied to this store (None: none yet)."""
+        value = self.meta("log_offset")
+        return None if value is None else int(value)
+
+    def meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
 
     def probe(self) -> bool:
         """Try a small write (the size of a typical task); sets and returns ``healthy``."""
@@ -100,3 +134,10 @@ class TaskStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _row(data: dict[str, Any]) -> tuple[str, str, int, float, bytes]:
+    """A task record from the log as a row (the same columns ``save`` writes)."""
+    status = str(data["status"])
+    is_open = int(status not in _TERMINAL_VALUES or not data.get("notified"))
+    return (str(data["id"]), status, is_open, float(data["updated_at"]), orjson.dumps(data))

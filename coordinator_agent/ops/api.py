@@ -96,6 +96,8 @@ class CoordinatorView(Protocol):
 
     async def forward_submit(self, spec: protocol.TaskSubmit, *, submitted_by: str) -> None: ...
 
+    async def durable(self) -> None: ...
+
 
 class MonitoringServer:
     def __init__(self, coordinator: CoordinatorView, host: str, port: int) -> None:
@@ -294,6 +296,11 @@ class MonitoringServer:
         except StoreError:
             return _error(503, "the task store is not writable; nothing was accepted, "
                           "submit again later")
+        try:
+            await self.coordinator.durable()  # HA: 2xx only once the log holds the task
+        except TransportError:
+            return _error(503, "the replicated log did not confirm the task; submit it again "
+                          "(with the same task_id) to the leader")
         return _json({"task_id": task.id, "status": task.status.value, "duplicate": duplicate},
                      200 if duplicate else 202)
 

@@ -82,6 +82,10 @@ class Metrics:
             "coordinator_takeovers_total", "Times this coordinator became the leader.",
             registry=r,
         )
+        self.log_lag = Gauge(
+            "coordinator_log_lag_events", "Replicated log entries (batches of events) not yet "
+            "applied to this coordinator's store; 0 without HA.", registry=r,
+        )
         # --- reliability (docs/RELIABILITY.md) ---
         self.duplicate_executions = Counter(
             "coordinator_duplicate_executions_total", "Attempts that started while an earlier "

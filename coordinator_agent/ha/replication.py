@@ -1,0 +1,268 @@
+"""Replication: the leader logs every durable change; every coordinator applies the log.
+
+The durability pipeline of an HA coordinator, in one place:
+
+- **Record.** Each task write the leader makes (``StateManager.add_task`` / ``save``) is also
+  appended to the log as the whole task record, typed by the transition, with the term's epoch.
+  So are routing outcomes (what the learner's update takes) and drained agents.
+- **Barrier (group commit).** ``LogWriter`` puts every event of one loop turn into one message
+  with one confirm. Every external effect (the ack of the message that caused a change, a
+  directive or notice the outbox publishes, an HTTP 2xx) first awaits ``barrier()``: the
+  confirm of the last event appended so far. Batches publish in order on one channel, so that
+  covers every earlier one; a batch that ever failed fails every later barrier (the leader's
+  memory is then ahead of the log, and it must not lead on).
+- **Apply.** Every coordinator reads the log from the offset its store holds and applies each
+  batch in one SQLite transaction together with the new offset (exactly-once apply). Its own
+  term's events are already in its store (written before they were logged): it only moves the
+  offset past them. ``EpochFence`` drops the decisions of a deposed leader once a higher
+  epoch's ``epoch.started`` marker is in the log.
+- **Takeover barrier.** ``begin_term`` appends ``epoch.started(E)`` and returns once the reader
+  has applied it: the store then holds everything the previous leader logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any, cast
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from coordinator_agent.coordinator.store import TaskStore
+from coordinator_agent.coordinator.tasks import TaskRecord, TaskStatus
+from coordinator_agent.exceptions import StoreError, TransportError
+from coordinator_agent.ha.log import Event, LogCodec, LogReader, LogWriter, Retention, declare
+
+log = logging.getLogger(__name__)
+
+EPOCH_STARTED = "epoch.started"
+ROUTING_OUTCOME = "routing.outcome"
+AGENT_DRAINED = "agent.drained"
+#: How often a reader looks for the stream's tail (for the lag gauge).
+TAIL_PROBE_S = 2.0
+#: Pause before applying a batch again after the store refused it.
+APPLY_RETRY_S = 0.5
+
+Outcome = Callable[[TaskRecord, str | None, bool], None]
+
+
+def task_event_type(task: TaskRecord) -> str:
+    """The transition a task write records (the data is the whole record either way)."""
+    if task.status.terminal:
+        return "task.notice_sent" if task.notified else "task.finished"
+    if task.status is TaskStatus.PENDING:
+        return "task.attempt_finished" if task.attempts else "task.accepted"
+    return "task.assigned"
+
+
+class EpochFence:
+    """Which events a reader applies: a deposed leader's decisions are dropped once a higher
+    epoch has started. Every replica reads the same order, so every replica agrees."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch  # the highest epoch whose start marker has been read
+        self.dropped = 0
+
+    def admit(self, event: Event) -> bool:
+        if event.type == EPOCH_STARTED:
+            if event.epoch >= self.epoch:
+                self.epoch = event.epoch
+                return True
+        elif event.epoch >= self.epoch:
+            return True
+        self.dropped += 1
+        return False
+
+
+class Replication:
+    def __init__(self, url: str, name: str, codec: LogCodec, store: TaskStore, *,
+                 epoch: Callable[[], int], on_outcome: Outcome | None = None,
+                 retention: Retention | None = None) -> None:
+        self.url = url
+        self.name = name
+        self.codec = codec
+        self.store = store
+        self.epoch = epoch
+        self.on_outcome = on_outcome
+        self.retention = retention or Retention()
+        self.fence = EpochFence(int(store.meta("fence_epoch") or 0))
+        #: Terms this process led: their events are in its store already.
+        self.own_epochs: set[int] = set()
+        self.writing = False
+        self.failed: TransportError | None = None
+        self.tail: int | None = None
+        self.applied_events = 0
+        self._last: asyncio.Future[None] | None = None
+        self._markers: dict[str, asyncio.Future[None]] = {}
+        self._connection: AbstractRobustConnection | None = None
+        self._writer: LogWriter | None = None
+        self._reader: LogReader | None = None
+        self._probe: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"Replication(name={self.name!r}, writing={self.writing})"
+
+    async def start(self) -> None:
+        self._connection = await aio_pika.connect_robust(self.url, client_properties={
+            "connection_name": f"{self.name}/log"})
+        writes = await self._connection.channel(publisher_confirms=True)
+        await declare(writes, self.name, self.retention)
+        self._writer = LogWriter(writes, self.name, self.codec)
+        self._reader = LogReader(await self._connection.channel(), self.name, self.codec,
+                                 self._apply)
+        offset = self.store.log_offset()
+        await self._reader.start(0 if offset is None else offset + 1)
+        self._probe = asyncio.create_task(self._probe_tail(), name="log-tail")
+
+    async def stop(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        if self._writer is not None:
+            await self._writer.flush()
+        if self._reader is not None:
+            await self._reader.stop()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+
+    # --- the leader's side ----------------------------------------------------------------------
+
+    def record_task(self, task: TaskRecord) -> None:
+        # Serialised now: the record may change again before the batch is sealed.
+        self._append(task_event_type(task), orjson.Fragment(orjson.dumps(task)))
+
+    def record_outcome(self, task: TaskRecord, agent_id: str | None, success: bool) -> None:
+        """Before the learner updates: the task as the update will see it."""
+        self._append(ROUTING_OUTCOME, {"task": orjson.Fragment(orjson.dumps(task)),
+                                       "agent_id": agent_id, "success": success})
+
+    def record_drained(self, agent_id: str, reason: str) -> None:
+        self._append(AGENT_DRAINED, {"agent_id": agent_id, "reason": reason})
+
+    def _append(self, kind: str, data: Any) -> None:
+        if not self.writing or self._writer is None:
+            return  # a standby decides nothing
+        future = self._writer.append(Event(uuid.uuid4().hex, self.epoch(), kind, data))
+        future.add_done_callback(self._confirmed)
+        self._last = future
+
+    def _confirmed(self, future: asyncio.Future[None]) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None and self.failed is None:
+            self.failed = error if isinstance(error, TransportError) else TransportError(
+                str(error))
+            log.error("the log refused a batch (%s): this process must not lead on", error)
+
+    async def barrier(self) -> None:
+        """Until every event recorded so far is confirmed; raises TransportError otherwise."""
+        last = self._last
+        if last is not None and not last.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(last)
+        if self.failed is not None:
+            raise TransportError(f"the log is not writable: {self.failed}")
+
+    async def begin_term(self, epoch: int, timeout: float) -> None:
+        """Mark the new term in the log, and return once the store holds all before it."""
+        assert self._writer is not None
+        self.own_epochs.add(epoch)
+        self.failed = None
+        marker = Event(uuid.uuid4().hex, epoch, EPOCH_STARTED, {})
+        applied = asyncio.get_running_loop().create_future()
+        self._markers[marker.id] = applied
+        try:
+            await asyncio.wait_for(self._writer.append(marker), timeout)
+            await asyncio.wait_for(applied, timeout)
+        finally:
+            self._markers.pop(marker.id, None)
+        self.writing = True
+
+    def end_term(self) -> None:
+        self.writing = False
+
+    # --- every coordinator's side ---------------------------------------------------------------
+
+    @property
+    def lag(self) -> int:
+        """Log entries (batches) not yet applied: 0 when caught up, or before the tail is known."""
+        if self._reader is None or self.tail is None:
+            return 0
+        return max(0, self.tail + 1 - self._reader.next_offset)
+
+    async def _apply(self, events: list[Event], offset: int) -> None:
+        rows: list[dict[str, Any]] = []
+        outcomes: list[dict[str, Any]] = []
+        markers: list[str] = []
+        for event in events:
+            if not self.fence.admit(event):
+                continue
+            if event.type == EPOCH_STARTED:
+                markers.append(event.id)
+            elif event.epoch in self.own_epochs:
+                continue  # written to this store before it was logged
+            elif event.type.startswith("task."):
+                rows.append(event.data)
+            elif event.type == ROUTING_OUTCOME:
+                outcomes.append(event.data)
+        while True:
+            try:
+                self.store.apply_log(rows, offset, self.fence.epoch)
+                break
+            except StoreError as exc:  # held, not skipped: the offset must not pass it
+                log.warning("log entry %d not applied yet: %s", offset, exc)
+                await asyncio.sleep(APPLY_RETRY_S)
+        self.applied_events += len(rows)
+        if self.tail is None or offset > self.tail:
+            self.tail = offset
+        for data in outcomes:
+            self._learn(data)
+        for marker in markers:
+            waiter = self._markers.get(marker)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def _learn(self, data: dict[str, Any]) -> None:
+        if self.on_outcome is None:
+            return
+        try:
+            task = TaskRecord.from_dict(cast(dict[str, Any], data["task"]))
+            self.on_outcome(task, data.get("agent_id"), bool(data["success"]))
+        except Exception:  # the learner is advisory: never stop applying the log for it
+            log.exception("routing outcome from the log not learned")
+
+    async def _probe_tail(self) -> None:
+        """Find the stream's last entry now and then: AMQP 0-9-1 has no tail offset query."""
+        assert self._connection is not None
+        while True:
+            with contextlib.suppress(Exception):
+                offset = await self._last_offset(await self._connection.channel())
+                if offset is not None and (self.tail is None or offset > self.tail):
+                    self.tail = offset
+            await asyncio.sleep(TAIL_PROBE_S)
+
+    async def _last_offset(self, channel: AbstractChannel) -> int | None:
+        try:
+            await channel.set_qos(prefetch_count=1)
+            queue = await channel.get_queue(self._writer.queue if self._writer else "",
+                                            ensure=False)
+            async with queue.iterator(arguments={"x-stream-offset": "last"},
+                                      timeout=1.0) as messages:
+                async for message in messages:
+                    header = (message.headers or {}).get("x-stream-offset")
+                    await message.ack()
+                    return header if isinstance(header, int) else None
+        except TimeoutError:
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        return None
