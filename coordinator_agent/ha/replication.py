@@ -31,12 +31,20 @@ from typing import Any, cast
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from coordinator_agent.coordinator.store import TaskStore
 from coordinator_agent.coordinator.tasks import TaskRecord, TaskStatus
 from coordinator_agent.exceptions import StoreError, TransportError
-from coordinator_agent.ha.log import Event, LogCodec, LogReader, LogWriter, Retention, declare
+from coordinator_agent.ha.log import (
+    Event,
+    LogCodec,
+    LogReader,
+    LogWriter,
+    Retention,
+    declare,
+    log_queue,
+)
 
 log = logging.getLogger(__name__)
 
@@ -240,29 +248,40 @@ class Replication:
             log.exception("routing outcome from the log not learned")
 
     async def _probe_tail(self) -> None:
-        """Find the stream's last entry now and then: AMQP 0-9-1 has no tail offset query."""
-        assert self._connection is not None
+        """Find the stream's last entry now and then: AMQP 0-9-1 has no tail offset query.
+        On its own connection, so a probe's trouble never touches the writer or the reader."""
         while True:
             with contextlib.suppress(Exception):
-                offset = await self._last_offset(await self._connection.channel())
-                if offset is not None and (self.tail is None or offset > self.tail):
-                    self.tail = offset
+                connection = await aio_pika.connect(self.url, client_properties={
+                    "connection_name": f"{self.name}/log-tail"})
+                async with connection:
+                    while True:
+                        offset = await self._last_offset(await connection.channel())
+                        if offset is not None and (self.tail is None or offset > self.tail):
+                            self.tail = offset
+                        await asyncio.sleep(TAIL_PROBE_S)
             await asyncio.sleep(TAIL_PROBE_S)
 
     async def _last_offset(self, channel: AbstractChannel) -> int | None:
+        """The offset of the first entry of the stream's last chunk (a lower bound of the tail).
+        Every delivery is acked: a stream closes the connection on a nack or reject."""
+        found: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def on_entry(message: AbstractIncomingMessage) -> None:
+            header = (message.headers or {}).get("x-stream-offset")
+            await message.ack()
+            if isinstance(header, int) and not found.done():
+                found.set_result(header)
         try:
-            await channel.set_qos(prefetch_count=1)
-            queue = await channel.get_queue(self._writer.queue if self._writer else "",
-                                            ensure=False)
-            async with queue.iterator(arguments={"x-stream-offset": "last"},
-                                      timeout=1.0) as messages:
-                async for message in messages:
-                    header = (message.headers or {}).get("x-stream-offset")
-                    await message.ack()
-                    return header if isinstance(header, int) else None
-        except TimeoutError:
-            return None
+            await channel.set_qos(prefetch_count=10)
+            queue = await channel.get_queue(log_queue(self.name), ensure=False)
+            tag = await queue.consume(on_entry, arguments={"x-stream-offset": "last"})
+            try:
+                return await asyncio.wait_for(asyncio.shield(found), 1.0)
+            except TimeoutError:
+                return None  # an empty stream
+            finally:
+                await queue.cancel(tag)
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
-        return None
