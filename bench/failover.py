@@ -7,8 +7,9 @@ Starts a private Consul dev agent (``session_ttl_min = "1s"``, its own ports), t
 
 1. **Burst, HA off.** One ``coordinator-agent run`` and two ``worker`` processes; ``--burst``
    noop tasks submitted at once; tasks per second from the first submit to the last completion.
-2. **Burst, HA on.** Three coordinators of one name with ``ha.enabled`` (2 s lease), the same two
-   agents' kind, the same burst.
+2. **Burst, HA on.** Three coordinators of one name with ``ha.enabled`` (2 s lease, every state
+   change through the replicated log, two standbys applying it), the same two agents' kind, the
+   same burst. ``burst_ha_on_over_off`` is the ratio of the two, from the same run.
 3. **Kills.** With a trickle of tasks running (``--rate`` per second), ``--kills`` times: find the
    leader, SIGKILL it, submit a probe task at once, and time from the kill to the probe's first
    assignment by the new leader (its attempt's ``started_at``). The killed coordinator is started
@@ -49,6 +50,7 @@ from bench._common import (
     table,
 )
 from coordinator_agent.client import CoordinatorClient
+from coordinator_agent.ha.log import log_queue
 from coordinator_agent.settings import load_settings
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire.keyring import Keyring
@@ -275,6 +277,8 @@ async def main(kill_count: int, burst_size: int, rate: float) -> dict[str, Any]:
         async with client_for(names[1], keyring, keyring_path, workdir) as client:
             await warm(client)
             results["burst_tasks_per_s_ha_on"] = await burst(client, burst_size)
+            results["burst_ha_on_over_off"] = round(
+                results["burst_tasks_per_s_ha_on"] / results["burst_tasks_per_s_ha_off"], 3)
             results |= await kills(ha, client, kill_count, rate)
     finally:
         children.stop_all()
@@ -282,7 +286,7 @@ async def main(kill_count: int, burst_size: int, rate: float) -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 await delete_queues(
                     [c.tasks_queue(name), c.status_queue(name), c.dead_letter_queue(name),
-                     *(c.agent_queue(name, a) for a in AGENTS)],
+                     log_queue(name), *(c.agent_queue(name, a) for a in AGENTS)],
                     [c.dead_letter_exchange(name)])
     return results
 

@@ -190,7 +190,7 @@ class CoordinatorAgent:
             settings.broker_url.get_secret_value(), settings.name,
             LogCodec(secrets), self.state.store,
             epoch=lambda: self.leadership.epoch, on_outcome=self._learn_from_log)
-        self.state.on_saved = replication.record_task
+        self.state.store.replicate(None)  # a standby until elected: the log writes the file
         self.results.on_outcome = replication.record_outcome
         self.outbox.barrier = self.durable
         return replication

@@ -104,8 +104,6 @@ class StateManager:
         #: Told about a task put back to its stored state after a failed write (dispatch
         #: queues it again if it is pending).
         self.on_rollback: Callable[[TaskRecord], None] | None = None
-        #: Told about every write the store took (HA: the leader appends it to the log).
-        self.on_saved: Callable[[TaskRecord], None] | None = None
 
     # --- agents -------------------------------------------------------------------------------
 
@@ -246,8 +244,6 @@ class StateManager:
     def add_task(self, task: TaskRecord) -> None:
         """Durable first, visible after: a task that cannot be stored was never accepted."""
         self.store.save(task)  # raises StoreError, and then nothing has changed
-        if self.on_saved is not None:
-            self.on_saved(task)
         self.tasks[task.id] = task
         self.totals["submitted"] += 1
         self._place(task)
@@ -263,8 +259,6 @@ class StateManager:
         except StoreError:
             self._roll_back(task)
             raise
-        if self.on_saved is not None:
-            self.on_saved(task)
         self._place(task)
 
     def _place(self, task: TaskRecord) -> None:

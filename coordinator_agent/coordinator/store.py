@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,19 @@ class TaskStore:
         #: False after a failed write, until ``probe`` succeeds.
         self.healthy = True
         self.write_errors = 0
+        #: HA (``replicate``): where a write goes instead of the file, returning its event id.
+        self._log: Callable[[TaskRecord, bytes], str] | None = None
+        #: HA: this leader's writes its own log reader has not applied yet, by task id:
+        #: (event id, record). Reads see them first; the file only ever holds a log prefix.
+        self._pending: dict[str, tuple[str, bytes]] = {}
+        self._standby = False
+
+    def replicate(self, log: Callable[[TaskRecord, bytes], str] | None) -> None:
+        """HA: writes go to the log (``log``), the file is written by applying it. None: as a
+        standby, no writes at all. Either way, writes not applied yet are forgotten."""
+        self._log = log
+        self._standby = log is None
+        self._pending.clear()
 
     def save(self, task: TaskRecord) -> None:
         is_open = int(task.status not in TERMINAL or not task.notified)
@@ -55,6 +68,11 @@ class TaskStore:
             data = orjson.dumps(task)
         except (orjson.JSONEncodeError, TypeError) as exc:
             raise UnstorableTask(task.id, f"cannot be stored: {exc}") from None
+        if self._log is not None:
+            self._pending[task.id] = (self._log(task, data), data)
+            return
+        if self._standby:
+            raise StoreUnavailable(task.id, "a standby's store is written from the log only")
         try:
             self._db.execute(
                 "INSERT OR REPLACE INTO tasks (id, status, open, updated_at, data) "
@@ -66,14 +84,16 @@ class TaskStore:
             self.write_errors += 1
             raise StoreUnavailable(task.id, f"task store write failed: {exc}") from None
 
-    def apply_log(self, rows: list[dict[str, Any]], offset: int, fence_epoch: int) -> None:
-        """Apply one log entry's task records and its offset in one transaction (HA replica)."""
+    def apply_log(self, rows: list[tuple[str, dict[str, Any]]], offset: int,
+                  fence_epoch: int) -> None:
+        """Apply one log entry's task records ``(event id, record)`` and its offset in one
+        transaction (HA)."""
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO tasks (id, status, open, updated_at, data) "
-                    "VALUES (?,?,?,?,?)", [_row(r) for r in rows])
+                    "VALUES (?,?,?,?,?)", [_row(r) for _, r in rows])
                 self._db.executemany(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                     [("log_offset", str(offset)), ("fence_epoch", str(fence_epoch))])
@@ -85,6 +105,15 @@ class TaskStore:
             self.healthy = False
             self.write_errors += 1
             raise StoreUnavailable(f"log@{offset}", f"task store write failed: {exc}") from None
+        for event_id, record in rows:  # our own writes, now in the file
+            pending = self._pending.get(str(record["id"]))
+            if pending is not None and pending[0] == event_id:
+                del self._pending[str(record["id"])]
+
+    @property
+    def unapplied(self) -> int:
+        """HA: this leader's writes not yet back from the log into the file."""
+        return len(self._pending)
 
     def log_offset(self) -> int | None:
         """The last log offset applied to this store (None: none yet)."""
@@ -113,6 +142,9 @@ class TaskStore:
         self._db.execute("PRAGMA shrink_memory")
 
     def get(self, task_id: str) -> TaskRecord | None:
+        pending = self._pending.get(task_id)
+        if pending is not None:
+            return TaskRecord.from_dict(orjson.loads(pending[1]))
         row = self._db.execute("SELECT data FROM tasks WHERE id = ?", (task_id,)).fetchone()
         return TaskRecord.from_dict(orjson.loads(row[0])) if row else None
 

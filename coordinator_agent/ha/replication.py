@@ -2,20 +2,21 @@
 
 The durability pipeline of an HA coordinator, in one place:
 
-- **Record.** Each task write the leader makes (``StateManager.add_task`` / ``save``) is also
-  appended to the log as the whole task record, typed by the transition, with the term's epoch.
-  So are routing outcomes (what the learner's update takes) and drained agents.
+- **Record.** In HA mode a task write (``TaskStore.save``) is not a file write: it is appended
+  to the log as the whole task record, typed by the transition, with the term's epoch, and held
+  in the store's memory until it comes back. So are routing outcomes (what the learner's
+  update takes) and drained agents.
 - **Barrier (group commit).** ``LogWriter`` puts every event of one loop turn into one message
   with one confirm. Every external effect (the ack of the message that caused a change, a
   directive or notice the outbox publishes, an HTTP 2xx) first awaits ``barrier()``: the
   confirm of the last event appended so far. Batches publish in order on one channel, so that
   covers every earlier one; a batch that ever failed fails every later barrier (the leader's
   memory is then ahead of the log, and it must not lead on).
-- **Apply.** Every coordinator reads the log from the offset its store holds and applies each
-  batch in one SQLite transaction together with the new offset (exactly-once apply). Its own
-  term's events are already in its store (written before they were logged): it only moves the
-  offset past them. ``EpochFence`` drops the decisions of a deposed leader once a higher
-  epoch's ``epoch.started`` marker is in the log.
+- **Apply.** Every coordinator, the leader too, reads the log from the offset its store holds
+  and applies each batch in one SQLite transaction together with the new offset (exactly-once
+  apply). The file therefore only ever holds a prefix of the log: a leader killed between a
+  write and its confirm leaves nothing behind that the log lacks. ``EpochFence`` drops the
+  decisions of a deposed leader once a higher epoch's ``epoch.started`` marker is in the log.
 - **Takeover barrier.** ``begin_term`` appends ``epoch.started(E)`` and returns once the reader
   has applied it: the store then holds everything the previous leader logged.
 """
@@ -55,6 +56,9 @@ AGENT_DRAINED = "agent.drained"
 TAIL_PROBE_S = 2.0
 #: Pause before applying a batch again after the store refused it.
 APPLY_RETRY_S = 0.5
+
+#: What a task event's record must have for the store to hold it.
+_TASK_KEYS = frozenset({"id", "status", "updated_at"})
 
 Outcome = Callable[[TaskRecord, str | None, bool], None]
 
@@ -99,7 +103,7 @@ class Replication:
         self.on_outcome = on_outcome
         self.retention = retention or Retention()
         self.fence = EpochFence(int(store.meta("fence_epoch") or 0))
-        #: Terms this process led: their events are in its store already.
+        #: Terms this process led: its learner took their routing outcomes already.
         self.own_epochs: set[int] = set()
         self.writing = False
         self.failed: TransportError | None = None
@@ -142,9 +146,10 @@ class Replication:
 
     # --- the leader's side ----------------------------------------------------------------------
 
-    def record_task(self, task: TaskRecord) -> None:
-        # Serialised now: the record may change again before the batch is sealed.
-        self._append(task_event_type(task), orjson.Fragment(orjson.dumps(task)))
+    def record_task(self, task: TaskRecord, data: bytes) -> str:
+        """The store's write of ``task`` (``data``, serialised at the write: the record may
+        change again before the batch is sealed); returns the event's id."""
+        return self._append(task_event_type(task), orjson.Fragment(data))
 
     def record_outcome(self, task: TaskRecord, agent_id: str | None, success: bool) -> None:
         """Before the learner updates: the task as the update will see it."""
@@ -154,12 +159,14 @@ class Replication:
     def record_drained(self, agent_id: str, reason: str) -> None:
         self._append(AGENT_DRAINED, {"agent_id": agent_id, "reason": reason})
 
-    def _append(self, kind: str, data: Any) -> None:
+    def _append(self, kind: str, data: Any) -> str:
+        event_id = uuid.uuid4().hex
         if not self.writing or self._writer is None:
-            return  # a standby decides nothing
-        future = self._writer.append(Event(uuid.uuid4().hex, self.epoch(), kind, data))
+            return event_id  # a standby decides nothing
+        future = self._writer.append(Event(event_id, self.epoch(), kind, data))
         future.add_done_callback(self._confirmed)
         self._last = future
+        return event_id
 
     def _confirmed(self, future: asyncio.Future[None]) -> None:
         if future.cancelled():
@@ -193,9 +200,13 @@ class Replication:
         finally:
             self._markers.pop(marker.id, None)
         self.writing = True
+        self.store.replicate(self.record_task)
 
     def end_term(self) -> None:
+        """Deposed: writes not yet back from the log are void (the log decides), and the
+        store takes none until the next term."""
         self.writing = False
+        self.store.replicate(None)
 
     # --- every coordinator's side ---------------------------------------------------------------
 
@@ -207,7 +218,7 @@ class Replication:
         return max(0, self.tail + 1 - self._reader.next_offset)
 
     async def _apply(self, events: list[Event], offset: int) -> None:
-        rows: list[dict[str, Any]] = []
+        rows: list[tuple[str, dict[str, Any]]] = []
         outcomes: list[dict[str, Any]] = []
         markers: list[str] = []
         for event in events:
@@ -215,12 +226,14 @@ class Replication:
                 continue
             if event.type == EPOCH_STARTED:
                 markers.append(event.id)
-            elif event.epoch in self.own_epochs:
-                continue  # written to this store before it was logged
             elif event.type.startswith("task."):
-                rows.append(event.data)
-            elif event.type == ROUTING_OUTCOME:
-                outcomes.append(event.data)
+                if isinstance(event.data, dict) and event.data.keys() >= _TASK_KEYS:
+                    rows.append((event.id, event.data))
+                else:  # sealed with our key, so a bug, not an attack: say so, go on
+                    log.error("log entry %d: task event %s without a task record; skipped",
+                              offset, event.id)
+            elif event.type == ROUTING_OUTCOME and event.epoch not in self.own_epochs:
+                outcomes.append(event.data)  # our own learner took ours already
         while True:
             try:
                 self.store.apply_log(rows, offset, self.fence.epoch)
@@ -263,25 +276,34 @@ class Replication:
             await asyncio.sleep(TAIL_PROBE_S)
 
     async def _last_offset(self, channel: AbstractChannel) -> int | None:
-        """The offset of the first entry of the stream's last chunk (a lower bound of the tail).
-        Every delivery is acked: a stream closes the connection on a nack or reject."""
-        found: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        """The offset of the stream's last entry: read the last chunk through (the broker
+        starts a ``last`` consumer at that chunk's first entry). Every delivery is acked: a
+        stream closes the connection on a nack or a reject."""
+        offsets: list[int] = []
+        arrived = asyncio.Event()
 
         async def on_entry(message: AbstractIncomingMessage) -> None:
             header = (message.headers or {}).get("x-stream-offset")
             await message.ack()
-            if isinstance(header, int) and not found.done():
-                found.set_result(header)
+            if isinstance(header, int):
+                offsets.append(header)
+                arrived.set()
         try:
-            await channel.set_qos(prefetch_count=10)
+            await channel.set_qos(prefetch_count=100)
             queue = await channel.get_queue(log_queue(self.name), ensure=False)
             tag = await queue.consume(on_entry, arguments={"x-stream-offset": "last"})
             try:
-                return await asyncio.wait_for(asyncio.shield(found), 1.0)
-            except TimeoutError:
-                return None  # an empty stream
+                wait = 1.0  # for the first entry; then until the chunk stops flowing
+                while True:
+                    arrived.clear()
+                    try:
+                        await asyncio.wait_for(arrived.wait(), wait)
+                    except TimeoutError:
+                        break
+                    wait = 0.1
             finally:
                 await queue.cancel(tag)
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
+        return max(offsets) if offsets else None
