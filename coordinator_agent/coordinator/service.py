@@ -368,6 +368,8 @@ class CoordinatorAgent:
                 self._handle(envelope, message)
                 break
             except StoreUnavailable as exc:
+                if not self.leadership.leading:
+                    raise NotLeading() from None  # deposed mid-handling: a standby's store
                 self.metrics.store_errors.labels(envelope.type).inc()
                 log.warning("%s held until the store is writable: %s", envelope.type, exc)
                 self.sweeper.store_writable.clear()
