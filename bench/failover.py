@@ -7,10 +7,12 @@ Starts a private Consul dev agent (``session_ttl_min = "1s"``, its own ports), t
 
 1. **Burst, HA off.** One ``coordinator-agent run`` and two ``worker`` processes; ``--burst``
    noop tasks submitted at once; tasks per second from the first submit to the last completion.
-2. **Burst, HA on.** Three coordinators of one name with ``ha.enabled`` (2 s lease, every state
+2. **Burst, HA on, alone.** One coordinator with ``ha.enabled`` and no standby: what the log
+   itself costs (every change through the stream and back into the store before it counts).
+3. **Burst, HA on.** Three coordinators of one name with ``ha.enabled`` (2 s lease, every state
    change through the replicated log, two standbys applying it), the same two agents' kind, the
    same burst. ``burst_ha_on_over_off`` is the ratio of the two, from the same run.
-3. **Kills.** With a trickle of tasks running (``--rate`` per second), ``--kills`` times: find the
+4. **Kills.** With a trickle of tasks running (``--rate`` per second), ``--kills`` times: find the
    leader, SIGKILL it, submit a probe task at once, and time from the kill to the probe's first
    assignment by the new leader (its attempt's ``started_at``). The killed coordinator is started
    again, so three stay in the race. At the end every submitted task is waited for: tasks with no
@@ -29,6 +31,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -86,6 +89,7 @@ class Fleet:
         self.ports: dict[str, int] = {}
         self.runs: dict[str, int] = defaultdict(int)
         self.pids: dict[str, int] = {}
+        self.procs: list[subprocess.Popen[bytes]] = []
 
     def env(self, **extra: str) -> dict[str, str]:
         return clean_environ(
@@ -107,14 +111,26 @@ class Fleet:
                                    [PYTHON, "-m", "coordinator_agent", "run"],
                                    env=self.env(**extra), cwd=self.workdir)
         self.pids[label] = proc.pid
+        self.procs.append(proc)
 
     def start_agents(self) -> None:
         for agent in AGENTS:
-            self.children.spawn(f"{self.name}-{agent}",
-                                [PYTHON, "-m", "coordinator_agent", "worker", "--id", agent,
-                                 "--concurrency", "8"],
-                                env=self.env(COORDINATOR_DATA_DIR=str(self.workdir)),
-                                cwd=self.workdir)
+            self.procs.append(self.children.spawn(
+                f"{self.name}-{agent}",
+                [PYTHON, "-m", "coordinator_agent", "worker", "--id", agent, "--concurrency", "8"],
+                env=self.env(COORDINATOR_DATA_DIR=str(self.workdir)), cwd=self.workdir))
+
+    def stop(self) -> None:
+        """Stop this fleet's processes (the next burst has the machine to itself)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def status(self, label: str) -> dict[str, Any] | None:
         try:
@@ -257,7 +273,8 @@ async def main(kill_count: int, burst_size: int, rate: float) -> dict[str, Any]:
     keyring.save(keyring_path)
     config = empty_config(workdir)
     os.environ["COORDINATOR_CONFIG"] = str(config)  # for load_settings in this process
-    names = [f"bench-single-{uuid.uuid4().hex[:6]}", f"bench-ha-{uuid.uuid4().hex[:6]}"]
+    names = [f"bench-single-{uuid.uuid4().hex[:6]}", f"bench-ha-{uuid.uuid4().hex[:6]}",
+             f"bench-alone-{uuid.uuid4().hex[:6]}"]
     results: dict[str, Any] = {}
     try:
         consul_url = start_consul(children, workdir)
@@ -269,6 +286,15 @@ async def main(kill_count: int, burst_size: int, rate: float) -> dict[str, Any]:
         async with client_for(names[0], keyring, keyring_path, workdir) as client:
             await warm(client)
             results["burst_tasks_per_s_ha_off"] = await burst(client, burst_size)
+        single.stop()
+
+        alone = Fleet(children, workdir, names[2], consul_url, keyring_path, config)
+        alone.start_coordinator("a")  # HA on, no standby: the log's own cost
+        alone.start_agents()
+        async with client_for(names[2], keyring, keyring_path, workdir) as client:
+            await warm(client)
+            results["burst_tasks_per_s_ha_on_alone"] = await burst(client, burst_size)
+        alone.stop()
 
         ha = Fleet(children, workdir, names[1], consul_url, keyring_path, config)
         for label in ("a", "b", "c"):

@@ -54,6 +54,8 @@ class Outbox:
         #: HA: until the log has confirmed every change recorded so far (ha/replication.py).
         #: Nothing leaves before the changes it announces are durable. None without HA.
         self.barrier: Callable[[], Awaitable[None]] | None = None
+        #: Notices on their way out: the sweep's retry does not send a second copy meanwhile.
+        self._notifying: set[str] = set()
 
     async def _durable(self) -> bool:
         """Wait for the log (HA); False when this process may not send any more."""
@@ -132,10 +134,18 @@ class Outbox:
             await self.messages.publish(payload, peer=principal, exchange="", routing_key=queue)
 
     def completed(self, task: TaskRecord) -> None:
-        self.spawn(self.notify(task))
+        if task.id not in self._notifying:
+            self.spawn(self.notify(task))
 
     async def notify(self, task: TaskRecord) -> None:
         """Send task.completed from the store; marked sent only once confirmed."""
+        self._notifying.add(task.id)
+        try:
+            await self._notify(task)
+        finally:
+            self._notifying.discard(task.id)
+
+    async def _notify(self, task: TaskRecord) -> None:
         stored = self.state.store.get(task.id)
         if stored is None or not stored.status.terminal or stored.notified:
             return  # only what the store holds is announced
