@@ -4,7 +4,8 @@ A message's way in: ``wire.messaging`` (consume, open, check) calls ``_on_messag
 hands it by type to ``heartbeats`` (agents' own reports), ``results`` (progress and results),
 or ``intake`` (submissions). ``dispatch`` assigns pending tasks, ``sweep`` does the periodic
 work, ``outbox`` sends, and ``views`` reads. Every change is saved to the task store before the
-message that caused it is acked, so a crash loses nothing the coordinator accepted.
+message that caused it is acked, so a crash loses nothing the coordinator accepted; with HA, to
+the replicated log first (``ha/replication.py``), which every coordinator applies to its store.
 """
 
 from __future__ import annotations

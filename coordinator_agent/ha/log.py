@@ -10,8 +10,9 @@ server-side offset tracking) and apply each batch with its offset, so the store 
 offset in the same transaction as the state. A publish retried after a lost confirm repeats its
 events: readers drop event ids they have already applied.
 
-Every batch is sealed with the coordinator principal's Fernet keys, without a TTL (old entries
-must stay readable), so nobody without the coordinator's key can write the log.
+Every batch is sealed with the keys it is given (the service gives the operators' keys: see
+docs/HA.md), without a TTL (old entries must stay readable), so nobody without them can write
+the log.
 """
 
 from __future__ import annotations
