@@ -3,6 +3,7 @@ the offset, and the leader's writes held until its own log reader applies them."
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,8 @@ from cryptography.fernet import Fernet
 
 from coordinator_agent.coordinator.store import TaskStore
 from coordinator_agent.coordinator.tasks import Attempt, TaskRecord, TaskStatus
-from coordinator_agent.exceptions import StoreUnavailable
-from coordinator_agent.ha.log import Event, LogCodec
+from coordinator_agent.exceptions import StoreUnavailable, TransportError
+from coordinator_agent.ha.log import Event, LogCodec, LogWriter
 from coordinator_agent.ha.replication import (
     EPOCH_STARTED,
     EpochFence,
@@ -130,4 +131,52 @@ async def test_a_reader_skips_a_fenced_batch_but_moves_the_offset(tmp_path: Path
     # A replica restarted from this store keeps the fence.
     again = Replication("amqp://unused", "n", codec, store, epoch=lambda: 0)
     assert again.fence.epoch == 9
+    store.close()
+
+
+class _Exchange:
+    """A broker stand-in for the writer: each publish waits for the test to confirm or refuse."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.refuse = False
+        self.published = 0
+
+    async def publish(self, message: Any, routing_key: str) -> None:
+        await self.gate.wait()
+        if self.refuse:
+            raise ConnectionError("nacked")
+        self.published += 1
+
+
+class _Channel:
+    def __init__(self) -> None:
+        self.default_exchange = _Exchange()
+
+
+async def test_effects_wait_for_the_confirm_and_a_refused_batch_ends_the_term(
+        tmp_path: Path) -> None:
+    store = TaskStore(tmp_path / "s.sqlite3")
+    codec = LogCodec([Fernet.generate_key().decode()])
+    replication = Replication("amqp://unused", "n", codec, store, epoch=lambda: 4)
+    channel = _Channel()
+    replication._writer = LogWriter(channel, "n", codec)  # type: ignore[arg-type]
+    replication.writing = True
+    store.replicate(replication.record_task)
+
+    store.save(task(TaskStatus.PENDING))
+    store.save(task(TaskStatus.ASSIGNED, attempts=1))  # the same turn: one batch
+    barrier = asyncio.ensure_future(replication.barrier())
+    await asyncio.sleep(0.05)
+    assert not barrier.done()  # nothing may take effect before the broker confirms
+    channel.default_exchange.gate.set()
+    await asyncio.wait_for(barrier, 1)
+    assert channel.default_exchange.published == 1
+
+    channel.default_exchange.refuse = True
+    store.save(task(TaskStatus.SUCCEEDED, attempts=1))
+    with pytest.raises(TransportError):
+        await asyncio.wait_for(replication.barrier(), 1)
+    with pytest.raises(TransportError):  # and every later one: memory is ahead of the log
+        await replication.barrier()
     store.close()
