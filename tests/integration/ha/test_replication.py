@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import urllib.request
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
@@ -151,6 +152,8 @@ async def test_a_standby_started_late_catches_up_with_a_long_log(
     for task_id in (ids[0], ids[len(ids) // 2], ids[-1]):
         view = get_json(f"{coordinators.urls['late']}/api/tasks/{task_id}")
         assert view["status"] == "succeeded" and view["output"] == {"op": "echo"}
+    metrics = urllib.request.urlopen(coordinators.urls["late"] + "/metrics", timeout=5).read()
+    assert b"coordinator_log_lag_events 0.0" in metrics  # caught up, and it says so
     recent = get_json(f"{coordinators.urls['late']}/api/tasks?limit=500")
     listed = {task["id"] for task in recent["tasks"]}
     assert set(ids) <= listed
