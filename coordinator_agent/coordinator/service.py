@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 0.5
 PROBE_TIMEOUT_S = 1.0
-#: A new leader's wait for its epoch marker to come back through the log.
+#: A new leader's wait for its epoch marker's confirm, and for its log reader to progress
+#: towards the marker (it waits as long as the reader keeps applying).
 TAKEOVER_BARRIER_TIMEOUT_S = 30.0
 #: Exit status of a leader that left because the log refused a write (a supervisor restarts it).
 EXIT_LOG_FAILED = 75

@@ -187,16 +187,28 @@ class Replication:
             raise TransportError(f"the log is not writable: {self.failed}")
 
     async def begin_term(self, epoch: int, timeout: float) -> None:
-        """Mark the new term in the log, and return once the store holds all before it."""
-        assert self._writer is not None
+        """Mark the new term in the log, and return once the store holds all before it.
+
+        TimeoutError when the marker is not confirmed within ``timeout``, or the reader makes
+        no progress towards it for ``timeout`` (a standby far behind may take longer: it is
+        given the time as long as it applies)."""
+        assert self._writer is not None and self._reader is not None
         self.own_epochs.add(epoch)
         self.failed = None
         marker = Event(uuid.uuid4().hex, epoch, EPOCH_STARTED, {})
-        applied = asyncio.get_running_loop().create_future()
+        applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._markers[marker.id] = applied
         try:
             await asyncio.wait_for(self._writer.append(marker), timeout)
-            await asyncio.wait_for(applied, timeout)
+            offset, stalled = self._reader.next_offset, 0.0
+            while not applied.done():
+                await asyncio.wait([applied], timeout=1.0)
+                if self._reader.next_offset != offset:
+                    offset, stalled = self._reader.next_offset, 0.0
+                    continue
+                stalled += 1.0
+                if stalled >= timeout:
+                    raise TimeoutError(f"the log reader stalled at offset {offset}")
         finally:
             self._markers.pop(marker.id, None)
         self.writing = True
