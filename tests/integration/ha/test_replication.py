@@ -152,6 +152,12 @@ async def test_a_standby_started_late_catches_up_with_a_long_log(
     for task_id in (ids[0], ids[len(ids) // 2], ids[-1]):
         view = get_json(f"{coordinators.urls['late']}/api/tasks/{task_id}")
         assert view["status"] == "succeeded" and view["output"] == {"op": "echo"}
+    # Its learner took the leader's routing outcomes from the log, as the leader's did.
+    def outcomes(label: str) -> int:
+        kinds = get_json(f"{coordinators.urls[label]}/api/routing")["kinds"]
+        return sum(int(stats["outcomes"]) for stats in kinds.values())
+    assert outcomes("a") > len(ids) // 2  # the learner's own count (it may skip a few)
+    await until(lambda: outcomes("late") == outcomes("a"), 30, "the late learner caught up")
     metrics = urllib.request.urlopen(coordinators.urls["late"] + "/metrics", timeout=5).read()
     assert b"coordinator_log_lag_events 0.0" in metrics  # caught up, and it says so
     recent = get_json(f"{coordinators.urls['late']}/api/tasks?limit=500")
