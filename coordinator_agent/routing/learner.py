@@ -21,6 +21,7 @@ from coordinator_agent.routing.patterns import PatternStore
 from coordinator_agent.routing.policy import ThompsonPolicy
 from coordinator_agent.routing.surprise import SurpriseDetector
 from coordinator_agent.routing.text_prior import TextPrior
+from coordinator_agent.routing.updates import LearningUpdate
 
 #: Vocabulary words that form the finer context of a task (its "signature").
 MAX_SIGNATURE_WORDS = 4
@@ -151,10 +152,20 @@ class Learner:
         return self.model.update(kind, prior, features(words, self.contexts(analysis, text)),
                                  success, now)
 
-    def calibrate(self, model_probability: float, success: bool) -> dict[str, float]:
-        """Teach the calibration a first try; returns its state, saved with the counters."""
-        self.calibrator.update(model_probability, success)
-        return self.calibrator.state()
+    def apply_outcome(self, update: LearningUpdate) -> list[Row]:
+        """Everything one ended attempt teaches: the model's weights, and for a first try of
+        the chosen kind the calibration and the surprise sums. Pure and deterministic (the
+        update carries its time), so a standby replaying the leader's updates in order ends in
+        the same state; returns the weights it changed, for the store."""
+        analysis = self.analyzer.analyze(update.description)
+        rows = self.learn(update.description, analysis, update.kind, update.success, update.at,
+                          prior=update.prior, keywords=update.keywords)
+        if update.model_probability is not None:
+            self.calibrator.update(update.model_probability, update.success)
+        if update.confidence is not None:
+            self.observe(update.description, analysis, update.kind, update.confidence,
+                         update.success)
+        return rows
 
     def replay_distribution(self, scores: Sequence[BanditScore]) -> dict[str, float]:
         """The policy's distribution for a logged task; its exploration share moves by its
