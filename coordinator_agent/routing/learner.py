@@ -106,11 +106,13 @@ class Learner:
         contexts = self.contexts(analysis, text)
         feats = features(analysis.keywords, contexts)
         shares = {kind: text.get(kind, unknown) for kind in kinds}
-        beliefs = self.model.beliefs({kind: self.prior_success(text, kind) for kind in shares},
+        b = self.config.bandit
+        low, span = b.success_if_wrong, b.success_if_right - b.success_if_wrong
+        beliefs = self.model.beliefs({kind: low + span * p for kind, p in shares.items()},
                                      feats, now)
         scale = self.exploration_scale([name for name, _ in feats], beliefs)
-        calibrate = self.calibrator.apply
-        scores = [BanditScore(b.kind, shares[b.kind], b, scale, calibrate(b.probability))
+        calibrate = self.calibrator.apply_logit
+        scores = [BanditScore(b.kind, shares[b.kind], b, scale, calibrate(b.mean))
                   for b in beliefs]
         if chances:
             dist = self.policy.distribution(beliefs, scale=scale)
@@ -125,8 +127,7 @@ class Learner:
         if not beliefs or not groups:
             return b.exploration_scale
         best = max(beliefs, key=lambda belief: belief.mean).kind
-        spread = self.surprise.spread
-        widened = b.exploration_scale * max(spread(group, best) for group in groups)
+        widened = b.exploration_scale * self.surprise.widest(groups, best)
         return max(b.exploration_scale, min(b.max_exploration_scale, widened))
 
     def observe(self, description: str, analysis: TaskAnalysis, kind: str,
