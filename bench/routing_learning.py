@@ -18,12 +18,12 @@ Policies, all in the same run on the same task sequence and seeds:
 Reported, averaged over the seeds: regret (sum over tasks of the best kind's success
 probability minus the chosen kind's, at that moment), the share of the drifted category's first
 attempts that go to its new best kind within the first 100 tasks of that category after the
-drift (and in tasks 51-100), and the expected calibration error of the router's confidence
+drift (and in tasks 1-50 and 51-100), and the expected calibration error of the router's confidence
 (10 equal-width bins). Goals: router regret <= Thompson (true category); drift share > 0.5;
 ECE <= 0.05.
 
     .venv/bin/python bench/routing_learning.py [--tasks FILE] [--truth FILE] [--seeds 1,2,3,4,5]
-        [--steps 2000] [--config routing.yaml] [--json FILE]
+        [--steps 2000] [--config routing.yaml] [--move-drift CATEGORY] [--json FILE]
 """
 
 from __future__ import annotations
@@ -71,6 +71,15 @@ class Truth:
             if step >= int(change["at_task"]):
                 table[change["category"]][change["kind"]] = float(change["success"])
         return table
+
+
+def moved_drift(truth: Truth, category: str) -> Truth:
+    """The same rates, with the first drift moved to ``category``'s best kind."""
+    if not truth.drift or category not in truth.success:
+        raise SystemExit(f"--move-drift: no drift to move, or no category {category!r}")
+    row = truth.success[category]
+    change = {**truth.drift[0], "category": category, "kind": max(row, key=row.__getitem__)}
+    return Truth({"success": truth.success, "drift": [change]})
 
 
 def load_tasks(path: Path) -> list[Task]:
@@ -259,22 +268,30 @@ def main() -> int:
     parser.add_argument("--seeds", default="1,2,3,4,5", help="comma-separated")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--config", type=Path, help="routing config (default: packaged)")
+    parser.add_argument("--move-drift", metavar="CATEGORY",
+                        help="move the truth's drift to this category: at the same task, its "
+                             "best kind drops to the same success (tests drift elsewhere)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     tasks = load_tasks(args.tasks)
     truth = Truth(json.loads(args.truth.read_text(encoding="utf-8")))
+    if args.move_drift:
+        truth = moved_drift(truth, args.move_drift)
     config = load_routing_config(args.config)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     totals: dict[str, dict[str, list[float]]] = {}
     for seed in seeds:
         for run in simulate(tasks, truth, config, seed, args.steps):
-            row = totals.setdefault(run.name, {"regret": [], "drift": [], "drift_late": [],
-                                               "ece": []})
+            row = totals.setdefault(run.name, {"regret": [], "drift": [], "drift_early": [],
+                                               "drift_late": [], "ece": []})
             row["regret"].append(run.regret)
             first = drift_share(run, truth, (0, DRIFT_WINDOW))
+            early = drift_share(run, truth, (0, DRIFT_WINDOW // 2))
             late = drift_share(run, truth, (DRIFT_WINDOW // 2, DRIFT_WINDOW))
             if first is not None:
                 row["drift"].append(first)
+            if early is not None:
+                row["drift_early"].append(early)
             if late is not None:
                 row["drift_late"].append(late)
             if run.calibration:
@@ -290,10 +307,12 @@ def main() -> int:
                for name, row in totals.items()}
     print(f"routing learning: {args.steps} tasks x {len(seeds)} seeds ({args.seeds}); "
           f"tasks {args.tasks.name}, truth {args.truth.name}")
-    print(f"{'policy':<26}{'regret':>9}{'drift 1-100':>13}{'drift 51-100':>14}{'ECE':>8}")
+    print(f"{'policy':<26}{'regret':>9}{'drift 1-50':>12}{'drift 51-100':>14}"
+          f"{'drift 1-100':>13}{'ECE':>8}")
     for name, row in summary.items():
-        print(f"{name:<26}{fmt(row['regret'], '9.1f')}{fmt(row['drift'], '13.2f')}"
-              f"{fmt(row['drift_late'], '14.2f')}{fmt(row['ece'], '8.3f')}")
+        print(f"{name:<26}{fmt(row['regret'], '9.1f')}{fmt(row['drift_early'], '12.2f')}"
+              f"{fmt(row['drift_late'], '14.2f')}{fmt(row['drift'], '13.2f')}"
+              f"{fmt(row['ece'], '8.3f')}")
     router, oracle = summary["router"], summary["thompson (true category)"]
     goals = {
         "regret <= thompson (true category)": (router["regret"] or 0) <= (oracle["regret"] or 0),

@@ -61,11 +61,13 @@ class KindBelief:
     std: float  # its standard deviation
     successes: float  # decayed outcomes behind the weights, for people (see ``evidence``)
     failures: float
+    #: The model's predicted probability of first-try success, sigmoid(mean): computed once,
+    #: since the policy reads it several times per decision.
+    probability: float = math.nan
 
-    @property
-    def probability(self) -> float:
-        """The predicted probability of first-try success (the confidence)."""
-        return sigmoid(self.mean)
+    def __post_init__(self) -> None:
+        if math.isnan(self.probability):
+            object.__setattr__(self, "probability", sigmoid(self.mean))
 
 
 def features(keywords: Sequence[str], contexts: Sequence[str] = (), *,
@@ -157,10 +159,14 @@ class BanditModel:
                     a[3] += stat[3] * xx
         base_var = spread / q0
         out = []
+        sqrt = math.sqrt
         for kind, (mean, var, succ, fail) in acc.items():
-            clipped = max(-_LOGIT_CLIP, min(_LOGIT_CLIP, mean))
-            out.append(KindBelief(kind, priors[kind], clipped,
-                                  math.sqrt(max(1e-12, base_var + var)), succ * k, fail * k))
+            clipped = -_LOGIT_CLIP if mean < -_LOGIT_CLIP else (
+                _LOGIT_CLIP if mean > _LOGIT_CLIP else mean)
+            total = base_var + var
+            out.append(KindBelief(kind, priors[kind], clipped, sqrt(total if total > 1e-12
+                                                                    else 1e-12),
+                                  succ * k, fail * k, sigmoid(clipped)))
         return out
 
     # --- learning -----------------------------------------------------------------------------
@@ -268,7 +274,12 @@ class Calibrator:
         self.paa, self.pab, self.pbb = self.p0, 0.0, self.p0
 
     def apply(self, p: float) -> float:
-        return sigmoid(max(self.MIN_SLOPE, self.a) * logit(p) + self.b)
+        return self.apply_logit(logit(p))
+
+    def apply_logit(self, z: float) -> float:
+        """``apply`` for a probability given by its log-odds (saves a log per kind)."""
+        a = self.a if self.a > self.MIN_SLOPE else self.MIN_SLOPE
+        return sigmoid(a * z + self.b)
 
     def update(self, p: float, success: bool) -> None:
         x1, x2 = logit(p), 1.0

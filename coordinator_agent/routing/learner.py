@@ -21,6 +21,7 @@ from coordinator_agent.routing.patterns import PatternStore
 from coordinator_agent.routing.policy import ThompsonPolicy
 from coordinator_agent.routing.surprise import SurpriseDetector
 from coordinator_agent.routing.text_prior import TextPrior
+from coordinator_agent.routing.updates import LearningUpdate
 
 #: Vocabulary words that form the finer context of a task (its "signature").
 MAX_SIGNATURE_WORDS = 4
@@ -105,11 +106,13 @@ class Learner:
         contexts = self.contexts(analysis, text)
         feats = features(analysis.keywords, contexts)
         shares = {kind: text.get(kind, unknown) for kind in kinds}
-        beliefs = self.model.beliefs({kind: self.prior_success(text, kind) for kind in shares},
+        b = self.config.bandit
+        low, span = b.success_if_wrong, b.success_if_right - b.success_if_wrong
+        beliefs = self.model.beliefs({kind: low + span * p for kind, p in shares.items()},
                                      feats, now)
         scale = self.exploration_scale([name for name, _ in feats], beliefs)
-        calibrate = self.calibrator.apply
-        scores = [BanditScore(b.kind, shares[b.kind], b, scale, calibrate(b.probability))
+        calibrate = self.calibrator.apply_logit
+        scores = [BanditScore(b.kind, shares[b.kind], b, scale, calibrate(b.mean))
                   for b in beliefs]
         if chances:
             dist = self.policy.distribution(beliefs, scale=scale)
@@ -124,8 +127,7 @@ class Learner:
         if not beliefs or not groups:
             return b.exploration_scale
         best = max(beliefs, key=lambda belief: belief.mean).kind
-        spread = self.surprise.spread
-        widened = b.exploration_scale * max(spread(group, best) for group in groups)
+        widened = b.exploration_scale * self.surprise.widest(groups, best)
         return max(b.exploration_scale, min(b.max_exploration_scale, widened))
 
     def observe(self, description: str, analysis: TaskAnalysis, kind: str,
@@ -151,10 +153,20 @@ class Learner:
         return self.model.update(kind, prior, features(words, self.contexts(analysis, text)),
                                  success, now)
 
-    def calibrate(self, model_probability: float, success: bool) -> dict[str, float]:
-        """Teach the calibration a first try; returns its state, saved with the counters."""
-        self.calibrator.update(model_probability, success)
-        return self.calibrator.state()
+    def apply_outcome(self, update: LearningUpdate) -> list[Row]:
+        """Everything one ended attempt teaches: the model's weights, and for a first try of
+        the chosen kind the calibration and the surprise sums. Pure and deterministic (the
+        update carries its time), so a standby replaying the leader's updates in order ends in
+        the same state; returns the weights it changed, for the store."""
+        analysis = self.analyzer.analyze(update.description)
+        rows = self.learn(update.description, analysis, update.kind, update.success, update.at,
+                          prior=update.prior, keywords=update.keywords)
+        if update.model_probability is not None:
+            self.calibrator.update(update.model_probability, update.success)
+        if update.confidence is not None:
+            self.observe(update.description, analysis, update.kind, update.confidence,
+                         update.success)
+        return rows
 
     def replay_distribution(self, scores: Sequence[BanditScore]) -> dict[str, float]:
         """The policy's distribution for a logged task; its exploration share moves by its

@@ -43,7 +43,6 @@ from coordinator_agent.coordinator.state import AgentRecord
 from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.routing.analysis import TaskAnalysis, TaskAnalyzer
-from coordinator_agent.routing.bandit import Row
 from coordinator_agent.routing.config import (
     Complexity,
     Policy,
@@ -56,6 +55,7 @@ from coordinator_agent.routing.learner import BanditScore, Learner
 from coordinator_agent.routing.patterns import Outcome, PatternStore
 from coordinator_agent.routing.phases import split_phases
 from coordinator_agent.routing.policy import Choice
+from coordinator_agent.routing.updates import LearningUpdate
 
 #: Attempts that say nothing about the kind: never delivered, overtaken, or cancelled.
 NOT_LEARNED = frozenset({AttemptOutcome.RUNNING, AttemptOutcome.UNDELIVERABLE,
@@ -182,6 +182,9 @@ class CoordinationPlanner:
         self._unsaved = False  # decisions counted since the counters were last written
         #: Per kind: (decisions, sum of confidences), for the average confidence per kind.
         self._by_kind: dict[str, list[float]] = {}
+        #: Called with every update the planner learned from (after it is applied): where the
+        #: HA log can pick the leader's updates up for standbys (``apply_outcome``).
+        self.outcome_hook: Callable[[LearningUpdate], None] | None = None
 
     # --- selection ----------------------------------------------------------------------------
 
@@ -447,41 +450,45 @@ class CoordinationPlanner:
             info = self.analyzer.analyze(task.description).to_dict()
         first_try = not learned
         learned.append(attempt.number)
-        if first_try:
-            self._counters["first_tries"] += 1
-            self._counters["first_try_successes"] += int(success)
-        now = self._clock()
-        weights = self._learn(task, info, kind, success, now)
-        model_p = task.routing.get("parts", {}).get("model")
-        if first_try and task.routing.get("kind") == kind and isinstance(model_p, float):
-            self._counters.update(self.learner.calibrate(model_p, success))
-            confidence = task.routing.get("parts", {}).get("probability")
-            if isinstance(confidence, float):
-                self.learner.observe(task.description, self.analyzer.analyze(task.description),
-                                     kind, confidence, success)
-        self.store.record(Outcome(
-            keywords=tuple(info.get("keywords", ())), kind=kind, success=success,
-            agent_id=attempt.agent_id, category=str(info.get("category", "general")),
-            complexity=str(info.get("complexity", "medium")),
+        routing = task.routing
+        parts = routing.get("parts") if routing.get("kind") == kind else None
+        parts = parts if isinstance(parts, dict) else {}
+        prior, model_p, confidence = (parts.get(name) for name in
+                                      ("prior_success", "model", "probability"))
+        calibrated = first_try and isinstance(model_p, float)
+        update = LearningUpdate(
+            task_id=task.id, attempt=attempt.number, at=self._clock(),
+            description=task.description[: self.config.learning.max_description_chars],
+            kind=kind, success=success, keywords=tuple(str(k) for k in info.get("keywords", ())),
+            category=str(info.get("category", "general")),
+            complexity=str(info.get("complexity", "medium")), agent_id=attempt.agent_id,
             quality=1.0 if quality is None else quality,
             duration_s=attempt.duration_s if duration_s is None else duration_s,
-            at=now,
-        ), counters=self._counters, weights=weights,
-            also=self.decisions.outcome_statements(task.id, attempt.number, success, now))
-        self._unsaved = False
+            prior=float(prior) if isinstance(prior, (int, float)) else None,
+            first_try=first_try, model_probability=model_p if calibrated else None,
+            confidence=confidence if calibrated and isinstance(confidence, float) else None)
+        self.apply_outcome(update)
+        if self.outcome_hook is not None:
+            self.outcome_hook(update)
 
-    def _learn(self, task: TaskRecord, info: Mapping[str, Any], kind: str, success: bool,
-               now: float) -> list[Row]:
-        """Teach the learner, whatever the policy, with the prior the decision saw."""
-        prior = None
-        parts = task.routing.get("parts")
-        if task.routing.get("kind") == kind and isinstance(parts, dict):
-            value = parts.get("prior_success")
-            prior = float(value) if isinstance(value, (int, float)) else None
-        analysis = self.analyzer.analyze(task.description)
-        keywords = [str(k) for k in info.get("keywords", ())]
-        return self.learner.learn(task.description, analysis, kind, success, now, prior=prior,
-                                  keywords=keywords)
+    def apply_outcome(self, update: LearningUpdate) -> None:
+        """Learn one ended attempt, and store it: the leader's path and a standby's replay.
+
+        Everything comes from ``update`` (its time included): no clock, no random draw, so the
+        same updates in the same order leave two planners with the same configuration in the
+        same learning state (``updates.py``). The store writes the outcome, the bandit weights
+        it changed, the counters and the decision log's outcome in one transaction.
+        """
+        if update.first_try:
+            self._counters["first_tries"] += 1
+            self._counters["first_try_successes"] += int(update.success)
+        weights = self.learner.apply_outcome(update)
+        if update.model_probability is not None:
+            self._counters.update(self.learner.calibrator.state())
+        self.store.record(update.outcome(), counters=self._counters, weights=weights,
+                          also=self.decisions.outcome_statements(
+                              update.task_id, update.attempt, update.success, update.at))
+        self._unsaved = False
 
     def next_step(self, task: TaskRecord, outcome: AttemptOutcome | None = None) -> FallbackStep:
         """After a failed attempt (error, timeout, lost agent): what to do next.

@@ -31,7 +31,7 @@ few outcomes to see a drift again.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 
 class SurpriseDetector:
@@ -60,6 +60,20 @@ class SurpriseDetector:
         """Factor on the exploration spread: ``|z|`` when ``kind`` does worse than believed by
         more than one standard deviation, else 1."""
         return max(1.0, -self.z(group, kind))
+
+    def widest(self, groups: Iterable[str], kind: str) -> float:
+        """The largest ``spread`` of ``kind`` over ``groups`` (one lookup per group)."""
+        sums = self._sums
+        worst = 0.0  # the most negative z
+        for group in groups:
+            per_kind = sums.get(group)
+            if per_kind is None:
+                continue
+            rv = per_kind.get(kind)
+            if rv is not None and rv[0] < 0.0 and rv[1] > 1e-9:
+                z = rv[0] / math.sqrt(rv[1])
+                worst = min(worst, z)
+        return max(1.0, -worst)
 
     def state(self) -> Mapping[str, Mapping[str, tuple[float, float]]]:
         return self._sums
