@@ -58,8 +58,6 @@ class TaskResults:
         self.workflows: WorkflowEngine | None = None  # bound by the service
         #: The escalation desk (desk.py), bound by the service: True when it took the task.
         self.escalate: Callable[[TaskRecord, str], bool] | None = None
-        #: Told of each routing outcome before the learner takes it (HA: logged for standbys).
-        self.on_outcome: Callable[[TaskRecord, str | None, bool], None] | None = None
 
     # --- reports from agents ------------------------------------------------------------------
 
@@ -122,8 +120,6 @@ class TaskResults:
         self.dispatcher.wake.set()
 
     def _learn(self, task: TaskRecord, agent: AgentRecord | None, success: bool) -> None:
-        if self.on_outcome is not None:
-            self.on_outcome(task, agent.id if agent is not None else None, success)
         self.planner.record_outcome(task, agent, success)
 
     def _bounded(self, output: Any) -> tuple[Any, str | None]:

@@ -48,6 +48,7 @@ from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.registry import ServiceRegistry, registry_from_settings
 from coordinator_agent.routing.config import load_routing_config
 from coordinator_agent.routing.planner import CoordinationPlanner, Router
+from coordinator_agent.routing.updates import LearningUpdate
 from coordinator_agent.settings import Settings
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
@@ -193,14 +194,13 @@ class CoordinatorAgent:
             LogCodec(secrets), self.state.store,
             epoch=lambda: self.leadership.epoch, on_outcome=self._learn_from_log)
         self.state.store.replicate(None)  # a standby until elected: the log writes the file
-        self.results.on_outcome = replication.record_outcome
+        self.planner.outcome_hook = lambda update: replication.record_outcome(update.to_dict())
         self.outbox.barrier = self.durable
         return replication
 
-    def _learn_from_log(self, task: TaskRecord, agent_id: str | None, success: bool) -> None:
+    def _learn_from_log(self, update: dict[str, Any]) -> None:
         """A standby's learner takes the leader's routing outcomes, as the leader's did."""
-        agent = self.state.agents.get(agent_id) if agent_id is not None else None
-        self.planner.record_outcome(task, agent, success)
+        self.planner.apply_outcome(LearningUpdate.from_dict(update))
 
     # --- lifecycle ----------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import aio_pika
 import orjson
@@ -60,7 +60,8 @@ APPLY_RETRY_S = 0.5
 #: What a task event's record must have for the store to hold it.
 _TASK_KEYS = frozenset({"id", "status", "updated_at"})
 
-Outcome = Callable[[TaskRecord, str | None, bool], None]
+#: Takes a logged routing outcome: the learner's own replayable update, as plain data.
+Outcome = Callable[[dict[str, Any]], None]
 
 
 def task_event_type(task: TaskRecord) -> str:
@@ -151,10 +152,9 @@ class Replication:
         change again before the batch is sealed); returns the event's id."""
         return self._append(task_event_type(task), orjson.Fragment(data))
 
-    def record_outcome(self, task: TaskRecord, agent_id: str | None, success: bool) -> None:
-        """Before the learner updates: the task as the update will see it."""
-        self._append(ROUTING_OUTCOME, {"task": orjson.Fragment(orjson.dumps(task)),
-                                       "agent_id": agent_id, "success": success})
+    def record_outcome(self, update: dict[str, Any]) -> None:
+        """A learning update, exactly as the leader's learner took it (no clock, no draw)."""
+        self._append(ROUTING_OUTCOME, update)
 
     def record_drained(self, agent_id: str, reason: str) -> None:
         self._append(AGENT_DRAINED, {"agent_id": agent_id, "reason": reason})
@@ -267,8 +267,7 @@ class Replication:
         if self.on_outcome is None:
             return
         try:
-            task = TaskRecord.from_dict(cast(dict[str, Any], data["task"]))
-            self.on_outcome(task, data.get("agent_id"), bool(data["success"]))
+            self.on_outcome(data)
         except Exception:  # the learner is advisory: never stop applying the log for it
             log.exception("routing outcome from the log not learned")
 
