@@ -55,6 +55,8 @@ class Dispatcher:
         self.limits = limits
         self.scan_limit = scan_limit
         self._token_wake_at = 0.0  # when the wake for a rate-limited task is due
+        #: The collection ``_serving`` returned when it was the whole fleet (no one retiring).
+        self._whole: Collection[AgentRecord] | None = None
         #: Agents that get no new work: the spawner is draining them (spawner.py).
         self.retiring: set[str] = set()
         self.wake = asyncio.Event()
@@ -85,10 +87,12 @@ class Dispatcher:
             await asyncio.sleep(0)
 
     def dispatch(self) -> None:
+        if not self.pending:
+            return  # most wakes (an agent revived, a slot freed) find nothing to place
         agents: Collection[AgentRecord] = self._serving()
-        free = sum(max(0, a.free_slots(self.cap)) for a in agents if a.assignable)
-        if free <= 0 or not self.pending:
-            return  # a backlog with no free agent costs nothing per wake
+        free = self._free_slots(agents, len(self.pending))
+        if free <= 0:
+            return  # a backlog with no free agent costs one pass over the fleet per wake
         now = time.time()
         limits = self.limits
         by_principal: dict[str, int] = {}
@@ -132,8 +136,14 @@ class Dispatcher:
                         continue
                 spared = task.crashed_agents
                 # At most one crash per agent: a task never goes back to an agent it crashed.
-                decision = self.planner.select(
-                    task, [a for a in agents if a.id not in spared] if spared else agents)
+                started = time.perf_counter()
+                if spared or agents is not self._whole:
+                    decision = self.planner.select(
+                        task, [a for a in agents if a.id not in spared] if spared else agents)
+                else:
+                    decision = self.planner.select(task, agents,
+                                                   fleet_version=self.state.fleet_version)
+                self.metrics.dispatch_decision.observe(time.perf_counter() - started)
                 if self._hedge(task):
                     self.drop(task_id)  # raced on two kinds (workflows.py)
                     continue
@@ -166,6 +176,20 @@ class Dispatcher:
                 limits.held(held_kinds[kind][0])
             self._wake_for_tokens(now)
 
+    def _free_slots(self, agents: Collection[AgentRecord], enough: int) -> int:
+        """Free slots of assignable agents, counted until there are ``enough`` (the pending
+        tasks): with 10,000 agents and one task the pass stops at the first free agent."""
+        cap = self.cap
+        free = 0
+        for agent in agents:
+            if agent.assignable:
+                slots = agent.free_slots(cap)
+                if slots > 0:
+                    free += slots
+                    if free >= enough:
+                        break
+        return free
+
     def _running(self) -> tuple[dict[str, int], dict[str, int], int]:
         """Tasks in flight by agent kind and by principal, and in all."""
         by_kind: dict[str, int] = {}
@@ -193,7 +217,15 @@ class Dispatcher:
 
     def _serving(self) -> Collection[AgentRecord]:
         agents = self.state.agents.values()
-        return [a for a in agents if a.id not in self.retiring] if self.retiring else agents
+        if self.retiring:
+            return [a for a in agents if a.id not in self.retiring]
+        self._whole = agents
+        return agents
+
+    def refresh_routing(self) -> None:
+        """Keep the planner's grouping of the whole fleet current, off the decision path."""
+        if not self.retiring:
+            self.planner.refresh_fleet(self.state.agents.values(), self.state.fleet_version)
 
     def _without(self, held_kinds: dict[str, tuple[str, str]]) -> Collection[AgentRecord]:
         """The agents a task may go to: a kind at its limit counts as a kind with no free agent."""
