@@ -226,6 +226,7 @@ def scrape(port: int) -> dict[str, float]:
     wanted = {
         'coordinator_messages_received_total{message_type="agent.status"}': "status_handled",
         "coordinator_status_shed_total": "shed",
+        "coordinator_heartbeats_missing_total": "missing",
         "coordinator_status_lag_seconds": "lag",
         "coordinator_liveness_paused": "paused",
         "coordinator_dispatch_decision_seconds_count": "decisions",
@@ -494,6 +495,7 @@ class Run:
             "handled": handled,
             "dropped": max(0.0, sent - handled - in_queue),
             "shed": lm.get("shed", 0.0) - fm.get("shed", 0.0),
+            "missing": lm.get("missing", 0.0) - fm.get("missing", 0.0),
             "max_depth": max((r["depth"] for r in steady), default=0),
             "max_lag_s": max((r.get("metrics", {}).get("lag", 0.0) for r in steady), default=0),
             "paused_samples": sum(1 for r in steady if r.get("behind")),
@@ -522,10 +524,13 @@ def report(rows: list[dict[str, Any]], label: str) -> None:
     print(f"\nfleet scale ({label}), heartbeats every {rows[0]['interval']:g} s:")
     print(table(
         ["agents", "CPU % core", "RSS MB", "up in s", "min healthy", "max suspect", "max dead",
-         "sent", "handled", "dropped", "shed", "max depth", "lag s"],
+         "sent", "handled", "dropped~", "missing", "shed", "max depth", "lag s"],
         [[r["agents"], r["cpu_pct"], r["rss_mb"], r["converged_s"], r["min_healthy"],
-          r["max_suspect"], r["max_dead"], r["sent"], r["handled"], r["dropped"], r["shed"],
-          r["max_depth"], r["max_lag_s"]] for r in rows]))
+          r["max_suspect"], r["max_dead"], r["sent"], r["handled"], r["dropped"],
+          r.get("missing", float("nan")), r["shed"], r["max_depth"], r["max_lag_s"]]
+         for r in rows]))
+    print("  dropped~: sent - handled - still queued over the window (the generators report every"
+          " 2 s, so +-2 s of heartbeats); missing: the coordinator's own count of gaps")
     print(table(
         ["agents", "task p50 ms", "base p50", "x", "task p99 ms", "base p99", "x",
          "new agent s", "decision p99 ms", "'is dead' lines", "log lines"],

@@ -29,8 +29,8 @@ WINDOW = 128
 STALE_S = 5.0
 #: The quantile of the recent ages taken as the lag: robust to a quarter of skewed clocks.
 QUANTILE = 0.25
-#: While behind, a heartbeat is shed if its agent was heard within this many intervals: about
-#: every other heartbeat is read, so that no agent's last one read is ever far behind.
+#: While behind, a heartbeat is shed if its agent was heard within this many intervals plus the
+#: lag: the further behind, the fewer heartbeats per agent are read, until it catches up.
 SHED_WITHIN = 1.0
 
 
@@ -61,14 +61,16 @@ class Backlog:
     def sheddable(self, message_type: str | None, last_seen: float | None, now: float,
                   interval_s: float) -> bool:
         """Shed this message unread? Only while behind, only a heartbeat, only from an agent
-        heard within ``SHED_WITHIN`` intervals (``last_seen``; None: not a live agent).
+        heard within ``SHED_WITHIN`` intervals plus the lag (``last_seen``; None: not a live
+        agent). Heartbeats handled ``lag`` late reach each agent's record every ``interval``
+        of *their* time, which is longer than ``interval`` of ours: hence the lag.
 
         The type and sender it is judged by are not authenticated yet; the worst a forged one
         can do is have one heartbeat of a busy coordinator skipped, which it would tolerate
         anyway while silence verdicts are paused. Counted when True.
         """
         if (not self.behind or message_type != "agent.status" or last_seen is None
-                or now - last_seen > SHED_WITHIN * interval_s):
+                or now - last_seen > SHED_WITHIN * interval_s + self.lag_s):
             return False
         self.shed += 1
         self._shed_in_episode += 1

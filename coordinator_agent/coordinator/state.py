@@ -164,8 +164,7 @@ class StateManager:
         if sent_at is not None and isinstance(info, protocol.AgentStatus):
             self._count_gap(record, sent_at)
         record.last_seen = now
-        if now > self.last_heard_at:
-            self.last_heard_at = now
+        self.last_heard_at = max(self.last_heard_at, now)
         record.heard = True
         record.beats_since_suspect += 1
         if isinstance(info, protocol.AgentHello):

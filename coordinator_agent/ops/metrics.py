@@ -224,7 +224,7 @@ class Metrics:
         self.dispatch_decision = Histogram(
             "coordinator_dispatch_decision_seconds", "Time to route one pending task to an "
             "agent of the fleet as it is.", registry=r,
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1))
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

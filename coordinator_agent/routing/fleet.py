@@ -54,7 +54,7 @@ class Fleet:
     live before it is returned.
     """
 
-    __slots__ = ("by_kind", "members", "taken_at", "version", "views")
+    __slots__ = ("by_kind", "consulted", "members", "taken_at", "version", "views")
 
     def __init__(self, members: list[AgentRecord], taken_at: float, cap: int, *,
                  version: int | None = None) -> None:
@@ -62,6 +62,7 @@ class Fleet:
         self.taken_at = taken_at
         #: The state's fleet version it was grouped at (None: a caller's subset, or stale).
         self.version = version
+        self.consulted = False  # used by a decision since its loads were last read
         by_kind: dict[str, list[tuple[AgentRecord, int, bool]]] = {}
         pools: dict[str, Pool] = {}  # the view without constraints, built in the same pass
         for agent in members:

@@ -200,6 +200,7 @@ class CoordinationPlanner:
             whole = self._whole
             if whole is None or whole.version is None:
                 whole = self._regroup(agents, fleet_version)
+            whole.consulted = True
             decision = self._select(task, whole)
             if decision.agent is None and (self._whole is None or whole.version != fleet_version):
                 decision = self._select(task, self._regroup(agents, fleet_version))  # stale
@@ -217,8 +218,15 @@ class CoordinationPlanner:
         whole = self._whole
         if whole is None or whole.version != fleet_version:
             self._regroup(agents, fleet_version)
-        else:
+        elif whole.consulted:  # an idle fleet's loads are not worth re-reading 4 times a second
+            whole.consulted = False
             whole.refresh_loads(time.monotonic())
+
+    def fleet_kinds(self, fleet_version: int) -> dict[str, list[tuple[AgentRecord, int, bool]]]:
+        """The whole fleet by kind, as (agent, capacity, assignable) at ``fleet_version``; empty
+        when no grouping of that version exists."""
+        whole = self._whole
+        return whole.by_kind if whole is not None and whole.version == fleet_version else {}
 
     def _regroup(self, agents: Iterable[AgentRecord], version: int) -> Fleet:
         self._whole = Fleet(list(agents), time.monotonic(), self.in_flight_cap, version=version)

@@ -162,8 +162,9 @@ def test_shedding_only_repeat_heartbeats_while_behind(backlog: Backlog) -> None:
     backlog.loop_late(5.0)
     backlog.refresh(T0)
     assert backlog.sheddable("agent.status", T0 - 1.0, T0, interval)
+    assert backlog.sheddable("agent.status", T0 - 6.0, T0, interval)  # 5 s behind: 2 + 5 s
     assert not backlog.sheddable("agent.status", T0 - 10.0, T0, interval)  # not heard lately
     assert not backlog.sheddable("agent.status", None, T0, interval)  # unknown, or not healthy
     assert not backlog.sheddable("task.progress", T0 - 1.0, T0, interval)
     assert not backlog.sheddable("agent.hello", T0 - 1.0, T0, interval)
-    assert backlog.shed == 1
+    assert backlog.shed == 2
