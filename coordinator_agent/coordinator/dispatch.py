@@ -238,8 +238,10 @@ class Dispatcher:
 
     def refresh_routing(self) -> None:
         """Keep the planner's grouping of the whole fleet current, off the decision path."""
-        if not self.retiring:
-            self.planner.refresh_fleet(self.state.agents.values(), self.state.fleet_version)
+        if (not self.retiring and self.planner.refresh_fleet(self.state.agents.values(),
+                                                             self.state.fleet_version)
+                and self.pending):
+            self.wake.set()  # what waited for an agent the old grouping did not have
 
     def _without(self, held_kinds: dict[str, tuple[str, str]]) -> Collection[AgentRecord]:
         """The agents a task may go to: a kind at its limit counts as a kind with no free agent."""

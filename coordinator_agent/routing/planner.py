@@ -202,8 +202,11 @@ class CoordinationPlanner:
                 whole = self._regroup(agents, fleet_version)
             whole.consulted = True
             decision = self._select(task, whole)
-            if decision.agent is None and (self._whole is None or whole.version != fleet_version):
-                decision = self._select(task, self._regroup(agents, fleet_version))  # stale
+            if (decision.agent is None and whole.version != fleet_version
+                    and time.monotonic() - whole.taken_at > self.config.agent_snapshot_s):
+                # Stale, and not regrouped lately: a task nobody can take must not regroup
+                # 10,000 agents on every wake while the fleet changes.
+                decision = self._select(task, self._regroup(agents, fleet_version))
             return decision
         members = list(agents)
         decision = self._select(task, self._fleet(members))
@@ -212,15 +215,17 @@ class CoordinationPlanner:
             decision = self._select(task, self._fleet(members))
         return decision
 
-    def refresh_fleet(self, agents: Iterable[AgentRecord], fleet_version: int) -> None:
+    def refresh_fleet(self, agents: Iterable[AgentRecord], fleet_version: int) -> bool:
         """Keep the whole fleet's grouping current (called by the sweep, not per decision):
-        regrouped when the version moved, else only the loads re-read."""
+        regrouped when the version moved (then True), else only the loads re-read."""
         whole = self._whole
         if whole is None or whole.version != fleet_version:
             self._regroup(agents, fleet_version)
-        elif whole.consulted:  # an idle fleet's loads are not worth re-reading 4 times a second
+            return True
+        if whole.consulted:  # an idle fleet's loads are not worth re-reading 4 times a second
             whole.consulted = False
             whole.refresh_loads(time.monotonic())
+        return False
 
     def fleet_kinds(self, fleet_version: int) -> dict[str, list[tuple[AgentRecord, int, bool]]]:
         """The whole fleet by kind, as (agent, capacity, assignable) at ``fleet_version``; empty
