@@ -482,9 +482,14 @@ class Run:
         in_queue = last["depth"] - first["depth"]
         log_text = (self.workdir / "coordinator.log").read_text(errors="replace")
         buckets = json.loads(lm.get("_buckets", "[]"))
+        read = handled + lm.get("shed", 0.0) - fm.get("shed", 0.0)
         return {
             "agents": self.n,
+            "window_s": wall,
             "cpu_pct": cpu_pct,
+            # CPU per status message read or shed: what the machine's contention changes least.
+            "cpu_ms_per_status": 1000 * (last["cpu_s"] - first["cpu_s"]) / read if read else
+            float("nan"),
             "rss_mb": max(r["rss_mb"] for r in [first, *steady]),
             "converged_s": converged if converged is not None else float("inf"),
             "min_healthy": min((int(r.get("healthy", 0)) for r in steady), default=0),
@@ -529,6 +534,10 @@ def report(rows: list[dict[str, Any]], label: str) -> None:
           r["max_suspect"], r["max_dead"], r["sent"], r["handled"], r["dropped"],
           r.get("missing", float("nan")), r["shed"], r["max_depth"], r["max_lag_s"]]
          for r in rows]))
+    print(table(
+        ["agents", "CPU ms per status msg", "projected % core at N / interval"],
+        [[r["agents"], r["cpu_ms_per_status"],
+          r["cpu_ms_per_status"] * r["agents"] / r["interval"] / 10] for r in rows]))
     print("  dropped~: sent - handled - still queued over the window (the generators report every"
           " 2 s, so +-2 s of heartbeats); missing: the coordinator's own count of gaps")
     print(table(
