@@ -46,6 +46,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import tempfile
@@ -575,9 +576,10 @@ async def main_async(args: argparse.Namespace) -> None:
                 row = await run.run()
             except Exception as exc:
                 print(f"  {n:,} agents: failed: {exc!r}\n{run.children.tails()}")
-                continue
+                continue  # its logs stay in the work directory
             finally:
                 await run.close()
+            shutil.rmtree(workdir, ignore_errors=True)  # logs, and a keyring of throwaway keys
             row["interval"] = args.interval
             rows.append(row)
             print(json.dumps(row), flush=True)
