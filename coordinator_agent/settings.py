@@ -112,6 +112,10 @@ class Liveness(BaseModel):
     dead_after: float = Field(5.0, gt=1, validate_default=True)
     #: On-time heartbeats a suspect agent must send before it gets work again (no flapping).
     recover_after: int = Field(2, ge=1, le=100)
+    #: Heartbeat multiples the coordinator may lag behind its agents' reports (their age when
+    #: handled, or its own loop's delay) before it pauses silence verdicts and sheds repeat
+    #: heartbeats (coordinator/backlog.py): its backlog is not the agents' silence.
+    behind_after: float = Field(0.5, gt=0)
 
     @field_validator("dead_after")
     @classmethod

@@ -55,6 +55,8 @@ class Dispatcher:
         self.limits = limits
         self.scan_limit = scan_limit
         self._token_wake_at = 0.0  # when the wake for a rate-limited task is due
+        #: The collection ``_serving`` returned when it was the whole fleet (no one retiring).
+        self._whole: Collection[AgentRecord] | None = None
         #: Agents that get no new work: the spawner is draining them (spawner.py).
         self.retiring: set[str] = set()
         self.wake = asyncio.Event()
@@ -85,10 +87,12 @@ class Dispatcher:
             await asyncio.sleep(0)
 
     def dispatch(self) -> None:
+        if not self.pending:
+            return  # most wakes (an agent revived, a slot freed) find nothing to place
         agents: Collection[AgentRecord] = self._serving()
-        free = sum(max(0, a.free_slots(self.cap)) for a in agents if a.assignable)
-        if free <= 0 or not self.pending:
-            return  # a backlog with no free agent costs nothing per wake
+        free = self._free_slots(agents, len(self.pending))
+        if free <= 0:
+            return  # a backlog with no free agent costs one pass over the fleet per wake
         now = time.time()
         limits = self.limits
         by_principal: dict[str, int] = {}
@@ -105,9 +109,7 @@ class Dispatcher:
             held_kinds = self._held_kinds(now)
             agents = self._without(held_kinds)
         # Tasks that name a kind with no free agent, or one held by a limit, wait as a lane.
-        open_kinds = {a.kind for a in agents if a.assignable and a.free_slots(self.cap) > 0}
-        known_kinds = {a.kind for a in self.state.agents.values()}
-        blocked = (known_kinds - open_kinds) | set(held_kinds)
+        blocked = self._blocked_kinds(agents) | set(held_kinds)
         serving = self.pending.serving_order(now, by_principal, blocked)
         try:
             while free > 0:
@@ -132,8 +134,14 @@ class Dispatcher:
                         continue
                 spared = task.crashed_agents
                 # At most one crash per agent: a task never goes back to an agent it crashed.
-                decision = self.planner.select(
-                    task, [a for a in agents if a.id not in spared] if spared else agents)
+                started = time.perf_counter()
+                if spared or agents is not self._whole:
+                    decision = self.planner.select(
+                        task, [a for a in agents if a.id not in spared] if spared else agents)
+                else:
+                    decision = self.planner.select(task, agents,
+                                                   fleet_version=self.state.fleet_version)
+                self.metrics.dispatch_decision.observe(time.perf_counter() - started)
                 if self._hedge(task):
                     self.drop(task_id)  # raced on two kinds (workflows.py)
                     continue
@@ -166,6 +174,36 @@ class Dispatcher:
                 limits.held(held_kinds[kind][0])
             self._wake_for_tokens(now)
 
+    def _blocked_kinds(self, agents: Collection[AgentRecord]) -> set[str]:
+        """Kinds known in the fleet with no free assignable agent among ``agents``.
+
+        From the planner's grouping of the whole fleet when it is current: one look per kind
+        until a free agent, instead of two passes over 10,000 agents on every wake.
+        """
+        cap = self.cap
+        by_kind = (self.planner.fleet_kinds(self.state.fleet_version)
+                   if agents is self._whole else {})
+        if not by_kind:
+            open_kinds = {a.kind for a in agents if a.assignable and a.free_slots(cap) > 0}
+            return {a.kind for a in self.state.agents.values()} - open_kinds
+        return {kind for kind, group in by_kind.items()
+                if not any(healthy and len(agent.in_flight) < min(capacity, cap)
+                           and agent.assignable for agent, capacity, healthy in group)}
+
+    def _free_slots(self, agents: Collection[AgentRecord], enough: int) -> int:
+        """Free slots of assignable agents, counted until there are ``enough`` (the pending
+        tasks): with 10,000 agents and one task the pass stops at the first free agent."""
+        cap = self.cap
+        free = 0
+        for agent in agents:
+            if agent.assignable:
+                slots = agent.free_slots(cap)
+                if slots > 0:
+                    free += slots
+                    if free >= enough:
+                        break
+        return free
+
     def _running(self) -> tuple[dict[str, int], dict[str, int], int]:
         """Tasks in flight by agent kind and by principal, and in all."""
         by_kind: dict[str, int] = {}
@@ -193,7 +231,17 @@ class Dispatcher:
 
     def _serving(self) -> Collection[AgentRecord]:
         agents = self.state.agents.values()
-        return [a for a in agents if a.id not in self.retiring] if self.retiring else agents
+        if self.retiring:
+            return [a for a in agents if a.id not in self.retiring]
+        self._whole = agents
+        return agents
+
+    def refresh_routing(self) -> None:
+        """Keep the planner's grouping of the whole fleet current, off the decision path."""
+        if (not self.retiring and self.planner.refresh_fleet(self.state.agents.values(),
+                                                             self.state.fleet_version)
+                and self.pending):
+            self.wake.set()  # what waited for an agent the old grouping did not have
 
     def _without(self, held_kinds: dict[str, tuple[str, str]]) -> Collection[AgentRecord]:
         """The agents a task may go to: a kind at its limit counts as a kind with no free agent."""

@@ -11,7 +11,11 @@ as the correlation id of its heartbeats; assignments carry the session they are 
 from __future__ import annotations
 
 import logging
+import time
 
+from aio_pika.abc import AbstractIncomingMessage
+
+from coordinator_agent.coordinator.backlog import Backlog
 from coordinator_agent.coordinator.dispatch import Dispatcher
 from coordinator_agent.coordinator.liveness import AgentLiveness
 from coordinator_agent.coordinator.results import TaskResults
@@ -19,32 +23,70 @@ from coordinator_agent.coordinator.state import AgentRecord, StateManager
 from coordinator_agent.coordinator.tasks import Attempt
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.wire import protocol
+from coordinator_agent.wire.constants import HEADER_SENDER
 
 log = logging.getLogger(__name__)
 
 
 class AgentReports:
     def __init__(self, state: StateManager, dispatcher: Dispatcher, results: TaskResults,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, backlog: Backlog | None = None) -> None:
         self.state = state
         self.dispatcher = dispatcher
         self.results = results
         self.metrics = metrics
+        self.backlog = backlog if backlog is not None else Backlog(
+            state.liveness.heartbeat_interval_s * state.liveness.behind_after)
+        self._missing_exported = 0
+
+    def shed(self, message: AbstractIncomingMessage) -> bool:
+        """Ack a repeat heartbeat unread while behind (backlog.py); counted."""
+        backlog = self.backlog
+        if not backlog.behind:
+            return False
+        sender = (message.headers or {}).get(HEADER_SENDER)
+        if isinstance(sender, bytes):
+            sender = sender.decode("utf-8", "replace")
+        agent = self.state.agents.get(sender) if isinstance(sender, str) else None
+        last_seen = (agent.last_seen if agent is not None
+                     and agent.liveness is AgentLiveness.HEALTHY else None)
+        if backlog.sheddable(message.type, last_seen, time.time(),
+                             self.state.liveness.heartbeat_interval_s):
+            self.metrics.status_shed.inc()
+            return True
+        return False
+
+    def export_metrics(self) -> None:
+        backlog = self.backlog
+        self.metrics.status_lag.set(backlog.lag_s)
+        self.metrics.liveness_paused.set(1 if backlog.behind else 0)
+        missing = self.state.missing_heartbeats
+        if missing > self._missing_exported:
+            self.metrics.heartbeats_missing.inc(missing - self._missing_exported)
+            self._missing_exported = missing
+
+    def view(self) -> dict[str, object]:
+        """The ``liveness`` field of the status view: is the coordinator keeping up?"""
+        return {**self.backlog.view(), "heartbeats_missing": self.state.missing_heartbeats}
 
     def seen(
         self, agent_id: str, info: protocol.AgentHello | protocol.AgentStatus, now: float,
-        *, redelivered: bool = False, session: str | None = None,
+        *, redelivered: bool = False, session: str | None = None, sent_at: float | None = None,
     ) -> None:
         previous = self.state.agents.get(agent_id)
         if isinstance(info, protocol.AgentHello) and previous is not None and previous.in_flight:
             self._new_process(previous, session, redelivered=redelivered)
-        agent, became_assignable = self.state.observe_agent(agent_id, info, now)
+        if sent_at is not None and isinstance(info, protocol.AgentStatus):
+            self.backlog.observe(sent_at, now)
+        agent, became_assignable = self.state.observe_agent(agent_id, info, now, sent_at)
         if session is not None and (isinstance(info, protocol.AgentHello)
                                     or agent.session is None):
             agent.session = session
         self.metrics.operations.labels("heartbeat").inc()
         if became_assignable:
-            log.info("agent %s (%s) is available", agent_id, agent.kind)
+            # One line per sweep sums these up (sweep.py): a fleet coming up is not 10k lines.
+            log.debug("agent %s (%s) is available", agent_id, agent.kind)
+            self.state.changes["available"] += 1
             self.dispatcher.wake.set()
 
     def _new_process(self, previous: AgentRecord, session: str | None, *,

@@ -34,6 +34,9 @@ from coordinator_agent.wire import protocol
 
 log = logging.getLogger(__name__)
 
+#: Agents named in the one log line of a sweep's deaths (the rest are counted).
+BURY_NAMED = 5
+
 #: Assignments that never ran (undeliverable, withdrawn) cost no retry, up to this many per task.
 MAX_UNDELIVERABLE = 10
 
@@ -264,9 +267,16 @@ class TaskResults:
             self.retry_or_fail(task, attempt, outcome, why)
 
     def bury(self, dead: list[AgentRecord], now: float) -> None:
+        """Reassign the tasks of agents that just died; one log line for all of them."""
+        if not dead:
+            return
+        tasks = sum(len(agent.in_flight) for agent in dead)
+        named = ", ".join(f"{a.id} ({a.liveness_reason}, silent {now - a.last_seen:.1f}s, "
+                          f"registry {a.registry.value if a.registry else '-'})"
+                          for a in dead[:BURY_NAMED])
+        more = f" and {len(dead) - BURY_NAMED} more" if len(dead) > BURY_NAMED else ""
+        log.warning("%d agent(s) dead: %s%s; reassigning %d tasks", len(dead), named, more,
+                    tasks)
         for agent in dead:
-            log.warning("agent %s is dead (%s, silent %.1fs, registry %s); reassigning %d tasks",
-                        agent.id, agent.liveness_reason, now - agent.last_seen,
-                        agent.registry.value if agent.registry else "-", len(agent.in_flight))
             self.lose_agent_tasks(agent, f"agent is dead ({agent.liveness_reason})",
                                   crashed=True)

@@ -102,7 +102,9 @@ class CoordinatorAgent:
         self.messages.consume(c.tasks_queue(settings.name), self._on_message,
                               prefetch=settings.prefetch)
         self.messages.consume(c.status_queue(settings.name), self._on_message,
-                              prefetch=settings.prefetch, requeue_on_error=False)
+                              prefetch=settings.prefetch, requeue_on_error=False,
+                              # Late-bound: the reports are made further down.
+                              shed=lambda message: self.reports.shed(message))  # noqa: PLW0108
         self._background: set[asyncio.Task[Any]] = set()
         spawn = background(self._background)
 
@@ -139,7 +141,8 @@ class CoordinatorAgent:
                                   settings.liveness)
         self.flood = FloodWatch(self._compact)
         self.sweeper = Sweeper(self.state, self.results, self.outbox, self.keyrings,
-                               outage=self.outage, flood=self.flood)
+                               outage=self.outage, flood=self.flood,
+                               backlog=self.reports.backlog)
         #: Leader or standby (docs/HA.md); with ``ha.enabled`` off, the leader from start to stop.
         self.leadership = Leadership(settings, self.metrics, on_elected=self._lead,
                                      on_deposed=self._step_down)
@@ -408,7 +411,7 @@ class CoordinatorAgent:
             session = (envelope.id if isinstance(payload, protocol.AgentHello)
                        else envelope.correlation_id)
             self.reports.seen(sender, payload, now, redelivered=bool(message.redelivered),
-                              session=session)
+                              session=session, sent_at=envelope.sent_at)
         elif isinstance(payload, protocol.TaskResult):
             self.reports.touch(sender, now)
             self.results.on_result(sender, payload)
@@ -511,6 +514,7 @@ class CoordinatorAgent:
             self.settings.name, self.state, ready=self.ready,
             broker_connected=self.broker_working(), registry=self.registry_state,
             started_at=self.started_at, role=self.role, epoch=self.leadership.epoch)
+        view["liveness"] = self.reports.view()
         if self.replication is not None:
             view["replication"] = {"log_offset": self.state.store.log_offset(),
                                    "lag_entries": self.replication.lag,
@@ -535,6 +539,7 @@ class CoordinatorAgent:
                          max_in_flight_per_agent=self.settings.limits.max_in_flight_per_agent,
                          registry=self.registry_state)
         self.desk.set_gauges(time.time())
+        self.reports.export_metrics()
 
     def render_metrics(self) -> bytes:
         self.refresh_gauges()  # gauges are set here, exact at scrape time

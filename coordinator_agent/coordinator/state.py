@@ -1,10 +1,17 @@
-"""StateManager: agents with liveness, active tasks (persisted through TaskStore), totals."""
+"""StateManager: agents with liveness, active tasks (persisted through TaskStore), totals.
+
+Liveness is advanced by deadlines, not by judging everyone on every sweep: each heard agent
+has one entry in a heap, due when its silence could next change its liveness. A sweep pops
+only the entries that are due, re-checks them against the agent's latest heartbeat (an entry
+is never updated in place: a heartbeat costs nothing here) and pushes them back.
+"""
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -51,6 +58,8 @@ class AgentRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     completed: int = 0
     failed: int = 0
+    #: The agent's own stamp on its last heartbeat (gaps count heartbeats that never came).
+    last_sent_at: float | None = None
 
     def capacity(self, cap: int) -> int:
         return min(self.max_concurrency, cap)
@@ -104,11 +113,27 @@ class StateManager:
         #: Told about a task put back to its stored state after a failed write (dispatch
         #: queues it again if it is pending).
         self.on_rollback: Callable[[TaskRecord], None] | None = None
+        #: Silence counts from here at the earliest: moved to "now" while the coordinator is
+        #: behind on its agents' reports (backlog.py), so its backlog is nobody's silence.
+        self.silence_floor = 0.0
+        #: Bumped when the set of agents, or what routing groups them by, changes.
+        self.fleet_version = 0
+        #: Liveness changes since the sweep last summed them up in its log line.
+        self.changes: Counter[str] = Counter()
+        #: Heartbeats that never arrived, inferred from gaps in the agents' own stamps.
+        self.missing_heartbeats = 0
+        #: When any agent was last heard (hello or heartbeat).
+        self.last_heard_at = 0.0
+        self._due: list[tuple[float, int, str]] = []  # (when, tie-breaker, agent id)
+        self._scheduled: set[str] = set()
+        self._departed: set[str] = set()  # dead or left: forget_departed looks only here
+        self._seq = 0
 
     # --- agents -------------------------------------------------------------------------------
 
     def observe_agent(
-        self, agent_id: str, info: protocol.AgentHello | protocol.AgentStatus, now: float
+        self, agent_id: str, info: protocol.AgentHello | protocol.AgentStatus, now: float,
+        sent_at: float | None = None,
     ) -> tuple[AgentRecord, bool]:
         """Record a hello or heartbeat; returns (record, became_assignable)."""
         record = self.agents.get(agent_id)
@@ -126,10 +151,20 @@ class StateManager:
                 fresh.registry = record.registry
                 fresh.session = record.session
             record = self.agents[agent_id] = fresh
-        record.kind = info.kind
-        record.capabilities = frozenset(info.capabilities)
-        record.max_concurrency = info.max_concurrency
+            self._departed.discard(agent_id)
+            self.fleet_version += 1
+        capabilities = info.capabilities
+        if (record.kind != info.kind or record.max_concurrency != info.max_concurrency
+                or len(record.capabilities) != len(capabilities)
+                or not record.capabilities.issuperset(capabilities)):
+            record.kind = info.kind
+            record.capabilities = frozenset(capabilities)
+            record.max_concurrency = info.max_concurrency
+            self.fleet_version += 1
+        if sent_at is not None and isinstance(info, protocol.AgentStatus):
+            self._count_gap(record, sent_at)
         record.last_seen = now
+        self.last_heard_at = max(self.last_heard_at, now)
         record.heard = True
         record.beats_since_suspect += 1
         if isinstance(info, protocol.AgentHello):
@@ -140,7 +175,21 @@ class StateManager:
             record.reported_in_flight = info.in_flight
             record.reported_load = info.load
         self._judge(record, now)
-        return record, record.assignable and not was_assignable
+        self._schedule(record, now)
+        became = record.assignable and not was_assignable
+        if became or (was_assignable and not record.assignable):
+            self.fleet_version += 1
+        return record, became
+
+    def _count_gap(self, record: AgentRecord, sent_at: float) -> None:
+        """Heartbeats missing between this one and the last (expired in the queue, shed, or
+        never sent): a gap of more than 1.5 intervals counts whole intervals."""
+        last, record.last_sent_at = record.last_sent_at, sent_at
+        if last is None:
+            return
+        gap = (sent_at - last) / self.liveness.heartbeat_interval_s
+        if gap > 1.5:
+            self.missing_heartbeats += round(gap) - 1
 
     def observe_registry(
         self, entries: list[RegisteredAgent], now: float
@@ -167,11 +216,14 @@ class StateManager:
                 record.registry = RegistryHealth.ABSENT
             if not record.heard and listing is None:
                 del self.agents[record.id]  # known only from the registry, which dropped it
+                self.fleet_version += 1
                 continue
             was_assignable = record.assignable
             if self._judge(record, now):
                 died.append(record)
             woke = woke or (record.assignable and not was_assignable)
+            if record.assignable is not was_assignable:
+                self.fleet_version += 1
         return died, woke
 
     def registry_lost(self) -> None:
@@ -184,24 +236,67 @@ class StateManager:
             record.liveness = AgentLiveness.SUSPECT
             record.liveness_reason = reason
             record.beats_since_suspect = 0
+            self.changes[AgentLiveness.SUSPECT.value] += 1
+            self.fleet_version += 1
 
     def agent_left(self, agent_id: str) -> AgentRecord | None:
         record = self.agents.get(agent_id)
         if record is not None:
             record.liveness = AgentLiveness.LEFT
             record.liveness_reason = "goodbye"
+            self._departed.add(agent_id)
+            self.changes[AgentLiveness.LEFT.value] += 1
+            self.fleet_version += 1
         return record
 
     def sweep_liveness(self, now: float) -> list[AgentRecord]:
-        """Advance liveness as time passes; returns the agents that just died."""
-        return [record for record in list(self.agents.values()) if self._judge(record, now)]
+        """Advance liveness as time passes; returns the agents that just died.
+
+        Touches only the agents whose deadline has passed (see the module docstring).
+        """
+        died: list[AgentRecord] = []
+        due = self._due
+        while due and due[0][0] <= now:
+            _, _, agent_id = heapq.heappop(due)
+            self._scheduled.discard(agent_id)
+            record = self.agents.get(agent_id)
+            if record is None:
+                continue
+            was_assignable = record.assignable
+            if self._judge(record, now):  # perhaps heard since: then it stays as it is
+                died.append(record)
+            if record.assignable is not was_assignable:
+                self.fleet_version += 1
+            self._schedule(record, now)
+        return died
+
+    def _next_due(self, record: AgentRecord, now: float) -> float:
+        """The next moment after ``now`` its silence could change its liveness: when it
+        turns suspect, else when it dies (``judge`` kills at dead_after, whatever else)."""
+        config = self.liveness
+        since = record.last_seen if record.last_seen > self.silence_floor else self.silence_floor
+        suspect_at = since + config.heartbeat_interval_s * config.suspect_after
+        due = (suspect_at if suspect_at > now
+               else since + config.heartbeat_interval_s * config.dead_after)
+        return due if due > now else now + 0.001  # float rounding must not spin the sweep
+
+    def _schedule(self, record: AgentRecord, now: float) -> None:
+        if record.id in self._scheduled or record.liveness.gone or not record.heard:
+            return
+        self._seq += 1
+        heapq.heappush(self._due, (self._next_due(record, now), self._seq, record.id))
+        self._scheduled.add(record.id)
 
     def _judge(self, record: AgentRecord, now: float) -> bool:
-        """Apply liveness.judge; True when the agent just died. Dead and left agents stay so."""
+        """Apply liveness.judge; True when the agent just died. Dead and left agents stay so.
+
+        Silence counts from ``silence_floor`` at the earliest (the coordinator's own backlog).
+        """
         if record.liveness.gone:
             return False
+        since = record.last_seen if record.last_seen > self.silence_floor else self.silence_floor
         verdict = judge(
-            record.liveness, heard=record.heard, silent_s=now - record.last_seen,
+            record.liveness, heard=record.heard, silent_s=now - since,
             registry=record.registry if self.registry_trusted else None,
             reported_draining=record.reported_state == "draining",
             beats_since_suspect=record.beats_since_suspect, config=self.liveness,
@@ -212,16 +307,21 @@ class StateManager:
         if verdict.liveness is record.liveness:
             return False
         record.liveness = verdict.liveness
-        return verdict.liveness is AgentLiveness.DEAD
+        self.changes[verdict.liveness.value] += 1
+        if verdict.liveness is AgentLiveness.DEAD:
+            self._departed.add(record.id)
+            return True
+        return False
 
     def forget_departed(self, now: float, keep_s: float = 600.0) -> None:
-        gone = [
-            a.id for a in self.agents.values()
-            if a.liveness.gone
-            and not a.in_flight and now - a.last_seen > keep_s
-        ]
-        for agent_id in gone:
-            del self.agents[agent_id]
+        for agent_id in list(self._departed):
+            record = self.agents.get(agent_id)
+            if record is None or not record.liveness.gone:
+                self._departed.discard(agent_id)
+            elif not record.in_flight and now - record.last_seen > keep_s:
+                del self.agents[agent_id]
+                self._departed.discard(agent_id)
+                self.fleet_version += 1
 
     def count_by_liveness(self) -> dict[str, int]:
         counts = {state.value: 0 for state in AgentLiveness}

@@ -1,10 +1,13 @@
 """The sweep: periodic work that no message triggers.
 
-Four times a second it judges liveness (and reassigns the tasks of dead agents), times out
-attempts, fails tasks that no agent could ever run, resends unsent notices, and picks up a
-replaced keyring file. During a broker outage (``outage.py``) it judges nothing and times out
-nothing. After a failed store write it probes the store until a write succeeds again, and after
-a flood it gives memory back (``memory.py``).
+Four times a second it advances liveness (only the agents whose deadline passed, see
+``state.py``; and reassigns the tasks of dead agents), times out attempts, fails tasks that no
+agent could ever run, resends unsent notices, and picks up a replaced keyring file (parsed off
+the event loop). During a broker outage (``outage.py``) it judges nothing and times out
+nothing; while the coordinator is behind on its agents' reports (``backlog.py``) silence
+counts for nobody. After a failed store write it probes the store until a write succeeds
+again, and after a flood it gives memory back (``memory.py``). Liveness changes are summed up
+in one log line per sweep.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from coordinator_agent.coordinator.backlog import Backlog
 from coordinator_agent.coordinator.memory import FloodWatch
 from coordinator_agent.coordinator.outage import OutageClock
 from coordinator_agent.coordinator.outbox import Outbox
@@ -30,6 +34,8 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 0.25
 NOTICE_RETRY_S = 5.0
+#: Agents gone this long are forgotten; looking for them is not worth doing 4 times a second.
+FORGET_EVERY_S = 5.0
 
 
 class KeyringReloader:
@@ -53,16 +59,19 @@ class KeyringReloader:
         self.current = keyring
         self.security.reload(keyring)
 
-    def reload_if_changed(self) -> None:
+    async def reload_if_changed(self) -> None:
         mtime = self._file_mtime()
         if mtime is None or mtime == self._mtime:
             return
         self._mtime = mtime
         try:
-            keyring = Keyring.load(self.path)
+            # Reading and checking 10,000 principals takes a third of a second: not on the loop.
+            keyring = await asyncio.to_thread(Keyring.load, self.path)
         except ConfigError as exc:
             log.warning("keyring changed but could not be loaded, keeping the old one: %s", exc)
             return
+        if self._mtime != mtime:
+            return  # adopt() ran meanwhile with a newer keyring of this process's own
         self.current = keyring
         self.security.reload(keyring)
         log.info("keyring reloaded: %d principals", len(keyring.principals))
@@ -70,8 +79,10 @@ class KeyringReloader:
 
 class Sweeper:
     def __init__(self, state: StateManager, results: TaskResults, outbox: Outbox,
-                 keyring: KeyringReloader, *, outage: OutageClock, flood: FloodWatch) -> None:
+                 keyring: KeyringReloader, *, outage: OutageClock, flood: FloodWatch,
+                 backlog: Backlog | None = None) -> None:
         self.state = state
+        self.backlog = backlog
         self.results = results
         self.outbox = outbox
         self.keyring = keyring
@@ -82,13 +93,24 @@ class Sweeper:
         self.store_writable.set()
         #: False while another coordinator leads (docs/HA.md): nothing is judged or sent.
         self.leading: Callable[[], bool] = lambda: True
+        self._forgot_at = 0.0
+
+    def _log_changes(self) -> None:
+        """One line for every liveness change since the last sweep (not one per agent)."""
+        changes = self.state.changes
+        if changes:
+            log.info("agents: %s", ", ".join(f"{n} {what}" for what, n in sorted(changes.items())))
+            changes.clear()
 
     async def run(self) -> None:
         last_notice_retry = time.monotonic()
         while True:
+            asked = time.monotonic()
             await asyncio.sleep(SWEEP_INTERVAL_S)
+            if self.backlog is not None:
+                self.backlog.loop_late(time.monotonic() - asked - SWEEP_INTERVAL_S)
             try:
-                self.keyring.reload_if_changed()
+                await self.keyring.reload_if_changed()
                 if not self.leading():
                     continue
                 self.check_store()
@@ -108,13 +130,23 @@ class Sweeper:
             self.store_writable.set()
 
     def sweep(self, now: float) -> None:
+        backlog = self.backlog
+        if backlog is not None:
+            was_behind = backlog.behind
+            if backlog.refresh(now) or was_behind:
+                # Behind: nobody's silence grows meanwhile; caught up: it counts from now.
+                self.state.silence_floor = now
         was_out = self.outage.active
         if self.outage.check(now):
             return  # the broker is the problem: nobody is judged, nothing times out
         if was_out:
             self.results.dispatcher.wake.set()  # assignments held during the outage
         self.results.bury(self.state.sweep_liveness(now), now)
-        self.state.forget_departed(now)
+        self._log_changes()
+        self.results.dispatcher.refresh_routing()
+        if now - self._forgot_at > FORGET_EVERY_S:
+            self._forgot_at = now
+            self.state.forget_departed(now)
         for task in list(self.state.tasks.values()):
             attempt = task.current_attempt
             if attempt is not None and now > attempt.deadline:

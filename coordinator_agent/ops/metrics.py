@@ -207,6 +207,28 @@ class Metrics:
             "coordinator_spawner_restarts_total", "Spawned agents restarted after a crash, by "
             "kind.", ["kind"], registry=r,
         )
+        self._fleet_scale(r)
+
+    def _fleet_scale(self, r: CollectorRegistry) -> None:
+        """What an overloaded coordinator does instead of declaring healthy agents dead."""
+        self.status_lag = Gauge(
+            "coordinator_status_lag_seconds", "How far behind the coordinator handles its agents' "
+            "reports (age of recent heartbeats when handled, or its own loop's delay).",
+            registry=r)
+        self.liveness_paused = Gauge(
+            "coordinator_liveness_paused", "1 while silence verdicts are paused because the "
+            "coordinator is behind on its agents' reports.", registry=r)
+        self.status_shed = Counter(
+            "coordinator_status_shed_total", "Repeat heartbeats acked unread while the "
+            "coordinator was behind.", registry=r)
+        self.heartbeats_missing = Counter(
+            "coordinator_heartbeats_missing_total", "Heartbeats that never reached the "
+            "coordinator, from gaps in the agents' own stamps (expired in the status queue, "
+            "shed, or not sent).", registry=r)
+        self.dispatch_decision = Histogram(
+            "coordinator_dispatch_decision_seconds", "Time to route one pending task to an "
+            "agent of the fleet as it is.", registry=r,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -54,11 +54,15 @@ class Fleet:
     live before it is returned.
     """
 
-    __slots__ = ("by_kind", "members", "taken_at", "views")
+    __slots__ = ("by_kind", "consulted", "members", "taken_at", "version", "views")
 
-    def __init__(self, members: list[AgentRecord], taken_at: float, cap: int) -> None:
+    def __init__(self, members: list[AgentRecord], taken_at: float, cap: int, *,
+                 version: int | None = None) -> None:
         self.members = members
         self.taken_at = taken_at
+        #: The state's fleet version it was grouped at (None: a caller's subset, or stale).
+        self.version = version
+        self.consulted = False  # used by a decision since its loads were last read
         by_kind: dict[str, list[tuple[AgentRecord, int, bool]]] = {}
         pools: dict[str, Pool] = {}  # the view without constraints, built in the same pass
         for agent in members:
@@ -76,6 +80,17 @@ class Fleet:
         self.views: dict[tuple[str | None, frozenset[str]], tuple[dict[str, Pool], bool]] = {
             (None, frozenset()): (pools, bool(members)),
         }
+
+    def refresh_loads(self, now: float) -> None:
+        """Re-read the loads of every pool (cheap next to regrouping: no grouping, no checks)."""
+        self.taken_at = now
+        for pools, _ in self.views.values():
+            for pool in pools.values():
+                used = 0
+                for agent, capacity in pool.entries:
+                    n = len(agent.in_flight)
+                    used += n if n < capacity else capacity
+                pool.used = used
 
     def same_members(self, members: list[AgentRecord]) -> bool:
         old = self.members

@@ -176,7 +176,8 @@ class CoordinationPlanner:
             kind: frozenset(spec.complexity) for kind, spec in self.config.kinds.items()
         }
         self._labels: set[str] = set(self.config.kinds) | {self.config.fallback_kind}
-        self._fleet_cache: Fleet | None = None
+        self._fleet_cache: Fleet | None = None  # a part of the fleet (filtered by the caller)
+        self._whole: Fleet | None = None  # the whole fleet, at a version (refresh_fleet)
         stored = self.store.counters()
         self._counters: dict[str, float] = {name: stored.get(name, 0.0) for name in _COUNTERS}
         self._unsaved = False  # decisions counted since the counters were last written
@@ -188,18 +189,59 @@ class CoordinationPlanner:
 
     # --- selection ----------------------------------------------------------------------------
 
-    def select(self, task: TaskRecord, agents: Iterable[AgentRecord]) -> RoutingDecision:
-        """Pick an agent now and record why in ``task.routing``, or say why none can take it."""
+    def select(self, task: TaskRecord, agents: Iterable[AgentRecord], *,
+               fleet_version: int | None = None) -> RoutingDecision:
+        """Pick an agent now and record why in ``task.routing``, or say why none can take it.
+
+        ``fleet_version``: ``agents`` is the whole fleet as of that version of the state (its
+        membership, kinds and assignability); its grouping is then reused as long as the
+        version holds, and regrouped by ``refresh_fleet`` off the decision path when not.
+        """
         if self.router is not None:
             return self._select_with_router(task, agents)
+        if fleet_version is not None:
+            whole = self._whole
+            if whole is None or whole.version is None:
+                whole = self._regroup(agents, fleet_version)
+            whole.consulted = True
+            decision = self._select(task, whole)
+            if (decision.agent is None and whole.version != fleet_version
+                    and time.monotonic() - whole.taken_at > self.config.agent_snapshot_s):
+                # Stale, and not regrouped lately: a task nobody can take must not regroup
+                # 10,000 agents on every wake while the fleet changes.
+                decision = self._select(task, self._regroup(agents, fleet_version))
+            return decision
         members = list(agents)
-        decision = self._select(task, members)
+        decision = self._select(task, self._fleet(members))
         if decision.agent is None and self._fleet_cache is None:
-            decision = self._select(task, members)  # the grouping was stale: regrouped, again
+            # The grouping was stale: regrouped, again.
+            decision = self._select(task, self._fleet(members))
         return decision
 
-    def _select(self, task: TaskRecord, members: list[AgentRecord]) -> RoutingDecision:
-        pools, able = self._fleet(members).view(task.kind, frozenset(task.required_capabilities))
+    def refresh_fleet(self, agents: Iterable[AgentRecord], fleet_version: int) -> bool:
+        """Keep the whole fleet's grouping current (called by the sweep, not per decision):
+        regrouped when the version moved (then True), else only the loads re-read."""
+        whole = self._whole
+        if whole is None or whole.version != fleet_version:
+            self._regroup(agents, fleet_version)
+            return True
+        if whole.consulted:  # an idle fleet's loads are not worth re-reading 4 times a second
+            whole.consulted = False
+            whole.refresh_loads(time.monotonic())
+        return False
+
+    def fleet_kinds(self, fleet_version: int) -> dict[str, list[tuple[AgentRecord, int, bool]]]:
+        """The whole fleet by kind, as (agent, capacity, assignable) at ``fleet_version``; empty
+        when no grouping of that version exists."""
+        whole = self._whole
+        return whole.by_kind if whole is not None and whole.version == fleet_version else {}
+
+    def _regroup(self, agents: Iterable[AgentRecord], version: int) -> Fleet:
+        self._whole = Fleet(list(agents), time.monotonic(), self.in_flight_cap, version=version)
+        return self._whole
+
+    def _select(self, task: TaskRecord, fleet: Fleet) -> RoutingDecision:
+        pools, able = fleet.view(task.kind, frozenset(task.required_capabilities))
         if not able:
             return RoutingDecision(None, "no_matching_agent")
         if not pools:
@@ -332,7 +374,7 @@ class CoordinationPlanner:
         agent, stale = pick(task, kind, pool, cap=self.in_flight_cap,
                             balance=self.config.balance, rng=self._rng)
         if stale:
-            self._fleet_cache = None
+            self._fleet_cache = None  # the whole fleet's grouping: regrouped by refresh_fleet
         return agent
 
     def _record_decision(

@@ -77,6 +77,9 @@ class _Consumer:
     requeue_on_error: bool
     #: Not started until ``resume`` (an agent says hello before it takes work).
     paused: bool = False
+    #: Says, before anything is decrypted, that a message may be acked unread (an overloaded
+    #: coordinator sheds repeat heartbeats; the owner of the predicate counts what it sheds).
+    shed: Callable[[AbstractIncomingMessage], bool] | None = None
 
 
 def mask_url(url: str) -> str:
@@ -160,9 +163,10 @@ class MessageHandler:
 
     def consume(
         self, queue: str, handler: Handler, *, prefetch: int, requeue_on_error: bool = True,
-        paused: bool = False,
+        paused: bool = False, shed: Callable[[AbstractIncomingMessage], bool] | None = None,
     ) -> None:
-        self._consumers.append(_Consumer(queue, handler, prefetch, requeue_on_error, paused))
+        self._consumers.append(
+            _Consumer(queue, handler, prefetch, requeue_on_error, paused, shed))
 
     async def resume(self, queue: str) -> None:
         """Start a consumer registered ``paused``, now if connected, else on the next connect."""
@@ -398,6 +402,10 @@ class MessageHandler:
         return on_message
 
     async def _handle(self, consumer: _Consumer, message: AbstractIncomingMessage) -> None:
+        if consumer.shed is not None and consumer.shed(message):
+            with contextlib.suppress(*BROKER_ERRORS):
+                await message.ack()
+            return
         try:
             envelope = self.security.open(
                 message.body, message.headers, redelivered=bool(message.redelivered)

@@ -150,6 +150,13 @@ class SecurityManager:
         old_peers = self._peers
         self._keyring, self._peers = keyring, {}
         for owner, old in old_peers.items():
+            principal = keyring.get(owner)
+            if principal is None:
+                continue
+            secrets = [k.get_secret_value() for k in principal.keys]
+            if secrets == old.secrets:
+                self._peers[owner] = old  # unchanged: 10,000 agents cost no new Fernets
+                continue
             peer = self._keys(owner)
             in_use = old.secrets[old.current]
             if peer is not None and in_use in peer.secrets:
