@@ -27,6 +27,8 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_open ON tasks(open) WHERE open = 1;
 CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL, pad BLOB);
+-- 'log_offset': the replicated log's last applied offset, written with the state it produced.
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
@@ -34,6 +36,7 @@ class TaskStore:
     def __init__(self, path: Path | str) -> None:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         # WAL + synchronous=NORMAL survives a process crash (not a power cut) at ~20 us a write.
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -97,6 +100,11 @@ class TaskStore:
 
     def counts(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status"))
+
+    def log_offset(self) -> int | None:
+        """The last log offset applied into this store; None for a store never fed by the log."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'log_offset'").fetchone()
+        return int(row[0]) if row else None
 
     def close(self) -> None:
         self._db.close()
