@@ -156,7 +156,8 @@ class HASettings(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    #: Off: this process leads alone, as before. On: it campaigns (needs ``registry_url``).
+    #: Off: this process leads alone, as before. On: it campaigns for the lease, on Consul
+    #: with ``registry_url``, else on the broker alone.
     enabled: bool = False
     #: The leadership lease. A silent leader loses it within this long; Consul's
     #: ``session_ttl_min`` must be at most half of it (the dev agent's is 1 s).
@@ -392,12 +393,6 @@ class Settings(BaseSettings):
     @property
     def config_file(self) -> Path | None:
         return self._config_file
-
-    @model_validator(mode="after")
-    def _ha_needs_consul(self) -> Settings:
-        if self.ha.enabled and not self.registry_url:
-            raise ValueError("ha.enabled needs registry_url: the leadership lease lives in Consul")
-        return self
 
     @field_validator("log_level")
     @classmethod
