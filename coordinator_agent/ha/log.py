@@ -186,6 +186,7 @@ class LogReader:
         self.prefetch = prefetch
         self.next_offset = 0
         self.applied_events = 0
+        self.applied_bytes = 0
         self.rejected = 0
         self.gaps = 0  # resumed where the entries it needed were gone (see resume)
         self._anchor: int | None = None
@@ -265,6 +266,7 @@ class LogReader:
                 if result is not None:
                     await result
                 self.applied_events += len(fresh)
+            self.applied_bytes += len(message.body)  # for the snapshot schedule's byte bound
             self.next_offset = offset + 1
         await message.ack()  # on a stream an ack is credit, not deletion: it lets delivery go on
         async with self._progress:
