@@ -134,6 +134,10 @@ async def fetch_latest(channel: AbstractChannel, name: str, codec: LogCodec, wor
                               arguments={"x-stream-offset": "first"})
     try:
         await asyncio.wait_for(scan.done.wait(), timeout_s)
+    except BaseException:
+        if scan.best is not None:
+            scan.best.discard()
+        raise
     finally:
         with contextlib.suppress(Exception):
             await queue.cancel(tag)
