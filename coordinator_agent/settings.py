@@ -160,7 +160,8 @@ class HASettings(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    #: Off: this process leads alone, as before. On: it campaigns (needs ``registry_url``).
+    #: Off: this process leads alone, as before. On: it campaigns for the lease, on Consul
+    #: with ``registry_url``, else on the broker alone.
     enabled: bool = False
     #: The leadership lease. A silent leader loses it within this long; Consul's
     #: ``session_ttl_min`` must be at most half of it (the dev agent's is 1 s).
@@ -174,6 +175,42 @@ class HASettings(BaseModel):
         if 2 * v >= info.data.get("lease_ttl_s", 0):
             raise ValueError("must be less than half of lease_ttl_s")
         return v
+
+    # Retention and snapshots (docs/HA.md, "Snapshots and retention"). A snapshot is written
+    # every snapshot_every_events events, every quarter of log_max_bytes of log, and every
+    # snapshot_interval_s while the log grows; so one always lies inside the log's retention.
+    snapshot_every_events: int = Field(100_000, ge=1_000)
+    snapshot_interval_s: float = Field(600.0, ge=10)
+    #: The log stream's x-max-age (RabbitMQ form: 7D, 12h, 30m, 1Y...): at least 4 intervals.
+    log_max_age: str = "7D"
+    log_max_bytes: int = Field(20 * 1024**3, ge=64 * 1024**2)
+    log_segment_bytes: int = Field(100 * 1024**2, ge=1024**2)
+    #: The snapshots stream keeps this many bytes (no age limit): at least two snapshots.
+    snapshots_max_bytes: int = Field(2 * 1024**3, ge=64 * 1024**2)
+
+    @model_validator(mode="after")
+    def _retention_covers_snapshots(self) -> HASettings:
+        age = max_age_seconds(self.log_max_age)
+        if age < 4 * self.snapshot_interval_s:
+            raise ValueError(f"ha.log_max_age ({self.log_max_age}) must be at least 4 x "
+                             f"ha.snapshot_interval_s ({self.snapshot_interval_s:g} s), so the "
+                             "log keeps everything after the newest snapshot")
+        if self.log_max_bytes < 4 * self.log_segment_bytes:
+            raise ValueError("ha.log_max_bytes must be at least 4 x ha.log_segment_bytes: "
+                             "retention drops whole segments")
+        return self
+
+
+_AGE_UNITS = {"Y": 365 * 86_400, "M": 30 * 86_400, "D": 86_400, "h": 3600, "m": 60, "s": 1}
+
+
+def max_age_seconds(value: str) -> float:
+    """A RabbitMQ stream ``x-max-age`` (``7D``, ``12h``) in seconds; ValueError if malformed."""
+    number, unit = value[:-1], value[-1:]
+    if unit not in _AGE_UNITS or not number.isdigit() or int(number) <= 0:
+        raise ValueError(f"{value!r} is not a stream max-age: a positive integer and one of "
+                         "Y, M, D, h, m, s (for example 7D)")
+    return int(number) * _AGE_UNITS[unit]
 
 
 
@@ -360,12 +397,6 @@ class Settings(BaseSettings):
     @property
     def config_file(self) -> Path | None:
         return self._config_file
-
-    @model_validator(mode="after")
-    def _ha_needs_consul(self) -> Settings:
-        if self.ha.enabled and not self.registry_url:
-            raise ValueError("ha.enabled needs registry_url: the leadership lease lives in Consul")
-        return self
 
     @field_validator("log_level")
     @classmethod

@@ -1,10 +1,11 @@
 """Leadership: whether this coordinator leads its name, and the epoch of its term.
 
 With ``ha.enabled`` off, the process leads alone from start to stop (epoch 0), as before HA.
-With it on, every coordinator of a name campaigns for the Consul lease (``ha/election.py``); the
-winner leads and the others are standbys. ``leading`` is read before every act (consume a
-message, dispatch, sweep): it turns false the moment the lease may have passed to someone else,
-even before the campaign has noticed (a process paused past its lease wakes up a standby).
+With it on, every coordinator of a name campaigns for the lease (``ha/election.py``): on Consul
+when ``registry_url`` is set, else on the broker alone (``ha/broker_lease.py``). The winner
+leads and the others are standbys. ``leading`` is read before every act (consume a message,
+dispatch, sweep): it turns false the moment the lease may have passed to someone else, even
+before the campaign has noticed (a process paused past its lease wakes up a standby).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 
-from coordinator_agent.ha.election import Campaign
+from coordinator_agent.ha.broker_lease import BrokerLease
+from coordinator_agent.ha.election import Campaign, Lease
 from coordinator_agent.ha.lease import ConsulLease, Term
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.settings import Settings
@@ -48,13 +50,20 @@ class Leadership:
         self._run: asyncio.Task[None] | None = None
         self.campaign: Campaign | None = None
         if settings.ha.enabled:
-            assert settings.registry_url is not None  # the settings check says so
-            token = settings.registry_token
-            lease = ConsulLease(
-                settings.registry_url, settings.name, self.holder,
-                ttl_s=settings.ha.lease_ttl_s, margin_s=settings.ha.lease_margin_s,
-                token=token.get_secret_value() if token else None,
-                timeout_s=min(settings.registry.call_timeout_s, settings.ha.lease_ttl_s / 2))
+            lease: Lease
+            ha = settings.ha
+            if settings.registry_url is not None:
+                token = settings.registry_token
+                lease = ConsulLease(
+                    settings.registry_url, settings.name, self.holder,
+                    ttl_s=ha.lease_ttl_s, margin_s=ha.lease_margin_s,
+                    token=token.get_secret_value() if token else None,
+                    timeout_s=min(settings.registry.call_timeout_s, ha.lease_ttl_s / 2))
+            else:  # no Consul: the broker alone elects (docs/HA.md, "Broker-only election")
+                lease = BrokerLease(
+                    settings.broker_url.get_secret_value(), settings.name, self.holder,
+                    ttl_s=ha.lease_ttl_s, margin_s=ha.lease_margin_s,
+                    timeout_s=ha.lease_ttl_s / 2)
             self.campaign = Campaign(lease, on_elected=self._elected, on_deposed=self._deposed)
         self.metrics.leader.set(0 if settings.ha.enabled else 1)
 

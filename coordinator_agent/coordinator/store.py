@@ -39,6 +39,7 @@ class TaskStore:
     def __init__(self, path: Path | str) -> None:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         # WAL + synchronous=NORMAL survives a process crash (not a power cut) at ~20 us a write.
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -1,1 +1,1 @@
-"""High availability: the leadership lease on Consul and the replicated event log on a stream."""
+"""High availability: the leadership lease (Consul or broker), the replicated log and snapshots."""

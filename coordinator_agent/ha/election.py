@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from coordinator_agent.exceptions import DiscoveryError
-from coordinator_agent.ha.lease import ConsulLease, Term
+from coordinator_agent.ha.lease import Term
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +25,27 @@ WATCH_WAIT_S = 10.0
 RETRY_S = 0.5
 
 
+class Lease(Protocol):
+    """What a campaign needs of a lease: ``ha.lease.ConsulLease`` or ``ha.broker_lease``'s."""
+
+    key: str
+    ttl_s: float
+
+    @property
+    def held(self) -> bool: ...
+    def time_left(self) -> float: ...
+    async def acquire(self) -> Term | None: ...
+    async def current(self, *, index: int | None = None, wait_s: float | None = None
+                      ) -> dict[str, Any] | None: ...
+    async def renew(self) -> bool: ...
+    async def release(self) -> None: ...
+    async def close(self) -> None: ...
+
+
 class Campaign:
     def __init__(
         self,
-        lease: ConsulLease,
+        lease: Lease,
         *,
         on_elected: Callable[[Term], Awaitable[None]],
         on_deposed: Callable[[str], Awaitable[None]],

@@ -65,6 +65,15 @@ class LogCodec:
     def seal(self, events: list[Event]) -> bytes:
         return self._fernet.encrypt(orjson.dumps([tuple(e) for e in events]))
 
+    def seal_bytes(self, plain: bytes) -> bytes:
+        return self._fernet.encrypt(plain)
+
+    def open_bytes(self, body: bytes) -> bytes:
+        try:
+            return self._fernet.decrypt(body)
+        except InvalidToken as exc:
+            raise ValueError("an entry that is not sealed with the coordinator's key") from exc
+
     def open(self, body: bytes) -> list[Event]:
         try:
             rows = orjson.loads(self._fernet.decrypt(body))
@@ -178,7 +187,10 @@ class LogReader:
         self.prefetch = prefetch
         self.next_offset = 0
         self.applied_events = 0
+        self.applied_bytes = 0
         self.rejected = 0
+        self.gaps = 0  # resumed where the entries it needed were gone (see resume)
+        self._anchor: int | None = None
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._tag: str | None = None
         self._progress = asyncio.Condition()
@@ -186,12 +198,23 @@ class LogReader:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def start(self, from_offset: int) -> None:
-        self.next_offset = from_offset
+    async def start(self, from_offset: int, *, next_offset: int | None = None) -> None:
+        """Consume from ``from_offset``; apply from ``next_offset`` (default: the same)."""
+        self.next_offset = from_offset if next_offset is None else next_offset
         await self.channel.set_qos(prefetch_count=self.prefetch)  # streams refuse 0
         queue = await self.channel.get_queue(self.queue, ensure=False)
         self._tag = await queue.consume(self._on_message, no_ack=False,
                                         arguments={"x-stream-offset": from_offset})
+
+    async def resume(self, applied: int | None) -> None:
+        """Start after ``applied`` (a store's ``log_offset()``; None: from the beginning).
+
+        Reads from ``applied`` itself, which must still be in the stream, and skips it: offsets
+        are not contiguous (a new segment takes one), so only finding that entry proves that
+        nothing after it fell to retention. If it is gone, ``gaps`` counts it.
+        """
+        self._anchor = 0 if applied is None else applied
+        await self.start(self._anchor, next_offset=0 if applied is None else applied + 1)
 
     async def stop(self) -> None:
         if self._tag is not None:
@@ -220,6 +243,12 @@ class LogReader:
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         header = (message.headers or {}).get("x-stream-offset")
         offset = header if isinstance(header, int) else self.next_offset  # a stream sets it
+        if self._anchor is not None and offset >= self._anchor:
+            if offset != self._anchor:  # retention ran ahead of the store: state is missing
+                self.gaps += 1
+                log.error("log gap: entry %d is no longer in the stream (it starts at %d); "
+                          "this replica must restore a newer snapshot", self._anchor, offset)
+            self._anchor = None
         if offset >= self.next_offset:  # the broker may start a chunk before our offset
             try:
                 events = self.codec.open(message.body)
@@ -238,6 +267,7 @@ class LogReader:
                 if result is not None:
                     await result
                 self.applied_events += len(fresh)
+            self.applied_bytes += len(message.body)  # for the snapshot schedule's byte bound
             self.next_offset = offset + 1
         await message.ack()  # on a stream an ack is credit, not deletion: it lets delivery go on
         async with self._progress:

@@ -230,7 +230,7 @@ async def test_rules_and_dashboard_use_only_real_labels(coordinator: Coordinator
 
 async def test_the_k8s_probes_hit_real_endpoints(coordinator: CoordinatorAgent) -> None:
     (deployment,) = [doc for doc in yaml.safe_load_all(K8S_COORDINATOR.read_text())
-                     if doc and doc["kind"] == "Deployment"]
+                     if doc and doc["kind"] == "StatefulSet"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     probes = {kind: container[kind]["httpGet"]["path"]
               for kind in ("startupProbe", "livenessProbe", "readinessProbe")}

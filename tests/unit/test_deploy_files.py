@@ -41,6 +41,8 @@ CHECK_WHEEL = ROOT / "deploy" / "check_wheel.py"
 MONITORING_PORT = 9464
 PROMETHEUS_PORT = 9090
 AGENT_KINDS = {"development", "security", "cicd", "general"}
+#: docker-compose.yml runs two coordinators of one name (HA): one leads, one stands by.
+COORDINATORS = ("coordinator", "coordinator-2")
 ENTRYPOINT = ["coordinator-agent"]
 #: Matches a Fernet key (32 bytes, url-safe base64): none may be committed.
 FERNET_KEY = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{43}=")
@@ -179,9 +181,14 @@ def k8s_objects(kind: str) -> dict[str, dict[str, Any]]:
             if doc.get("kind") == kind and path.name != "kustomization.yaml"}
 
 
+def k8s_workloads() -> dict[str, dict[str, Any]]:
+    """Every Deployment (the agents) and StatefulSet (the coordinator), by name."""
+    return {**k8s_objects("Deployment"), **k8s_objects("StatefulSet")}
+
+
 def k8s_containers() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
-    """(deployment name, pod spec, container) of every Deployment."""
-    for name, deployment in k8s_objects("Deployment").items():
+    """(workload name, pod spec, container) of every Deployment and StatefulSet."""
+    for name, deployment in k8s_workloads().items():
         pod = deployment["spec"]["template"]["spec"]
         for container in pod["containers"]:
             yield name, pod, container
@@ -358,14 +365,15 @@ def test_every_container_gets_valid_settings_with_consul_and_0000(
             continue
         assert urlparse(settings.broker_url.get_secret_value()).hostname == "rabbitmq", name
         assert settings.registry_url == "http://consul:8500", name
-        if name == "coordinator":
+        if name in COORDINATORS:
             assert settings.monitoring_host == "0.0.0.0"
             assert settings.monitoring_port == MONITORING_PORT
             assert PurePosixPath(str(settings.data_dir)) in targets
+            assert settings.ha.enabled, f"{name}: two coordinators of one name need HA"
             # Consul's HTTP check of this coordinator, from the Consul container.
             advertised = urlparse(settings.registry.advertise_url or "")
             assert (advertised.hostname, advertised.port, advertised.path) == (
-                "coordinator", MONITORING_PORT, "/healthz")
+                name, MONITORING_PORT, "/healthz")
 
 
 def test_compose_commands_are_real_cli_commands() -> None:
@@ -380,7 +388,7 @@ def test_compose_commands_are_real_cli_commands() -> None:
             parse_cli(f"docker-compose.yml {name} healthcheck", test[2:])
         elif not service.get("healthcheck", {}).get("disable"):
             # The image's HEALTHCHECK probes the coordinator's /readyz on loopback.
-            assert name == "coordinator", f"{name}: would inherit the coordinator's health check"
+            assert name in COORDINATORS, f"{name}: would inherit the coordinator's health check"
     assert count >= 10
     # The script parser itself.
     assert list(shell_invocations(
@@ -483,7 +491,7 @@ def test_prometheus_scrapes_the_coordinator_and_loads_the_rules() -> None:
     (job,) = config["scrape_configs"]
     assert job["job_name"] == "coordinator"  # the rules select up{job="coordinator"}
     targets = [t for sc in job["static_configs"] for t in sc["targets"]]
-    assert targets == [f"coordinator:{MONITORING_PORT}"]
+    assert targets == [f"{name}:{MONITORING_PORT}" for name in COORDINATORS]
     assert job.get("metrics_path", "/metrics") == "/metrics"
 
 
@@ -677,7 +685,8 @@ def test_healthcheck_fails_cleanly_when_nothing_listens(tmp_path: Path) -> None:
 def test_k8s_manifests_parse_and_reference_existing_objects() -> None:
     docs = list(k8s_documents())
     assert {doc["kind"] for _, doc in docs} >= {
-        "Deployment", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim", "Kustomization"}
+        "Deployment", "StatefulSet", "PodDisruptionBudget", "Service", "ConfigMap", "Secret",
+        "Kustomization"}
     kustomization = next(doc for path, doc in docs if doc["kind"] == "Kustomization")
     for resource in kustomization["resources"]:
         assert (K8S / resource).is_file(), resource
@@ -687,14 +696,17 @@ def test_k8s_manifests_parse_and_reference_existing_objects() -> None:
 
     configmaps, secrets = k8s_objects("ConfigMap"), k8s_objects("Secret")
     claims = k8s_objects("PersistentVolumeClaim")
-    for name, deployment in k8s_objects("Deployment").items():
+    for name, deployment in k8s_workloads().items():
         spec = deployment["spec"]
         labels = spec["template"]["metadata"]["labels"]
         assert spec["selector"]["matchLabels"].items() <= labels.items(), name
-        assert spec["replicas"] == 1, f"{name}: one pod per principal / per store"
+        if deployment["kind"] == "Deployment":
+            assert spec["replicas"] == 1, f"{name}: one pod per principal"
         pod = spec["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True, name
         volumes = {v["name"]: v for v in pod["volumes"]}
+        for template in spec.get("volumeClaimTemplates", []):  # a volume per pod
+            volumes[template["metadata"]["name"]] = {"claimTemplate": template}
         for container in pod["containers"]:
             for mount in container["volumeMounts"]:
                 assert mount["name"] in volumes, (name, mount)
@@ -713,9 +725,12 @@ def test_k8s_manifests_parse_and_reference_existing_objects() -> None:
                 assert volume["persistentVolumeClaim"]["claimName"] in claims
 
     services = k8s_objects("Service")
-    coordinator_labels = k8s_objects("Deployment")["coordinator"]["spec"]["template"][
-        "metadata"]["labels"]
+    coordinator = k8s_objects("StatefulSet")["coordinator"]
+    coordinator_labels = coordinator["spec"]["template"]["metadata"]["labels"]
     assert services["coordinator"]["spec"]["selector"].items() <= coordinator_labels.items()
+    governing = services[coordinator["spec"]["serviceName"]]
+    assert governing["spec"]["clusterIP"] == "None", "a StatefulSet's Service is headless"
+    assert governing["spec"]["selector"].items() <= coordinator_labels.items()
 
 
 def test_k8s_commands_and_env_are_real(
@@ -788,7 +803,7 @@ def test_ports_and_probes_agree() -> None:
     assert [p.rsplit(":", 1)[1] for p in coordinator["ports"]] == [str(MONITORING_PORT)]
     assert environment(coordinator)["COORDINATOR_MONITORING_PORT"] == str(MONITORING_PORT)
 
-    (deployment,) = [d for d in k8s_objects("Deployment").values()
+    (deployment,) = [d for d in k8s_workloads().values()
                      if d["spec"]["template"]["spec"]["containers"][0]["args"] == ["run"]]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert [p["containerPort"] for p in container["ports"]] == [MONITORING_PORT]
@@ -802,10 +817,11 @@ def test_ports_and_probes_agree() -> None:
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(MONITORING_PORT)
 
-    (service,) = k8s_objects("Service").values()
-    for port in service["spec"]["ports"]:
-        assert port["port"] == MONITORING_PORT
-        assert _port(container, port["targetPort"]) == MONITORING_PORT
+    for service in k8s_objects("Service").values():
+        for port in service["spec"]["ports"]:
+            assert port["port"] == MONITORING_PORT
+            assert _port(container, port["targetPort"]) == MONITORING_PORT
+    service = k8s_objects("Service")["coordinator"]
     advertise = next(e["value"] for e in container["env"]
                      if e["name"] == "COORDINATOR_REGISTRY__ADVERTISE_URL")
     assert urlparse(advertise).hostname == service["metadata"]["name"]
@@ -840,7 +856,7 @@ def test_k8s_keyring_secrets_are_mounted_with_a_mode_the_keyring_accepts() -> No
 
     checked = 0
     for path, doc in k8s_documents():
-        if doc.get("kind") != "Deployment":
+        if doc.get("kind") not in ("Deployment", "StatefulSet"):
             continue
         for volume in doc["spec"]["template"]["spec"].get("volumes", []):
             secret = volume.get("secret")
@@ -852,3 +868,71 @@ def test_k8s_keyring_secrets_are_mounted_with_a_mode_the_keyring_accepts() -> No
                 "the keyring refuses it")
             checked += 1
     assert checked >= 5  # the coordinator and four agents
+
+
+# --- high availability (docs/HA.md) --------------------------------------------------------------
+
+
+def test_k8s_runs_two_coordinator_replicas_with_ha_and_a_disruption_budget(
+    monkeypatch: pytest.MonkeyPatch, no_coordinator_env: None, tmp_path: Path
+) -> None:
+    coordinator = k8s_objects("StatefulSet")["coordinator"]
+    spec = coordinator["spec"]
+    assert spec["replicas"] == 2
+    assert spec["updateStrategy"]["type"] == "RollingUpdate", "one pod at a time, never both"
+    # Each replica its own store: a claim template, never one ReadWriteOnce claim for both.
+    (claim,) = spec["volumeClaimTemplates"]
+    (container,) = spec["template"]["spec"]["containers"]
+    assert claim["metadata"]["name"] in {m["name"] for m in container["volumeMounts"]}
+    assert not any("persistentVolumeClaim" in v for v in spec["template"]["spec"]["volumes"])
+    labels = spec["template"]["metadata"]["labels"]
+    terms = spec["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"]
+    assert any(t["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+               for t in terms), "replicas should land on different nodes"
+
+    (budget,) = k8s_objects("PodDisruptionBudget").values()
+    assert budget["apiVersion"] == "policy/v1"
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    agent_labels = [d["spec"]["template"]["metadata"]["labels"]
+                    for d in k8s_objects("Deployment").values()]
+    assert not any(budget["spec"]["selector"]["matchLabels"].items() <= al.items()
+                   for al in agent_labels), "the budget is the coordinator's alone"
+
+    config = tmp_path / "coordinator.yaml"
+    config.write_text(configmap_text("coordinator-config", "coordinator.yaml"))
+    env = {**image_env(), **{e["name"]: e["value"] for e in container["env"] if "value" in e}}
+    env = {k: v for k, v in env.items() if k.startswith("COORDINATOR_")}
+    env[CONFIG_ENV] = str(config)
+    settings = settings_with(monkeypatch, env)
+    assert settings.ha.enabled and settings.registry_url
+    # The readiness probe must let a standby be Ready (it serves reads, forwards submissions);
+    # /readyz answers 200 for a healthy standby (docs/HA.md, "Kubernetes").
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_compose_runs_two_coordinators_with_ha_on_a_short_lease_consul(
+    monkeypatch: pytest.MonkeyPatch, no_coordinator_env: None
+) -> None:
+    svcs = services()
+    ports, volumes = set(), set()
+    for name in COORDINATORS:
+        service = svcs[name]
+        assert service["command"] == ["run"]
+        assert environment(service)["COORDINATOR_HA__ENABLED"] == "true"
+        ports |= {p.rsplit(":", 2)[1] for p in service["ports"]}
+        data = [source for source, target, _ in mounts(service) if target == "/data"]
+        volumes |= set(data)
+        for dependency in ("rabbitmq", "consul", "keys"):
+            assert dependency in service["depends_on"], (name, dependency)
+    assert len(ports) == len(COORDINATORS), "each coordinator on its own host port"
+    assert len(volumes) == len(COORDINATORS), "each coordinator with its own store"
+
+    # Consul must accept the lease's short session TTL (half of lease_ttl_s).
+    command = svcs["consul"]["command"]
+    hcl = command[command.index("-hcl") + 1]
+    match = re.fullmatch(r'session_ttl_min = "(\d+)s"', hcl)
+    assert match, hcl
+    ha = Settings.model_fields["ha"].default
+    assert int(match.group(1)) <= ha.lease_ttl_s / 2

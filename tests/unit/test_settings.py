@@ -304,13 +304,13 @@ def test_which_config_file_was_read_is_said(clean_env: Path) -> None:
         f"configuration from {clean_env / 'config' / 'coordinator.yaml'}")
 
 
-def test_ha_is_off_by_default_and_needs_consul(
+def test_ha_is_off_by_default_and_works_with_or_without_consul(
     clean_env: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert load_settings().ha.enabled is False
     monkeypatch.setenv("COORDINATOR_HA__ENABLED", "true")
-    with pytest.raises(ConfigError, match=r"ha\.enabled needs registry_url"):
-        load_settings()
+    broker_only = load_settings()  # no registry_url: the broker alone elects
+    assert broker_only.ha.enabled and broker_only.registry_url is None
     monkeypatch.setenv("COORDINATOR_REGISTRY_URL", "http://127.0.0.1:8500")
     monkeypatch.setenv("COORDINATOR_HA__LEASE_TTL_S", "20")
     settings = load_settings()

@@ -1,6 +1,7 @@
 """A process that campaigns and prints what happens to it, one JSON line per event.
 
     python -m tests.integration.ha.campaigner CONSUL_URL NAME HOLDER TTL_S
+    python -m tests.integration.ha.campaigner AMQP_URL NAME HOLDER TTL_S   (broker-only lease)
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import json
 import sys
 import time
 
-from coordinator_agent.ha.election import Campaign
+from coordinator_agent.ha.broker_lease import BrokerLease
+from coordinator_agent.ha.election import Campaign, Lease
 from coordinator_agent.ha.lease import ConsulLease, Term
 
 
@@ -25,8 +27,9 @@ async def main(url: str, name: str, holder: str, ttl_s: float) -> None:
     async def deposed(reason: str) -> None:
         say("deposed", reason=reason)
 
-    campaign = Campaign(ConsulLease(url, name, holder, ttl_s=ttl_s),
-                        on_elected=elected, on_deposed=deposed)
+    lease: Lease = (BrokerLease(url, name, holder, ttl_s=ttl_s) if url.startswith("amqp")
+                    else ConsulLease(url, name, holder, ttl_s=ttl_s))
+    campaign = Campaign(lease, on_elected=elected, on_deposed=deposed)
     say("started")
     try:
         await campaign.run()

@@ -47,21 +47,25 @@ def get_json(url: str, timeout: float = 2.0) -> Any:
 class Coordinators:
     """Starts same-name coordinator processes, each with its own port and data directory."""
 
-    def __init__(self, settings: Settings, consul_url: str, tmp_path: Path) -> None:
+    def __init__(self, settings: Settings, consul_url: str | None, tmp_path: Path,
+                 lease_ttl_s: float = LEASE_TTL_S) -> None:
         self.settings = settings
         self.consul_url = consul_url
         self.tmp_path = tmp_path
         self.processes: dict[str, subprocess.Popen[Any]] = {}
         self.urls: dict[str, str] = {}
+        self.lease_ttl_s = lease_ttl_s
 
     def start(self, label: str) -> None:
         port = free_port()
         data = self.tmp_path / label
         data.mkdir(exist_ok=True)
+        # Without a Consul URL the coordinators elect on the broker alone.
+        registry = {"COORDINATOR_REGISTRY_URL": self.consul_url} if self.consul_url else {}
         env = subprocess_env(
             self.settings, COORDINATOR_MONITORING_PORT=str(port), COORDINATOR_DATA_DIR=str(data),
-            COORDINATOR_REGISTRY_URL=self.consul_url, COORDINATOR_HA__ENABLED="true",
-            COORDINATOR_HA__LEASE_TTL_S=str(LEASE_TTL_S))
+            COORDINATOR_HA__ENABLED="true", COORDINATOR_HA__LEASE_TTL_S=str(self.lease_ttl_s),
+            **registry)
         self.processes[label] = spawn(["run"], env, self.tmp_path / f"{label}.log")
         self.urls[label] = f"http://127.0.0.1:{port}"
 
