@@ -41,6 +41,7 @@ from coordinator_agent.coordinator.sweep import KeyringReloader, Sweeper
 from coordinator_agent.coordinator.tasks import TaskRecord, TaskStatus
 from coordinator_agent.coordinator.workflows import WorkflowEngine, merged_output_limit
 from coordinator_agent.exceptions import NotLeading, StoreUnavailable, TransportError
+from coordinator_agent.ha import snapshot
 from coordinator_agent.ha.log import LogCodec
 from coordinator_agent.ha.replication import Replication
 from coordinator_agent.ops.api import MonitoringServer
@@ -192,10 +193,13 @@ class CoordinatorAgent:
         secrets = [key.get_secret_value() for p in operators for key in p.keys]
         if not secrets:
             raise ValueError("ha.enabled needs an operator key in the keyring to seal the log")
+        log_retention, snapshot_retention = snapshot.retentions(settings.ha)
         replication = Replication(
             settings.broker_url.get_secret_value(), settings.name,
             LogCodec(secrets), self.state.store,
-            epoch=lambda: self.leadership.epoch, on_outcome=self._learn_from_log)
+            epoch=lambda: self.leadership.epoch, on_outcome=self._learn_from_log,
+            retention=log_retention,
+            snapshots=(snapshot_retention, snapshot.schedule(settings.ha)))
         self.state.store.replicate(None)  # a standby until elected: the log writes the file
         self.planner.outcome_hook = lambda update: replication.record_outcome(update.to_dict())
         self.outbox.barrier = self.durable

@@ -40,11 +40,7 @@ class TaskStore:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        # WAL + synchronous=NORMAL survives a process crash (not a power cut) at ~20 us a write.
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = self._connect()
         #: False after a failed write, until ``probe`` succeeds.
         self.healthy = True
         self.write_errors = 0
@@ -54,6 +50,19 @@ class TaskStore:
         #: (event id, record). Reads see them first; the file only ever holds a log prefix.
         self._pending: dict[str, tuple[str, bytes]] = {}
         self._standby = False
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        # WAL + synchronous=NORMAL survives a process crash (not a power cut) at ~20 us a write.
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        return db
+
+    def reopen(self) -> None:
+        """Open the file again: HA, after a snapshot was restored over it (``ha/restore.py``)."""
+        self._db.close()
+        self._db = self._connect()
 
     def replicate(self, log: Callable[[TaskRecord, bytes], str] | None) -> None:
         """HA: writes go to the log (``log``), the file is written by applying it. None: as a

@@ -19,6 +19,10 @@ The durability pipeline of an HA coordinator, in one place:
   decisions of a deposed leader once a higher epoch's ``epoch.started`` marker is in the log.
 - **Takeover barrier.** ``begin_term`` appends ``epoch.started(E)`` and returns once the reader
   has applied it: the store then holds everything the previous leader logged.
+- **Snapshots.** At start, before reading the log, a replica restores the newest snapshot if it
+  is newer than its store (``ha/restore.py``), so a fresh standby reads only the log after it.
+  The leader, which applies the log like everyone, publishes one on the schedule of
+  ``ha/snapshot.py``, never two at once.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -45,6 +50,13 @@ from coordinator_agent.ha.log import (
     Retention,
     declare,
     log_queue,
+)
+from coordinator_agent.ha.restore import restore_latest
+from coordinator_agent.ha.snapshot import (
+    SnapshotRetention,
+    SnapshotSchedule,
+    declare_snapshots,
+    publish_snapshot,
 )
 
 log = logging.getLogger(__name__)
@@ -95,7 +107,8 @@ class EpochFence:
 class Replication:
     def __init__(self, url: str, name: str, codec: LogCodec, store: TaskStore, *,
                  epoch: Callable[[], int], on_outcome: Outcome | None = None,
-                 retention: Retention | None = None) -> None:
+                 retention: Retention | None = None,
+                 snapshots: tuple[SnapshotRetention, SnapshotSchedule] | None = None) -> None:
         self.url = url
         self.name = name
         self.codec = codec
@@ -103,6 +116,10 @@ class Replication:
         self.epoch = epoch
         self.on_outcome = on_outcome
         self.retention = retention or Retention()
+        #: Where snapshots go and when; None: this replica neither restores nor writes any.
+        self.snapshots = snapshots
+        self._snapshot: asyncio.Task[None] | None = None
+        self._applied_bytes = 0
         self.fence = EpochFence(int(store.meta("fence_epoch") or 0))
         #: Terms this process led: its learner took their routing outcomes already.
         self.own_epochs: set[int] = set()
@@ -125,14 +142,23 @@ class Replication:
             "connection_name": f"{self.name}/log"})
         writes = await self._connection.channel(publisher_confirms=True)
         await declare(writes, self.name, self.retention)
+        if self.snapshots is not None and self.store.path != ":memory:":
+            await declare_snapshots(writes, self.name, self.snapshots[0])
+            if await restore_latest(writes, self.name, self.codec, Path(self.store.path)):
+                self.store.reopen()
+                self.fence = EpochFence(int(self.store.meta("fence_epoch") or 0))
         self._writer = LogWriter(writes, self.name, self.codec)
         self._reader = LogReader(await self._connection.channel(), self.name, self.codec,
                                  self._apply)
-        offset = self.store.log_offset()
-        await self._reader.start(0 if offset is None else offset + 1)
+        # From the entry the store holds, which must still be there (else a gap is counted).
+        await self._reader.resume(self.store.log_offset())
         self._probe = asyncio.create_task(self._probe_tail(), name="log-tail")
 
     async def stop(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._snapshot
         if self._probe is not None:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -256,12 +282,37 @@ class Replication:
         self.applied_events += len(rows)
         if self.tail is None or offset > self.tail:
             self.tail = offset
+        self._schedule_snapshot(len(rows))
         for data in outcomes:
             self._learn(data)
         for marker in markers:
             waiter = self._markers.get(marker)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+
+    def _schedule_snapshot(self, events: int) -> None:
+        """The leader snapshots its store (a log prefix like every replica's) when due."""
+        if self.snapshots is None or self._reader is None or self._connection is None:
+            return
+        retention, schedule = self.snapshots
+        schedule.record(events, self._reader.applied_bytes - self._applied_bytes)
+        self._applied_bytes = self._reader.applied_bytes
+        if not self.writing or self._snapshot is not None or not schedule.due():
+            return
+        schedule.taken()
+        self._snapshot = asyncio.create_task(self._publish_snapshot(retention), name="snapshot")
+
+    async def _publish_snapshot(self, retention: SnapshotRetention) -> None:
+        assert self._connection is not None
+        try:
+            # A channel of its own: megabytes of snapshot never wait in line with log batches.
+            async with await self._connection.channel(publisher_confirms=True) as channel:
+                await publish_snapshot(channel, self.name, self.codec, self.store.path,
+                                       retention)
+        except Exception:  # the next one is due on the same schedule; the log is unaffected
+            log.exception("snapshot not written")
+        finally:
+            self._snapshot = None
 
     def _learn(self, data: dict[str, Any]) -> None:
         if self.on_outcome is None:

@@ -18,6 +18,7 @@ import pytest
 
 from coordinator_agent.client import CoordinatorClient
 from coordinator_agent.ha.log import log_queue
+from coordinator_agent.ha.snapshot import snapshot_queue
 from coordinator_agent.settings import Settings
 
 from ..conftest import StartWorker
@@ -31,7 +32,9 @@ TASKS = 300
 async def drop_log(settings: Settings) -> AsyncIterator[None]:
     yield
     connection = await aio_pika.connect(settings.broker_url.get_secret_value())
-    await (await connection.channel()).queue_delete(log_queue(settings.name))
+    channel = await connection.channel()
+    await channel.queue_delete(log_queue(settings.name))
+    await channel.queue_delete(snapshot_queue(settings.name))
     await connection.close()
 
 
@@ -163,3 +166,35 @@ async def test_a_standby_started_late_catches_up_with_a_long_log(
     recent = get_json(f"{coordinators.urls['late']}/api/tasks?limit=500")
     listed = {task["id"] for task in recent["tasks"]}
     assert set(ids) <= listed
+
+
+@pytest.mark.timeout(600)
+async def test_a_fresh_standby_restores_the_leaders_snapshot_and_reads_only_the_rest(
+    coordinators: Coordinators, start_worker: StartWorker,  # noqa: F811
+    client: CoordinatorClient, drop_log: None,
+) -> None:
+    # The smallest schedule the settings allow: a snapshot every 1,000 events applied.
+    coordinators.start("a", COORDINATOR_HA__SNAPSHOT_EVERY_EVENTS="1000")
+    await until(lambda: coordinators.leader() == "a", 30, "a leads")
+    await start_worker("agent-1", max_concurrency=8)
+    ids = [await client.submit(f"history {i}", input={"op": "echo"}) for i in range(400)]
+    for task_id in ids:
+        assert (await client.wait(task_id, 120)).status == "succeeded"
+    leader_log = (coordinators.tmp_path / "a.log")
+    await until(lambda: "snapshot " in leader_log.read_text() and " chunks, " in
+                leader_log.read_text(), 60, "the leader wrote a snapshot")
+
+    coordinators.start("late")
+    await until(lambda: coordinators.roles().get("late") == "standby", 60, "late stands by")
+    assert "restored snapshot" in (coordinators.tmp_path / "late.log").read_text()
+
+    def replication(label: str) -> dict[str, int]:
+        status = coordinators.status(label)
+        return dict(status["replication"]) if status else {}
+    await until(lambda: replication("late").get("log_offset", -1) >=
+                replication("a")["log_offset"], 60, "the late standby reached the leader")
+    # It applied only the log after the snapshot, yet holds the whole history.
+    assert replication("late")["applied_events"] < replication("a")["applied_events"]
+    for task_id in (ids[0], ids[-1]):
+        view = get_json(f"{coordinators.urls['late']}/api/tasks/{task_id}")
+        assert view["status"] == "succeeded"

@@ -56,7 +56,7 @@ class Coordinators:
         self.urls: dict[str, str] = {}
         self.lease_ttl_s = lease_ttl_s
 
-    def start(self, label: str) -> None:
+    def start(self, label: str, **env_extra: str) -> None:
         port = free_port()
         data = self.tmp_path / label
         data.mkdir(exist_ok=True)
@@ -65,7 +65,7 @@ class Coordinators:
         env = subprocess_env(
             self.settings, COORDINATOR_MONITORING_PORT=str(port), COORDINATOR_DATA_DIR=str(data),
             COORDINATOR_HA__ENABLED="true", COORDINATOR_HA__LEASE_TTL_S=str(self.lease_ttl_s),
-            **registry)
+            **registry, **env_extra)
         self.processes[label] = spawn(["run"], env, self.tmp_path / f"{label}.log")
         self.urls[label] = f"http://127.0.0.1:{port}"
 
