@@ -185,14 +185,20 @@ class CoordinatorAgent:
         return f"CoordinatorAgent(name={self.settings.name!r})"
 
     def _replication(self, settings: Settings, keyring: Keyring) -> Replication:
-        # The keyring holds no key of the coordinator's own: the log is sealed with the
-        # operators' keys (first operator by id seals; any of them opens), which every
-        # coordinator sharing the keyring holds and no agent or client does.
-        operators = sorted((p for p in keyring.principals.values() if p.role == "operator"),
-                           key=lambda p: p.id)
-        secrets = [key.get_secret_value() for p in operators for key in p.keys]
+        # The log is sealed with the keys of the keyring's `coordinator` principals, which no
+        # agent or client holds. Without one it falls back to the operators' keys (first by id
+        # seals, all open), which an operator's client also holds: a warning says so.
+        own = [p for p in keyring.principals.values() if p.role == "coordinator"]
+        if not own:
+            own = [p for p in keyring.principals.values() if p.role == "operator"]
+            log.warning("ha: no `coordinator` key in the keyring, so the log is sealed with the "
+                        "operators' keys; create one with `coordinator-agent keys generate "
+                        "--principal coordinator --role coordinator`")
+        secrets = [key.get_secret_value() for p in sorted(own, key=lambda p: p.id)
+                   for key in p.keys]
         if not secrets:
-            raise ValueError("ha.enabled needs an operator key in the keyring to seal the log")
+            raise ValueError("ha.enabled needs a key to seal the log: `coordinator-agent keys "
+                             "generate --principal coordinator --role coordinator`")
         log_retention, snapshot_retention = snapshot.retentions(settings.ha)
         replication = Replication(
             settings.broker_url.get_secret_value(), settings.name,

@@ -21,9 +21,10 @@ from pydantic import SecretStr
 
 from coordinator_agent.exceptions import ConfigError
 
-#: The coordinator needs no entry: it talks to each principal under that principal's key.
-Role = Literal["agent", "operator"]
-ROLES: tuple[Role, ...] = ("agent", "operator")
+#: The coordinator talks to each principal under that principal's key. An entry of role
+#: ``coordinator`` is optional: its keys seal what only coordinators read (the HA log).
+Role = Literal["agent", "operator", "coordinator"]
+ROLES: tuple[Role, ...] = ("agent", "operator", "coordinator")
 #: How many retired keys a rotation keeps so that in-flight messages still decrypt.
 KEEP_OLD_KEYS = 2
 #: A principal id travels as the envelope's sender (protocol.Identifier) and names queues and

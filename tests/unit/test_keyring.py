@@ -233,8 +233,8 @@ GOOD_KEY = Fernet.generate_key().decode()
         ({"principals": {"a": "agent"}}, "principal 'a' is not an object"),
         ({"principals": {"a": {"keys": [GOOD_KEY]}}}, "principal 'a' has role None"),
         ({"principals": {"a": {"role": "agent"}}}, "principal 'a' has no list of keys"),
-        ({"principals": {"a": {"role": "coordinator", "keys": [GOOD_KEY]}}},
-         "principal 'a' has role 'coordinator', not one of agent, operator"),
+        ({"principals": {"a": {"role": "admin", "keys": [GOOD_KEY]}}},
+         "principal 'a' has role 'admin', not one of agent, operator, coordinator"),
         ({"principals": {"a": {"role": "agent", "keys": ["not-a-fernet-key"]}}},
          "principal 'a': key 1 is not a Fernet key"),
         ({"principals": {"a": {"role": "agent", "keys": [GOOD_KEY, GOOD_KEY[:-4]]}}},
@@ -323,3 +323,14 @@ def test_principal_repr_hides_secrets() -> None:
         for secret in secrets:
             assert secret not in text
     assert repr(op) == "Principal(id='op-1', role='operator', keys=2)"
+
+
+def test_a_coordinator_principal_is_a_role_of_its_own(tmp_path: Path) -> None:
+    """Its keys seal what only coordinators read (the HA log): no API token, no wire policy."""
+    path = tmp_path / "keyring.json"
+    keyring = Keyring()
+    principal = keyring.generate("coordinator", "coordinator")
+    keyring.save(path)
+    loaded = Keyring.load(path).get("coordinator")
+    assert loaded is not None and loaded.role == "coordinator"
+    assert principal.api_token is None and len(loaded.keys) == 1
