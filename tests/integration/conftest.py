@@ -39,6 +39,7 @@ def keyring(tmp_path: Path) -> Keyring:
         ring.generate(agent_id, "agent")
     ring.generate(OPERATOR, "operator")
     ring.generate(OTHER_OPERATOR, "operator")
+    ring.generate("coordinator", "coordinator")  # seals the HA log (docs/HA.md)
     ring.save(tmp_path / "keyring.json")
     return ring
 
