@@ -28,7 +28,6 @@ import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
 )
@@ -42,8 +41,8 @@ from coordinator_agent.exceptions import (
     Unroutable,
 )
 from coordinator_agent.ops.metrics import Metrics
+from coordinator_agent.wire import coalesce, protocol
 from coordinator_agent.wire import constants as c
-from coordinator_agent.wire import protocol
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
 
 log = logging.getLogger(__name__)
@@ -115,7 +114,7 @@ class MessageHandler:
         self._consumers: list[_Consumer] = []
         self._connection: AbstractConnection | None = None
         self._publish_channel: AbstractChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
+        self._publish_underlay: aiormq.Channel | None = None
         self._ready = asyncio.Event()
         self._consuming = True
         self._closing = False
@@ -340,7 +339,7 @@ class MessageHandler:
 
     async def _connect(self, lost: asyncio.Event) -> None:
         self._lost = lost
-        connection = await aio_pika.connect(
+        connection = await coalesce.connect(
             self._url.get_secret_value(),
             timeout=10,
             client_properties={"connection_name": self.name},
@@ -351,8 +350,9 @@ class MessageHandler:
         publish_channel.close_callbacks.add(lambda *_: lost.set())
         for declare in self._topology:
             await declare(publish_channel)
-        self._exchanges = {}
         self._publish_channel = publish_channel
+        underlay = await publish_channel.get_underlay_channel()
+        self._publish_underlay = underlay if isinstance(underlay, aiormq.Channel) else None
         self._consumer_channels = []
         self._consumer_tags = []
         if self._consuming:
@@ -377,6 +377,7 @@ class MessageHandler:
         self._set_connected(False)
         connection, self._connection = self._connection, None
         self._publish_channel = None
+        self._publish_underlay = None
         if connection is not None and not connection.is_closed:
             await close_connection(connection)
 
@@ -538,9 +539,18 @@ class MessageHandler:
         try:
             if not self._ready.is_set():
                 await asyncio.wait_for(self._ready.wait(), self.publish_timeout_s)
-            target = await self._exchange(exchange)
+            channel = self._publish_underlay
+            if channel is None:
+                raise TransportError("not connected")
             remaining = max(0.05, deadline - time.monotonic())
-            await target.publish(message, routing_key, mandatory=mandatory, timeout=remaining)
+            # wait=False: aiormq would hold the channel's lock until this frame reached the
+            # socket, one publish per loop turn; without it every publish of a turn is queued
+            # at once and leaves in one write (coalesce.py). The confirm is still awaited.
+            await channel.basic_publish(
+                message.body, exchange=exchange, routing_key=routing_key,
+                properties=message.properties, mandatory=mandatory, timeout=remaining,
+                wait=False,
+            )
             self.last_confirm = time.monotonic()
         except aiormq.exceptions.PublishError as exc:
             self._count_publish_error("unroutable")
@@ -556,18 +566,6 @@ class MessageHandler:
         except BROKER_ERRORS as exc:
             self._count_publish_error("connection")
             raise TransportError(f"publish failed: {type(exc).__name__}") from exc
-
-    async def _exchange(self, name: str) -> AbstractExchange:
-        channel = self._publish_channel
-        if channel is None:
-            raise TransportError("not connected")
-        if name == "":
-            return channel.default_exchange
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            exchange = await channel.get_exchange(name, ensure=False)
-            self._exchanges[name] = exchange
-        return exchange
 
     def _count_publish_error(self, kind: str) -> None:
         if self.metrics:
