@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from coordinator_agent.cli.loop import choose_event_loop
+from coordinator_agent.cli.loop import choose_event_loop, new_event_loop
 from coordinator_agent.exceptions import ConfigError
 from coordinator_agent.settings import Settings
 
@@ -47,3 +47,14 @@ def test_the_setting_takes_only_the_three_choices(monkeypatch: pytest.MonkeyPatc
 def test_uvloop_required_but_missing_is_a_configuration_error() -> None:
     with pytest.raises(ConfigError, match="not installed"):
         choose_event_loop("uvloop")
+
+
+def test_a_loop_for_a_thread_leaves_the_policy_alone() -> None:
+    policy = asyncio.get_event_loop_policy()
+    loop = new_event_loop("auto")
+    try:
+        assert ("uvloop" in type(loop).__module__) == HAS_UVLOOP
+        assert loop.run_until_complete(asyncio.sleep(0, result=7)) == 7
+    finally:
+        loop.close()
+    assert asyncio.get_event_loop_policy() is policy
