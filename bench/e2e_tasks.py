@@ -72,6 +72,7 @@ TARGET_COORDINATOR_CPU_MS = 0.8
 NOOP_INPUT = {"op": "noop"}
 WARM_UP_TASKS = 30
 STARTUP_TIMEOUT_S = 90.0
+CONSUL_URL = "http://127.0.0.1:8500"
 LATENCY_TASK_TIMEOUT_S = 30.0
 
 
@@ -167,7 +168,7 @@ class Ours:
 
     def __init__(
         self, children: Children, workdir: Path, uid: str, *, agent_concurrency: int,
-        in_flight_cap: int, event_loop: str = "auto",
+        in_flight_cap: int, event_loop: str = "auto", ha: bool = False,
     ) -> None:
         self.children = children
         self.workdir = workdir
@@ -179,6 +180,8 @@ class Ours:
         self.cli = [PYTHON, "-m", "coordinator_agent"]
         #: The coordinator's and agent's ``event_loop`` setting (auto: uvloop where installed).
         self.event_loop = event_loop
+        #: ha.enabled: the coordinator campaigns for its lease in Consul and leads alone.
+        self.ha = ha
         self.client: CoordinatorClient | None = None
         self.reply_queue: str | None = None
 
@@ -201,6 +204,12 @@ class Ours:
             COORDINATOR_LIMITS__MAX_IN_FLIGHT_PER_AGENT=str(self.in_flight_cap),
             COORDINATOR_EVENT_LOOP=self.event_loop,
         )
+        if self.ha:
+            # The shared Consul (make services); names of this run's own, so nobody else's
+            # agents or leases mix with it. The agent registers there too, as with HA deployed.
+            env.update(COORDINATOR_REGISTRY_URL=CONSUL_URL, COORDINATOR_HA__ENABLED="true",
+                       COORDINATOR_REGISTRY__AGENT_SERVICE=f"{self.name}-agents",
+                       COORDINATOR_REGISTRY__COORDINATOR_SERVICE=f"{self.name}-coordinators")
         self.children.spawn("coordinator", [*self.cli, "run"], env=env, cwd=self.workdir)
         self.children.spawn(
             "agent",
@@ -466,6 +475,7 @@ async def run(
     *, tasks: int = 2000, latency_tasks: int = 300, rounds: int = 3, batch: int = 250,
     agent_concurrency: int = 64, in_flight_cap: int = 64, systems: tuple[str, ...] = (),
     keep_logs: bool = False, profile_dir: Path | None = None, event_loop: str = "auto",
+    ha: bool = False,
 ) -> dict[str, Any]:
     uid = uuid.uuid4().hex[:8]
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{uid}-"))
@@ -474,7 +484,7 @@ async def run(
     profiler = Profiler(children, profile_dir)
     available: dict[str, System] = {
         "ours": Ours(children, workdir, uid, agent_concurrency=agent_concurrency,
-                     in_flight_cap=in_flight_cap, event_loop=event_loop),
+                     in_flight_cap=in_flight_cap, event_loop=event_loop, ha=ha),
         "raw": Raw(children, uid, prefetch=agent_concurrency),
         "celery": CeleryBaseline(children, uid),
     }
@@ -485,7 +495,7 @@ async def run(
     }
     print(f"e2e: {tasks} burst tasks, {latency_tasks} sequential, {rounds} round(s); "
           f"coordinator bench-{uid}; agent concurrency {agent_concurrency}, "
-          f"in-flight cap {in_flight_cap}; event loop {event_loop}; "
+          f"in-flight cap {in_flight_cap}; event loop {event_loop}{'; ha.enabled' if ha else ''}; "
           f"logs in {workdir}", flush=True)
     failed = False
     try:
@@ -621,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                         help="the coordinator's and agent's event_loop setting (auto: uvloop "
                              "where installed, as shipped)")
+    parser.add_argument("--ha", action="store_true",
+                        help="the coordinator with ha.enabled (campaigns in the Consul at "
+                             f"{CONSUL_URL}; leads alone)")
     parser.add_argument("--only", action="append", choices=["ours", "raw", "celery"],
                         help="run only these systems (repeatable)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
@@ -641,6 +654,7 @@ def main() -> None:
         batch=args.batch, agent_concurrency=args.agent_concurrency,
         in_flight_cap=args.in_flight_cap, systems=tuple(args.only or ()),
         keep_logs=args.keep_logs, profile_dir=args.profile, event_loop=args.event_loop,
+        ha=args.ha,
     ))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -104,6 +104,8 @@ def main() -> int:
                         "file in /tmp, named at the start)")
     parser.add_argument("--verbose", action="store_true",
                         help="print the benchmarks' progress lines instead of logging them")
+    parser.add_argument("--ha", action="store_true",
+                        help="e2e with the coordinator's ha.enabled (needs Consul on :8500)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on SIGTERM too
@@ -125,7 +127,7 @@ def main() -> int:
     if args.only in (None, "e2e"):
         e2e = step("e2e tasks (ours, raw aio-pika, Celery)", log, lambda: asyncio.run(
             e2e_tasks.run(tasks=args.tasks, latency_tasks=args.latency_tasks,
-                          rounds=args.rounds)))
+                          rounds=args.rounds, ha=args.ha)))
         if e2e is None:
             failures.append("e2e")
         else:
