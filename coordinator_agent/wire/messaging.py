@@ -28,9 +28,8 @@ import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
-    AbstractIncomingMessage,
-    AbstractQueue,
 )
+from aiormq.abc import DeliveredMessage
 from pydantic import SecretStr
 
 from coordinator_agent.exceptions import (
@@ -43,11 +42,12 @@ from coordinator_agent.exceptions import (
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.wire import coalesce, protocol
 from coordinator_agent.wire import constants as c
+from coordinator_agent.wire.delivery import Delivery
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[protocol.Envelope, AbstractIncomingMessage], Awaitable[None]]
+Handler = Callable[[protocol.Envelope, Delivery], Awaitable[None]]
 Topology = Callable[[AbstractChannel], Awaitable[None]]
 
 #: What aiormq and the socket raise when the broker or the connection fails.
@@ -121,7 +121,7 @@ class MessageHandler:
         self._supervisor: asyncio.Task[None] | None = None
         self._in_progress: set[asyncio.Task[Any]] = set()
         self._consumer_channels: list[AbstractChannel] = []
-        self._consumer_tags: list[tuple[AbstractQueue, str]] = []
+        self._consumer_tags: list[tuple[aiormq.abc.AbstractChannel, str]] = []
         self.connections_made = 0
         self.active_consumers = 0
         self._lost: asyncio.Event | None = None
@@ -192,9 +192,9 @@ class MessageHandler:
     async def stop_consuming(self) -> None:
         """Cancel consumers (graceful stop). Channels stay open so in-flight work can still ack."""
         self._consuming = False
-        for queue, tag in self._consumer_tags:
+        for underlay, tag in self._consumer_tags:
             with contextlib.suppress(*BROKER_ERRORS, TimeoutError):
-                await queue.cancel(tag, timeout=5)
+                await underlay.basic_cancel(tag, timeout=5)
         self._consumer_tags.clear()
         self.active_consumers = 0
 
@@ -332,10 +332,15 @@ class MessageHandler:
             lost.set()
 
         underlay.on_consumer_cancel_callbacks.add(cancelled)
-        queue = await channel.get_queue(consumer.queue, ensure=False)
-        tag = await queue.consume(self._callback(consumer))
+        # Straight from aiormq: handlers get a light Delivery, not aio-pika's IncomingMessage.
+        callback = self._callback(consumer)
+
+        async def deliver(message: DeliveredMessage) -> None:
+            await callback(Delivery(message))
+
+        ok = await underlay.basic_consume(consumer.queue, deliver, no_ack=False)
         self._consumer_channels.append(channel)
-        self._consumer_tags.append((queue, tag))
+        self._consumer_tags.append((underlay, str(ok.consumer_tag)))
 
     async def _connect(self, lost: asyncio.Event) -> None:
         self._lost = lost
@@ -385,8 +390,8 @@ class MessageHandler:
 
     def _callback(
         self, consumer: _Consumer
-    ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
-        async def on_message(message: AbstractIncomingMessage) -> None:
+    ) -> Callable[[Delivery], Awaitable[None]]:
+        async def on_message(message: Delivery) -> None:
             task = asyncio.current_task()
             if task is not None:
                 self._in_progress.add(task)
@@ -398,7 +403,7 @@ class MessageHandler:
 
         return on_message
 
-    async def _handle(self, consumer: _Consumer, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, consumer: _Consumer, message: Delivery) -> None:
         try:
             envelope = self.security.open(
                 message.body, message.headers, redelivered=bool(message.redelivered)
@@ -434,7 +439,7 @@ class MessageHandler:
             await message.ack()
 
     async def dead_letter(
-        self, message: AbstractIncomingMessage, reason: str, detail: str,
+        self, message: Delivery, reason: str, detail: str,
         *, sender: str | None = None,
     ) -> None:
         """Park a rejected message with its reason, then ack it. Never raises."""
