@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import aio_pika
 import aiormq
@@ -64,6 +64,17 @@ async def close_connection(connection: AbstractConnection, timeout: float = 5.0)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(closed.wait(), 1.0)
     await asyncio.sleep(0)  # the callbacks' task marks itself finished on the next turn
+
+
+PERSISTENT, NOT_PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT), \
+    int(aio_pika.DeliveryMode.NOT_PERSISTENT)
+
+
+class _Outgoing(NamedTuple):
+    """A message to publish: what ``basic_publish`` takes, no more."""
+
+    body: bytes
+    properties: aiormq.spec.Basic.Properties
 
 
 @dataclass
@@ -133,6 +144,9 @@ class MessageHandler:
         #: When the broker last confirmed a publish or probe (monotonic); None before any.
         self.last_confirm: float | None = None
         self.consumer_cancels = 0
+        #: Metric children per message type (types are a fixed, small set).
+        self._received_children: dict[str, tuple[Any, Any]] = {}
+        self._published_children: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"MessageHandler(name={self.name!r}, url={self.url_for_display!r})"
@@ -431,10 +445,9 @@ class MessageHandler:
                 await self.dead_letter(message, "handler_error", "the handler raised")
             return
         if self.metrics:
-            self.metrics.messages_received.labels(envelope.type).inc()
-            self.metrics.message_latency.labels(envelope.type).observe(
-                max(0.0, time.time() - envelope.sent_at)
-            )
+            received, latency = self._per_type(envelope.type)
+            received.inc()
+            latency.observe(max(0.0, time.time() - envelope.sent_at))
         with contextlib.suppress(*BROKER_ERRORS):
             await message.ack()
 
@@ -521,24 +534,24 @@ class MessageHandler:
             correlation_id=correlation_id, message_id=message_id,
         )
         body, headers = self.security.seal(envelope, on_behalf_of or peer)
-        message = aio_pika.Message(
-            body,
+        # The frame's properties directly: an aio_pika.Message costs ~10 us more to build.
+        message = _Outgoing(body, aiormq.spec.Basic.Properties(
             headers=headers,
             message_id=envelope.id,
-            type=envelope.type,
+            message_type=envelope.type,
             correlation_id=correlation_id,
             content_type=c.CONTENT_TYPE,
-            delivery_mode=(aio_pika.DeliveryMode.PERSISTENT if persistent
-                           else aio_pika.DeliveryMode.NOT_PERSISTENT),
-            expiration=expiration_s,
-        )
+            delivery_mode=PERSISTENT if persistent else NOT_PERSISTENT,
+            expiration=None if expiration_s is None else str(int(expiration_s * 1000)),
+        ))
         await self._publish_raw(exchange, routing_key, message, mandatory=True)
         if self.metrics:
-            self.metrics.messages_published.labels(envelope.type).inc()
+            self._published(envelope.type).inc()
         return envelope
 
     async def _publish_raw(
-        self, exchange: str, routing_key: str, message: aio_pika.Message, *, mandatory: bool
+        self, exchange: str, routing_key: str, message: aio_pika.Message | _Outgoing, *,
+        mandatory: bool,
     ) -> None:
         deadline = time.monotonic() + self.publish_timeout_s
         try:
@@ -571,6 +584,25 @@ class MessageHandler:
         except BROKER_ERRORS as exc:
             self._count_publish_error("connection")
             raise TransportError(f"publish failed: {type(exc).__name__}") from exc
+
+    def _per_type(self, message_type: str) -> tuple[Any, Any]:
+        """The received counter and latency histogram of a type: ``labels()`` costs a lock and
+        a tuple per call, per message; the children are looked up once."""
+        children = self._received_children.get(message_type)
+        if children is None:
+            assert self.metrics is not None
+            children = (self.metrics.messages_received.labels(message_type),
+                        self.metrics.message_latency.labels(message_type))
+            self._received_children[message_type] = children
+        return children
+
+    def _published(self, message_type: str) -> Any:
+        child = self._published_children.get(message_type)
+        if child is None:
+            assert self.metrics is not None
+            child = self.metrics.messages_published.labels(message_type)
+            self._published_children[message_type] = child
+        return child
 
     def _count_publish_error(self, kind: str) -> None:
         if self.metrics:
