@@ -164,13 +164,23 @@ class System(Protocol):
 
 class Ours:
     label = "coordinator_agent"
-    processes = ("coordinator", "agent")
 
     def __init__(
         self, children: Children, workdir: Path, uid: str, *, agent_concurrency: int,
         in_flight_cap: int, event_loop: str = "auto", ha: bool = False,
+        source: Path | None = None,
     ) -> None:
         self.children = children
+        #: Another source tree's coordinator and agent (``--base-tree``): a before/after in one
+        #: run. Its processes and files are named apart; it gets no setting it may not know.
+        self.source = source
+        prefix = "base-" if source is not None else ""
+        if source is not None:
+            self.label = "coordinator_agent (base)"
+            workdir = workdir / "base"
+            workdir.mkdir(parents=True, exist_ok=True)
+            uid = f"{uid}b"
+        self.processes = (f"{prefix}coordinator", f"{prefix}agent")
         self.workdir = workdir
         self.name = f"bench-{uid}"
         self.agent_id = "bench-agent-1"
@@ -202,17 +212,20 @@ class Ours:
             COORDINATOR_MONITORING_PORT="0",
             COORDINATOR_LOG_LEVEL="WARNING",
             COORDINATOR_LIMITS__MAX_IN_FLIGHT_PER_AGENT=str(self.in_flight_cap),
-            COORDINATOR_EVENT_LOOP=self.event_loop,
         )
+        if self.source is not None:
+            env["PYTHONPATH"] = str(self.source)
+        else:
+            env["COORDINATOR_EVENT_LOOP"] = self.event_loop
         if self.ha:
             # The shared Consul (make services); names of this run's own, so nobody else's
             # agents or leases mix with it. The agent registers there too, as with HA deployed.
             env.update(COORDINATOR_REGISTRY_URL=CONSUL_URL, COORDINATOR_HA__ENABLED="true",
                        COORDINATOR_REGISTRY__AGENT_SERVICE=f"{self.name}-agents",
                        COORDINATOR_REGISTRY__COORDINATOR_SERVICE=f"{self.name}-coordinators")
-        self.children.spawn("coordinator", [*self.cli, "run"], env=env, cwd=self.workdir)
+        self.children.spawn(self.processes[0], [*self.cli, "run"], env=env, cwd=self.workdir)
         self.children.spawn(
-            "agent",
+            self.processes[1],
             [*self.cli, "worker", "--id", self.agent_id, "--concurrency",
              str(self.agent_concurrency)],
             env=env, cwd=self.workdir,
@@ -475,7 +488,7 @@ async def run(
     *, tasks: int = 2000, latency_tasks: int = 300, rounds: int = 3, batch: int = 250,
     agent_concurrency: int = 64, in_flight_cap: int = 64, systems: tuple[str, ...] = (),
     keep_logs: bool = False, profile_dir: Path | None = None, event_loop: str = "auto",
-    ha: bool = False,
+    ha: bool = False, base_tree: Path | None = None,
 ) -> dict[str, Any]:
     uid = uuid.uuid4().hex[:8]
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{uid}-"))
@@ -485,6 +498,9 @@ async def run(
     available: dict[str, System] = {
         "ours": Ours(children, workdir, uid, agent_concurrency=agent_concurrency,
                      in_flight_cap=in_flight_cap, event_loop=event_loop, ha=ha),
+        **({"base": Ours(children, workdir, uid, agent_concurrency=agent_concurrency,
+                         in_flight_cap=in_flight_cap, ha=ha, source=base_tree)}
+           if base_tree is not None else {}),
         "raw": Raw(children, uid, prefetch=agent_concurrency),
         "celery": CeleryBaseline(children, uid),
     }
@@ -562,7 +578,8 @@ async def run(
 
 
 def report(summary: dict[str, Any]) -> None:
-    labels = {"ours": "coordinator_agent", "raw": "raw aio-pika", "celery": "celery 5 (rpc://)"}
+    labels = {"ours": "coordinator_agent", "base": "coordinator_agent (base tree)",
+              "raw": "raw aio-pika", "celery": "celery 5 (rpc://)"}
     print("\nend-to-end no-op tasks (median of rounds)")
     print(table(
         ["system", "burst tasks/s", "submit/s", "p50 ms", "p99 ms", "CPU ms/task: server",
@@ -575,7 +592,7 @@ def report(summary: dict[str, Any]) -> None:
     ours = summary.get("ours")
     if ours is None:
         return
-    for key, name in (("celery", "celery"), ("raw", "raw")):
+    for key, name in (("celery", "celery"), ("raw", "raw"), ("base", "base")):
         other = summary.get(key)
         if other is None:
             continue
@@ -634,7 +651,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ha", action="store_true",
                         help="the coordinator with ha.enabled (campaigns in the Consul at "
                              f"{CONSUL_URL}; leads alone)")
-    parser.add_argument("--only", action="append", choices=["ours", "raw", "celery"],
+    parser.add_argument("--base-tree", type=Path, metavar="DIR",
+                        help="also run the coordinator and agent of another source tree (e.g. "
+                             "`git archive REV | tar -x -C DIR`), as 'base': before/after in "
+                             "one run (the client is this tree's)")
+    parser.add_argument("--only", action="append", choices=["ours", "base", "raw", "celery"],
                         help="run only these systems (repeatable)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--keep-logs", action="store_true")
@@ -654,7 +675,7 @@ def main() -> None:
         batch=args.batch, agent_concurrency=args.agent_concurrency,
         in_flight_cap=args.in_flight_cap, systems=tuple(args.only or ()),
         keep_logs=args.keep_logs, profile_dir=args.profile, event_loop=args.event_loop,
-        ha=args.ha,
+        ha=args.ha, base_tree=args.base_tree,
     ))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2), encoding="utf-8")
