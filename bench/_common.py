@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -55,6 +56,26 @@ def ratio(a: float, b: float) -> float:
 
 def verdict(ok: bool) -> str:
     return "MET" if ok else "MISSED"
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One goal of a benchmark, as run_all's summary shows it."""
+
+    name: str
+    measured: str  #: ours, with its unit
+    baseline: str  #: the same-run baseline it is compared with ("-" for an absolute bound)
+    value: float  #: the ratio (or the figure, for an absolute bound) checked against the target
+    target: str  #: e.g. ">= x1.25", "<= 0.8 ms"
+    ok: bool
+
+    def row(self) -> list[str]:
+        shown = f"x{self.value:.2f}" if self.target.lstrip("<>= ").startswith("x") \
+            else f"{self.value:.2f}"
+        return [self.name, self.measured, self.baseline, shown, self.target, verdict(self.ok)]
+
+
+GOAL_COLUMNS = ["goal", "ours", "baseline (same run)", "ratio/value", "target", "verdict"]
 
 
 def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

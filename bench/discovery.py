@@ -86,7 +86,8 @@ from pydantic import SecretStr
 
 from coordinator_agent.agent.worker import TaskContext, WorkerAgent
 from coordinator_agent.coordinator.liveness import AgentLiveness, RegistryHealth
-from coordinator_agent.coordinator.service import SWEEP_INTERVAL_S, CoordinatorAgent
+from coordinator_agent.coordinator.service import CoordinatorAgent
+from coordinator_agent.coordinator.sweep import SWEEP_INTERVAL_S
 from coordinator_agent.coordinator.tasks import AttemptOutcome, TaskRecord
 from coordinator_agent.exceptions import DiscoveryError
 from coordinator_agent.registry import AgentService, ConsulRegistry, RegisteredAgent

@@ -41,6 +41,7 @@ from _common import (
     PYTHON,
     ROOT,
     Children,
+    Goal,
     broker_cpu_seconds,
     clean_environ,
     delete_queues,
@@ -64,14 +65,14 @@ from coordinator_agent.wire.messaging import delete_namespace
 #: Design-doc targets, checked against Celery measured in the same run.
 TARGET_THROUGHPUT_VS_CELERY = 1.25
 TARGET_P50_VS_CELERY = 1.0
+TARGET_P99_VS_CELERY = 1.5
+#: The coordinator's own CPU per task in the burst (issue 13, goal 4), an absolute bound.
+TARGET_COORDINATOR_CPU_MS = 0.8
 
 NOOP_INPUT = {"op": "noop"}
 WARM_UP_TASKS = 30
-UVLOOP_CLI = (
-    "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-    "from coordinator_agent.cli.main import main; sys.exit(main(sys.argv[1:]))"
-)
 STARTUP_TIMEOUT_S = 90.0
+CONSUL_URL = "http://127.0.0.1:8500"
 LATENCY_TASK_TIMEOUT_S = 30.0
 
 
@@ -163,21 +164,34 @@ class System(Protocol):
 
 class Ours:
     label = "coordinator_agent"
-    processes = ("coordinator", "agent")
 
     def __init__(
         self, children: Children, workdir: Path, uid: str, *, agent_concurrency: int,
-        in_flight_cap: int, uvloop: bool = False,
+        in_flight_cap: int, event_loop: str = "auto", ha: bool = False,
+        source: Path | None = None,
     ) -> None:
         self.children = children
+        #: Another source tree's coordinator and agent (``--base-tree``): a before/after in one
+        #: run. Its processes and files are named apart; it gets no setting it may not know.
+        self.source = source
+        prefix = "base-" if source is not None else ""
+        if source is not None:
+            self.label = "coordinator_agent (base)"
+            workdir = workdir / "base"
+            workdir.mkdir(parents=True, exist_ok=True)
+            uid = f"{uid}b"
+        self.processes = (f"{prefix}coordinator", f"{prefix}agent")
         self.workdir = workdir
         self.name = f"bench-{uid}"
         self.agent_id = "bench-agent-1"
         self.operator = "bench-operator"
         self.agent_concurrency = agent_concurrency
         self.in_flight_cap = in_flight_cap
-        # What-if: the same CLI with uvloop's event loop in the coordinator and agent.
-        self.cli = [PYTHON, "-c", UVLOOP_CLI] if uvloop else [PYTHON, "-m", "coordinator_agent"]
+        self.cli = [PYTHON, "-m", "coordinator_agent"]
+        #: The coordinator's and agent's ``event_loop`` setting (auto: uvloop where installed).
+        self.event_loop = event_loop
+        #: ha.enabled: the coordinator campaigns for its lease in Consul and leads alone.
+        self.ha = ha
         self.client: CoordinatorClient | None = None
         self.reply_queue: str | None = None
 
@@ -199,9 +213,19 @@ class Ours:
             COORDINATOR_LOG_LEVEL="WARNING",
             COORDINATOR_LIMITS__MAX_IN_FLIGHT_PER_AGENT=str(self.in_flight_cap),
         )
-        self.children.spawn("coordinator", [*self.cli, "run"], env=env, cwd=self.workdir)
+        if self.source is not None:
+            env["PYTHONPATH"] = str(self.source)
+        else:
+            env["COORDINATOR_EVENT_LOOP"] = self.event_loop
+        if self.ha:
+            # The shared Consul (make services); names of this run's own, so nobody else's
+            # agents or leases mix with it. The agent registers there too, as with HA deployed.
+            env.update(COORDINATOR_REGISTRY_URL=CONSUL_URL, COORDINATOR_HA__ENABLED="true",
+                       COORDINATOR_REGISTRY__AGENT_SERVICE=f"{self.name}-agents",
+                       COORDINATOR_REGISTRY__COORDINATOR_SERVICE=f"{self.name}-coordinators")
+        self.children.spawn(self.processes[0], [*self.cli, "run"], env=env, cwd=self.workdir)
         self.children.spawn(
-            "agent",
+            self.processes[1],
             [*self.cli, "worker", "--id", self.agent_id, "--concurrency",
              str(self.agent_concurrency)],
             env=env, cwd=self.workdir,
@@ -463,7 +487,8 @@ class CeleryBaseline:
 async def run(
     *, tasks: int = 2000, latency_tasks: int = 300, rounds: int = 3, batch: int = 250,
     agent_concurrency: int = 64, in_flight_cap: int = 64, systems: tuple[str, ...] = (),
-    keep_logs: bool = False, profile_dir: Path | None = None, uvloop: bool = False,
+    keep_logs: bool = False, profile_dir: Path | None = None, event_loop: str = "auto",
+    ha: bool = False, base_tree: Path | None = None,
 ) -> dict[str, Any]:
     uid = uuid.uuid4().hex[:8]
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{uid}-"))
@@ -472,7 +497,10 @@ async def run(
     profiler = Profiler(children, profile_dir)
     available: dict[str, System] = {
         "ours": Ours(children, workdir, uid, agent_concurrency=agent_concurrency,
-                     in_flight_cap=in_flight_cap, uvloop=uvloop),
+                     in_flight_cap=in_flight_cap, event_loop=event_loop, ha=ha),
+        **({"base": Ours(children, workdir, uid, agent_concurrency=agent_concurrency,
+                         in_flight_cap=in_flight_cap, ha=ha, source=base_tree)}
+           if base_tree is not None else {}),
         "raw": Raw(children, uid, prefetch=agent_concurrency),
         "celery": CeleryBaseline(children, uid),
     }
@@ -483,7 +511,7 @@ async def run(
     }
     print(f"e2e: {tasks} burst tasks, {latency_tasks} sequential, {rounds} round(s); "
           f"coordinator bench-{uid}; agent concurrency {agent_concurrency}, "
-          f"in-flight cap {in_flight_cap}{'; uvloop in coordinator and agent' if uvloop else ''}; "
+          f"in-flight cap {in_flight_cap}; event loop {event_loop}{'; ha.enabled' if ha else ''}; "
           f"logs in {workdir}", flush=True)
     failed = False
     try:
@@ -516,6 +544,8 @@ async def run(
                 m["cpu_ms_server"].append(sum(cpu_ms[p] for p in system.processes))
                 m["cpu_ms_client"].append(cpu_ms["client"])
                 m["cpu_ms_broker"].append(cpu_ms["broker"])
+                for process in system.processes:  # per process: cpu_ms_coordinator, ...
+                    m.setdefault(f"cpu_ms_{process}", []).append(cpu_ms[process])
                 detail = ", ".join(f"{k} {v:.2f}" for k, v in cpu_ms.items())
                 print(f"  round {round_no + 1} {system.label:18s} burst {throughput:7.0f} "
                       f"tasks/s (submitted at {submit_rate:6.0f}/s)  p50 {p50:6.2f} ms  "
@@ -548,7 +578,8 @@ async def run(
 
 
 def report(summary: dict[str, Any]) -> None:
-    labels = {"ours": "coordinator_agent", "raw": "raw aio-pika", "celery": "celery 5 (rpc://)"}
+    labels = {"ours": "coordinator_agent", "base": "coordinator_agent (base tree)",
+              "raw": "raw aio-pika", "celery": "celery 5 (rpc://)"}
     print("\nend-to-end no-op tasks (median of rounds)")
     print(table(
         ["system", "burst tasks/s", "submit/s", "p50 ms", "p99 ms", "CPU ms/task: server",
@@ -561,7 +592,7 @@ def report(summary: dict[str, Any]) -> None:
     ours = summary.get("ours")
     if ours is None:
         return
-    for key, name in (("celery", "celery"), ("raw", "raw")):
+    for key, name in (("celery", "celery"), ("raw", "raw"), ("base", "base")):
         other = summary.get(key)
         if other is None:
             continue
@@ -577,17 +608,31 @@ def report(summary: dict[str, Any]) -> None:
         print(f"target p50 <= celery's: {verdict(p50 <= TARGET_P50_VS_CELERY)} (x{p50:.2f})")
 
 
-def targets(summary: dict[str, Any]) -> dict[str, tuple[float, bool]]:
+def targets(summary: dict[str, Any]) -> list[Goal]:
     ours, celery = summary.get("ours"), summary.get("celery")
-    if ours is None or celery is None:
-        return {}
-    tput = ratio(ours["throughput"], celery["throughput"])
-    p50 = ratio(ours["p50"], celery["p50"])
-    return {
-        f"e2e throughput ours/celery >= {TARGET_THROUGHPUT_VS_CELERY}":
-            (tput, tput >= TARGET_THROUGHPUT_VS_CELERY),
-        "e2e p50 ours/celery <= 1.0": (p50, p50 <= TARGET_P50_VS_CELERY),
-    }
+    goals: list[Goal] = []
+    if ours is not None and celery is not None:
+        tput = ratio(ours["throughput"], celery["throughput"])
+        p50 = ratio(ours["p50"], celery["p50"])
+        p99 = ratio(ours["p99"], celery["p99"])
+        goals += [
+            Goal("P2 burst throughput, ours/Celery", f"{ours['throughput']:,.0f} tasks/s",
+                 f"{celery['throughput']:,.0f} tasks/s", tput,
+                 f">= x{TARGET_THROUGHPUT_VS_CELERY}", tput >= TARGET_THROUGHPUT_VS_CELERY),
+            Goal("P2 sequential p50, ours/Celery", f"{ours['p50']:.2f} ms",
+                 f"{celery['p50']:.2f} ms", p50, f"<= x{TARGET_P50_VS_CELERY}",
+                 p50 <= TARGET_P50_VS_CELERY),
+            Goal("P2 sequential p99, ours/Celery", f"{ours['p99']:.2f} ms",
+                 f"{celery['p99']:.2f} ms", p99, f"<= x{TARGET_P99_VS_CELERY}",
+                 p99 <= TARGET_P99_VS_CELERY),
+        ]
+    if ours is not None and "cpu_ms_coordinator" in ours:
+        cpu = ours["cpu_ms_coordinator"]
+        server = (f"{celery['cpu_ms_server']:.2f} ms (Celery worker)" if celery is not None
+                  else "-")
+        goals.append(Goal("CPU per task: the coordinator, burst", f"{cpu:.2f} ms", server, cpu,
+                          f"<= {TARGET_COORDINATOR_CPU_MS} ms", cpu <= TARGET_COORDINATOR_CPU_MS))
+    return goals
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -600,9 +645,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--agent-concurrency", type=int, default=64)
     parser.add_argument("--in-flight-cap", type=int, default=64,
                         help="coordinator limits.max_in_flight_per_agent (default config: 32)")
-    parser.add_argument("--uvloop", action="store_true",
-                        help="what-if: run the coordinator and agent on uvloop (if installed)")
-    parser.add_argument("--only", action="append", choices=["ours", "raw", "celery"],
+    parser.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                        help="the coordinator's and agent's event_loop setting (auto: uvloop "
+                             "where installed, as shipped)")
+    parser.add_argument("--ha", action="store_true",
+                        help="the coordinator with ha.enabled (campaigns in the Consul at "
+                             f"{CONSUL_URL}; leads alone)")
+    parser.add_argument("--base-tree", type=Path, metavar="DIR",
+                        help="also run the coordinator and agent of another source tree (e.g. "
+                             "`git archive REV | tar -x -C DIR`), as 'base': before/after in "
+                             "one run (the client is this tree's)")
+    parser.add_argument("--only", action="append", choices=["ours", "base", "raw", "celery"],
                         help="run only these systems (repeatable)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--keep-logs", action="store_true")
@@ -621,7 +674,8 @@ def main() -> None:
         tasks=args.tasks, latency_tasks=args.latency_tasks, rounds=args.rounds,
         batch=args.batch, agent_concurrency=args.agent_concurrency,
         in_flight_cap=args.in_flight_cap, systems=tuple(args.only or ()),
-        keep_logs=args.keep_logs, profile_dir=args.profile, uvloop=args.uvloop,
+        keep_logs=args.keep_logs, profile_dir=args.profile, event_loop=args.event_loop,
+        ha=args.ha, base_tree=args.base_tree,
     ))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -7,6 +7,10 @@
     .venv/bin/python bench/run_all.py --only routing   # the planner alone, no broker
     .venv/bin/python bench/run_all.py --only discovery # Consul + liveness alone (~5 min)
 
+The benchmarks' progress lines go to a log file (named at the start; --verbose prints them);
+the terminal gets each benchmark's result table and a summary of the goals: ours, the baseline
+of the same run, the ratio, the target, MET or MISSED.
+
 Needs RabbitMQ on 127.0.0.1:5672, and Consul on 127.0.0.1:8500 for discovery (`make
 services`). Figures are medians of the rounds; every
 ratio compares with a baseline measured in the same run, because the machine is shared.
@@ -18,22 +22,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import discovery
 import e2e_tasks
 import routing_decision
 import status_ingest
-from _common import ROOT, table, verdict
+from _common import GOAL_COLUMNS, ROOT, Goal, table
 
 
 def git_revision() -> str:
@@ -54,6 +61,33 @@ def machine() -> str:
             f"{platform.python_version()}, load average {load}")
 
 
+@contextlib.contextmanager
+def quiet(log: IO[str] | None) -> Iterator[None]:
+    """Send a benchmark's progress lines to the log (None: leave them on the terminal)."""
+    if log is None:
+        yield
+        return
+    with contextlib.redirect_stdout(log):
+        yield
+    log.flush()
+
+
+def step(name: str, log: IO[str] | None, run: Callable[[], Any]) -> Any:
+    """Run one benchmark; its lines go to the log, its traceback to stderr; None if it failed."""
+    started = time.monotonic()
+    print(f"{name} ...", end="" if log is not None else "\n", flush=True)
+    try:
+        with quiet(log):
+            result = run()
+    except Exception:
+        print(" FAILED" if log is not None else f"{name}: FAILED", flush=True)
+        traceback.print_exc()
+        return None
+    if log is not None:
+        print(f" done ({time.monotonic() - started:.0f} s)", flush=True)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,6 +100,12 @@ def main() -> int:
     parser.add_argument("--only", choices=["e2e", "status", "routing", "discovery"],
                         help="run one benchmark")
     parser.add_argument("--json", type=Path, help="write all results here")
+    parser.add_argument("--log", type=Path, help="the benchmarks' progress lines (default: a "
+                        "file in /tmp, named at the start)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the benchmarks' progress lines instead of logging them")
+    parser.add_argument("--ha", action="store_true",
+                        help="e2e with the coordinator's ha.enabled (needs Consul on :8500)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on SIGTERM too
@@ -74,69 +114,73 @@ def main() -> int:
 
     started = time.monotonic()
     print(f"coordinator_agent benchmarks, revision {git_revision()}; {machine()}", flush=True)
+    log_path = None if args.verbose else (
+        args.log or Path(tempfile.mkstemp(prefix="bench-run-all-", suffix=".log")[1]))
+    log = None if log_path is None else log_path.open("w", encoding="utf-8")
+    if log_path is not None:
+        print(f"progress lines in {log_path} (--verbose prints them)", flush=True)
     results: dict[str, Any] = {"revision": git_revision(), "machine": machine(),
                                "args": {k: str(v) for k, v in vars(args).items()}}
-    checks: dict[str, tuple[float, bool]] = {}
+    goals: list[Goal] = []
     failures = []
+    reports: list[Callable[[], None]] = []
     if args.only in (None, "e2e"):
-        print(flush=True)
-        try:
-            e2e = asyncio.run(e2e_tasks.run(
-                tasks=args.tasks, latency_tasks=args.latency_tasks, rounds=args.rounds,
-            ))
-            results["e2e"] = e2e
-            checks |= e2e_tasks.targets(e2e)
-        except Exception:
-            traceback.print_exc()
+        e2e = step("e2e tasks (ours, raw aio-pika, Celery)", log, lambda: asyncio.run(
+            e2e_tasks.run(tasks=args.tasks, latency_tasks=args.latency_tasks,
+                          rounds=args.rounds, ha=args.ha)))
+        if e2e is None:
             failures.append("e2e")
+        else:
+            results["e2e"] = e2e
+            goals += e2e_tasks.targets(e2e)
+            reports.append(lambda: e2e_tasks.report(e2e))
     if args.only in (None, "status"):
-        print(flush=True)
-        try:
-            status = asyncio.run(status_ingest.run(
-                messages=args.status_messages, rounds=args.rounds,
-            ))
-            results["status"] = status
-            checks |= status_ingest.targets(status)
-        except Exception:
-            traceback.print_exc()
+        status = step("status ingestion (ours, raw aio-pika)", log, lambda: asyncio.run(
+            status_ingest.run(messages=args.status_messages, rounds=args.rounds)))
+        if status is None:
             failures.append("status")
-
+        else:
+            results["status"] = status
+            goals += status_ingest.targets(status)
+            reports.append(lambda: status_ingest.report(status))
     if args.only in (None, "routing"):
-        print(flush=True)
-        try:
-            # No broker: the planner alone, 100k outcomes and 1000 agents even in a quick run.
-            routing = routing_decision.run(decisions=2000 if args.quick else 20_000,
-                                           records=500 if args.quick else 5000)
-            results["routing"] = routing
-            checks |= routing_decision.targets(routing)
-        except Exception:
-            traceback.print_exc()
+        # No broker: the planner alone, 100k outcomes and 1000 agents even in a quick run.
+        routing = step("routing decisions (no broker)", log, lambda: routing_decision.run(
+            decisions=2000 if args.quick else 20_000, records=500 if args.quick else 5000))
+        if routing is None:
             failures.append("routing")
-
+        else:
+            results["routing"] = routing
+            goals += routing_decision.targets(routing)
     if args.only in (None, "discovery"):
-        print(flush=True)
-        try:
-            # No target: latencies against the bounds the liveness settings give.
-            results["discovery"] = asyncio.run(
-                discovery.run(fleets=(10, 100), probes=3, deaths=2) if args.quick
-                else discovery.run())
-        except Exception:
-            traceback.print_exc()
+        # No target: latencies against the bounds the liveness settings give.
+        discovered = step("discovery and liveness (Consul)", log, lambda: asyncio.run(
+            discovery.run(fleets=(10, 100), probes=3, deaths=2) if args.quick
+            else discovery.run()))
+        if discovered is None:
             failures.append("discovery")
+        else:
+            results["discovery"] = discovered
+    if log is not None:
+        log.close()
 
+    for show in reports:
+        show()
     print(f"\nsummary ({'quick' if args.quick else 'full'} run, {args.rounds} round(s), "
-          f"{time.monotonic() - started:.0f}s)")
-    if checks:
-        print(table(["target", "measured", "verdict"],
-                    [[name, f"x{value:.2f}", verdict(ok)] for name, (value, ok) in
-                     checks.items()]))
+          f"{time.monotonic() - started:.0f}s); every ratio against a baseline of the same run")
+    if goals:
+        print(table(GOAL_COLUMNS, [goal.row() for goal in goals]))
+        met = sum(goal.ok for goal in goals)
+        print(f"{met} of {len(goals)} goals met")
+    where = "" if log_path is None else f" and {log_path}"
     for name in failures:
-        print(f"{name}: FAILED (see the traceback above)")
+        print(f"{name}: FAILED (see the traceback above{where})")
     if args.json:
+        results["goals"] = [goal.__dict__ for goal in goals]
         args.json.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     if failures:
         return 2
-    if args.strict and not all(ok for _, ok in checks.values()):
+    if args.strict and not all(goal.ok for goal in goals):
         return 1
     return 0
 

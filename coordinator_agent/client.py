@@ -10,12 +10,13 @@ import math
 import uuid
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel
 
 from coordinator_agent.exceptions import SubmissionTooLarge, WaitTimeout
 from coordinator_agent.settings import Settings
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
+from coordinator_agent.wire.delivery import Delivery
 from coordinator_agent.wire.keyring import Keyring
 from coordinator_agent.wire.messaging import MessageHandler, coordinator_topology
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
@@ -139,7 +140,7 @@ class CoordinatorClient:
             self._final_waiters.discard(future)
 
     async def _on_reply(
-        self, envelope: protocol.Envelope, message: AbstractIncomingMessage
+        self, envelope: protocol.Envelope, message: Delivery
     ) -> None:
         payload = envelope.payload
         if isinstance(payload, protocol.TaskAccepted):

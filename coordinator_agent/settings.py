@@ -380,6 +380,9 @@ class Settings(BaseSettings):
     monitoring_host: str = "127.0.0.1"
     monitoring_port: int = Field(9464, ge=0, le=65535)
     log_level: str = "INFO"
+    #: The long-running commands' event loop: uvloop where installed (the 'fast' extra), or
+    #: asyncio's own; "uvloop" refuses to start without it.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     keyring_path: Path = Path("var/keyring.json")
     data_dir: Path = Path("var")
     prefetch: int = Field(256, ge=1, le=65535)

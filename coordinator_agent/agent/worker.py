@@ -31,8 +31,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from coordinator_agent import __version__
 from coordinator_agent.exceptions import (
     DiscoveryError,
@@ -49,6 +47,7 @@ from coordinator_agent.registry import (
 from coordinator_agent.settings import Settings
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
+from coordinator_agent.wire.delivery import Delivery
 from coordinator_agent.wire.keyring import Keyring, require_role
 from coordinator_agent.wire.messaging import MessageHandler, agent_topology, lane_for
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
@@ -277,7 +276,7 @@ class WorkerAgent:
     # --- inbound ------------------------------------------------------------------------------
 
     async def _on_message(
-        self, envelope: protocol.Envelope, message: AbstractIncomingMessage
+        self, envelope: protocol.Envelope, message: Delivery
     ) -> None:
         payload = envelope.payload
         if envelope.sender != self.coordinator_id:

@@ -24,6 +24,7 @@ from typing import Any
 from coordinator_agent import __version__
 from coordinator_agent.cli.conformance import add_conformance_command, cmd_conformance
 from coordinator_agent.cli.controls import CONTROL_COMMANDS, add_control_commands, priority_option
+from coordinator_agent.cli.loop import choose_event_loop
 from coordinator_agent.cli.progress import (
     Rates,
     agents_table,
@@ -305,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_until_signal(
     start: Callable[[], Coroutine[Any, Any, None]],
     stop: Callable[[], Coroutine[Any, Any, None]],
+    *, event_loop: str = "auto",
 ) -> int:
     """startup -> wait for SIGTERM/SIGINT -> graceful stop; a second signal forces exit. A failed
     start closes what it had opened, so the error is all that is printed."""
@@ -315,12 +317,12 @@ def run_until_signal(
         await stopping.wait()
         await stop()
 
-    return serve_until_signal(serve, stopping.set, close=stop)
+    return serve_until_signal(serve, stopping.set, close=stop, event_loop=event_loop)
 
 
 def serve_until_signal(
     serve: Callable[[], Coroutine[Any, Any, None]], request_stop: Callable[[], None],
-    *, close: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    *, close: Callable[[], Coroutine[Any, Any, None]] | None = None, event_loop: str = "auto",
 ) -> int:
     """Run ``serve()`` to its end, which may come on its own (an agent told to drain); the first
     SIGTERM/SIGINT asks it to stop gracefully, a second forces exit. If ``serve()`` fails,
@@ -350,14 +352,18 @@ def serve_until_signal(
             raise
         return 0
 
-    return asyncio.run(body())
+    choose_event_loop(event_loop)  # uvloop where installed (the 'fast' extra); logged
+    try:
+        return asyncio.run(body())
+    finally:
+        asyncio.set_event_loop_policy(None)  # a caller in the same process gets asyncio back
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from coordinator_agent.coordinator.service import CoordinatorAgent
 
     coordinator = CoordinatorAgent(settings)
-    return run_until_signal(coordinator.start, coordinator.stop)
+    return run_until_signal(coordinator.start, coordinator.stop, event_loop=settings.event_loop)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -373,7 +379,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     )
 
     # Not run_until_signal: an agent.drain from the coordinator ends the agent as well.
-    return serve_until_signal(agent.run, agent.request_stop, close=agent.stop)
+    return serve_until_signal(agent.run, agent.request_stop, close=agent.stop,
+                              event_loop=settings.event_loop)
 
 
 def operator_id(keyring: Keyring, wanted: str | None) -> str:

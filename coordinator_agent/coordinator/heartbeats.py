@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 import time
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from coordinator_agent.coordinator.backlog import Backlog
 from coordinator_agent.coordinator.dispatch import Dispatcher
 from coordinator_agent.coordinator.liveness import AgentLiveness
@@ -24,6 +22,7 @@ from coordinator_agent.coordinator.tasks import Attempt
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.wire import protocol
 from coordinator_agent.wire.constants import HEADER_SENDER
+from coordinator_agent.wire.delivery import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ class AgentReports:
             state.liveness.heartbeat_interval_s * state.liveness.behind_after)
         self._missing_exported = 0
 
-    def shed(self, message: AbstractIncomingMessage) -> bool:
+    def shed(self, message: Delivery) -> bool:
         """Ack a repeat heartbeat unread while behind (backlog.py); counted."""
         backlog = self.backlog
         if not backlog.behind:

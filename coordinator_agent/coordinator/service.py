@@ -17,7 +17,6 @@ import os
 import time
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import CollectorRegistry
 
 from coordinator_agent.coordinator import views
@@ -53,6 +52,7 @@ from coordinator_agent.routing.updates import LearningUpdate
 from coordinator_agent.settings import Settings
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
+from coordinator_agent.wire.delivery import Delivery
 from coordinator_agent.wire.keyring import Keyring
 from coordinator_agent.wire.messaging import MessageHandler, coordinator_topology
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
@@ -368,7 +368,7 @@ class CoordinatorAgent:
     # --- inbound messages, by type --------------------------------------------------------------
 
     async def _on_message(
-        self, envelope: protocol.Envelope, message: AbstractIncomingMessage
+        self, envelope: protocol.Envelope, message: Delivery
     ) -> None:
         """Handle one message; while the store cannot be written, hold it and try again.
 
@@ -411,7 +411,7 @@ class CoordinatorAgent:
                 self.background_abdicate(str(exc))
                 raise
 
-    def _handle(self, envelope: protocol.Envelope, message: AbstractIncomingMessage) -> None:
+    def _handle(self, envelope: protocol.Envelope, message: Delivery) -> None:
         payload = envelope.payload
         sender = envelope.sender
         now = time.time()
