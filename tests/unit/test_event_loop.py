@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import sys
 
 import pytest
 
@@ -43,10 +44,13 @@ def test_the_setting_takes_only_the_three_choices(monkeypatch: pytest.MonkeyPatc
         Settings()
 
 
-@pytest.mark.skipif(HAS_UVLOOP, reason="checks the error when uvloop is missing")
-def test_uvloop_required_but_missing_is_a_configuration_error() -> None:
+def test_uvloop_required_but_missing_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # what an install without it looks like
     with pytest.raises(ConfigError, match="not installed"):
         choose_event_loop("uvloop")
+    assert choose_event_loop("auto") == "asyncio"  # auto falls back instead
 
 
 def test_a_loop_for_a_thread_leaves_the_policy_alone() -> None:
