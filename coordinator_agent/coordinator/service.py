@@ -279,7 +279,6 @@ class CoordinatorAgent:
         """After a flood: right-sized copies of the containers that grew with it."""
         self.state.tasks = dict(self.state.tasks)
         self.dispatcher.pending.compact()
-        self.security.replay.compact()
         self.state.store.shrink_memory()
 
     # --- inbound messages, by type --------------------------------------------------------------
