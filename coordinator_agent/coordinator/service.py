@@ -295,6 +295,9 @@ class CoordinatorAgent:
         self.state.tasks = dict(self.state.tasks)
         self.dispatcher.pending.compact()
         self.state.store.shrink_memory()
+        # Caches filled during the flood: their entries, live, would pin its heap pages.
+        self.planner.drop_caches()
+        self.state.recent.clear()  # finished tasks are read from the store instead
 
     # --- inbound messages, by type --------------------------------------------------------------
 
