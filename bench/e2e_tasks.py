@@ -297,7 +297,8 @@ class Ours:
             await self.client.close()
 
     async def cleanup(self) -> None:
-        await delete_namespace(SecretStr(BROKER_URL), self.name, [self.agent_id])
+        await delete_namespace(SecretStr(BROKER_URL), self.name, [self.agent_id],
+                               [self.operator])
         if self.reply_queue:
             await delete_queues([self.reply_queue])
 

@@ -21,7 +21,15 @@ The coordinator's resident memory (VmRSS) is printed before and at the peak of t
 the number of tasks it held; admission control (``fleet.default_principal.max_backlog``) is what
 bounds it.
 
-    .venv/bin/python bench/fair_share.py [--flood 20000] [--light 50] [--work 0.25]   (~1 min)
+``--via amqp``: both operators submit over AMQP (CoordinatorClient) instead. The flooder publishes
+as fast as the broker confirms, without waiting for answers, so its submissions pile up in the
+broker; refused ones are offered again after their ``retry_after_s``. The light operator's
+turnaround is then measured by the client, from the publish to the ``task.completed`` notice, so
+time spent waiting in the broker counts. ``--shared-queue`` sends both through the one shared
+tasks queue instead of each operator's submission lane (how every submission went before lanes).
+
+    .venv/bin/python bench/fair_share.py [--via http|amqp] [--shared-queue] [--flood 20000]
+                                         [--light 50] [--work 0.25]   (1-5 min)
 """
 
 from __future__ import annotations
@@ -53,6 +61,9 @@ from _common import (
     verdict,
 )
 
+from coordinator_agent.client import CoordinatorClient
+from coordinator_agent.settings import load_settings
+from coordinator_agent.wire import protocol
 from coordinator_agent.wire.keyring import Keyring
 from coordinator_agent.wire.messaging import delete_namespace
 
@@ -90,6 +101,28 @@ def run_agent(agent_id: str, concurrency: int, work_s: float) -> None:
 # --- measuring ----------------------------------------------------------------------------------
 
 
+class AnsweringClient(CoordinatorClient):
+    """A client that can wait for a submission's first answer (accepted or a notice)."""
+
+    def __init__(self, *args: Any, shared_queue: bool = False) -> None:
+        super().__init__(*args)
+        self.answers: dict[str, asyncio.Future[protocol.Model]] = {}
+        if shared_queue:  # what every submission did before lanes: the one tasks queue
+            self._lane_missing_until = float("inf")
+
+    async def _on_reply(self, envelope: protocol.Envelope, message: Any) -> None:
+        await super()._on_reply(envelope, message)
+        future = self.answers.pop(getattr(envelope.payload, "task_id", ""), None)
+        if future is not None and not future.done():
+            future.set_result(envelope.payload)
+
+    def answer(self, task_id: str) -> asyncio.Future[protocol.Model]:
+        future = self.answers.get(task_id)
+        if future is None:
+            future = self.answers[task_id] = asyncio.get_running_loop().create_future()
+        return future
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,6 +149,7 @@ class Bench:
         self.flood_refused = 0
         self.peak_rss = 0.0
         self.peak_open = 0
+        self.clients: dict[str, AnsweringClient] = {}
 
     def start(self) -> None:
         keyring = Keyring()
@@ -127,8 +161,14 @@ class Bench:
             self.tokens[operator] = principal.api_token.get_secret_value()
         keyring_path = self.workdir / "keyring.json"
         keyring.save(keyring_path)
+        config = empty_config(self.workdir)
+        os.environ["COORDINATOR_CONFIG"] = str(config)  # for the AMQP clients' load_settings
+        self.client_settings = load_settings(
+            name=self.name, broker_url=BROKER_URL, keyring_path=keyring_path,
+            data_dir=self.workdir / "data", monitoring_port=0, log_level="WARNING")
+        self.keyring = keyring
         env = clean_environ(
-            COORDINATOR_CONFIG=str(empty_config(self.workdir)),
+            COORDINATOR_CONFIG=str(config),
             COORDINATOR_NAME=self.name,
             COORDINATOR_BROKER_URL=BROKER_URL,
             COORDINATOR_KEYRING_PATH=str(keyring_path),
@@ -173,11 +213,31 @@ class Bench:
                 return 429, float(response.headers.get("Retry-After", "1"))
             raise RuntimeError(f"submit answered {response.status}: {body}")
 
+    async def light_amqp(self, label: str) -> tuple[list[str], list[float]]:
+        """Over AMQP the clock starts at the publish: time in the broker's queue counts."""
+        client = self.clients[LIGHT]
+
+        async def one(i: int) -> tuple[str, float]:
+            started = time.monotonic()
+            task_id = await client.submit(f"light {label} {i}")
+            await client.wait(task_id, 600)
+            return task_id, time.monotonic() - started
+
+        runs = []
+        for i in range(self.args.light):
+            runs.append(asyncio.create_task(one(i)))
+            await asyncio.sleep(self.args.spacing)
+        done = await asyncio.gather(*runs)
+        return [task_id for task_id, _ in done], [seconds for _, seconds in done]
+
     async def light_round(self, http: aiohttp.ClientSession, label: str) -> dict[str, Any]:
         """50 tasks, one every spacing seconds; then their turnaround and queue wait."""
         ids = []
+        client_turnaround: list[float] = []
         headers = {"Authorization": f"Bearer {self.tokens[LIGHT]}"}
-        for i in range(self.args.light):
+        if self.args.via == "amqp":
+            ids, client_turnaround = await self.light_amqp(label)
+        for i in range(self.args.light if self.args.via == "http" else 0):
             async with http.post(self.base + "/api/tasks", headers=headers,
                                  json={"description": f"light {label} {i}"}) as response:
                 body = await response.json()
@@ -196,7 +256,8 @@ class Bench:
                 if view["status"] in ("succeeded", "failed", "cancelled"):
                     views[task_id] = view
             await asyncio.sleep(0.1)
-        turnaround = [v["updated_at"] - v["created_at"] for v in views.values()]
+        turnaround = client_turnaround or [v["updated_at"] - v["created_at"]
+                                           for v in views.values()]
         after = [v["updated_at"] - v["attempts"][0]["started_at"] - (
             v["attempts"][0]["duration_s"] or 0) for v in views.values()]
         wait = [v["attempts"][0]["started_at"] - v["created_at"] for v in views.values()]
@@ -227,7 +288,46 @@ class Bench:
                     self.flood_refused += 1
                     await asyncio.sleep(retry_after)
 
+        if self.args.via == "amqp":
+            await self.flood_amqp(stop)
+            return
         await asyncio.gather(*(one_lane(i) for i in range(8)))
+
+    async def flood_amqp(self, stop: asyncio.Event) -> None:
+        """Publish as fast as the broker confirms (the answers come later); a refused task is
+        offered again after its Retry-After. Submissions wait in the broker meanwhile."""
+        client = self.clients[FLOODER]
+        retry: asyncio.Queue[None] = asyncio.Queue()
+        offered = 0
+
+        async def answered(task_id: str) -> None:
+            reply = await client.answer(task_id)
+            if isinstance(reply, protocol.TaskAccepted):
+                self.flood_accepted += 1
+                return
+            self.flood_refused += 1
+            await asyncio.sleep(getattr(reply, "retry_after_s", None) or 1.0)
+            retry.put_nowait(None)
+
+        async def one_lane() -> None:
+            nonlocal offered
+            while self.flood_accepted < self.args.flood and not stop.is_set():
+                if offered >= self.args.flood:
+                    await retry.get()  # only what was refused is offered again
+                else:
+                    offered += 1
+                task_id = uuid.uuid4().hex
+                watcher = asyncio.create_task(answered(task_id))
+                self._watchers.add(watcher)
+                watcher.add_done_callback(self._watchers.discard)
+                await client.submit("flood", task_id=task_id)
+
+        self._watchers: set[asyncio.Task[None]] = set()
+        lanes = [asyncio.create_task(one_lane()) for _ in range(8)]
+        await stop.wait()
+        for task in [*lanes, *self._watchers]:
+            task.cancel()
+        await asyncio.gather(*lanes, *self._watchers, return_exceptions=True)
 
     async def sample(self, http: aiohttp.ClientSession, seconds: float) -> list[float]:
         """Slot utilisation (in flight / slots), sampled every 50 ms, and the memory peak."""
@@ -245,6 +345,18 @@ class Bench:
         self.peak_rss = max(self.peak_rss, rss_mb(self.coordinator.pid))
 
     async def run(self) -> dict[str, Any]:
+        if self.args.via == "amqp":
+            for who in (FLOODER, LIGHT):
+                self.clients[who] = AnsweringClient(self.client_settings, self.keyring, who,
+                                                    shared_queue=self.args.shared_queue)
+                await self.clients[who].start()
+        try:
+            return await self._run()
+        finally:
+            for client in self.clients.values():
+                await client.close()
+
+    async def _run(self) -> dict[str, Any]:
         async with aiohttp.ClientSession() as http:
             await self.ready(http)
             await self.light_round(http, "warm-up")
@@ -285,7 +397,8 @@ def report(bench: Bench, result: dict[str, Any], args: argparse.Namespace) -> bo
     # submissions/s, and the result path (not the queue) slows on a shared machine.
     ratio_p99 = ratio(flood["p99"], idle["p99"])
     ratio_intake = ratio(intake["p99"], idle["p99"])
-    print(f"\nfair share: {args.light} light tasks, idle vs. during a flood offering "
+    via = args.via + (", one shared tasks queue" if args.shared_queue else "")
+    print(f"\nfair share ({via}): {args.light} light tasks, idle vs. during a flood offering "
           f"{args.flood} tasks; {slots} slots, {args.work * 1000:.0f} ms of work per task\n")
     def row(label: str, r: dict[str, Any]) -> tuple[Any, ...]:
         return (label, r["p50"] * 1000, r["p99"] * 1000, r["wait_p50"] * 1000,
@@ -297,7 +410,9 @@ def report(bench: Bench, result: dict[str, Any], args: argparse.Namespace) -> bo
         row("flood, while it is ingested", intake),
         row("flood, backlog at its limit", flood),
     ]))
-    print("(turnaround = submit to finished; queue wait = submit to assigned; result path = "
+    start = ("publish (client clock) to the completed notice" if args.via == "amqp"
+             else "submit to finished")
+    print(f"(turnaround = {start}; queue wait = accepted to assigned; result path = "
           "assigned to finished minus the agent's own time; CPU in cores)")
     ok_share = ratio_p99 <= 2.0
     ok_full = utilisation >= 0.95
@@ -305,8 +420,8 @@ def report(bench: Bench, result: dict[str, Any], args: argparse.Namespace) -> bo
           f"{verdict(ok_share)}); while the flood is ingested: {ratio_intake:.2f}")
     print(f"flood alone: mean slot utilisation {utilisation:.3f} over {len(alone)} samples "
           f"(target >= 0.95: {verdict(ok_full)})")
-    print(f"flooder: {bench.flood_accepted} accepted, {bench.flood_refused} refused with 429 "
-          f"(backlog limit {args.max_backlog})")
+    print(f"flooder: {bench.flood_accepted} accepted, {bench.flood_refused} refused "
+          f"(429 / rejected; backlog limit {args.max_backlog})")
     print(f"coordinator RSS: {result['rss_idle']:.0f} MB idle, {bench.peak_rss:.0f} MB at the "
           f"peak of the flood; {result['open_tasks']} tasks open at the end")
     return ok_share and ok_full
@@ -332,7 +447,7 @@ async def amain(args: argparse.Namespace) -> int:
         children.stop_all()
         from pydantic import SecretStr
         with contextlib.suppress(Exception):
-            await delete_namespace(SecretStr(BROKER_URL), bench.name, AGENTS)
+            await delete_namespace(SecretStr(BROKER_URL), bench.name, AGENTS, (FLOODER, LIGHT))
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if ok or not args.strict else 1
 
@@ -348,6 +463,12 @@ def main() -> int:
     parser.add_argument("--alone", type=float, default=5.0,
                         help="seconds of the flood alone, to measure utilisation")
     parser.add_argument("--max-backlog", type=int, default=10_000)
+    parser.add_argument("--via", choices=("http", "amqp"), default="http",
+                        help="how both operators submit (amqp: the turnaround includes the time "
+                        "a submission waits in the broker)")
+    parser.add_argument("--shared-queue", action="store_true",
+                        help="amqp: submit through the one shared tasks queue, not each "
+                        "operator's lane (the behaviour before lanes, for comparison)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--agent", help=argparse.SUPPRESS)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 import uuid
 from typing import Any
 
 from aio_pika.abc import AbstractChannel
 
-from coordinator_agent.exceptions import SubmissionTooLarge, WaitTimeout
+from coordinator_agent.exceptions import SubmissionTooLarge, Unroutable, WaitTimeout
 from coordinator_agent.settings import Settings
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
@@ -22,6 +23,8 @@ from coordinator_agent.wire.messaging import MessageHandler, coordinator_topolog
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
 
 REPLY_QUEUE_EXPIRES_MS = 5 * 60 * 1000
+#: How long a client keeps to the shared tasks queue once told its lane is missing.
+LANE_RETRY_S = 60.0
 
 
 def fernet_token_bytes(plaintext_bytes: int) -> int:
@@ -58,6 +61,9 @@ class CoordinatorClient:
         self.notices: list[protocol.TaskCompleted] = []
         self._waiters: dict[str, list[asyncio.Future[protocol.TaskCompleted]]] = {}
         self._final_waiters: set[asyncio.Future[protocol.TaskCompleted]] = set()
+        #: Submissions go to this operator's own lane (PROTOCOL.md §4); while the broker says
+        #: there is none, to the shared tasks queue.
+        self._lane_missing_until = 0.0
 
     async def _declare(self, channel: AbstractChannel) -> None:
         await coordinator_topology(self.coordinator_id)(channel)
@@ -110,6 +116,15 @@ class CoordinatorClient:
         size = fernet_token_bytes(len(encoded))
         if size > self.security.max_message_bytes:
             raise SubmissionTooLarge(size, self.security.max_message_bytes)
+        if self._lane_missing_until <= time.monotonic():
+            try:
+                await self.messages.publish(spec, peer=self.coordinator_id,
+                                            exchange=c.COORDINATOR_EXCHANGE,
+                                            routing_key=c.submit_key(self.coordinator_id,
+                                                                     self.principal_id))
+                return task_id
+            except Unroutable:  # no lane for us (an older coordinator, or a newer operator)
+                self._lane_missing_until = time.monotonic() + LANE_RETRY_S
         await self.messages.publish(spec, peer=self.coordinator_id,
                                     exchange=c.COORDINATOR_EXCHANGE,
                                     routing_key=c.tasks_key(self.coordinator_id))

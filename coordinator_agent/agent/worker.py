@@ -81,6 +81,11 @@ TaskHandler = Callable[[TaskContext], Awaitable[Any]]
 
 
 class WorkerAgent:
+    #: Send the confirmed "started" report before each handler runs. Off only to measure what
+    #: it costs (bench/started_cost.py): without it the coordinator cannot tell a task that
+    #: crashed its agent from one merely queued for it (RELIABILITY.md, "Started reports").
+    report_started = True
+
     def __init__(
         self,
         agent_id: str,
@@ -329,7 +334,8 @@ class WorkerAgent:
         started = time.monotonic()
         try:
             async with self._slots:
-                await self._report_started(assign)
+                if self.report_started:
+                    await self._report_started(assign)
                 output = await asyncio.wait_for(self.handler(ctx), assign.timeout_s)
             result = protocol.TaskResult(task_id=assign.task_id, attempt=assign.attempt,
                                          success=True, output=output,

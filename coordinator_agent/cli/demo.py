@@ -159,7 +159,8 @@ async def run_demo(
             shutil.rmtree(workdir, ignore_errors=True)
             agent_ids = [p.id for p in keyring.principals.values() if p.role == "agent"]
             with contextlib.suppress(Exception):
-                await delete_namespace(demo_settings.broker_url, demo_settings.name, agent_ids)
+                await delete_namespace(demo_settings.broker_url, demo_settings.name, agent_ids,
+                                       [OPERATOR])
     print(json.dumps(summary))
     return 0 if summary["succeeded"] == tasks else 1
 

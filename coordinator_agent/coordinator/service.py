@@ -54,10 +54,19 @@ from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
 from coordinator_agent.wire.delivery import Delivery
 from coordinator_agent.wire.keyring import Keyring
-from coordinator_agent.wire.messaging import MessageHandler, coordinator_topology
+from coordinator_agent.wire.messaging import (
+    MessageHandler,
+    coordinator_topology,
+    submission_lanes_topology,
+)
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
 
 log = logging.getLogger(__name__)
+
+#: Deliveries a submission lane may have in the coordinator at once. Each one is a task in the
+#: event loop, run in turn: a lane with hundreds there would hold up everyone else's results and
+#: submissions behind its own; a few keep intake busy (the broker refills as they are acked).
+LANE_PREFETCH = 16
 
 PROBE_INTERVAL_S = 0.5
 PROBE_TIMEOUT_S = 1.0
@@ -106,6 +115,12 @@ class CoordinatorAgent:
                               prefetch=settings.prefetch, requeue_on_error=False,
                               # Late-bound: the reports are made further down.
                               shed=lambda message: self.reports.shed(message))  # noqa: PLW0108
+        # A lane per operator known at start (a later one uses the tasks queue until a restart).
+        self.lanes = sorted(p.id for p in keyring.principals.values() if p.role == "operator")
+        self.messages.add_topology(submission_lanes_topology(settings.name, lambda: self.lanes))
+        for operator in self.lanes:
+            self.messages.consume(c.submit_queue(settings.name, operator), self._on_message,
+                                  prefetch=min(settings.prefetch, LANE_PREFETCH))
         self._background: set[asyncio.Task[Any]] = set()
         spawn = background(self._background)
 
@@ -362,8 +377,10 @@ class CoordinatorAgent:
         """After a flood: right-sized copies of the containers that grew with it."""
         self.state.tasks = dict(self.state.tasks)
         self.dispatcher.pending.compact()
-        self.security.replay.compact()
         self.state.store.shrink_memory()
+        # Caches filled during the flood: their entries, live, would pin its heap pages.
+        self.planner.drop_caches()
+        self.state.recent.clear()  # finished tasks are read from the store instead
 
     # --- inbound messages, by type --------------------------------------------------------------
 

@@ -116,6 +116,11 @@ class TaskAnalyzer:
             self._stems[part] = word
         return word
 
+    def drop_caches(self) -> None:
+        """After a flood: one cached token per task (an id, a number) would hold a heap page
+        per task of the flood's memory."""
+        self._stems = {}
+
     def tokens(self, description: str) -> list[str]:
         """Distinct stems of the description, in order of first appearance."""
         seen: set[str] = set()

@@ -83,6 +83,10 @@ class Learner:
             self._text_prior = TextPrior(self.config)
         return self._text_prior
 
+    def drop_caches(self) -> None:
+        if self._text_prior is not None:
+            self._text_prior.drop_caches()
+
     def contexts(self, analysis: TaskAnalysis, text: Mapping[str, float]) -> tuple[str, str]:
         """Groups of similar tasks, coarse then fine: the kind the text points at, and the set
         of vocabulary words the description uses."""

@@ -229,6 +229,10 @@ class PatternStore:
             list(counters.items()),
         )
 
+    def shrink_memory(self) -> None:
+        """Give back SQLite's page cache (after a flood; it refills as needed)."""
+        self._db.execute("PRAGMA shrink_memory")
+
     def close(self) -> None:
         self._db.close()
 

@@ -746,6 +746,13 @@ class CoordinationPlanner:
             return kind
         return OTHER_KIND
 
+    def drop_caches(self) -> None:
+        """Per-description caches and the store's page cache, emptied after a flood
+        (coordinator/memory.py)."""
+        self.analyzer.drop_caches()
+        self.learner.drop_caches()
+        self.store.shrink_memory()
+
     def close(self) -> None:
         """Write the decision counters (if any changed) and close the store."""
         self.decisions.flush()

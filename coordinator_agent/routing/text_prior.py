@@ -152,6 +152,11 @@ class TextPrior:
             self._cache[description] = result
         return dict(result)
 
+    def drop_caches(self) -> None:
+        """After a flood: its descriptions' entries would hold the flood's heap pages."""
+        self._cache = {}
+        self._stems = {}
+
     def best(self, description: str) -> str:
         """The most probable kind; when several share the top, the fallback kind (never a name).
 

@@ -26,6 +26,16 @@ def tasks_key(coordinator: str) -> str:
     return f"{coordinator}.tasks"
 
 
+def submit_queue(coordinator: str, principal: str) -> str:
+    """One operator's submission lane (quorum queue, like the tasks queue): a flood from one
+    principal queues in its own lane, not ahead of everyone else's work (PROTOCOL.md §4)."""
+    return f"ca.{coordinator}.submit.{principal}"
+
+
+def submit_key(coordinator: str, principal: str) -> str:
+    return f"{coordinator}.submit.{principal}"
+
+
 def status_queue(coordinator: str) -> str:
     """Frequent, replaceable telemetry: heartbeats, metrics, progress (bounded classic queue)."""
     return f"ca.{coordinator}.status"

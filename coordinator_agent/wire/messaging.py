@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -237,9 +237,7 @@ class MessageHandler:
         if not self._ready.is_set() or connection is None or lost is None or self._consumer_tags:
             return  # the next (re)connect starts them
         try:
-            for consumer in self._consumers:
-                if not consumer.paused:
-                    await self._start_consumer(connection, consumer, lost)
+            await self._start_consumers(connection, lost)
         except (*BROKER_ERRORS, TimeoutError):
             lost.set()  # the supervisor reconnects and starts them
         self.active_consumers = len(self._consumer_channels)
@@ -333,6 +331,12 @@ class MessageHandler:
                 self._set_connected(self._ready.is_set())
             await asyncio.sleep(self.probe_interval_s)
 
+    async def _start_consumers(self, connection: AbstractConnection, lost: asyncio.Event) -> None:
+        """All at once: started one by one behind a backlog, the first queue's deliveries would
+        hold up the next one's start for as long as that backlog lasts (submission lanes)."""
+        await asyncio.gather(*(self._start_consumer(connection, consumer, lost)
+                               for consumer in self._consumers if not consumer.paused))
+
     async def _start_consumer(
         self, connection: AbstractConnection, consumer: _Consumer, lost: asyncio.Event
     ) -> None:
@@ -379,9 +383,7 @@ class MessageHandler:
         self._consumer_channels = []
         self._consumer_tags = []
         if self._consuming:
-            for consumer in self._consumers:
-                if not consumer.paused:
-                    await self._start_consumer(connection, consumer, lost)
+            await self._start_consumers(connection, lost)
         self.active_consumers = len(self._consumer_channels)
         self.connections_made += 1
         if self.connections_made > 1 and self.metrics:
@@ -635,14 +637,7 @@ def coordinator_topology(coordinator: str) -> Topology:
         )
         await dlq.bind(dlx)
         tasks = await channel.declare_queue(
-            c.tasks_queue(coordinator),
-            durable=True,
-            arguments={
-                "x-queue-type": "quorum",
-                "x-delivery-limit": c.TASKS_DELIVERY_LIMIT,
-                "x-dead-letter-exchange": dlx_name,
-            },
-        )
+            c.tasks_queue(coordinator), durable=True, arguments=_durable_arguments(coordinator))
         await tasks.bind(inbound, c.tasks_key(coordinator))
         status = await channel.declare_queue(
             c.status_queue(coordinator),
@@ -655,6 +650,32 @@ def coordinator_topology(coordinator: str) -> Topology:
             },
         )
         await status.bind(inbound, c.status_key(coordinator))
+
+    return declare
+
+
+def _durable_arguments(coordinator: str) -> dict[str, Any]:
+    """The tasks queue's and the submission lanes': replicated, poison messages dead-lettered."""
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": c.TASKS_DELIVERY_LIMIT,
+        "x-dead-letter-exchange": c.dead_letter_exchange(coordinator),
+    }
+
+
+def submission_lanes_topology(coordinator: str, principals: Callable[[], Iterable[str]]
+                              ) -> Topology:
+    """A submission lane per operator, declared (and so routable) only by the coordinator that
+    consumes it: a client whose lane is missing is returned its message and uses the tasks
+    queue instead (client.py), so nothing waits in a lane that nobody reads."""
+
+    async def declare(channel: AbstractChannel) -> None:
+        inbound = await channel.get_exchange(c.COORDINATOR_EXCHANGE, ensure=False)
+        for principal in principals():
+            lane = await channel.declare_queue(c.submit_queue(coordinator, principal),
+                                               durable=True,
+                                               arguments=_durable_arguments(coordinator))
+            await lane.bind(inbound, c.submit_key(coordinator, principal))
 
     return declare
 
@@ -686,14 +707,17 @@ def lane_for(coordinator: str, message_type: str) -> str:
 
 
 async def delete_namespace(
-    broker_url: SecretStr, coordinator: str, agent_ids: list[str] | tuple[str, ...] = ()
+    broker_url: SecretStr, coordinator: str, agent_ids: list[str] | tuple[str, ...] = (),
+    operators: Iterable[str] = (),
 ) -> None:
-    """Remove a coordinator's queues and dead-letter exchange (demo and test clean-up)."""
+    """Remove a coordinator's queues and dead-letter exchange (demo and test clean-up);
+    ``operators``: whose submission lanes to remove too."""
     connection = await aio_pika.connect(broker_url.get_secret_value(), timeout=10)
     async with connection:
         names = [c.tasks_queue(coordinator), c.status_queue(coordinator),
                  c.dead_letter_queue(coordinator),
-                 *(c.agent_queue(coordinator, agent_id) for agent_id in agent_ids)]
+                 *(c.agent_queue(coordinator, agent_id) for agent_id in agent_ids),
+                 *(c.submit_queue(coordinator, operator) for operator in operators)]
         for name in names:
             channel = await connection.channel()
             with contextlib.suppress(*BROKER_ERRORS):

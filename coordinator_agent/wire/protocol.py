@@ -376,8 +376,11 @@ _ENVELOPE_CLASSES = [_envelope_class(t, m) for t, m in PAYLOAD_TYPES.items()]
 
 
 # One discriminated union over every envelope class: pydantic validates the JSON in one pass.
+# Only keys are cached: pydantic's default also keeps up to 16,384 short string values (message
+# and task ids, each unique), which outlive a flood and hold its heap pages (RELIABILITY.md).
 _ENVELOPE_ADAPTER: TypeAdapter[Any] = TypeAdapter(
-    Annotated[Union[tuple(_ENVELOPE_CLASSES)], Field(discriminator="type")]  # type: ignore[arg-type]  # noqa: UP007
+    Annotated[Union[tuple(_ENVELOPE_CLASSES)], Field(discriminator="type")],  # type: ignore[arg-type]  # noqa: UP007
+    config=ConfigDict(cache_strings="keys"),
 )
 
 

@@ -10,7 +10,6 @@ the coordinator. Inbound checks run cheapest first:
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +25,7 @@ from coordinator_agent.settings import Settings
 from coordinator_agent.wire import protocol
 from coordinator_agent.wire.constants import HEADER_SENDER, TELEMETRY_TYPES
 from coordinator_agent.wire.keyring import Keyring, Role
+from coordinator_agent.wire.replay import ReplayGuard
 
 #: What each role may send. The coordinator's own messages are checked by the receiving side.
 POLICY: Mapping[str, frozenset[str]] = {
@@ -42,34 +42,6 @@ POLICY: Mapping[str, frozenset[str]] = {
 MAX_CLOCK_SKEW_S = 60
 #: Message types in which an agent reports on a task: it must have been assigned that task.
 TASK_REPORTS = frozenset({"task.progress", "task.result"})
-
-
-class ReplayGuard:
-    """Remembers message ids for ``window_s``; a second sighting of an id is a replay."""
-
-    def __init__(self, window_s: float) -> None:
-        self.window_s = window_s
-        self._seen: OrderedDict[str, float] = OrderedDict()
-
-    def check_and_remember(self, message_id: str, now: float) -> bool:
-        """True if new. Expired ids are pruned from the front (ids arrive in time order)."""
-        seen = self._seen
-        while seen:
-            oldest_id, expires = next(iter(seen.items()))
-            if expires > now:
-                break
-            del seen[oldest_id]
-        if message_id in seen:
-            return False
-        seen[message_id] = now + self.window_s
-        return True
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def compact(self) -> None:
-        """A right-sized copy: a dict keeps the table of its largest size (after a flood)."""
-        self._seen = OrderedDict(self._seen)
 
 
 class PeerKeys:

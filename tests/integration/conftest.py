@@ -63,9 +63,10 @@ def settings(
 
 
 @pytest.fixture
-async def cleanup_namespace(settings: Settings) -> AsyncIterator[None]:
+async def cleanup_namespace(settings: Settings, keyring: Keyring) -> AsyncIterator[None]:
     yield
-    await delete_namespace(settings.broker_url, settings.name, AGENT_IDS)
+    operators = [p.id for p in keyring.principals.values() if p.role == "operator"]
+    await delete_namespace(settings.broker_url, settings.name, AGENT_IDS, operators)
 
 
 @pytest.fixture

@@ -733,3 +733,15 @@ def test_a_lost_agent_is_retried_without_backoff(planner: CoordinationPlanner) -
     assert (step.action, step.delay_s) == (FallbackAction.RETRY, 0.0)
     step = _fail_current(planner, _task(CVE), agents, AttemptOutcome.TIMEOUT)
     assert step.action is FallbackAction.RETRY and step.delay_s > 0
+
+
+def test_drop_caches_forgets_every_description_of_a_flood(planner: CoordinationPlanner) -> None:
+    agents = [_agent("a", kind="development"), _agent("b", kind="research")]
+    for i in range(300):
+        planner.select(_task(description=f"fix the python build {i} for release r{i}"), agents)
+    analyzer, prior = planner.analyzer, planner.learner.text_prior
+    assert len(analyzer._stems) >= 300  # a number per task, as in a flood
+    planner.drop_caches()
+    assert not analyzer._stems and not prior._cache and not prior._stems
+    # Routing is unchanged: the caches refill on use.
+    assert planner.select(_task(description="fix the python build"), agents).agent is not None
