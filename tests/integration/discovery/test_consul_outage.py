@@ -4,6 +4,7 @@ is back. Runs against a private Consul so the shared one stays up for other test
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,7 +69,7 @@ async def test_consul_stopped_mid_run_tasks_keep_flowing_and_the_watch_comes_bac
     await run_tasks(client, 10, "before")
 
     with caplog.at_level(logging.INFO):
-        private_consul.stop()
+        await asyncio.to_thread(private_consul.stop)  # not on the loop the fleet runs on
         await wait_until(lambda: coordinator.registry_state == "degraded", 10, "degraded")
         await run_tasks(client, 20, "during")  # heartbeats alone keep the fleet going
         status, body = await readiness(coordinator)
@@ -83,7 +84,7 @@ async def test_consul_stopped_mid_run_tasks_keep_flowing_and_the_watch_comes_bac
                            and r.getMessage().startswith("service registry:")]
         assert len(outage_warnings) == 1  # once per episode, not once per poll
 
-        private_consul.start()
+        await asyncio.to_thread(private_consul.start)
         await wait_until(lambda: coordinator.registry_state == "ok", 15, "watch resumed")
     assert any("service registry: back after" in r.getMessage() for r in caplog.records)
     # The restarted (dev) Consul forgot everything: agents and coordinator registered again.
