@@ -123,9 +123,9 @@ def test_pick_takes_an_idle_agent_and_skips_one_that_fell_ill() -> None:
     pools, _ = fleet.view(None, frozenset())
     task = TaskRecord(id="t", description="x")
     rng = random.Random(1)
-    agent, stale = pick(task, "a", pools["a"], cap=CAP, balance=Balance.LEAST_LOADED, rng=rng)
-    assert agent is agents["ag-0"] and not stale
+    first, stale = pick(task, "a", pools["a"], cap=CAP, balance=Balance.LEAST_LOADED, rng=rng)
+    assert first is agents["ag-0"] and not stale
     agents["ag-0"].liveness = AgentLiveness.SUSPECT  # not yet logged
-    agent, stale = pick(task, "a", pools["a"], cap=CAP, balance=Balance.LEAST_LOADED, rng=rng)
-    assert agent is not None and agent.id != "ag-0" and stale
+    other, stale = pick(task, "a", pools["a"], cap=CAP, balance=Balance.LEAST_LOADED, rng=rng)
+    assert other is not None and other.id != "ag-0" and stale
     assert "ag-0" not in pools["a"].index
