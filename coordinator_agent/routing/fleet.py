@@ -21,6 +21,9 @@ from coordinator_agent.routing.config import Balance
 
 #: Constraint views kept at once; past it all but the plain one are dropped (rebuilt on use).
 MAX_VIEWS = 64
+#: Agents whose load one ``refresh_loads`` re-reads at most: the sweep that calls it runs on
+#: the event loop, so 10,000 agents (times the constraint views) are re-read over a few sweeps.
+REFRESH_BUDGET = 2048
 
 Key = tuple[str | None, frozenset[str]]
 Member = tuple[AgentRecord, int, bool]  # (agent, capacity, assignable) as grouped
@@ -104,8 +107,8 @@ class Fleet:
     kind is scanned, and the chosen agent is checked live before it is returned.
     """
 
-    __slots__ = ("by_kind", "cap", "consulted", "grouped", "log", "members", "taken_at",
-                 "version", "views")
+    __slots__ = ("by_kind", "cap", "consulted", "cursor", "grouped", "log", "members",
+                 "taken_at", "version", "views")
 
     def __init__(self, members: list[AgentRecord], taken_at: float, cap: int, *,
                  version: int | None = None, log: FleetLog | None = None) -> None:
@@ -116,6 +119,7 @@ class Fleet:
         self.version = version
         self.log = log  # the log it folds (None: built once, never folded)
         self.consulted = False  # used by a decision since its loads were last read
+        self.cursor = 0  # where the last refresh_loads stopped, over all views' pools
         self.by_kind: dict[str, dict[str, Member]] = {}
         self.grouped: dict[str, tuple[str, frozenset[str]]] = {}  # id -> (kind, caps) as grouped
         self.views: dict[Key, View] = {(None, frozenset()): View(None, frozenset())}
@@ -166,16 +170,28 @@ class Fleet:
             if view.matches(kind, caps):
                 view.remove(agent_id, kind)
 
-    def refresh_loads(self, now: float) -> None:
-        """Re-read the loads of every pool (cheap next to regrouping: no grouping, no checks)."""
+    def refresh_loads(self, now: float, budget: int | None = None) -> bool:
+        """Re-read the loads of the pools (no grouping, no checks), about ``budget`` agents of
+        them from where the last call stopped (None: all); True when all were re-read."""
         self.taken_at = now
-        for view in self.views.values():
-            for pool in view.pools.values():
-                used = 0
-                for agent, capacity in pool.entries:
-                    n = len(agent.in_flight)
-                    used += n if n < capacity else capacity
-                pool.used = used
+        pools = [pool for view in self.views.values() for pool in view.pools.values()]
+        if not pools:
+            return True
+        start = self.cursor % len(pools) if budget is not None else 0
+        done = 0
+        for n in range(len(pools)):
+            if budget is not None and done >= budget:
+                self.cursor = start + n
+                return False
+            pool = pools[(start + n) % len(pools)]
+            used = 0
+            for agent, capacity in pool.entries:
+                k = len(agent.in_flight)
+                used += k if k < capacity else capacity
+            pool.used = used
+            done += len(pool.entries)
+        self.cursor = 0
+        return True
 
     def same_members(self, members: list[AgentRecord]) -> bool:
         old = self.members

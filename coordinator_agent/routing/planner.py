@@ -50,7 +50,7 @@ from coordinator_agent.routing.config import (
     default_routing_config,
 )
 from coordinator_agent.routing.decisions import DecisionLog
-from coordinator_agent.routing.fleet import Fleet, Pool, pick
+from coordinator_agent.routing.fleet import REFRESH_BUDGET, Fleet, Pool, pick
 from coordinator_agent.routing.learner import BanditScore, Learner
 from coordinator_agent.routing.patterns import Outcome, PatternStore
 from coordinator_agent.routing.phases import split_phases
@@ -236,9 +236,8 @@ class CoordinationPlanner:
         if self.fleet_log is not None:
             moved = whole is None or whole.version != self.fleet_log.version
             whole = self._folded(self.fleet_log)
-            if not moved and whole.consulted:
-                whole.consulted = False
-                whole.refresh_loads(time.monotonic())
+            if not moved and whole.consulted:  # a slice per sweep: a big fleet over a few
+                whole.consulted = not whole.refresh_loads(time.monotonic(), REFRESH_BUDGET)
             return moved
         if whole is None or whole.version != fleet_version:
             self._regroup(agents, fleet_version)
