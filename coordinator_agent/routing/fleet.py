@@ -21,6 +21,9 @@ from coordinator_agent.routing.config import Balance
 
 #: Constraint views kept at once; past it all but the plain one are dropped (rebuilt on use).
 MAX_VIEWS = 64
+#: Agents ``pick`` compares at most once it has a free one (from a random place in the pool):
+#: the least loaded of a random window, not of a whole kind of thousands.
+SCAN_WINDOW = 256
 #: Agents whose load one ``refresh_loads`` re-reads at most: the sweep that calls it runs on
 #: the event loop, so 10,000 agents (times the constraint views) are re-read over a few sweeps.
 REFRESH_BUDGET = 2048
@@ -261,13 +264,15 @@ def _choose(
                 return a if load_a < load_b else b
     # Least loaded, live; agents that already failed this task only if nobody else is free.
     # The scan starts at a random place and stops at the first idle agent (nobody is less
-    # loaded): a random idle agent, without walking a large idle kind whole.
+    # loaded), or after SCAN_WINDOW agents once one is free: a large kind is not walked whole.
     best: list[AgentRecord] = []
     best_load = 2.0
     spare: AgentRecord | None = None
     total = 0
     start = rng.randrange(len(entries)) if len(entries) > 1 else 0
-    for agent, capacity in entries[start:] + entries[:start]:
+    for seen, (agent, capacity) in enumerate(entries[start:] + entries[:start]):
+        if seen >= SCAN_WINDOW and best:
+            break  # the loads are not all read: pool.used keeps its last figure
         used = len(agent.in_flight)
         if used >= capacity:
             total += capacity
@@ -286,7 +291,8 @@ def _choose(
             best = [agent]
         elif load == best_load:
             best.append(agent)
-    pool.used = total
+    else:
+        pool.used = total
     if not best:
         return spare
     return best[0] if len(best) == 1 else rng.choice(best)

@@ -3,9 +3,9 @@
 A decision, cheapest step first:
 
 1. Hard constraints (explicit ``kind``, ``required_capabilities``) filter the agents; the healthy
-   ones (``AgentRecord.assignable``) are grouped by kind with their load. The grouping is reused
-   for ``agent_snapshot_s`` while the agent records stay the same (see ``fleet.py``), so a
-   decision does not walk a thousand agents.
+   ones (``AgentRecord.assignable``) are grouped by kind with their load. The whole fleet's
+   grouping is kept current by folding in the agents the state logged as changed (see
+   ``fleet.py``), so a decision does not walk ten thousand agents.
 2. The description is analysed (``analysis.py``) and every kind with a healthy agent is scored::
 
        confidence = base + w_pattern * pattern + w_domain * domain
