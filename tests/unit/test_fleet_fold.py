@@ -129,3 +129,16 @@ def test_pick_takes_an_idle_agent_and_skips_one_that_fell_ill() -> None:
     other, stale = pick(task, "a", pools["a"], cap=CAP, balance=Balance.LEAST_LOADED, rng=rng)
     assert other is not None and other.id != "ag-0" and stale
     assert "ag-0" not in pools["a"].index
+
+
+def test_pick_scans_past_its_window_until_an_agent_is_free() -> None:
+    agents = {f"ag-{i}": AgentRecord(f"ag-{i}", "a", frozenset(), 2) for i in range(600)}
+    for i, agent in enumerate(agents.values()):
+        agent.in_flight = {f"t-{i}-{n}" for n in range(1 if i == 437 else 2)}  # one free slot
+    fleet = Fleet(list(agents.values()), 0.0, CAP, version=0, log=FleetLog(agents))
+    pools, _ = fleet.view(None, frozenset())
+    task = TaskRecord(id="t", description="x")
+    for seed in range(5):
+        agent, _ = pick(task, "a", pools["a"], cap=CAP, balance=Balance.LEAST_LOADED,
+                        rng=random.Random(seed))
+        assert agent is agents["ag-437"]
