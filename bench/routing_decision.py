@@ -12,12 +12,24 @@ No broker: this times the planner alone, in this process.
   capabilities and 5 % an explicit kind. Each ``select`` is timed with perf_counter_ns.
 * R ``record_outcome`` calls on decided tasks (each commits one row to the SQLite file).
 
+``--path live`` (the default) decides as the dispatcher does: on the whole fleet with its
+version (``fleet_version``), while the fleet changes (``--churn``: the share of decisions after
+which an agent falls ill or recovers, as the state logs it), tasks are assigned and finish, and
+the sweep's ``refresh_fleet`` runs every ``--sweep-every`` decisions (timed apart: it runs on
+the same event loop, so its time delays decisions too). ``--path subset`` decides on a list
+of agents without a version (the path of a task that crashed agents), regrouped every
+``agent_snapshot_s``.
+
+``--baseline DIR`` first runs the same benchmark with the package from DIR (a copy of an
+older ``coordinator_agent``), in a child process, and prints the ratios.
+
 Target: p99 of a decision < 1 ms. Exit status 1 when it is missed. ``--policy`` picks the
 routing policy (``bandit``, the default, or the seed's formula); both learn from the same
 outcomes, so the store holds both states.
 
     .venv/bin/python bench/routing_decision.py [--outcomes 100000] [--agents 1000]
         [--decisions 20000] [--records 5000] [--policy bandit|seed] [--json FILE]
+        [--path live|subset] [--churn 0.05] [--sweep-every 50] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +48,8 @@ from typing import Any
 
 from _common import Goal, median, percentile, table, verdict
 
+import coordinator_agent
+from coordinator_agent.coordinator import state as state_module
 from coordinator_agent.coordinator.state import AgentLiveness, AgentRecord
 from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
 from coordinator_agent.routing.config import Policy, default_routing_config
@@ -105,28 +120,65 @@ def make_task(rng: random.Random, i: int, vocab: dict[str, list[str]],
     )
 
 
+class LiveFleet:
+    """The fleet as the state keeps it: a dict of agents and a version that moves when one
+    changes (with the state's log of changed agents when the package has one)."""
+
+    def __init__(self, agents: list[AgentRecord], planner: CoordinationPlanner) -> None:
+        self.agents = {a.id: a for a in agents}
+        self.ids = list(self.agents)
+        log_class = getattr(state_module, "FleetLog", None)
+        self.log = log_class(self.agents) if log_class is not None else None
+        if self.log is not None:
+            planner.fleet_log = self.log
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        return self.log.version if self.log is not None else self._version
+
+    def churn(self, rng: random.Random) -> None:
+        """An agent falls ill or recovers (what a sweep or a heartbeat changes)."""
+        agent = self.agents[rng.choice(self.ids)]
+        agent.liveness = (AgentLiveness.SUSPECT if agent.liveness is AgentLiveness.HEALTHY
+                          else AgentLiveness.HEALTHY)
+        if self.log is not None:
+            self.log.changed(agent.id)
+        else:
+            self._version += 1
+
+
 def run(*, outcomes: int = 100_000, agents: int = 1000, decisions: int = 20_000,
-        records: int = 5000, seed: int = 7, policy: str = "bandit") -> dict[str, Any]:
+        records: int = 5000, seed: int = 7, policy: str = "bandit", path: str = "live",
+        churn: float = 0.05, sweep_every: int = 50) -> dict[str, Any]:
     rng = random.Random(seed)
     config = default_routing_config().model_copy(update={"policy": Policy(policy)})
     kinds = list(config.kinds)
     vocab = {kind: spec.keywords for kind, spec in config.kinds.items()}
     workdir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
-    path = workdir / "routing.sqlite3"
+    db = workdir / "routing.sqlite3"
     try:
         started = time.perf_counter()
-        planner = CoordinationPlanner(32, config=config, store_path=path,
+        planner = CoordinationPlanner(32, config=config, store_path=db,
                                       rng=random.Random(seed))
         fill_store(planner, rng, outcomes, vocab, kinds)
         planner.close()
         fill_s = time.perf_counter() - started
         started = time.perf_counter()
-        planner = CoordinationPlanner(32, config=config, store_path=path,
+        planner = CoordinationPlanner(32, config=config, store_path=db,
                                       rng=random.Random(seed))
         reopen_s = time.perf_counter() - started
         fleet = build_agents(rng, agents, kinds)
+        live = LiveFleet(fleet, planner) if path == "live" else None
+        running: list[tuple[AgentRecord, str]] = []  # (agent, task id): finished at random
+
+        def decide(task: TaskRecord) -> Any:
+            if live is None:
+                return planner.select(task, fleet)
+            return planner.select(task, live.agents.values(), fleet_version=live.version)
+
         for i in range(min(1000, decisions)):
-            planner.select(make_task(rng, -i, vocab, kinds), fleet)
+            decide(make_task(rng, -i, vocab, kinds))
 
         # Tasks are made one at a time, as they arrive, and dropped after their decision
         # (except those kept for record_outcome): a backlog of 20,000 decided tasks held in
@@ -140,18 +192,32 @@ def run(*, outcomes: int = 100_000, agents: int = 1000, decisions: int = 20_000,
         busy_ns = 0
         load_before = os.getloadavg()[0]
         steady: list[float] = []  # CPU time of decisions that did not regroup the fleet
+        sweep_ms: list[float] = []  # refresh_fleet, as the sweep calls it (live path)
         for i in range(decisions):
             task = make_task(rng, i, vocab, kinds)
-            grouping = planner._fleet_cache
+            if live is not None:
+                if rng.random() < churn:
+                    live.churn(rng)
+                if i % sweep_every == 0:  # CPU time: the machine's other load adds not
+                    c0 = cpu_clock()
+                    planner.refresh_fleet(live.agents.values(), live.version)
+                    sweep_ms.append((cpu_clock() - c0) / 1e6)
+                if running and rng.random() < 0.5:  # a task finishes
+                    agent, task_id = running.pop(rng.randrange(len(running)))
+                    agent.in_flight.discard(task_id)
+            grouping = planner._whole if live is not None else planner._fleet_cache
             views = len(grouping.views) if grouping is not None else 0
             c0 = cpu_clock()
             t0 = clock()
-            decision = planner.select(task, fleet)
+            decision = decide(task)
             elapsed = clock() - t0
             cpu.append((cpu_clock() - c0) / 1e6)
-            after = planner._fleet_cache
+            after = planner._whole if live is not None else planner._fleet_cache
             if after is grouping and after is not None and len(after.views) == views:
                 steady.append(cpu[-1])
+            if live is not None and decision.agent is not None:  # the dispatcher assigns it
+                decision.agent.in_flight.add(task.id)
+                running.append((decision.agent, task.id))
             busy_ns += elapsed
             latencies.append(elapsed / 1e6)
             if decision.agent is not None:
@@ -178,6 +244,11 @@ def run(*, outcomes: int = 100_000, agents: int = 1000, decisions: int = 20_000,
 
     summary = {
         "outcomes": outcomes, "agents": agents, "decisions": len(latencies),
+        "path": path, "churn": churn if live is not None else 0.0,
+        "code": str(Path(coordinator_agent.__file__).parent.parent),
+        "sweep_p50_ms": median(sweep_ms) if sweep_ms else float("nan"),
+        "sweep_p99_ms": percentile(sweep_ms, 99) if sweep_ms else float("nan"),
+        "sweep_max_ms": max(sweep_ms) if sweep_ms else float("nan"),
         "routed": routed, "fill_s": round(fill_s, 2), "reopen_s": round(reopen_s, 2),
         "p50_ms": median(latencies), "p99_ms": percentile(latencies, 99),
         "max_ms": max(latencies), "decisions_per_s": len(latencies) / wall_s,
@@ -194,7 +265,8 @@ def run(*, outcomes: int = 100_000, agents: int = 1000, decisions: int = 20_000,
     summary["policy"] = policy
     print(f"routing decision (policy {policy}): {outcomes:,} stored outcomes, {agents:,} agents, "
           f"{len(latencies):,} decisions ({routed:,} routed); store filled in {fill_s:.1f}s, "
-          f"reopened (aggregates rebuilt) in {reopen_s:.2f}s")
+          f"reopened (aggregates rebuilt) in {reopen_s:.2f}s; path {path}, code from "
+          f"{summary['code']}")
     print(table(
         ["operation", "p50 ms", "p99 ms", "max ms", "per s"],
         [["select", f"{summary['p50_ms']:.3f}", f"{summary['p99_ms']:.3f}",
@@ -203,6 +275,8 @@ def run(*, outcomes: int = 100_000, agents: int = 1000, decisions: int = 20_000,
           "", ""],
          [f"  no regrouping ({1 - summary['regrouped_share']:.1%})",
           f"{summary['steady_cpu_p50_ms']:.3f}", f"{summary['steady_cpu_p99_ms']:.3f}", "", ""],
+         ["refresh_fleet (sweep, CPU)", f"{summary['sweep_p50_ms']:.3f}",
+          f"{summary['sweep_p99_ms']:.3f}", f"{summary['sweep_max_ms']:.3f}", ""],
          ["record_outcome", f"{summary['record_p50_ms']:.3f}",
           f"{summary['record_p99_ms']:.3f}", f"{summary['record_max_ms']:.3f}",
           1000 / summary["record_p50_ms"] if record_ms else float("nan")]],
@@ -227,13 +301,45 @@ def main() -> int:
     parser.add_argument("--decisions", type=int, default=20_000)
     parser.add_argument("--records", type=int, default=5000)
     parser.add_argument("--policy", choices=[p.value for p in Policy], default="bandit")
+    parser.add_argument("--path", choices=["live", "subset"], default="live")
+    parser.add_argument("--churn", type=float, default=0.05)
+    parser.add_argument("--sweep-every", type=int, default=50)
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="first run the same with the package from this directory")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
+    base: dict[str, Any] | None = None
+    if args.baseline is not None:
+        base = run_baseline(args)
     summary = run(outcomes=args.outcomes, agents=args.agents, decisions=args.decisions,
-                  records=args.records, policy=args.policy)
+                  records=args.records, policy=args.policy, path=args.path, churn=args.churn,
+                  sweep_every=args.sweep_every)
+    if base is not None:
+        rows = [[name, f"{base[name]:.3f}", f"{summary[name]:.3f}",
+                 f"{base[name] / summary[name]:.2f}x" if summary[name] else ""]
+                for name in ("p50_ms", "p99_ms", "max_ms", "cpu_p99_ms", "sweep_p99_ms",
+                             "sweep_max_ms")]
+        print(f"baseline {base['code']} vs this checkout (ratio: baseline / now)")
+        print(table(["figure", "baseline", "now", "ratio"], rows))
+        summary["baseline"] = base
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return 0 if summary["p99_ms"] < TARGET_P99_MS else 1
+
+
+def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
+    """The same benchmark with the package from ``args.baseline``, in a child process."""
+    with tempfile.TemporaryDirectory(prefix="bench-routing-base-") as tmp:
+        out = Path(tmp) / "base.json"
+        command = [sys.executable, __file__, "--outcomes", str(args.outcomes), "--agents",
+                   str(args.agents), "--decisions", str(args.decisions), "--records",
+                   str(args.records), "--policy", args.policy, "--path", args.path,
+                   "--churn", str(args.churn), "--sweep-every", str(args.sweep_every),
+                   "--json", str(out)]
+        env = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
+        subprocess.run(command, env=env, check=False)
+        result: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+        return result
 
 
 if __name__ == "__main__":

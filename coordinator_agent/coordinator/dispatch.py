@@ -47,6 +47,7 @@ class Dispatcher:
     ) -> None:
         self.state = state
         self.planner = planner
+        planner.fleet_log = state.fleet  # its grouping folds the agents that changed
         self.outbox = outbox
         self.metrics = metrics
         self.cap = max_in_flight_per_agent

@@ -95,6 +95,37 @@ class AgentRecord:
         }
 
 
+class FleetLog:
+    """The agents whose routing-relevant record changed, in order (fleet.py folds them in).
+
+    A reader keeps its position (a version); one that fell behind what is kept regroups.
+    """
+
+    __slots__ = ("agents", "base", "ids")
+
+    def __init__(self, agents: dict[str, AgentRecord]) -> None:
+        self.agents = agents  # the state's own dict: the current record of a changed id
+        self.base = 0  # the version of ids[0]
+        self.ids: list[str] = []
+
+    @property
+    def version(self) -> int:
+        return self.base + len(self.ids)
+
+    def changed(self, agent_id: str) -> None:
+        self.ids.append(agent_id)
+        if len(self.ids) > 2 * len(self.agents) + 4096:  # keep the newer half
+            half = len(self.ids) // 2
+            self.base += half
+            del self.ids[:half]
+
+    def since(self, version: int) -> list[str] | None:
+        """Ids changed after ``version`` (repeats possible); None when no longer kept."""
+        if version < self.base:
+            return None
+        return self.ids[version - self.base:]
+
+
 class StateManager:
     """The coordinator's view of the world. Single-threaded: called from the event loop only."""
 
@@ -116,8 +147,9 @@ class StateManager:
         #: Silence counts from here at the earliest: moved to "now" while the coordinator is
         #: behind on its agents' reports (backlog.py), so its backlog is nobody's silence.
         self.silence_floor = 0.0
-        #: Bumped when the set of agents, or what routing groups them by, changes.
-        self.fleet_version = 0
+        #: Agents whose membership, kind, capabilities, capacity or assignability changed,
+        #: in order: routing folds them into its grouping instead of regrouping everyone.
+        self.fleet = FleetLog(self.agents)
         #: Liveness changes since the sweep last summed them up in its log line.
         self.changes: Counter[str] = Counter()
         #: Heartbeats that never arrived, inferred from gaps in the agents' own stamps.
@@ -128,6 +160,11 @@ class StateManager:
         self._scheduled: set[str] = set()
         self._departed: set[str] = set()  # dead or left: forget_departed looks only here
         self._seq = 0
+
+    @property
+    def fleet_version(self) -> int:
+        """Moves when the set of agents, or what routing groups them by, changes."""
+        return self.fleet.version
 
     # --- agents -------------------------------------------------------------------------------
 
@@ -152,7 +189,7 @@ class StateManager:
                 fresh.session = record.session
             record = self.agents[agent_id] = fresh
             self._departed.discard(agent_id)
-            self.fleet_version += 1
+            self.fleet.changed(agent_id)
         capabilities = info.capabilities
         if (record.kind != info.kind or record.max_concurrency != info.max_concurrency
                 or len(record.capabilities) != len(capabilities)
@@ -160,7 +197,7 @@ class StateManager:
             record.kind = info.kind
             record.capabilities = frozenset(capabilities)
             record.max_concurrency = info.max_concurrency
-            self.fleet_version += 1
+            self.fleet.changed(record.id)
         if sent_at is not None and isinstance(info, protocol.AgentStatus):
             self._count_gap(record, sent_at)
         record.last_seen = now
@@ -178,7 +215,7 @@ class StateManager:
         self._schedule(record, now)
         became = record.assignable and not was_assignable
         if became or (was_assignable and not record.assignable):
-            self.fleet_version += 1
+            self.fleet.changed(record.id)
         return record, became
 
     def _count_gap(self, record: AgentRecord, sent_at: float) -> None:
@@ -205,6 +242,7 @@ class StateManager:
                     service.max_concurrency, version=service.version, first_seen=now,
                     last_seen=now, heard=False, liveness=AgentLiveness.REGISTERED,
                     liveness_reason="not_heard", queue=service.queue)
+                self.fleet.changed(agent_id)
         died: list[AgentRecord] = []
         woke = False
         for record in list(self.agents.values()):
@@ -216,14 +254,14 @@ class StateManager:
                 record.registry = RegistryHealth.ABSENT
             if not record.heard and listing is None:
                 del self.agents[record.id]  # known only from the registry, which dropped it
-                self.fleet_version += 1
+                self.fleet.changed(record.id)
                 continue
             was_assignable = record.assignable
             if self._judge(record, now):
                 died.append(record)
             woke = woke or (record.assignable and not was_assignable)
             if record.assignable is not was_assignable:
-                self.fleet_version += 1
+                self.fleet.changed(record.id)
         return died, woke
 
     def registry_lost(self) -> None:
@@ -237,7 +275,7 @@ class StateManager:
             record.liveness_reason = reason
             record.beats_since_suspect = 0
             self.changes[AgentLiveness.SUSPECT.value] += 1
-            self.fleet_version += 1
+            self.fleet.changed(record.id)
 
     def agent_left(self, agent_id: str) -> AgentRecord | None:
         record = self.agents.get(agent_id)
@@ -246,7 +284,7 @@ class StateManager:
             record.liveness_reason = "goodbye"
             self._departed.add(agent_id)
             self.changes[AgentLiveness.LEFT.value] += 1
-            self.fleet_version += 1
+            self.fleet.changed(agent_id)
         return record
 
     def sweep_liveness(self, now: float) -> list[AgentRecord]:
@@ -266,7 +304,7 @@ class StateManager:
             if self._judge(record, now):  # perhaps heard since: then it stays as it is
                 died.append(record)
             if record.assignable is not was_assignable:
-                self.fleet_version += 1
+                self.fleet.changed(record.id)
             self._schedule(record, now)
         return died
 
@@ -321,7 +359,7 @@ class StateManager:
             elif not record.in_flight and now - record.last_seen > keep_s:
                 del self.agents[agent_id]
                 self._departed.discard(agent_id)
-                self.fleet_version += 1
+                self.fleet.changed(agent_id)
 
     def count_by_liveness(self) -> dict[str, int]:
         counts = {state.value: 0 for state in AgentLiveness}

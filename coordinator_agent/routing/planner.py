@@ -3,9 +3,9 @@
 A decision, cheapest step first:
 
 1. Hard constraints (explicit ``kind``, ``required_capabilities``) filter the agents; the healthy
-   ones (``AgentRecord.assignable``) are grouped by kind with their load. The grouping is reused
-   for ``agent_snapshot_s`` while the agent records stay the same (see ``fleet.py``), so a
-   decision does not walk a thousand agents.
+   ones (``AgentRecord.assignable``) are grouped by kind with their load. The whole fleet's
+   grouping is kept current by folding in the agents the state logged as changed (see
+   ``fleet.py``), so a decision does not walk ten thousand agents.
 2. The description is analysed (``analysis.py``) and every kind with a healthy agent is scored::
 
        confidence = base + w_pattern * pattern + w_domain * domain
@@ -34,12 +34,12 @@ from __future__ import annotations
 import enum
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from coordinator_agent.coordinator.state import AgentRecord
+from coordinator_agent.coordinator.state import AgentRecord, FleetLog
 from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.routing.analysis import TaskAnalysis, TaskAnalyzer
@@ -50,7 +50,7 @@ from coordinator_agent.routing.config import (
     default_routing_config,
 )
 from coordinator_agent.routing.decisions import DecisionLog
-from coordinator_agent.routing.fleet import Fleet, Pool, pick
+from coordinator_agent.routing.fleet import REFRESH_BUDGET, Fleet, Pool, pick
 from coordinator_agent.routing.learner import BanditScore, Learner
 from coordinator_agent.routing.patterns import Outcome, PatternStore
 from coordinator_agent.routing.phases import split_phases
@@ -178,6 +178,9 @@ class CoordinationPlanner:
         self._labels: set[str] = set(self.config.kinds) | {self.config.fallback_kind}
         self._fleet_cache: Fleet | None = None  # a part of the fleet (filtered by the caller)
         self._whole: Fleet | None = None  # the whole fleet, at a version (refresh_fleet)
+        #: The state's log of changed agents: the whole fleet's grouping folds it in rather
+        #: than regrouping (None: regrouped whenever the version moves).
+        self.fleet_log: FleetLog | None = None
         stored = self.store.counters()
         self._counters: dict[str, float] = {name: stored.get(name, 0.0) for name in _COUNTERS}
         self._unsaved = False  # decisions counted since the counters were last written
@@ -196,9 +199,16 @@ class CoordinationPlanner:
         ``fleet_version``: ``agents`` is the whole fleet as of that version of the state (its
         membership, kinds and assignability); its grouping is then reused as long as the
         version holds, and regrouped by ``refresh_fleet`` off the decision path when not.
+        With ``fleet_log`` set (the dispatcher sets the state's), the agents the log says
+        changed are folded into the grouping instead.
         """
         if self.router is not None:
             return self._select_with_router(task, agents)
+        if fleet_version is not None and self.fleet_log is not None:
+            # The changed agents are folded in on the way: O(changes), not O(agents).
+            folded = self._folded(self.fleet_log)
+            folded.consulted = True
+            return self._select(task, folded)
         if fleet_version is not None:
             whole = self._whole
             if whole is None or whole.version is None:
@@ -220,8 +230,15 @@ class CoordinationPlanner:
 
     def refresh_fleet(self, agents: Iterable[AgentRecord], fleet_version: int) -> bool:
         """Keep the whole fleet's grouping current (called by the sweep, not per decision):
-        regrouped when the version moved (then True), else only the loads re-read."""
+        regrouped (or the log folded in) when the version moved (then True), else only the
+        loads re-read."""
         whole = self._whole
+        if self.fleet_log is not None:
+            moved = whole is None or whole.version != self.fleet_log.version
+            whole = self._folded(self.fleet_log)
+            if not moved and whole.consulted:  # a slice per sweep: a big fleet over a few
+                whole.consulted = not whole.refresh_loads(time.monotonic(), REFRESH_BUDGET)
+            return moved
         if whole is None or whole.version != fleet_version:
             self._regroup(agents, fleet_version)
             return True
@@ -230,15 +247,30 @@ class CoordinationPlanner:
             whole.refresh_loads(time.monotonic())
         return False
 
-    def fleet_kinds(self, fleet_version: int) -> dict[str, list[tuple[AgentRecord, int, bool]]]:
+    def fleet_kinds(
+        self, fleet_version: int
+    ) -> dict[str, Collection[tuple[AgentRecord, int, bool]]]:
         """The whole fleet by kind, as (agent, capacity, assignable) at ``fleet_version``; empty
         when no grouping of that version exists."""
         whole = self._whole
-        return whole.by_kind if whole is not None and whole.version == fleet_version else {}
+        if self.fleet_log is not None and self.fleet_log.version == fleet_version:
+            whole = self._folded(self.fleet_log)
+        if whole is None or whole.version != fleet_version:
+            return {}
+        return {kind: group.values() for kind, group in whole.by_kind.items()}
 
     def _regroup(self, agents: Iterable[AgentRecord], version: int) -> Fleet:
         self._whole = Fleet(list(agents), time.monotonic(), self.in_flight_cap, version=version)
         return self._whole
+
+    def _folded(self, log: FleetLog) -> Fleet:
+        """The whole fleet's grouping at ``log.version``: the changed agents folded in, or
+        (first time, or too far behind the log) regrouped."""
+        whole = self._whole
+        if whole is None or not whole.fold(log):
+            whole = self._whole = Fleet(list(log.agents.values()), time.monotonic(),
+                                        self.in_flight_cap, version=log.version, log=log)
+        return whole
 
     def _select(self, task: TaskRecord, fleet: Fleet) -> RoutingDecision:
         pools, able = fleet.view(task.kind, frozenset(task.required_capabilities))
