@@ -86,6 +86,11 @@ class ChangeDetector:
                     counts[kind] = counts.get(kind, 0) + 1
         return {kind for kind, n in counts.items() if n >= votes}
 
+    def state(self) -> dict[str, dict[str, dict[str, float]]]:
+        """The statistics and the flags (in memory only, like the surprise sums)."""
+        return {"cusum": {g: dict(k) for g, k in self._cusum.items()},
+                "flags": {g: dict(k) for g, k in self._flags.items() if k}}
+
 
 #: A flag whose weight decayed below this is dropped (about 3 x memory first tries).
 _FLAG_FLOOR = 0.05
