@@ -208,6 +208,18 @@ class BanditSettings(_Model):
     surprise_window: float = Field(20.0, ge=0, le=1_000_000)
     #: The widest exploration spread surprise may lead to (1 = plain Thompson sampling).
     max_exploration_scale: float = Field(1.0, ge=0, le=10)
+    #: Change detection (drift.py): a Bernoulli CUSUM per (feature, kind) of first tries
+    #: against "success log-odds dropped by ``drift_shift``" trips at this threshold. 0: off
+    #: (the default: on the tuning seeds it helped drift little, see docs/ROUTING.md).
+    drift_threshold: float = Field(0.0, ge=0, le=1000)
+    drift_shift: float = Field(2.0, ge=0, le=20)
+    #: A tripped (feature, kind) stays flagged for about this many first tries on the feature.
+    drift_memory: float = Field(100.0, ge=1, le=1_000_000)
+    #: A kind counts as drifted on a task when this many of the task's features flag it.
+    drift_votes: int = Field(1, ge=1, le=100)
+    #: On such a task, its prior success drops by ``drift_shift`` (log-odds) and every other
+    #: kind's prior success is at least this.
+    drift_prior: float = Field(0.6, gt=0, lt=1)
 
 
 class Hedge(_Model):

@@ -15,8 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from coordinator_agent.routing.analysis import TaskAnalysis, TaskAnalyzer
-from coordinator_agent.routing.bandit import BanditModel, Calibrator, KindBelief, Row, features
+from coordinator_agent.routing.bandit import (
+    BanditModel,
+    Calibrator,
+    KindBelief,
+    Row,
+    features,
+    logit,
+    sigmoid,
+)
 from coordinator_agent.routing.config import RoutingConfig
+from coordinator_agent.routing.drift import ChangeDetector
 from coordinator_agent.routing.patterns import PatternStore
 from coordinator_agent.routing.policy import ThompsonPolicy
 from coordinator_agent.routing.surprise import SurpriseDetector
@@ -75,6 +84,8 @@ class Learner:
         self.calibrator.load(store.counters())
         self.policy = ThompsonPolicy(bandit, config.fallback_kind)
         self.surprise = SurpriseDetector(bandit.surprise_window)
+        self.changes = ChangeDetector(threshold=bandit.drift_threshold, shift=bandit.drift_shift,
+                                      memory=bandit.drift_memory)
         self._text_prior: TextPrior | None = None  # built on first use: it may load a model
 
     @property
@@ -112,9 +123,17 @@ class Learner:
         shares = {kind: text.get(kind, unknown) for kind in kinds}
         b = self.config.bandit
         low, span = b.success_if_wrong, b.success_if_right - b.success_if_wrong
-        beliefs = self.model.beliefs({kind: low + span * p for kind, p in shares.items()},
-                                     feats, now)
-        scale = self.exploration_scale([name for name, _ in feats], beliefs)
+        groups = [name for name, _ in feats]
+        priors = {kind: low + span * p for kind, p in shares.items()}
+        flagged = self.changes.flagged(groups, b.drift_votes) if self.changes.enabled else ()
+        if flagged:
+            # A kind's success dropped on this sort of task (drift.py): take the change test's
+            # alternative for it, and let the kinds the text never pointed at be drawn.
+            shift = b.drift_shift
+            priors = {kind: sigmoid(logit(p) - shift) if kind in flagged
+                      else max(p, b.drift_prior) for kind, p in priors.items()}
+        beliefs = self.model.beliefs(priors, feats, now)
+        scale = self.exploration_scale(groups, beliefs)
         calibrate = self.calibrator.apply_logit
         scores = [BanditScore(b.kind, shares[b.kind], b, scale, calibrate(b.mean))
                   for b in beliefs]
@@ -141,6 +160,7 @@ class Learner:
         text = self.text_prior.probabilities(description)
         for name, _ in features(analysis.keywords, self.contexts(analysis, text)):
             self.surprise.observe(name, kind, probability, success)
+            self.changes.observe(name, kind, probability, success)
 
     def learn(self, description: str, analysis: TaskAnalysis, kind: str, success: bool,
               now: float, *, prior: float | None = None,

@@ -5,8 +5,8 @@ The planner turns an ended attempt into a ``LearningUpdate`` and applies it with
 from the replicated log, with the same call. So the update carries everything the arithmetic
 reads, the time used for decay included: applying it reads no clock and draws no random
 number, and two planners with the same configuration fed the same updates in the same order
-end in the same learning state (bandit weights, calibration, surprise sums, pattern
-aggregates, first-try counters).
+end in the same learning state (bandit weights, calibration, surprise sums, change-test
+statistics, pattern aggregates, first-try counters).
 
 ``to_dict`` and ``from_dict`` move it to and from JSON-able data; ``from_dict`` refuses a
 malformed entry with a ``ValueError`` that names the field.

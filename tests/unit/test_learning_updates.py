@@ -74,6 +74,7 @@ def _state(planner: CoordinationPlanner) -> dict[str, Any]:
         "weights": sorted(learner.model.rows()),
         "calibration": learner.calibrator.state(),
         "surprise": {g: dict(k) for g, k in learner.surprise.state().items()},
+        "changes": learner.changes.state(),
         "pattern": planner.store.kinds(now=NOW + 10**6),
         "evidence": [planner.store.evidence(planner.analyzer.analyze(d).keywords, KINDS,
                                             now=NOW + 10**6) for d in DESCRIPTIONS],
@@ -91,8 +92,13 @@ def _beliefs(planner: CoordinationPlanner) -> list[Any]:
     return out
 
 
-def test_a_standby_applying_the_leaders_updates_learns_the_same_state(tmp_path: Path) -> None:
+@pytest.mark.parametrize("change_test", [False, True])
+def test_a_standby_applying_the_leaders_updates_learns_the_same_state(
+        tmp_path: Path, change_test: bool) -> None:
     config = default_routing_config()
+    if change_test:  # the opt-in change test (drift.py) must replicate too
+        config = config.model_copy(update={"bandit": config.bandit.model_copy(
+            update={"drift_threshold": 2.0, "drift_votes": 1})})
     leader = CoordinationPlanner(8, config=config, store_path=tmp_path / "leader.sqlite3",
                                  rng=random.Random(1))
     shipped = _leader_run(leader, 150, seed=3)
@@ -108,6 +114,8 @@ def test_a_standby_applying_the_leaders_updates_learns_the_same_state(tmp_path: 
     assert _state(standbys[0]) == _state(standbys[1]) == _state(leader)
     assert _beliefs(standbys[0]) == _beliefs(leader)
     assert _state(leader)["weights"]  # something was learned
+    if change_test:
+        assert _state(leader)["changes"]["flags"]  # the test tripped somewhere
     leader.close()
 
 
@@ -127,6 +135,8 @@ def test_applied_updates_survive_a_restart(tmp_path: Path) -> None:
     # The surprise sums are short-term and kept in memory only (surprise.py).
     assert after.pop("surprise") == {}
     before.pop("surprise")
+    assert after.pop("changes") == {"cusum": {}, "flags": {}}
+    before.pop("changes")
     assert after == before
     assert _beliefs(reopened) == beliefs
     reopened.close()
