@@ -33,7 +33,7 @@ from aio_pika.abc import (
 )
 
 from coordinator_agent.exceptions import DiscoveryError
-from coordinator_agent.ha.lease import Term
+from coordinator_agent.ha.lease import HolderClock, Term
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 TOKEN_REFRESH_S = 60.0
 
 
-class BrokerLease:
+class BrokerLease(HolderClock):
     def __init__(self, url: str, name: str, holder: str, *, ttl_s: float = 2.0,
                  margin_s: float = 0.3, timeout_s: float = 2.0) -> None:
         if ttl_s <= 2 * margin_s:
@@ -67,15 +67,6 @@ class BrokerLease:
 
     def __repr__(self) -> str:
         return f"BrokerLease(key={self.key!r}, holder={self.holder!r}, term={self.term!r})"
-
-    @property
-    def held(self) -> bool:
-        return self.time_left() > 0
-
-    def time_left(self) -> float:
-        if self.term is None:
-            return 0.0
-        return max(0.0, self.ttl_s - self.margin_s - (time.monotonic() - self._renewed_at))
 
     async def acquire(self) -> Term | None:
         """Join the queue if we have not; our term once the broker has handed us the token."""

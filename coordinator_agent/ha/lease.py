@@ -36,7 +36,32 @@ class Term:
     epoch: int
 
 
-class ConsulLease:
+class HolderClock:
+    """How long a holder may still act as leader: both leases keep it the same way.
+
+    The holder believes it leads only while its last good renewal (or acquire), timed from when
+    the request was sent, is younger than ``ttl_s - margin_s``: nobody else can be handed the
+    lock before ``ttl_s`` has passed since then.
+    """
+
+    ttl_s: float
+    margin_s: float
+    term: Term | None
+    _renewed_at: float  # monotonic time of the last good acquire or renewal
+
+    @property
+    def held(self) -> bool:
+        """True while we may act as leader: a term, renewed recently enough."""
+        return self.time_left() > 0
+
+    def time_left(self) -> float:
+        """Seconds we may still act as leader without another good renewal (0 without a term)."""
+        if self.term is None:
+            return 0.0
+        return max(0.0, self.ttl_s - self.margin_s - (time.monotonic() - self._renewed_at))
+
+
+class ConsulLease(HolderClock):
     def __init__(
         self,
         url: str,
@@ -66,17 +91,6 @@ class ConsulLease:
         return f"ConsulLease(key={self.key!r}, holder={self.holder!r}, term={self.term!r})"
 
     # --- the holder's view ----------------------------------------------------------------------
-
-    @property
-    def held(self) -> bool:
-        """True while we may act as leader: a term, renewed recently enough."""
-        return self.time_left() > 0
-
-    def time_left(self) -> float:
-        """Seconds we may still act as leader without another good renewal (0 without a term)."""
-        if self.term is None:
-            return 0.0
-        return max(0.0, self.ttl_s - self.margin_s - (time.monotonic() - self._renewed_at))
 
     async def acquire(self) -> Term | None:
         """Try once to take the lock; our term on success, None while another holds it."""
