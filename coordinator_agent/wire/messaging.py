@@ -713,7 +713,7 @@ async def delete_namespace(
     """Remove a coordinator's queues and dead-letter exchange (demo and test clean-up);
     ``operators``: whose submission lanes to remove too."""
     connection = await aio_pika.connect(broker_url.get_secret_value(), timeout=10)
-    async with connection:
+    try:
         names = [c.tasks_queue(coordinator), c.status_queue(coordinator),
                  c.dead_letter_queue(coordinator),
                  *(c.agent_queue(coordinator, agent_id) for agent_id in agent_ids),
@@ -727,3 +727,6 @@ async def delete_namespace(
         channel = await connection.channel()
         with contextlib.suppress(*BROKER_ERRORS):
             await channel.exchange_delete(c.dead_letter_exchange(coordinator))
+    finally:
+        # Often the last thing a test does: let the close callbacks run before its loop ends.
+        await close_connection(connection)

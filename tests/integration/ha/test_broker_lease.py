@@ -19,6 +19,7 @@ import pytest
 from coordinator_agent.ha import broker_lease
 from coordinator_agent.ha.broker_lease import BrokerLease
 from coordinator_agent.ha.election import Campaign
+from coordinator_agent.wire.messaging import close_connection
 
 from .test_election import ROOT, Recorder, next_event, wait_until
 
@@ -34,7 +35,7 @@ async def name(broker_url: str) -> AsyncIterator[str]:
     channel = await connection.channel()
     for queue in (f"ca.{name}.leader", f"ca.{name}.epochs"):
         await channel.queue_delete(queue, if_unused=False, if_empty=False)
-    await connection.close()
+    await close_connection(connection)
 
 
 async def tokens_left(broker_url: str, name: str) -> int:
@@ -44,7 +45,7 @@ async def tokens_left(broker_url: str, name: str) -> int:
                                                                  passive=True)
         return int(queue.declaration_result.message_count or 0)
     finally:
-        await connection.close()
+        await close_connection(connection)
 
 
 async def test_three_elect_one_a_resignation_hands_over_and_one_token_remains(

@@ -21,6 +21,7 @@ from coordinator_agent.ha.log import (
     declare,
     log_queue,
 )
+from coordinator_agent.wire.messaging import close_connection
 
 KEY = Fernet.generate_key().decode()
 
@@ -30,7 +31,7 @@ async def channel(broker_url: str) -> AsyncIterator[AbstractChannel]:
     connection = await aio_pika.connect(broker_url, client_properties={
         "connection_name": "test_log"})
     yield await connection.channel(publisher_confirms=True)
-    await connection.close()
+    await close_connection(connection)
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ async def stream(broker_url: str, channel: AbstractChannel) -> AsyncIterator[str
     yield name
     connection = await aio_pika.connect(broker_url)
     await (await connection.channel()).queue_delete(log_queue(name))
-    await connection.close()
+    await close_connection(connection)
 
 
 def events(count: int, epoch: int = 1, prefix: str = "e") -> list[Event]:

@@ -21,6 +21,7 @@ from coordinator_agent.client import CoordinatorClient
 from coordinator_agent.ha.log import log_queue
 from coordinator_agent.ha.snapshot import snapshot_queue
 from coordinator_agent.settings import Settings
+from coordinator_agent.wire.messaging import close_connection
 
 from ..conftest import StartWorker
 from .test_lease import consul  # noqa: F401  (the private Consul fixture)
@@ -36,7 +37,7 @@ async def drop_log(settings: Settings) -> AsyncIterator[None]:
     channel = await connection.channel()
     await channel.queue_delete(log_queue(settings.name))
     await channel.queue_delete(snapshot_queue(settings.name))
-    await connection.close()
+    await close_connection(connection)
 
 
 def one_notice_each(client: CoordinatorClient, ids: list[str]) -> None:

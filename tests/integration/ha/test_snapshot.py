@@ -24,6 +24,7 @@ from coordinator_agent.ha.snapshot import (
     seal_entry,
     snapshot_queue,
 )
+from coordinator_agent.wire.messaging import close_connection
 from tests.integration.ha.test_log import events
 
 CODEC = LogCodec([Fernet.generate_key().decode()])
@@ -35,7 +36,7 @@ async def channel(broker_url: str) -> AsyncIterator[AbstractChannel]:
     connection = await aio_pika.connect(broker_url, client_properties={
         "connection_name": "test_snapshot"})
     yield await connection.channel(publisher_confirms=True)
-    await connection.close()
+    await close_connection(connection)
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ async def name(broker_url: str, channel: AbstractChannel) -> AsyncIterator[str]:
     cleanup = await connection.channel()
     await cleanup.queue_delete(snapshot_queue(name))
     await cleanup.queue_delete(log_queue(name))
-    await connection.close()
+    await close_connection(connection)
 
 
 def fill(path: Path, tasks: range, offset: int, pad: int = 200) -> None:
