@@ -27,14 +27,6 @@ KEY = Fernet.generate_key().decode()
 
 
 @pytest.fixture
-async def channel(broker_url: str) -> AsyncIterator[AbstractChannel]:
-    connection = await aio_pika.connect(broker_url, client_properties={
-        "connection_name": "test_log"})
-    yield await connection.channel(publisher_confirms=True)
-    await close_connection(connection)
-
-
-@pytest.fixture
 async def stream(broker_url: str, channel: AbstractChannel) -> AsyncIterator[str]:
     name = f"t-log-{uuid.uuid4().hex[:8]}"
     await declare(channel, name, Retention(max_age="1h", max_bytes=100 * 1024**2))

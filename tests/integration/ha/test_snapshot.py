@@ -32,16 +32,8 @@ RETENTION = SnapshotRetention(max_bytes=200 * 1024**2, segment_bytes=8 * 1024**2
 
 
 @pytest.fixture
-async def channel(broker_url: str) -> AsyncIterator[AbstractChannel]:
-    connection = await aio_pika.connect(broker_url, client_properties={
-        "connection_name": "test_snapshot"})
-    yield await connection.channel(publisher_confirms=True)
-    await close_connection(connection)
-
-
-@pytest.fixture
 async def name(broker_url: str, channel: AbstractChannel) -> AsyncIterator[str]:
-    name = f"ha-ops-snap-{uuid.uuid4().hex[:8]}"
+    name = f"t-snap-{uuid.uuid4().hex[:8]}"
     await declare_snapshots(channel, name, RETENTION)
     yield name
     connection = await aio_pika.connect(broker_url)

@@ -79,6 +79,13 @@ class Coordinators:
         """Each process's reported role; None for one that does not answer."""
         return {label: (self.status(label) or {}).get("role") for label in self.processes}
 
+    async def leader_and_standby(self) -> None:
+        """Start "a" and wait until it leads, then "b" until it stands by."""
+        self.start("a")
+        await until(lambda: self.leader() == "a", 30, "a leads")
+        self.start("b")
+        await until(lambda: self.roles().get("b") == "standby", 30, "b stands by")
+
     def leader(self) -> str | None:
         leaders = [label for label, role in self.roles().items() if role == "leader"]
         assert len(leaders) <= 1, f"two leaders at once: {self.roles()}"
@@ -211,10 +218,7 @@ async def test_sigkill_of_the_leader_a_standby_takes_over_and_assigns(
 async def test_a_leader_paused_past_its_lease_is_replaced_and_wakes_a_standby(
     coordinators: Coordinators, start_worker: StartWorker, client: CoordinatorClient,
 ) -> None:
-    coordinators.start("a")
-    await until(lambda: coordinators.leader() == "a", 30, "a leads")
-    coordinators.start("b")
-    await until(lambda: coordinators.roles().get("b") == "standby", 30, "b stands by")
+    await coordinators.leader_and_standby()
     worker = await start_worker("agent-1", max_concurrency=4)
 
     coordinators.processes["a"].send_signal(signal.SIGSTOP)

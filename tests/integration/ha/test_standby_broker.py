@@ -37,10 +37,7 @@ def coordinators(settings: Settings, keyring: Keyring, tmp_path: Path,
 async def test_without_consul_one_leads_and_a_killed_leader_is_replaced(
     coordinators: Coordinators, start_worker: StartWorker, client: CoordinatorClient,
 ) -> None:
-    coordinators.start("a")
-    await until(lambda: coordinators.leader() == "a", 30, "a leads")
-    coordinators.start("b")
-    await until(lambda: coordinators.roles().get("b") == "standby", 30, "b stands by")
+    await coordinators.leader_and_standby()
     worker = await start_worker("agent-1", max_concurrency=4)
     first = coordinators.status("a")
     assert first is not None and first["epoch"] > 0
@@ -63,10 +60,7 @@ async def test_without_consul_one_leads_and_a_killed_leader_is_replaced(
 async def test_without_consul_a_paused_leader_is_replaced_and_wakes_a_standby(
     coordinators: Coordinators, start_worker: StartWorker, client: CoordinatorClient,
 ) -> None:
-    coordinators.start("a")
-    await until(lambda: coordinators.leader() == "a", 30, "a leads")
-    coordinators.start("b")
-    await until(lambda: coordinators.roles().get("b") == "standby", 30, "b stands by")
+    await coordinators.leader_and_standby()
     worker = await start_worker("agent-1", max_concurrency=4)
 
     coordinators.processes["a"].send_signal(signal.SIGSTOP)
