@@ -125,6 +125,9 @@ def route_explanation(explained: Mapping[str, Any]) -> str:
     if workflow:
         steps = " -> ".join(f"{s.get('kind')} ({s.get('description')!r})" for s in workflow)
         lines += ["", f"workflow   {steps}"]
+        missing = explained.get("workflow_missing_kinds")
+        if missing:
+            lines.append(f"           runs whole: no live agent of kind {', '.join(missing)}")
     chosen = explained.get("kind") or "(none)"
     agent = explained.get("agent")
     via = f" -> agent {agent}" if agent else ""

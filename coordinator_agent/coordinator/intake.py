@@ -8,6 +8,8 @@ client gets a ``rejected`` notice and the submission is dead-lettered with the r
 
 from __future__ import annotations
 
+from typing import Any
+
 from coordinator_agent.coordinator.dispatch import Dispatcher
 from coordinator_agent.coordinator.limits import FleetLimiter
 from coordinator_agent.coordinator.outbox import Outbox, completed_notice
@@ -98,15 +100,17 @@ class Intake:
         if spec.composite or spec.kind is not None or spec.required_capabilities:
             return spec
         steps = self.dispatcher.planner.phases(spec.description)
-        if not steps:
-            return spec
-        # Each step names its kind, a hard constraint: split only when the fleet has them all,
-        # or the task would wait for a kind nobody runs instead of running whole.
-        known = {a.kind for a in self.state.agents.values() if not a.liveness.gone}
-        if any(s["kind"] not in known for s in steps):
+        if not steps or self.kinds_missing_for(steps):
             return spec
         return spec.model_copy(update={"steps": [
             protocol.SubtaskSpec(description=s["description"], kind=s["kind"]) for s in steps]})
+
+    def kinds_missing_for(self, steps: list[dict[str, Any]]) -> list[str]:
+        """Step kinds no live agent runs. Each step names its kind, a hard constraint: the
+        description is split only when this is empty, or it would wait for a kind nobody runs
+        instead of running whole."""
+        known = {a.kind for a in self.state.agents.values() if not a.liveness.gone}
+        return sorted({s["kind"] for s in steps} - known)
 
     def _refuse(self, envelope: protocol.Envelope, spec: protocol.TaskSubmit, why: str,
                 *, retry_after_s: float | None = None) -> None:

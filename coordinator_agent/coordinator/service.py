@@ -556,6 +556,9 @@ class CoordinatorAgent:
                       required_capabilities: list[str]) -> dict[str, Any]:
         explained = self.planner.explain(description, self.state.agents.values(), kind=kind,
                                          required_capabilities=required_capabilities)
+        if explained.get("workflow"):
+            explained["workflow_missing_kinds"] = self.intake.kinds_missing_for(
+                explained["workflow"])
         kind = explained.get("kind")
         return views.with_scheduling(
             explained, priority=self.intake.priority_for(None, description),

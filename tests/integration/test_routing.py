@@ -238,6 +238,7 @@ async def test_bandit_routes_logs_propensities_and_replays(
     assert explained["policy"] == "bandit" and explained["kind"] == "security"
     assert security["successes"] > 0 and security["prior"] > 0.3
     assert [s["kind"] for s in phased["workflow"]] == ["development", "security", "cicd"]
+    assert phased["workflow_missing_kinds"] == []
     assert confidence is not None and 0 < confidence < 1
     # The decision log on disk, with outcomes, is enough to evaluate another policy offline.
     seed = load_routing_config(routing_file(tmp_path, "other.yaml", policy="seed"))
@@ -259,6 +260,20 @@ async def test_a_multi_phase_description_runs_as_steps(
     assert [c.description for c in children] == ["Implement rate limiting",
                                                   "a security audit", "deploy"]
     assert [s["kind"] for s in result.output["steps"]] == ["development", "security", "cicd"]
+
+
+async def test_a_multi_phase_description_runs_whole_when_a_step_kind_has_no_agent(
+    coordinator: CoordinatorAgent, start_worker: StartWorker, client: CoordinatorClient,
+) -> None:
+    await start_worker("agent-1", "development")
+    await wait_until(lambda: len(coordinator.state.agents) == 1, 5, "one agent")
+    explained = coordinator.explain_route(PHASED, kind=None, required_capabilities=[])
+    assert [s["kind"] for s in explained["workflow"]] == ["development", "security", "cicd"]
+    assert explained["workflow_missing_kinds"] == ["cicd", "security"]
+    task_id = await client.submit(PHASED, input={"op": "noop"})
+    result = await client.wait(task_id, 20)
+    assert result.status == "succeeded"
+    assert coordinator.state.get_task(task_id).child_ids == []
 
 
 async def test_close_calls_can_run_both_kinds_and_merge(
