@@ -51,16 +51,21 @@ class Outbox:
         #: False once deposed: a directive still on its way out (a retry, a spawned send) is
         #: dropped, not published with a stale epoch (agents would refuse it anyway).
         self.leading: Callable[[], bool] = lambda: True
-        #: HA: until the log has confirmed every change recorded so far (ha/replication.py).
-        #: Nothing leaves before the changes it announces are durable. None without HA.
+        #: Until every change recorded so far is durable: committed to the store (group
+        #: commit, store.py) or, HA, confirmed by the log (ha/replication.py). Nothing leaves
+        #: before the changes it announces are durable. None: writes are durable at once.
         self.barrier: Callable[[], Awaitable[None]] | None = None
         #: Notices on their way out: the sweep's retry does not send a second copy meanwhile.
         self._notifying: set[str] = set()
 
     async def _durable(self) -> bool:
-        """Wait for the log (HA); False when this process may not send any more."""
+        """Wait until durable; False when this process may not send any more. Raises
+        TransportError when not durable (yet): the callers' retry path."""
         if self.barrier is not None:
-            await self.barrier()  # raises TransportError: the log refused a batch
+            try:
+                await self.barrier()  # TransportError: the log refused a batch
+            except StoreError as exc:  # a failed commit, held until the disk takes it
+                raise TransportError(f"not sent before it is stored: {exc}") from exc
         return self.leading()
 
     # --- to agents ----------------------------------------------------------------------------

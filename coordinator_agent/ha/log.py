@@ -1,9 +1,10 @@
 """The replicated event log: state changes appended to a RabbitMQ stream, read back from any offset.
 
-Writers batch: every event appended in one event-loop turn goes out as one AMQP message, and the
-caller's future resolves when the broker confirms that message (replicated to a quorum of the
-stream's nodes). Nothing waits on a timer, so an idle system adds no latency, and a busy one pays
-one publish and one confirm for many events.
+Writers batch: every event appended in one event-loop turn, and in the turn after it (what the
+first turn woke up), goes out as one AMQP message, and the caller's future resolves when the
+broker confirms that message (replicated to a quorum of the stream's nodes). Nothing waits on a
+timer, so an idle system adds no latency, and a busy one pays one publish and one confirm for
+many events.
 
 Readers consume the stream from an offset they keep themselves (AMQP 0-9-1 clients get no
 server-side offset tracking) and apply each batch with its offset, so the store can keep the
@@ -130,7 +131,10 @@ class LogWriter:
             self._flush()
         elif not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self._flush)  # at the end of this turn: no timer, no idle latency
+            # At the end of the turn after this one: no timer, no idle latency. The extra turn
+            # lets what these events woke up run first and join the batch (the dispatcher
+            # after a submission: a task's accepted and assigned records share one confirm).
+            loop.call_soon(loop.call_soon, self._flush)
         return waiter
 
     def _flush(self) -> None:
