@@ -151,11 +151,13 @@ class Outbox:
             self._notifying.discard(task.id)
 
     async def _notify(self, task: TaskRecord) -> None:
-        stored = self.state.store.get(task.id)
-        if stored is None or not stored.status.terminal or stored.notified:
-            return  # only what the store holds is announced
         if self.state.tasks.get(task.id) is not task:
             return  # memory was rolled back or moved on; the sweep sends the current one
+        # Only what the store holds is announced. Memory never runs ahead of the store (a
+        # write it refuses puts a new record in memory, read from the store), so the record in
+        # memory is the stored one, on disk (or in the log) once ``_durable`` returns.
+        if not task.status.terminal or task.notified:
+            return
         try:
             if not await self._durable():
                 return  # deposed: the new leader sends it from its store
@@ -163,7 +165,7 @@ class Outbox:
             return  # the sweep tries again
         if task.reply_to:
             try:
-                await self.messages.publish(completed_notice(stored), peer=task.submitted_by,
+                await self.messages.publish(completed_notice(task), peer=task.submitted_by,
                                             exchange="", routing_key=task.reply_to)
             except Unroutable:
                 log.info("client queue for task %s is gone; result kept for the API", task.id)

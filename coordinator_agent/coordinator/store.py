@@ -96,7 +96,6 @@ class TaskStore:
         self._pending.clear()
 
     def save(self, task: TaskRecord) -> None:
-        is_open = int(task.status not in TERMINAL or not task.notified)
         try:
             # orjson serialises the dataclass directly: 20x cheaper than dataclasses.asdict.
             data = orjson.dumps(task)
@@ -107,7 +106,7 @@ class TaskStore:
             return
         if self._standby:
             raise StoreUnavailable(task.id, "a standby's store is written from the log only")
-        self._write((task.id, task.status.value, is_open, task.updated_at, data))
+        self._write(task_row(task, data))
 
     def _write(self, row: Row) -> None:
         """Write ``row`` into this turn's transaction (opening it), or at once outside a loop.
@@ -210,17 +209,18 @@ class TaskStore:
             raise StoreUnavailable("commit", f"{len(self._unwritten)} task writes are not on "
                                    "disk yet")
 
-    def apply_log(self, rows: list[tuple[str, dict[str, Any]]], offset: int,
+    def apply_log(self, rows: list[tuple[str, dict[str, Any] | Row]], offset: int,
                   fence_epoch: int) -> None:
-        """Apply one log entry's task records ``(event id, record)`` and its offset in one
-        transaction (HA)."""
+        """Apply one log entry's task records ``(event id, record or row)`` and its offset in
+        one transaction (HA). A row is what ``task_row`` made of the leader's own write."""
         self.flush()
+        ready = [(event_id, r if isinstance(r, tuple) else record_row(r)) for event_id, r in rows]
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 # A task written twice in one batch (accepted, then assigned): its last record.
-                latest = {str(r["id"]): r for _, r in rows}
-                self._db.executemany(_UPSERT, [_row(r) for r in latest.values()])
+                latest = {row[0]: row for _, row in ready}
+                self._db.executemany(_UPSERT, list(latest.values()))
                 self._db.executemany(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                     [("log_offset", str(offset)), ("fence_epoch", str(fence_epoch))])
@@ -232,10 +232,10 @@ class TaskStore:
             self.healthy = False
             self.write_errors += 1
             raise StoreUnavailable(f"log@{offset}", f"task store write failed: {exc}") from None
-        for event_id, record in rows:  # our own writes, now in the file
-            pending = self._pending.get(str(record["id"]))
+        for event_id, row in ready:  # our own writes, now in the file
+            pending = self._pending.get(row[0])
             if pending is not None and pending[0] == event_id:
-                del self._pending[str(record["id"])]
+                del self._pending[row[0]]
 
     @property
     def unapplied(self) -> int:
@@ -302,7 +302,13 @@ class TaskStore:
         self._db.close()
 
 
-def _row(data: dict[str, Any]) -> Row:
+def task_row(task: TaskRecord, data: bytes) -> Row:
+    """The row ``save`` writes for ``task``, serialised as ``data``."""
+    is_open = int(task.status not in TERMINAL or not task.notified)
+    return (task.id, task.status.value, is_open, task.updated_at, data)
+
+
+def record_row(data: dict[str, Any]) -> Row:
     """A task record from the log as a row (the same columns ``save`` writes)."""
     status = str(data["status"])
     is_open = int(status not in _TERMINAL_VALUES or not data.get("notified"))

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Event ids a reader remembers to drop repeats (a retried publish repeats a whole batch).
 DEDUPE_WINDOW = 100_000
+#: Batches a writer remembers for its own reader (the leader reads back what it wrote).
+SENT_REMEMBERED = 10_000
 
 
 def log_queue(name: str) -> str:
@@ -118,8 +120,15 @@ class LogWriter:
         self._waiters: list[asyncio.Future[None]] = []
         self._scheduled = False
         self._in_flight: set[asyncio.Task[None]] = set()
+        #: Batches this writer sealed, by their sealed body: its own reader takes them back as
+        #: they are instead of opening them again (``LogReader(known=...)``). Bounded.
+        self._sent: OrderedDict[bytes, list[Event]] = OrderedDict()
         self.batches = 0
         self.events = 0
+
+    def sent(self, body: bytes) -> list[Event] | None:
+        """The events of a batch this writer sealed as ``body`` (then forgotten), else None."""
+        return self._sent.pop(body, None)
 
     def append(self, event: Event) -> asyncio.Future[None]:
         """Queue ``event`` for this turn's batch; the future resolves once it is confirmed."""
@@ -151,8 +160,11 @@ class LogWriter:
     async def _publish(self, batch: list[Event], waiters: list[asyncio.Future[None]]) -> None:
         error: BaseException | None = None
         try:
-            message = aio_pika.Message(self.codec.seal(batch),
-                                       delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            body = self.codec.seal(batch)
+            self._sent[body] = batch
+            while len(self._sent) > SENT_REMEMBERED:
+                self._sent.popitem(last=False)
+            message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
             await asyncio.wait_for(
                 self.channel.default_exchange.publish(message, routing_key=self.queue),
                 self.publish_timeout_s)
@@ -183,11 +195,15 @@ class LogReader:
     """Applies the stream from an offset, in order, each event once."""
 
     def __init__(self, channel: AbstractChannel, name: str, codec: LogCodec, apply: Apply, *,
-                 prefetch: int = 500) -> None:
+                 prefetch: int = 500,
+                 known: Callable[[bytes], list[Event] | None] | None = None) -> None:
         self.channel = channel
         self.queue = log_queue(name)
         self.codec = codec
         self.apply = apply
+        #: The events of an entry this process wrote itself (``LogWriter.sent``): no need to
+        #: open what it sealed. Matched on the whole sealed body, so nothing else can match.
+        self.known = known
         self.prefetch = prefetch
         self.next_offset = 0
         self.applied_events = 0
@@ -255,7 +271,8 @@ class LogReader:
             self._anchor = None
         if offset >= self.next_offset:  # the broker may start a chunk before our offset
             try:
-                events = self.codec.open(message.body)
+                own = self.known(message.body) if self.known is not None else None
+                events = own if own is not None else self.codec.open(message.body)
             except ValueError:
                 self.rejected += 1
                 log.error("log entry at offset %d is not sealed with the coordinator's key; "
