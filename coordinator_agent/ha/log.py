@@ -214,6 +214,7 @@ class LogReader:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._tag: str | None = None
         self._progress = asyncio.Condition()
+        self._waiting = 0  # callers of wait_for_offset: no one to notify most of the time
         self._handling = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -246,9 +247,13 @@ class LogReader:
 
     async def wait_for_offset(self, offset: int, timeout: float) -> None:
         """Until every entry before ``offset`` is applied."""
-        async with self._progress:
-            await asyncio.wait_for(
-                self._progress.wait_for(lambda: self.next_offset >= offset), timeout)
+        self._waiting += 1
+        try:
+            async with self._progress:
+                await asyncio.wait_for(
+                    self._progress.wait_for(lambda: self.next_offset >= offset), timeout)
+        finally:
+            self._waiting -= 1
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._handling += 1
@@ -291,8 +296,9 @@ class LogReader:
             self.applied_bytes += len(message.body)  # for the snapshot schedule's byte bound
             self.next_offset = offset + 1
         await message.ack()  # on a stream an ack is credit, not deletion: it lets delivery go on
-        async with self._progress:
-            self._progress.notify_all()
+        if self._waiting:
+            async with self._progress:
+                self._progress.notify_all()
 
 
 async def open_channel(url: str, name: str) -> tuple[AbstractRobustConnection, AbstractChannel]:

@@ -131,6 +131,8 @@ class Replication:
         self.tail: int | None = None
         self.applied_events = 0
         self._last: asyncio.Future[None] | None = None
+        self._event_prefix = uuid.uuid4().hex[:20]
+        self._event_count = 0
         #: This leader's task writes as store rows, by event id, until the reader applies them.
         self._own_rows: dict[str, Row] = {}
         self._markers: dict[str, asyncio.Future[None]] = {}
@@ -196,7 +198,9 @@ class Replication:
         self._append(AGENT_DRAINED, {"agent_id": agent_id, "reason": reason})
 
     def _append(self, kind: str, data: Any) -> str:
-        event_id = uuid.uuid4().hex
+        # Unique without a urandom call per event: this process's random prefix and a count.
+        self._event_count += 1
+        event_id = f"{self._event_prefix}{self._event_count:x}"
         if not self.writing or self._writer is None:
             return event_id  # a standby decides nothing
         future = self._writer.append(Event(event_id, self.epoch(), kind, data))
