@@ -51,16 +51,21 @@ class Outbox:
         #: False once deposed: a directive still on its way out (a retry, a spawned send) is
         #: dropped, not published with a stale epoch (agents would refuse it anyway).
         self.leading: Callable[[], bool] = lambda: True
-        #: HA: until the log has confirmed every change recorded so far (ha/replication.py).
-        #: Nothing leaves before the changes it announces are durable. None without HA.
+        #: Until every change recorded so far is durable: committed to the store (group
+        #: commit, store.py) or, HA, confirmed by the log (ha/replication.py). Nothing leaves
+        #: before the changes it announces are durable. None: writes are durable at once.
         self.barrier: Callable[[], Awaitable[None]] | None = None
         #: Notices on their way out: the sweep's retry does not send a second copy meanwhile.
         self._notifying: set[str] = set()
 
     async def _durable(self) -> bool:
-        """Wait for the log (HA); False when this process may not send any more."""
+        """Wait until durable; False when this process may not send any more. Raises
+        TransportError when not durable (yet): the callers' retry path."""
         if self.barrier is not None:
-            await self.barrier()  # raises TransportError: the log refused a batch
+            try:
+                await self.barrier()  # TransportError: the log refused a batch
+            except StoreError as exc:  # a failed commit, held until the disk takes it
+                raise TransportError(f"not sent before it is stored: {exc}") from exc
         return self.leading()
 
     # --- to agents ----------------------------------------------------------------------------
@@ -146,11 +151,13 @@ class Outbox:
             self._notifying.discard(task.id)
 
     async def _notify(self, task: TaskRecord) -> None:
-        stored = self.state.store.get(task.id)
-        if stored is None or not stored.status.terminal or stored.notified:
-            return  # only what the store holds is announced
         if self.state.tasks.get(task.id) is not task:
             return  # memory was rolled back or moved on; the sweep sends the current one
+        # Only what the store holds is announced. Memory never runs ahead of the store (a
+        # write it refuses puts a new record in memory, read from the store), so the record in
+        # memory is the stored one, on disk (or in the log) once ``_durable`` returns.
+        if not task.status.terminal or task.notified:
+            return
         try:
             if not await self._durable():
                 return  # deposed: the new leader sends it from its store
@@ -158,7 +165,7 @@ class Outbox:
             return  # the sweep tries again
         if task.reply_to:
             try:
-                await self.messages.publish(completed_notice(stored), peer=task.submitted_by,
+                await self.messages.publish(completed_notice(task), peer=task.submitted_by,
                                             exchange="", routing_key=task.reply_to)
             except Unroutable:
                 log.info("client queue for task %s is gone; result kept for the API", task.id)

@@ -126,6 +126,7 @@ class CoordinatorAgent:
 
         # The parts, in the order they need each other; three late bindings close the loops.
         self.outbox = Outbox(settings.name, self.state, self.messages, spawn)
+        self.outbox.barrier = self.durable  # nothing leaves before what it announces is durable
         scheduling = settings.scheduling
         self.limits = FleetLimiter(settings.fleet, self.metrics)  # fleet-wide limits, admission
         self.dispatcher = Dispatcher(self.state, self.planner, self.outbox, self.metrics,
@@ -223,7 +224,6 @@ class CoordinatorAgent:
             snapshots=(snapshot_retention, snapshot.schedule(settings.ha)))
         self.state.store.replicate(None)  # a standby until elected: the log writes the file
         self.planner.outcome_hook = lambda update: replication.record_outcome(update.to_dict())
-        self.outbox.barrier = self.durable
         return replication
 
     def _learn_from_log(self, update: dict[str, Any]) -> None:
@@ -415,18 +415,33 @@ class CoordinatorAgent:
                 raise NotLeading() from None
             if not self.leadership.leading:
                 raise NotLeading()  # the successor handles it again (handlers are idempotent)
+            return
+        # Acked only once this turn's transaction is committed (group commit, store.py). A
+        # commit that failed keeps its rows: held until the sweep's probe has written them.
+        while True:
+            try:
+                await self.state.store.committed()
+                return
+            except StoreUnavailable as exc:
+                self.metrics.store_errors.labels(envelope.type).inc()
+                log.warning("%s held until the store is writable: %s", envelope.type, exc)
+                self.sweeper.store_writable.clear()
+            await self.sweeper.store_writable.wait()
 
     def background_abdicate(self, reason: str) -> None:
         self._abdicate_task = asyncio.ensure_future(self._abdicate(reason))
 
     async def durable(self) -> None:
-        """Until every change made so far is in the log (HA); raises TransportError."""
+        """Until every change made so far is in the log (HA; raises TransportError), or
+        committed to the store (raises StoreUnavailable)."""
         if self.replication is not None:
             try:
                 await self.replication.barrier()
             except TransportError as exc:
                 self.background_abdicate(str(exc))
                 raise
+        else:
+            await self.state.store.committed()
 
     def _handle(self, envelope: protocol.Envelope, message: Delivery) -> None:
         payload = envelope.payload

@@ -1,9 +1,10 @@
 """The replicated event log: state changes appended to a RabbitMQ stream, read back from any offset.
 
-Writers batch: every event appended in one event-loop turn goes out as one AMQP message, and the
-caller's future resolves when the broker confirms that message (replicated to a quorum of the
-stream's nodes). Nothing waits on a timer, so an idle system adds no latency, and a busy one pays
-one publish and one confirm for many events.
+Writers batch: every event appended in one event-loop turn, and in the turn after it (what the
+first turn woke up), goes out as one AMQP message, and the caller's future resolves when the
+broker confirms that message (replicated to a quorum of the stream's nodes). Nothing waits on a
+timer, so an idle system adds no latency, and a busy one pays one publish and one confirm for
+many events.
 
 Readers consume the stream from an offset they keep themselves (AMQP 0-9-1 clients get no
 server-side offset tracking) and apply each batch with its offset, so the store can keep the
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Event ids a reader remembers to drop repeats (a retried publish repeats a whole batch).
 DEDUPE_WINDOW = 100_000
+#: Batches a writer remembers for its own reader (the leader reads back what it wrote).
+SENT_REMEMBERED = 10_000
 
 
 def log_queue(name: str) -> str:
@@ -117,8 +120,15 @@ class LogWriter:
         self._waiters: list[asyncio.Future[None]] = []
         self._scheduled = False
         self._in_flight: set[asyncio.Task[None]] = set()
+        #: Batches this writer sealed, by their sealed body: its own reader takes them back as
+        #: they are instead of opening them again (``LogReader(known=...)``). Bounded.
+        self._sent: OrderedDict[bytes, list[Event]] = OrderedDict()
         self.batches = 0
         self.events = 0
+
+    def sent(self, body: bytes) -> list[Event] | None:
+        """The events of a batch this writer sealed as ``body`` (then forgotten), else None."""
+        return self._sent.pop(body, None)
 
     def append(self, event: Event) -> asyncio.Future[None]:
         """Queue ``event`` for this turn's batch; the future resolves once it is confirmed."""
@@ -130,7 +140,10 @@ class LogWriter:
             self._flush()
         elif not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self._flush)  # at the end of this turn: no timer, no idle latency
+            # At the end of the turn after this one: no timer, no idle latency. The extra turn
+            # lets what these events woke up run first and join the batch (the dispatcher
+            # after a submission: a task's accepted and assigned records share one confirm).
+            loop.call_soon(loop.call_soon, self._flush)
         return waiter
 
     def _flush(self) -> None:
@@ -147,8 +160,11 @@ class LogWriter:
     async def _publish(self, batch: list[Event], waiters: list[asyncio.Future[None]]) -> None:
         error: BaseException | None = None
         try:
-            message = aio_pika.Message(self.codec.seal(batch),
-                                       delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            body = self.codec.seal(batch)
+            self._sent[body] = batch
+            while len(self._sent) > SENT_REMEMBERED:
+                self._sent.popitem(last=False)
+            message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
             await asyncio.wait_for(
                 self.channel.default_exchange.publish(message, routing_key=self.queue),
                 self.publish_timeout_s)
@@ -179,11 +195,15 @@ class LogReader:
     """Applies the stream from an offset, in order, each event once."""
 
     def __init__(self, channel: AbstractChannel, name: str, codec: LogCodec, apply: Apply, *,
-                 prefetch: int = 500) -> None:
+                 prefetch: int = 500,
+                 known: Callable[[bytes], list[Event] | None] | None = None) -> None:
         self.channel = channel
         self.queue = log_queue(name)
         self.codec = codec
         self.apply = apply
+        #: The events of an entry this process wrote itself (``LogWriter.sent``): no need to
+        #: open what it sealed. Matched on the whole sealed body, so nothing else can match.
+        self.known = known
         self.prefetch = prefetch
         self.next_offset = 0
         self.applied_events = 0
@@ -194,6 +214,7 @@ class LogReader:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._tag: str | None = None
         self._progress = asyncio.Condition()
+        self._waiting = 0  # callers of wait_for_offset: no one to notify most of the time
         self._handling = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -226,9 +247,13 @@ class LogReader:
 
     async def wait_for_offset(self, offset: int, timeout: float) -> None:
         """Until every entry before ``offset`` is applied."""
-        async with self._progress:
-            await asyncio.wait_for(
-                self._progress.wait_for(lambda: self.next_offset >= offset), timeout)
+        self._waiting += 1
+        try:
+            async with self._progress:
+                await asyncio.wait_for(
+                    self._progress.wait_for(lambda: self.next_offset >= offset), timeout)
+        finally:
+            self._waiting -= 1
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._handling += 1
@@ -251,7 +276,8 @@ class LogReader:
             self._anchor = None
         if offset >= self.next_offset:  # the broker may start a chunk before our offset
             try:
-                events = self.codec.open(message.body)
+                own = self.known(message.body) if self.known is not None else None
+                events = own if own is not None else self.codec.open(message.body)
             except ValueError:
                 self.rejected += 1
                 log.error("log entry at offset %d is not sealed with the coordinator's key; "
@@ -270,8 +296,9 @@ class LogReader:
             self.applied_bytes += len(message.body)  # for the snapshot schedule's byte bound
             self.next_offset = offset + 1
         await message.ack()  # on a stream an ack is credit, not deletion: it lets delivery go on
-        async with self._progress:
-            self._progress.notify_all()
+        if self._waiting:
+            async with self._progress:
+                self._progress.notify_all()
 
 
 async def open_channel(url: str, name: str) -> tuple[AbstractRobustConnection, AbstractChannel]:

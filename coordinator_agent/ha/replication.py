@@ -39,7 +39,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-from coordinator_agent.coordinator.store import TaskStore
+from coordinator_agent.coordinator.store import Row, TaskStore, task_row
 from coordinator_agent.coordinator.tasks import TaskRecord, TaskStatus
 from coordinator_agent.exceptions import StoreError, TransportError
 from coordinator_agent.ha.log import (
@@ -68,6 +68,9 @@ AGENT_DRAINED = "agent.drained"
 TAIL_PROBE_S = 2.0
 #: Pause before applying a batch again after the store refused it.
 APPLY_RETRY_S = 0.5
+
+#: The leader's own task rows kept for its reader, at most (then it opens them like any).
+OWN_ROWS_REMEMBERED = 10_000
 
 #: What a task event's record must have for the store to hold it.
 _TASK_KEYS = frozenset({"id", "status", "updated_at"})
@@ -128,6 +131,10 @@ class Replication:
         self.tail: int | None = None
         self.applied_events = 0
         self._last: asyncio.Future[None] | None = None
+        self._event_prefix = uuid.uuid4().hex[:20]
+        self._event_count = 0
+        #: This leader's task writes as store rows, by event id, until the reader applies them.
+        self._own_rows: dict[str, Row] = {}
         self._markers: dict[str, asyncio.Future[None]] = {}
         self._connection: AbstractRobustConnection | None = None
         self._writer: LogWriter | None = None
@@ -149,7 +156,7 @@ class Replication:
                 self.fence = EpochFence(int(self.store.meta("fence_epoch") or 0))
         self._writer = LogWriter(writes, self.name, self.codec)
         self._reader = LogReader(await self._connection.channel(), self.name, self.codec,
-                                 self._apply)
+                                 self._apply, known=self._writer.sent)
         # From the entry the store holds, which must still be there (else a gap is counted).
         await self._reader.resume(self.store.log_offset())
         self._probe = asyncio.create_task(self._probe_tail(), name="log-tail")
@@ -176,7 +183,12 @@ class Replication:
     def record_task(self, task: TaskRecord, data: bytes) -> str:
         """The store's write of ``task`` (``data``, serialised at the write: the record may
         change again before the batch is sealed); returns the event's id."""
-        return self._append(task_event_type(task), orjson.Fragment(data))
+        event_id = self._append(task_event_type(task), orjson.Fragment(data))
+        if self.writing:  # the row the reader applies when this comes back (no re-encoding)
+            self._own_rows[event_id] = task_row(task, data)
+            while len(self._own_rows) > OWN_ROWS_REMEMBERED:
+                self._own_rows.pop(next(iter(self._own_rows)))
+        return event_id
 
     def record_outcome(self, update: dict[str, Any]) -> None:
         """A learning update, exactly as the leader's learner took it (no clock, no draw)."""
@@ -186,7 +198,9 @@ class Replication:
         self._append(AGENT_DRAINED, {"agent_id": agent_id, "reason": reason})
 
     def _append(self, kind: str, data: Any) -> str:
-        event_id = uuid.uuid4().hex
+        # Unique without a urandom call per event: this process's random prefix and a count.
+        self._event_count += 1
+        event_id = f"{self._event_prefix}{self._event_count:x}"
         if not self.writing or self._writer is None:
             return event_id  # a standby decides nothing
         future = self._writer.append(Event(event_id, self.epoch(), kind, data))
@@ -256,7 +270,7 @@ class Replication:
         return max(0, self.tail + 1 - self._reader.next_offset)
 
     async def _apply(self, events: list[Event], offset: int) -> None:
-        rows: list[tuple[str, dict[str, Any]]] = []
+        rows: list[tuple[str, dict[str, Any] | Row]] = []
         outcomes: list[dict[str, Any]] = []
         markers: list[str] = []
         for event in events:
@@ -265,8 +279,14 @@ class Replication:
             if event.type == EPOCH_STARTED:
                 markers.append(event.id)
             elif event.type.startswith("task."):
-                if isinstance(event.data, dict) and event.data.keys() >= _TASK_KEYS:
-                    rows.append((event.id, event.data))
+                own = self._own_rows.pop(event.id, None)
+                data = event.data
+                if isinstance(data, orjson.Fragment):  # our own, taken back unopened
+                    data = orjson.loads(orjson.dumps(data)) if own is None else None
+                if own is not None:
+                    rows.append((event.id, own))
+                elif isinstance(data, dict) and data.keys() >= _TASK_KEYS:
+                    rows.append((event.id, data))
                 else:  # sealed with our key, so a bug, not an attack: say so, go on
                     log.error("log entry %d: task event %s without a task record; skipped",
                               offset, event.id)

@@ -120,7 +120,8 @@ class MonitoringServer:
             web.get("/api/routing", self.routing),
             web.get("/api/route", self.route),
         ])
-        app.add_routes(desk_routes(lambda: self.coordinator.desk, self._operator))
+        app.add_routes(desk_routes(lambda: self.coordinator.desk, self._operator,
+                                   self.coordinator.durable))
         self.app = app
 
     async def start(self) -> None:
@@ -297,10 +298,13 @@ class MonitoringServer:
             return _error(503, "the task store is not writable; nothing was accepted, "
                           "submit again later")
         try:
-            await self.coordinator.durable()  # HA: 2xx only once the log holds the task
+            await self.coordinator.durable()  # 2xx only once the store (HA: the log) holds it
         except TransportError:
             return _error(503, "the replicated log did not confirm the task; submit it again "
                           "(with the same task_id) to the leader")
+        except StoreError:
+            return _error(503, "the task store did not commit the task; submit it again "
+                          "(with the same task_id) later")
         return _json({"task_id": task.id, "status": task.status.value, "duplicate": duplicate},
                      200 if duplicate else 202)
 

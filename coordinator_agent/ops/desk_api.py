@@ -7,7 +7,7 @@ ended task, a task that is not escalated); 422 for a bad body.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Protocol
 
 import orjson
@@ -15,7 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from coordinator_agent.coordinator.tasks import TaskRecord
-from coordinator_agent.exceptions import StoreError, TaskConflict, UnknownTask
+from coordinator_agent.exceptions import StoreError, TaskConflict, TransportError, UnknownTask
 from coordinator_agent.wire.protocol import Identifier, Label
 
 Reason = Annotated[str, Field(max_length=1024)]
@@ -68,9 +68,11 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 def desk_routes(desk: Callable[[], DeskView],
-                operator: Callable[[web.Request], str | web.Response]) -> list[web.RouteDef]:
+                operator: Callable[[web.Request], str | web.Response],
+                durable: Callable[[], Awaitable[None]] | None = None) -> list[web.RouteDef]:
     """The routes, bound to the coordinator's desk and its operator check (``api.py``: the
-    operator's id, or the 401 to answer with, logged and counted there)."""
+    operator's id, or the 401 to answer with, logged and counted there). ``durable``: until
+    the change is committed (HA: in the log); a 200 is never sent before."""
 
     async def act(request: web.Request, body_model: type[_Body],
                   action: Callable[[str, str, Any], TaskRecord]) -> web.Response:
@@ -93,6 +95,12 @@ def desk_routes(desk: Callable[[], DeskView],
         except StoreError:  # memory was rolled back: the action did not happen
             return _json({"error": "the task store is not writable; nothing was changed, "
                           "try again later"}, 503)
+        if durable is not None:
+            try:
+                await durable()
+            except (StoreError, TransportError):
+                return _json({"error": "the change was not confirmed durable; look at the "
+                              "task and try again"}, 503)
         return _json(task.public_view())
 
     async def cancel(request: web.Request) -> web.Response:

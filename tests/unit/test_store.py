@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from coordinator_agent.coordinator.store import TaskStore
 from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord, TaskStatus
+from coordinator_agent.exceptions import StoreUnavailable
 
 
 def _task(task_id: str, status: TaskStatus = TaskStatus.PENDING, *, notified: bool = False,
@@ -133,3 +135,58 @@ def test_in_memory_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     finally:
         store.close()
     assert list(tmp_path.iterdir()) == []
+
+
+# --- group commit: one transaction per event-loop turn ------------------------------------------
+
+
+def _on_disk(path: Path) -> set[str]:
+    """What another process would read from the file."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {row[0] for row in db.execute("SELECT id FROM tasks")}
+    finally:
+        db.close()
+
+
+async def test_a_turns_writes_are_one_transaction_committed_at_its_end(tmp_path: Path) -> None:
+    store = TaskStore(tmp_path / "tasks.sqlite3")
+    for i in range(5):
+        store.save(_task(f"t-{i}"))
+    assert _on_disk(store.path) == set()  # not yet: the turn is not over
+    assert store.get("t-3") is not None  # this connection reads its own open transaction
+    await store.committed()
+    assert _on_disk(store.path) == {f"t-{i}" for i in range(5)}
+    assert store.commits == 1
+    await store.committed()  # nothing open: returns at once
+    store.close()
+
+
+async def test_a_refused_write_leaves_the_turns_other_writes_to_commit(tmp_path: Path) -> None:
+    store = TaskStore(tmp_path / "tasks.sqlite3")
+    store.save(_task("kept"))
+    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL, as on a full disk
+    big = _task("refused")
+    big.input = {"blob": "x" * 20_000}
+    with pytest.raises(StoreUnavailable):
+        store.save(big)
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    await store.committed()
+    assert _on_disk(store.path) == {"kept"}
+    assert store.get("refused") is None
+    store.close()
+
+
+async def test_close_commits_what_the_turn_wrote(tmp_path: Path) -> None:
+    store = TaskStore(tmp_path / "tasks.sqlite3")
+    store.save(_task("last"))
+    store.close()  # a graceful stop within the same turn
+    assert _on_disk(tmp_path / "tasks.sqlite3") == {"last"}
+
+
+def test_outside_a_loop_every_write_commits_at_once(tmp_path: Path) -> None:
+    store = TaskStore(tmp_path / "tasks.sqlite3")
+    store.save(_task("now"))
+    assert _on_disk(store.path) == {"now"}
+    store.close()

@@ -67,6 +67,31 @@ async def test_one_turn_of_appends_is_one_batch_and_comes_back_in_order(
     assert [e for e, _ in seen] == appended + single
 
 
+async def test_what_an_append_wakes_joins_its_batch(
+    channel: AbstractChannel, stream: str,
+) -> None:
+    """A submission's record wakes the dispatcher, whose assignment record follows a turn
+    later: both go out in one batch, with one confirm, as the leader's do."""
+    writer = LogWriter(channel, stream, LogCodec([KEY]))
+    accepted, assigned = events(2)
+    woken = asyncio.Event()
+    second: list[asyncio.Future[None]] = []
+
+    async def dispatcher() -> None:
+        await woken.wait()  # resumes on the turn after the one that set it
+        second.append(writer.append(assigned))
+
+    waiting = asyncio.create_task(dispatcher())
+    await asyncio.sleep(0)  # the dispatcher is parked on its event
+    first = writer.append(accepted)
+    woken.set()
+    await asyncio.gather(first, waiting)
+    await second[0]
+    assert writer.batches == 1 and writer.events == 2
+    seen, _ = await read_all(channel, stream, until=1)
+    assert [(e.id, offset) for e, offset in seen] == [("e0", 0), ("e1", 0)]
+
+
 async def test_a_reader_starts_at_its_own_offset(channel: AbstractChannel, stream: str) -> None:
     writer = LogWriter(channel, stream, LogCodec([KEY]))
     for batch_number in range(5):
