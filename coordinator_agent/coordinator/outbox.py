@@ -15,8 +15,9 @@ from typing import Any
 from coordinator_agent.coordinator.state import StateManager
 from coordinator_agent.coordinator.tasks import Attempt, TaskRecord
 from coordinator_agent.exceptions import StoreError, TransportError, Unroutable
+from coordinator_agent.wire import batch, protocol
 from coordinator_agent.wire import constants as c
-from coordinator_agent.wire import protocol
+from coordinator_agent.wire.batching import Destination, TurnBatcher
 from coordinator_agent.wire.messaging import MessageHandler
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,14 @@ class Outbox:
         self.barrier: Callable[[], Awaitable[None]] | None = None
         #: Notices on their way out: the sweep's retry does not send a second copy meanwhile.
         self._notifying: set[str] = set()
+        #: An agent's assignments of one loop turn leave as one batch if it announced that it
+        #: takes them (PROTOCOL.md §9.13), else one by one as always.
+        self.assignments = TurnBatcher(messages, self._batch_limit,
+                                       max_bytes=messages.security.max_message_bytes)
+
+    def _batch_limit(self, agent_id: str) -> int:
+        agent = self.state.agents.get(agent_id)
+        return 1 if agent is None else batch.limit_of(agent.capabilities)
 
     async def _durable(self) -> bool:
         """Wait for the log (HA); False when this process may not send any more."""
@@ -74,9 +83,9 @@ class Outbox:
             task_id=task.id, attempt=attempt.number, description=task.description,
             input=task.input, timeout_s=task.timeout_s, epoch=self.epoch(),
         )
-        await self.messages.publish(
-            assign, peer=attempt.agent_id, exchange=c.AGENTS_EXCHANGE,
-            routing_key=c.agent_key(self.name, attempt.agent_id),
+        await self.assignments.send(
+            assign, Destination(attempt.agent_id, c.AGENTS_EXCHANGE,
+                                c.agent_key(self.name, attempt.agent_id), persistent=True),
             # The agent process it is for: another process of the agent drops it unrun.
             correlation_id=attempt.session,
         )
