@@ -131,8 +131,7 @@ class WorkerAgent:
         #: Reports (started, results) of one loop turn leave as one batch, once the
         #: coordinator has shown that it speaks batches by sending one.
         self._reports = TurnBatcher(
-            self.messages, lambda _: self.batch_limit if self.coordinator_batches else 1,
-            max_bytes=settings.limits.max_message_bytes)
+            self.messages, lambda _: self.batch_limit if self.coordinator_batches else 1)
         self.coordinator_batches = False
         self._slots = asyncio.Semaphore(max_concurrency)
         self._running: dict[tuple[str, int], asyncio.Task[None]] = {}

@@ -59,8 +59,7 @@ class Outbox:
         self._notifying: set[str] = set()
         #: An agent's assignments of one loop turn leave as one batch if it announced that it
         #: takes them (PROTOCOL.md §9.13), else one by one as always.
-        self.assignments = TurnBatcher(messages, self._batch_limit,
-                                       max_bytes=messages.security.max_message_bytes)
+        self.assignments = TurnBatcher(messages, self._batch_limit)
 
     def _batch_limit(self, agent_id: str) -> int:
         agent = self.state.agents.get(agent_id)

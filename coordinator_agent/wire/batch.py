@@ -63,7 +63,8 @@ def open_items(batch: protocol.Envelope) -> Iterator[Item]:
     """The items of a decoded batch, each validated as a message of its own would be."""
     assert isinstance(batch.payload, protocol.Batch)
     for index, raw in enumerate(batch.payload.items):
-        item_id = raw.get("id") if isinstance(raw, dict) else None
+        item_id = (raw.get("id") if isinstance(raw, dict)
+                   else raw.id if isinstance(raw, protocol.OutOfRange) else None)
         item_id = item_id if isinstance(item_id, str) and len(item_id) <= 128 else None
         try:
             envelope = _item_envelope(batch, raw)

@@ -33,12 +33,10 @@ class _Waiting(NamedTuple):
 
 
 class TurnBatcher:
-    def __init__(self, messages: MessageHandler, limit: Callable[[str], int],
-                 *, max_bytes: int) -> None:
+    def __init__(self, messages: MessageHandler, limit: Callable[[str], int]) -> None:
         self.messages = messages
         #: Most items per batch for a peer: 1 sends everything alone (the old shape).
         self.limit = limit
-        self.max_bytes = max_bytes
         self._waiting: dict[Destination, list[_Waiting]] = {}
         self._scheduled = False
         self._publishing: set[asyncio.Task[None]] = set()
@@ -68,7 +66,8 @@ class TurnBatcher:
                 continue
             items = [batch.item_of(m.payload, correlation_id=m.correlation_id) for m in messages]
             start = 0
-            for chunk in batch.split(items, limit=limit, max_bytes=self.max_bytes):
+            max_bytes = self.messages.security.max_message_bytes  # the limits agree (§15)
+            for chunk in batch.split(items, limit=limit, max_bytes=max_bytes):
                 carried = messages[start:start + len(chunk)]
                 start += len(chunk)
                 if len(chunk) == 1:

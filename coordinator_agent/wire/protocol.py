@@ -331,17 +331,18 @@ class OutOfRange:
     """Stands for a batch item with a number the rules refuse (NaN, beyond 64 bits): the item
     is refused on its own (``batch.py``), not the whole batch."""
 
-    __slots__ = ("why",)
+    __slots__ = ("id", "why")
 
-    def __init__(self, why: str) -> None:
+    def __init__(self, why: str, item_id: object) -> None:
         self.why = why
+        self.id = item_id  # what the item said its id was (unchecked)
 
 
 def _item_numbers(value: Any, info: ValidationInfo) -> Any:
     try:
         return _bounded_json(value, info)
     except ValueError as exc:
-        return OutOfRange(str(exc))
+        return OutOfRange(str(exc), value.get("id") if isinstance(value, dict) else None)
 
 
 class Batch(Model):
