@@ -47,6 +47,12 @@ class TurnBatcher:
     async def send(self, payload: protocol.Model, destination: Destination, *,
                    correlation_id: str | None = None) -> None:
         """Publish ``payload`` with this turn's others for the same destination."""
+        if self.limit(destination.peer) <= 1:  # it takes no batches: no reason to wait
+            await self.messages.publish(
+                payload, peer=destination.peer, exchange=destination.exchange,
+                routing_key=destination.routing_key, persistent=destination.persistent,
+                correlation_id=correlation_id, expiration_s=destination.expiration_s)
+            return
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._waiting.setdefault(destination, []).append(_Waiting(payload, correlation_id, done))
