@@ -313,7 +313,7 @@ class WorkerAgent:
         payload = envelope.payload
         if envelope.sender != self.coordinator_id:
             return
-        if message.type == batch.BATCH_TYPE:
+        if message.in_batch:
             self.coordinator_batches = True  # it speaks batches: ours are welcome
         if isinstance(payload, protocol.Directive):
             self._fence(envelope, payload)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -23,6 +24,8 @@ from coordinator_agent.wire.messaging import MessageHandler
 log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
+#: Reply queues remembered as taking batches (each client instance has its own).
+MAX_BATCH_REPLY_QUEUES = 10_000
 
 
 def completed_notice(task: TaskRecord) -> protocol.TaskCompleted:
@@ -60,10 +63,25 @@ class Outbox:
         #: An agent's assignments of one loop turn leave as one batch if it announced that it
         #: takes them (PROTOCOL.md §9.13), else one by one as always.
         self.assignments = TurnBatcher(messages, self._batch_limit)
+        #: Reply queues of clients that submitted a batch, so take batches (most recent last):
+        #: their replies of one loop turn leave as one batch too.
+        self._batch_reply_queues: OrderedDict[str, None] = OrderedDict()
+        self.replies = TurnBatcher(messages, self._reply_limit)
 
-    def _batch_limit(self, agent_id: str) -> int:
-        agent = self.state.agents.get(agent_id)
+    def _batch_limit(self, to: Destination) -> int:
+        agent = self.state.agents.get(to.peer)
         return 1 if agent is None else batch.limit_of(agent.capabilities)
+
+    def takes_batches(self, reply_queue: str) -> None:
+        """A client submitted a batch naming this reply queue: it reads batches."""
+        queues = self._batch_reply_queues
+        queues[reply_queue] = None
+        queues.move_to_end(reply_queue)
+        while len(queues) > MAX_BATCH_REPLY_QUEUES:
+            queues.popitem(last=False)
+
+    def _reply_limit(self, to: Destination) -> int:
+        return batch.MAX_BATCH_ITEMS if to.routing_key in self._batch_reply_queues else 1
 
     async def _durable(self) -> bool:
         """Wait for the log (HA); False when this process may not send any more."""
@@ -139,7 +157,7 @@ class Outbox:
         with contextlib.suppress(TransportError):
             if not await self._durable():
                 return
-            await self.messages.publish(payload, peer=principal, exchange="", routing_key=queue)
+            await self.replies.send(payload, Destination(principal, "", queue, persistent=True))
 
     def completed(self, task: TaskRecord) -> None:
         if task.id not in self._notifying:
@@ -166,8 +184,8 @@ class Outbox:
             return  # the sweep tries again
         if task.reply_to:
             try:
-                await self.messages.publish(completed_notice(stored), peer=task.submitted_by,
-                                            exchange="", routing_key=task.reply_to)
+                await self.replies.send(completed_notice(stored), Destination(
+                    task.submitted_by, "", task.reply_to, persistent=True))
             except Unroutable:
                 log.info("client queue for task %s is gone; result kept for the API", task.id)
             except TransportError:

@@ -454,6 +454,8 @@ class CoordinatorAgent:
             self.results.on_progress(sender, payload)
         elif isinstance(payload, protocol.TaskSubmit):
             self.intake.on_submit(envelope, payload)
+            if payload.reply_to is not None and message.in_batch:
+                self.outbox.takes_batches(payload.reply_to)  # a client that sends batches
         elif isinstance(payload, protocol.AgentMetrics):
             self.reports.metrics_report(sender, payload, now)
         elif isinstance(payload, protocol.AgentGoodbye):

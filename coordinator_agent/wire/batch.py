@@ -6,8 +6,8 @@ checked on its own, as a message of its own would be: a bad item is refused with
 the others are handled. Only the work messages that come in bursts travel in batches.
 
 An agent takes batches only once it has announced it: the capability ``batch:N`` (N items at
-most) in its ``agent.hello`` and ``agent.status``. Everyone accepts a batch from the coordinator's
-side of the conversation at any time; old single messages are always accepted too.
+most) in its ``agent.hello`` and ``agent.status``; a client, once it has submitted a batch
+naming its reply queue. Old single messages are always accepted too.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from coordinator_agent.wire.security import fernet_token_bytes
 
 BATCH_TYPE = "batch"
 #: The message types that may be items of a batch; everything else travels alone.
-BATCHABLE = frozenset({"task.assign", "task.progress", "task.result", "task.submit"})
+BATCHABLE = frozenset({"task.assign", "task.progress", "task.result", "task.submit",
+                       "task.accepted", "task.completed"})
 #: The fields of an item: an envelope's own ones (the rest it takes from the batch).
 ITEM_FIELDS = frozenset({"id", "type", "correlation_id", "payload"})
 #: An agent's announcement: ``batch:N``, N from 2 to ``MAX_BATCH_ITEMS``.

@@ -33,9 +33,9 @@ class _Waiting(NamedTuple):
 
 
 class TurnBatcher:
-    def __init__(self, messages: MessageHandler, limit: Callable[[str], int]) -> None:
+    def __init__(self, messages: MessageHandler, limit: Callable[[Destination], int]) -> None:
         self.messages = messages
-        #: Most items per batch for a peer: 1 sends everything alone (the old shape).
+        #: Most items per batch to a destination: 1 sends everything alone (the old shape).
         self.limit = limit
         self._waiting: dict[Destination, list[_Waiting]] = {}
         self._scheduled = False
@@ -47,7 +47,7 @@ class TurnBatcher:
     async def send(self, payload: protocol.Model, destination: Destination, *,
                    correlation_id: str | None = None) -> None:
         """Publish ``payload`` with this turn's others for the same destination."""
-        if self.limit(destination.peer) <= 1:  # it takes no batches: no reason to wait
+        if self.limit(destination) <= 1:  # it takes no batches: no reason to wait
             await self.messages.publish(
                 payload, peer=destination.peer, exchange=destination.exchange,
                 routing_key=destination.routing_key, persistent=destination.persistent,
@@ -65,7 +65,7 @@ class TurnBatcher:
         self._scheduled = False
         waiting, self._waiting = self._waiting, {}
         for destination, messages in waiting.items():
-            limit = self.limit(destination.peer) if len(messages) > 1 else 1
+            limit = self.limit(destination) if len(messages) > 1 else 1
             if limit <= 1:
                 for message in messages:
                     self._spawn(self._alone(destination, message))

@@ -484,6 +484,7 @@ class MessageHandler:
         item is dead-lettered alone. Returns the items handled. Raises what a single message
         would (NotLeading, a handler's error on a queue that requeues): the batch goes back."""
         redelivered = bool(message.redelivered)
+        message.in_batch = True
         items = list(batch.open_items(envelope))
         if consumer.items_at_once and len(items) > 1:
             outcomes = await asyncio.gather(

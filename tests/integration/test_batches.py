@@ -88,6 +88,8 @@ async def test_a_batch_capable_agent_gets_assignments_in_batches_beside_an_old_o
     assert new.completed == BURST and old.completed == BURST
     # Its reports went back in batches too (it had seen the coordinator's); the old one's not.
     assert new._reports.batches > 0 and old._reports.batches == 0
+    # This test's client got its replies in batches (it submitted one); an old client would not.
+    assert coordinator.outbox.replies.batches > 0
     assert {a.agent_id for o in outcomes[:BURST] for a in o.attempts} == {"agent-1"}
     assert {a.agent_id for o in outcomes[BURST:] for a in o.attempts} == {"agent-2"}
     rejected = [sample for sample in coordinator.metrics.messages_rejected.collect()[0].samples
@@ -166,6 +168,8 @@ async def test_client_batch_submit_gives_one_id_acceptance_and_result_per_task(
     assert sorted(n.task_id for n in client.notices) == sorted(ids)  # one result each
     received = coordinator.metrics.batch_items.labels("received")
     assert received._sum.get() >= count  # they came in batches, not one by one
+    # A client that sends batches is answered in batches too.
+    assert coordinator.outbox.replies.batches > 0 and coordinator.outbox.replies.batched >= count
     # Resubmitting a batch: duplicates of the same tasks, no new ones.
     before = len(coordinator.state.tasks)
     await client.submit_many([{"description": "named", "task_id": "my-own-id",
