@@ -168,7 +168,7 @@ class Ours:
     def __init__(
         self, children: Children, workdir: Path, uid: str, *, agent_concurrency: int,
         in_flight_cap: int, event_loop: str = "auto", ha: bool = False,
-        source: Path | None = None,
+        source: Path | None = None, client_batch: bool = False, agent_batch_limit: int = 16,
     ) -> None:
         self.children = children
         #: Another source tree's coordinator and agent (``--base-tree``): a before/after in one
@@ -192,6 +192,10 @@ class Ours:
         self.event_loop = event_loop
         #: ha.enabled: the coordinator campaigns for its lease in Consul and leads alone.
         self.ha = ha
+        #: Submit the burst with ``submit_many`` (batch messages; not for a base tree, whose
+        #: coordinator may predate them), and the agent's ``--batch-limit`` (1: no batches).
+        self.client_batch = client_batch and source is None
+        self.agent_batch_limit = agent_batch_limit
         self.client: CoordinatorClient | None = None
         self.reply_queue: str | None = None
 
@@ -227,7 +231,8 @@ class Ours:
         self.children.spawn(
             self.processes[1],
             [*self.cli, "worker", "--id", self.agent_id, "--concurrency",
-             str(self.agent_concurrency)],
+             str(self.agent_concurrency),
+             *(("--batch-limit", str(self.agent_batch_limit)) if self.source is None else ())],
             env=env, cwd=self.workdir,
         )
         settings = load_settings(
@@ -257,6 +262,11 @@ class Ours:
         started = time.perf_counter()
         ids: list[str] = []
         for i in range(0, n, batch):
+            if self.client_batch:
+                ids += await asyncio.wait_for(client.submit_many(
+                    [{"description": "noop", "input": NOOP_INPUT}] * min(batch, n - i)),
+                    burst_timeout(n))
+                continue
             ids += await asyncio.wait_for(asyncio.gather(*(
                 client.submit("noop", input=NOOP_INPUT) for _ in range(min(batch, n - i))
             )), burst_timeout(n))
@@ -489,7 +499,8 @@ async def run(
     *, tasks: int = 2000, latency_tasks: int = 300, rounds: int = 3, batch: int = 250,
     agent_concurrency: int = 64, in_flight_cap: int = 64, systems: tuple[str, ...] = (),
     keep_logs: bool = False, profile_dir: Path | None = None, event_loop: str = "auto",
-    ha: bool = False, base_tree: Path | None = None,
+    ha: bool = False, base_tree: Path | None = None, client_batch: bool = False,
+    agent_batch_limit: int = 16,
 ) -> dict[str, Any]:
     uid = uuid.uuid4().hex[:8]
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{uid}-"))
@@ -498,7 +509,8 @@ async def run(
     profiler = Profiler(children, profile_dir)
     available: dict[str, System] = {
         "ours": Ours(children, workdir, uid, agent_concurrency=agent_concurrency,
-                     in_flight_cap=in_flight_cap, event_loop=event_loop, ha=ha),
+                     in_flight_cap=in_flight_cap, event_loop=event_loop, ha=ha,
+                     client_batch=client_batch, agent_batch_limit=agent_batch_limit),
         **({"base": Ours(children, workdir, uid, agent_concurrency=agent_concurrency,
                          in_flight_cap=in_flight_cap, ha=ha, source=base_tree)}
            if base_tree is not None else {}),
@@ -513,6 +525,8 @@ async def run(
     print(f"e2e: {tasks} burst tasks, {latency_tasks} sequential, {rounds} round(s); "
           f"coordinator bench-{uid}; agent concurrency {agent_concurrency}, "
           f"in-flight cap {in_flight_cap}; event loop {event_loop}{'; ha.enabled' if ha else ''}; "
+          f"agent batch limit {agent_batch_limit}"
+          f"{'; client batch submit' if client_batch else ''}; "
           f"logs in {workdir}", flush=True)
     failed = False
     try:
@@ -656,6 +670,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run the coordinator and agent of another source tree (e.g. "
                              "`git archive REV | tar -x -C DIR`), as 'base': before/after in "
                              "one run (the client is this tree's)")
+    parser.add_argument("--client-batch", action="store_true",
+                        help="ours submits the burst with submit_many: batch messages of up to "
+                             "64 tasks (docs/PROTOCOL.md §9.13; the base tree never does)")
+    parser.add_argument("--agent-batch-limit", type=int, default=16,
+                        help="ours' agent: --batch-limit (1: assignments and reports one by "
+                             "one, as before batches)")
     parser.add_argument("--only", action="append", choices=["ours", "base", "raw", "celery"],
                         help="run only these systems (repeatable)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
@@ -676,7 +696,8 @@ def main() -> None:
         batch=args.batch, agent_concurrency=args.agent_concurrency,
         in_flight_cap=args.in_flight_cap, systems=tuple(args.only or ()),
         keep_logs=args.keep_logs, profile_dir=args.profile, event_loop=args.event_loop,
-        ha=args.ha, base_tree=args.base_tree,
+        ha=args.ha, base_tree=args.base_tree, client_batch=args.client_batch,
+        agent_batch_limit=args.agent_batch_limit,
     ))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -107,8 +107,10 @@ def main() -> int:
     parser.add_argument("--ha", action="store_true",
                         help="e2e with the coordinator's ha.enabled (needs Consul on :8500)")
     parser.add_argument("--base-tree", type=Path, metavar="DIR",
-                        help="e2e: also run the coordinator and agent of this source tree (e.g. "
-                             "a checkout of main), as 'base', in the same rounds")
+                        help="e2e: also run another source tree's coordinator and agent (e.g. "
+                        "a worktree of main) as 'base', in the same rounds")
+    parser.add_argument("--client-batch", action="store_true",
+                        help="e2e: ours submits the burst in batch messages (submit_many)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on SIGTERM too
@@ -130,7 +132,8 @@ def main() -> int:
     if args.only in (None, "e2e"):
         e2e = step("e2e tasks (ours, raw aio-pika, Celery)", log, lambda: asyncio.run(
             e2e_tasks.run(tasks=args.tasks, latency_tasks=args.latency_tasks,
-                          rounds=args.rounds, ha=args.ha, base_tree=args.base_tree)))
+                          rounds=args.rounds, ha=args.ha, base_tree=args.base_tree,
+                          client_batch=args.client_batch)))
         if e2e is None:
             failures.append("e2e")
         else:

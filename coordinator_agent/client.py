@@ -6,34 +6,29 @@ Replies come to a queue of the client's own, named once, so they survive reconne
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import uuid
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aio_pika.abc import AbstractChannel
 
 from coordinator_agent.exceptions import SubmissionTooLarge, Unroutable, WaitTimeout
 from coordinator_agent.settings import Settings
+from coordinator_agent.wire import batch, protocol
 from coordinator_agent.wire import constants as c
-from coordinator_agent.wire import protocol
 from coordinator_agent.wire.delivery import Delivery
 from coordinator_agent.wire.keyring import Keyring
 from coordinator_agent.wire.messaging import MessageHandler, coordinator_topology
-from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
+from coordinator_agent.wire.security import (
+    AuthorizationManager,
+    SecurityManager,
+    fernet_token_bytes,
+)
 
 REPLY_QUEUE_EXPIRES_MS = 5 * 60 * 1000
 #: How long a client keeps to the shared tasks queue once told its lane is missing.
 LANE_RETRY_S = 60.0
-
-
-def fernet_token_bytes(plaintext_bytes: int) -> int:
-    """The length of a Fernet token over that much plaintext (what the size limit counts).
-
-    version (1) + timestamp (8) + IV (16) + AES-CBC with PKCS7 padding + HMAC (32), base64url.
-    """
-    ciphertext = 16 * (plaintext_bytes // 16 + 1)
-    return 4 * math.ceil((1 + 8 + 16 + ciphertext + 32) / 3)
 
 
 class CoordinatorClient:
@@ -129,6 +124,42 @@ class CoordinatorClient:
                                     exchange=c.COORDINATOR_EXCHANGE,
                                     routing_key=c.tasks_key(self.coordinator_id))
         return task_id
+
+    async def submit_many(self, tasks: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Submit several tasks in as few sealed messages as the limits allow (``batch``
+        messages of up to 64 items, PROTOCOL.md §9.13); returns their ids, in order.
+
+        Each mapping holds ``task.submit`` fields (``description`` at least). Every task gets
+        its own id, ``task.accepted`` and ``task.completed`` (``wait``), as with ``submit``.
+        All are checked before anything is sent: pydantic's ValidationError, or
+        SubmissionTooLarge for a task over the size limit even alone.
+        """
+        specs = [protocol.TaskSubmit(**{**fields, "task_id": fields.get("task_id")
+                                        or uuid.uuid4().hex, "reply_to": self.reply_queue})
+                 for fields in tasks]
+        items = [batch.item_of(spec) for spec in specs]
+        limit = self.security.max_message_bytes
+        for item in items:
+            size = fernet_token_bytes(batch.ENVELOPE_OVERHEAD_BYTES + batch.item_bytes(item))
+            if size > limit:
+                raise SubmissionTooLarge(size, limit)
+        for chunk in batch.split(items, limit=batch.MAX_BATCH_ITEMS, max_bytes=limit):
+            await self._publish_submission(chunk)
+        return [spec.task_id or "" for spec in specs]
+
+    async def _publish_submission(self, items: list[dict[str, Any]]) -> None:
+        """One batch to this operator's lane, or to the tasks queue while it has none."""
+        if self._lane_missing_until <= time.monotonic():
+            try:
+                await self.messages.publish_batch(
+                    items, peer=self.coordinator_id, exchange=c.COORDINATOR_EXCHANGE,
+                    routing_key=c.submit_key(self.coordinator_id, self.principal_id))
+                return
+            except Unroutable:
+                self._lane_missing_until = time.monotonic() + LANE_RETRY_S
+        await self.messages.publish_batch(
+            items, peer=self.coordinator_id, exchange=c.COORDINATOR_EXCHANGE,
+            routing_key=c.tasks_key(self.coordinator_id))
 
     async def wait(self, task_id: str, timeout: float | None = None, *,
                    final: bool = False) -> protocol.TaskCompleted:

@@ -45,8 +45,9 @@ from coordinator_agent.registry import (
     registry_from_settings,
 )
 from coordinator_agent.settings import Settings
+from coordinator_agent.wire import batch, protocol
 from coordinator_agent.wire import constants as c
-from coordinator_agent.wire import protocol
+from coordinator_agent.wire.batching import Destination, TurnBatcher
 from coordinator_agent.wire.delivery import Delivery
 from coordinator_agent.wire.keyring import Keyring, require_role
 from coordinator_agent.wire.messaging import MessageHandler, agent_topology, lane_for
@@ -55,6 +56,8 @@ from coordinator_agent.wire.security import AuthorizationManager, SecurityManage
 log = logging.getLogger(__name__)
 
 FINISHED_MEMORY = 10_000
+#: Items per batch this agent announces it takes (``batch:N``, PROTOCOL.md §9.13).
+DEFAULT_BATCH_LIMIT = 16
 #: Deliveries beyond max_concurrency, so task.cancel and agent.drain reach a busy agent.
 CONTROL_HEADROOM = 8
 
@@ -74,7 +77,7 @@ class TaskContext:
                                        progress=max(0.0, min(1.0, progress)),
                                        message=message[:1024])
         with contextlib.suppress(TransportError):
-            await self._agent.send(report)
+            await self._agent.report(report)
 
 
 TaskHandler = Callable[[TaskContext], Awaitable[Any]]
@@ -97,12 +100,18 @@ class WorkerAgent:
         capabilities: list[str] | None = None,
         max_concurrency: int = 1,
         registry: ServiceRegistry | None = None,
+        batch_limit: int = DEFAULT_BATCH_LIMIT,
     ) -> None:
         self.agent_id = agent_id
         self.kind = kind
         self.handler = handler
         self.settings = settings
         self.capabilities = sorted(set(capabilities or []))
+        #: Most items per batch, both ways (1: none; the agent speaks only the old shape).
+        self.batch_limit = min(max(1, batch_limit), batch.MAX_BATCH_ITEMS)
+        #: What the agent announces: its capabilities and, if it takes batches, ``batch:N``.
+        self.announced = sorted({*self.capabilities, batch.capability(self.batch_limit)}
+                                if self.batch_limit > 1 else self.capabilities)
         self.max_concurrency = max_concurrency
         self.coordinator_id = settings.name
         # An operator's key would be refused on every heartbeat: say so now, not never.
@@ -117,7 +126,13 @@ class WorkerAgent:
         self._queue = c.agent_queue(settings.name, agent_id)
         self.messages.consume(self._queue, self._on_message,
                               prefetch=max_concurrency + CONTROL_HEADROOM,
-                              requeue_on_error=False, paused=True)  # until the hello is out
+                              requeue_on_error=False, paused=True,  # until the hello is out
+                              items_at_once=True)  # a batch's assignments run side by side
+        #: Reports (started, results) of one loop turn leave as one batch, once the
+        #: coordinator has shown that it speaks batches by sending one.
+        self._reports = TurnBatcher(
+            self.messages, lambda _: self.batch_limit if self.coordinator_batches else 1)
+        self.coordinator_batches = False
         self._slots = asyncio.Semaphore(max_concurrency)
         self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._finished: OrderedDict[tuple[str, int], None] = OrderedDict()
@@ -151,7 +166,7 @@ class WorkerAgent:
     async def start(self) -> None:
         await self.messages.start()
         hello = await self.send(protocol.AgentHello(
-            kind=self.kind, capabilities=self.capabilities,
+            kind=self.kind, capabilities=self.announced,
             max_concurrency=self.max_concurrency, version=__version__))
         self.session = hello.id
         await self.messages.resume(self._queue)  # only now: the hello is ahead of any work
@@ -217,10 +232,22 @@ class WorkerAgent:
             correlation_id=self.session,
         )
 
+    async def report(self, payload: protocol.TaskProgress | protocol.TaskResult) -> None:
+        """A report on a task, with this loop turn's others (one batch, PROTOCOL.md §9.13)."""
+        message_type = protocol.TYPE_OF_PAYLOAD[type(payload)]
+        lane = lane_for(self.coordinator_id, message_type)
+        durable = lane == c.tasks_key(self.coordinator_id)
+        await self._reports.send(
+            payload, Destination(self.coordinator_id, c.COORDINATOR_EXCHANGE, lane,
+                                 persistent=durable,
+                                 expiration_s=None if durable
+                                 else self.settings.security.message_ttl_s),
+            correlation_id=self.session)
+
     async def _send_status(self) -> None:
         busy = self.in_flight >= self.max_concurrency
         await self.send(protocol.AgentStatus(
-            kind=self.kind, capabilities=self.capabilities,
+            kind=self.kind, capabilities=self.announced,
             max_concurrency=self.max_concurrency,
             state="draining" if self._state == "draining" else ("busy" if busy else "ready"),
             in_flight=self.in_flight, load=min(1.0, self.in_flight / self.max_concurrency),
@@ -239,7 +266,7 @@ class WorkerAgent:
     def _service(self) -> AgentService:
         return AgentService(
             agent_id=self.agent_id, kind=self.kind, coordinator=self.coordinator_id,
-            capabilities=tuple(self.capabilities), max_concurrency=self.max_concurrency,
+            capabilities=tuple(self.announced), max_concurrency=self.max_concurrency,
             version=__version__, queue=c.agent_queue(self.coordinator_id, self.agent_id),
         )
 
@@ -286,6 +313,8 @@ class WorkerAgent:
         payload = envelope.payload
         if envelope.sender != self.coordinator_id:
             return
+        if message.in_batch:
+            self.coordinator_batches = True  # it speaks batches: ours are welcome
         if isinstance(payload, protocol.Directive):
             self._fence(envelope, payload)
         if isinstance(payload, protocol.TaskAssign):
@@ -362,7 +391,7 @@ class WorkerAgent:
         started = protocol.TaskProgress(task_id=assign.task_id, attempt=assign.attempt,
                                         progress=0.0, message="started")
         try:
-            await self.send(started)
+            await self.report(started)
         except TransportError as exc:  # run anyway: the work matters more than the blame
             log.warning("start of %s not reported: %s", assign.task_id, exc)
 
@@ -371,7 +400,7 @@ class WorkerAgent:
         delay = 0.2
         while True:
             try:
-                await self.send(result)
+                await self.report(result)
                 return
             except TransportError as exc:
                 log.warning("result for %s not sent yet (%s); retrying", result.task_id, exc)

@@ -122,9 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=AT_LEAST_ONE,
                         default=_env("COORDINATOR_AGENT_CONCURRENCY", "4"),
                         help="tasks at once [COORDINATOR_AGENT_CONCURRENCY]")
+    worker.add_argument("--batch-limit", type=AT_LEAST_ONE,
+                        default=_env("COORDINATOR_AGENT_BATCH_LIMIT", "16"),
+                        help="most messages per batch it announces it takes and sends "
+                        "(docs/PROTOCOL.md §9.13); 1: none [COORDINATOR_AGENT_BATCH_LIMIT]")
 
     submit = sub.add_parser("submit", parents=[common], help="submit a task over AMQP")
-    submit.add_argument("description")
+    submit.add_argument("description", nargs="?",
+                        help="what to do (not with --from-file)")
+    submit.add_argument("--from-file", metavar="PATH", default=_env("COORDINATOR_TASK_FILE"),
+                        help="submit many tasks in batch messages: one JSON object of "
+                        "task.submit fields per line ('-': standard input); the other task "
+                        "options do not apply [COORDINATOR_TASK_FILE]")
     submit.add_argument("--kind", default=_env("COORDINATOR_TASK_KIND"),
                         help="only agents of this kind [COORDINATOR_TASK_KIND]")
     submit.add_argument("--capability", action="append", default=None,
@@ -375,7 +384,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     agent = WorkerAgent(
         args.id, args.kind, example_handler, settings=settings, keyring=keyring,
         capabilities=[c.strip() for c in args.capabilities.split(",") if c.strip()],
-        max_concurrency=args.concurrency,
+        max_concurrency=args.concurrency, batch_limit=args.batch_limit,
     )
 
     # Not run_until_signal: an agent.drain from the coordinator ends the agent as well.
@@ -399,6 +408,10 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     from coordinator_agent.cli.progress import Spinner
     from coordinator_agent.client import CoordinatorClient
 
+    if args.from_file is not None:
+        return submit_from_file(args, settings)
+    if args.description is None:
+        raise UsageError("submit needs a DESCRIPTION, or --from-file")
     task_input = None
     if args.input:
         try:
@@ -454,6 +467,63 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         print(f"coordinator-agent: no result for task {exc.task_id} within "
               f"{args.wait_timeout:g}s; it is {phase} and goes on (look it up with "
               f"GET /api/tasks/{exc.task_id} or `coordinator-agent watch`)", file=sys.stderr)
+        return 3
+
+
+def submit_from_file(args: argparse.Namespace, settings: Settings) -> int:
+    """``submit --from-file``: every line a task, sent in batch messages (PROTOCOL.md §9.13)."""
+    from pydantic import ValidationError
+
+    from coordinator_agent.client import CoordinatorClient
+
+    if args.description is not None:
+        raise UsageError("give a DESCRIPTION or --from-file, not both")
+    try:
+        text = (sys.stdin.read() if args.from_file == "-"
+                else Path(args.from_file).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.from_file}: {exc.strerror}") from None
+    tasks: list[dict[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"line {number} is not valid JSON: {exc.msg}") from None
+        if not isinstance(fields, dict):
+            raise UsageError(f"line {number} must be a JSON object of task.submit fields")
+        tasks.append(fields)
+    if not tasks:
+        raise UsageError(f"{args.from_file} holds no task")
+    keyring = Keyring.load(settings.keyring_path)
+    principal = operator_id(keyring, args.principal)
+    require_broker(settings.broker_url.get_secret_value())
+
+    async def body() -> int:
+        async with CoordinatorClient(settings, keyring, principal) as c:
+            ids = await c.submit_many(tasks)
+            if not args.wait:
+                _print(args, {"task_ids": ids, "status": "submitted"},
+                       "\n".join(f"submitted {task_id}" for task_id in ids))
+                return 0
+            outcomes = await asyncio.gather(*(c.wait(t, args.wait_timeout) for t in ids))
+            results = [o.model_dump(mode="json") for o in outcomes]
+            _print(args, {"results": results},
+                   "\n".join(_describe_result(r) for r in results))
+            return 0 if all(o.status == "succeeded" for o in outcomes) else 1
+
+    try:
+        return asyncio.run(body())
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'task'}: {e['msg']}"
+                             for e in exc.errors(include_url=False, include_input=False))
+        raise UsageError(f"invalid task: {problems}") from None
+    except SubmissionTooLarge as exc:
+        raise UsageError(str(exc)) from None
+    except WaitTimeout as exc:
+        print(f"coordinator-agent: no result for task {exc.task_id} within "
+              f"{args.wait_timeout:g}s; the tasks go on", file=sys.stderr)
         return 3
 
 

@@ -17,11 +17,11 @@ from cryptography.fernet import Fernet
 
 from coordinator_agent.conformance.harness import Harness, Heard
 from coordinator_agent.conformance.report import Report
+from coordinator_agent.wire import batch, protocol
 from coordinator_agent.wire import constants as c
-from coordinator_agent.wire import protocol
 
 RULES = ("hello", "heartbeat", "concurrency", "progress", "duplicate", "cancel", "deadline",
-         "forged", "replayed", "expired", "wrong_epoch", "own_tasks", "drain")
+         "forged", "replayed", "expired", "wrong_epoch", "batch", "own_tasks", "drain")
 #: Above this, max_concurrency + 1 sleeping tasks make the run too long to be worth it.
 MAX_CONCURRENCY_CHECKED = 16
 #: How long each of the concurrency check's tasks sleeps.
@@ -114,6 +114,7 @@ class AgentConformance:
         self._progress()
         await self._forged_replayed_expired()
         await self._wrong_epoch()
+        await self._batch(hello)
         drained = await self._drain()
         self._own_tasks()
         self.report.add("drain", *drained)
@@ -363,6 +364,64 @@ class AgentConformance:
         self.report.add("wrong_epoch", not problems, "; ".join(problems) or
                         f"epoch {KIT_EPOCH} ran; epoch {KIT_EPOCH - 1} assign and drain were "
                         "dead-lettered as stale_epoch and not acted on")
+
+    async def _batch(self, hello: protocol.AgentHello) -> None:
+        """Batches (§9.13), for an agent that announced ``batch:N``: a batch of assignments
+        with one malformed item, then one that repeats an item id."""
+        limit = batch.limit_of(hello.capabilities)
+        if limit <= 1:
+            self.report.not_applicable("batch", "the agent did not announce batch:N: it is "
+                                       "sent single messages only")
+            return
+        good = max(1, min(limit - 1, hello.max_concurrency))
+        session = self.h.session
+        payloads = [self._assign_payload(f"batch-{i}", {"op": "noop"}) for i in range(good)]
+        items = [batch.item_of(p, correlation_id=session) for p in payloads]
+        bad_index = min(1, len(items))
+        bad_task = f"conformance-{self.run_id}-batch-bad"
+        items.insert(bad_index, {"id": protocol.new_message_id(), "type": "task.assign",
+                                 "correlation_id": session,
+                                 "payload": {"task_id": bad_task, "attempt": 1,
+                                             "timeout_s": 30.0}})  # no description
+        first = await self.h.batch_to_agent(self.agent, items)
+        ids = [p.task_id for p in payloads]
+        await self.h.wait_for(lambda: all(self._of("task.result", t) for t in ids), 5 + GRACE_S)
+        # The same item again (its id seen before), beside a new one.
+        fresh = self._assign_payload("batch-fresh", {"op": "noop"})
+        second = await self.h.batch_to_agent(
+            self.agent, [items[0], batch.item_of(fresh, correlation_id=session)])
+        await self.h.wait_for(lambda: bool(self._of("task.result", fresh.task_id)),
+                              5 + GRACE_S)
+        deadline = time.monotonic() + 5 + GRACE_S
+        wanted = {(first, bad_index): "malformed", (second, 0): "replayed"}
+        while True:
+            parked = {(d.message_id, d.item): d.reason for d in await self.h.read_dead_letters()}
+            if all(k in parked for k in wanted) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        await self._pause(1.0)  # a repeated item that ran has reported by now
+        problems = []
+        for task_id in [*ids, fresh.task_id]:
+            results = self._of("task.result", task_id)
+            if len(results) != 1 or not results[0].envelope.payload.success:
+                problems.append(f"{task_id}: {len(results)} result(s), expected one success")
+        if self._of("task.result", bad_task):
+            problems.append("the malformed item ran")
+        for (batch_id, index), reason in wanted.items():
+            got = parked.get((batch_id, index))
+            if got != reason:
+                problems.append(f"item {index} of a batch: {got or 'not dead-lettered alone'}, "
+                                f"expected {reason}")
+        for sent in self.h.batches:
+            if len(sent.types) > limit:
+                problems.append(f"it sent a batch of {len(sent.types)} items, over its "
+                                f"batch:{limit}")
+            if "task.result" in sent.types and sent.routing_key != c.tasks_key(self.h.name):
+                problems.append("it sent results in a batch off the tasks lane")
+        self.report.add("batch", not problems, "; ".join(problems[:3]) or
+                        f"{good} assignments in one batch ran once each; the malformed item "
+                        f"and the repeated one were dead-lettered alone; it sent "
+                        f"{len(self.h.batches)} batch(es) of its own")
 
     def _own_tasks(self) -> None:
         strangers = sorted({(m.envelope.payload.task_id, m.envelope.payload.attempt)

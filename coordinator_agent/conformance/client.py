@@ -84,7 +84,7 @@ class ClientConformance:
             problems.append(f"delivery_mode {heard.delivery_mode}, not 2 (persistent)")
         if heard.content_type != c.CONTENT_TYPE:
             problems.append(f"content_type {heard.content_type!r}")
-        if heard.message_id != heard.envelope.id:
+        if heard.message_id != (heard.batch_id or heard.envelope.id):
             problems.append("message_id differs from the envelope id")
         self.found.note("submission", "; ".join(problems) or None)
         self.found.note("task_id", None if submit.task_id else

@@ -30,8 +30,8 @@ from cryptography.fernet import Fernet
 
 from coordinator_agent.exceptions import ConfigError, RejectedMessage, TransportError
 from coordinator_agent.settings import Settings
+from coordinator_agent.wire import batch, protocol
 from coordinator_agent.wire import constants as c
-from coordinator_agent.wire import protocol
 from coordinator_agent.wire.keyring import Keyring
 from coordinator_agent.wire.messaging import (
     BROKER_ERRORS,
@@ -51,6 +51,8 @@ class Heard:
     delivery_mode: int
     content_type: str | None
     message_id: str | None
+    #: For an item of a batch (PROTOCOL.md §9.13): the batch's envelope id.
+    batch_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,17 @@ class Refused:
 class DeadLetter:
     reason: str
     message_id: str
+    #: One refused item of a batch: its index (``x-ca-reject-item``); None for a whole message.
+    item: int | None = None
+
+
+@dataclass(frozen=True)
+class HeardBatch:
+    """A batch the peer sent: where, and how many items of which types."""
+
+    at: float
+    routing_key: str
+    types: tuple[str, ...]
 
 
 @dataclass(repr=False)
@@ -78,6 +91,7 @@ class Harness:
     heard: list[Heard] = field(default_factory=list)
     refused: list[Refused] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    batches: list[HeardBatch] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.name = self.settings.name
@@ -153,12 +167,36 @@ class Harness:
         except RejectedMessage as exc:
             self.refused.append(Refused(now, sender, exc.reason, exc.detail))
         else:
-            self.heard.append(Heard(now, envelope, message.routing_key or "",
-                                    int(message.delivery_mode or 0), message.content_type,
-                                    message.message_id))
+            if envelope.type == batch.BATCH_TYPE:
+                self._hear_batch(now, envelope, message)
+            else:
+                self.heard.append(Heard(now, envelope, message.routing_key or "",
+                                        int(message.delivery_mode or 0), message.content_type,
+                                        message.message_id))
         with contextlib.suppress(*BROKER_ERRORS):
             await message.ack()
         self._changed.set()
+
+    def _hear_batch(self, now: float, envelope: protocol.Envelope,
+                    message: AbstractIncomingMessage) -> None:
+        """Each item as a message of its own, checked as the coordinator would (§9.13)."""
+        types = []
+        for item in batch.open_items(envelope):
+            try:
+                if item.error is not None:
+                    raise item.error
+                assert item.envelope is not None
+                self.security.check_item(envelope.sender, item.envelope.id,
+                                         redelivered=bool(message.redelivered))
+                self.authorizer.authorize(item.envelope)
+            except RejectedMessage as exc:
+                self.refused.append(Refused(now, envelope.sender, exc.reason, exc.detail))
+                continue
+            types.append(item.envelope.type)
+            self.heard.append(Heard(now, item.envelope, message.routing_key or "",
+                                    int(message.delivery_mode or 0), message.content_type,
+                                    message.message_id, batch_id=envelope.id))
+        self.batches.append(HeardBatch(now, message.routing_key or "", tuple(types)))
 
     def messages(self, sender: str, *types: str) -> list[Heard]:
         return [h for h in self.heard
@@ -193,7 +231,9 @@ class Harness:
                 await message.ack()
             reason = (message.headers or {}).get(c.HEADER_REJECT_REASON)
             reason = reason.decode() if isinstance(reason, bytes) else str(reason or "")
-            self.dead_letters.append(DeadLetter(reason, str(message.message_id or "")))
+            item = (message.headers or {}).get(c.HEADER_REJECT_ITEM)
+            self.dead_letters.append(DeadLetter(reason, str(message.message_id or ""),
+                                                item if isinstance(item, int) else None))
 
     async def wait_for_dead_letters(self, expected: dict[str, str], timeout: float) -> dict[
             str, str | None]:
@@ -272,6 +312,15 @@ class Harness:
         except (*BROKER_ERRORS, TimeoutError) as exc:
             raise TransportError(f"publish to {exchange!r}/{routing_key!r} failed: "
                                  f"{type(exc).__name__}") from exc
+
+    async def batch_to_agent(self, agent_id: str, items: list[dict[str, Any]]) -> str:
+        """Seal ``items`` (``batch.item_of``, or deliberately broken ones) as one ``batch`` to
+        an agent, as the coordinator would (§9.13); returns the batch's id."""
+        envelope = protocol.make_envelope(protocol.Batch(items=items), sender=self.name)
+        body, headers = self.security.seal(envelope, agent_id)
+        await self.publish(c.AGENTS_EXCHANGE, c.agent_key(self.name, agent_id), body, headers,
+                           message_id=envelope.id, message_type=batch.BATCH_TYPE)
+        return envelope.id
 
     async def to_agent(self, agent_id: str, payload: protocol.Model, **seal: Any) -> str:
         """Seal (see ``seal``) and publish a directive to an agent's queue; returns its id."""

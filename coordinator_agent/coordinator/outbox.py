@@ -9,19 +9,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from coordinator_agent.coordinator.state import StateManager
 from coordinator_agent.coordinator.tasks import Attempt, TaskRecord
 from coordinator_agent.exceptions import StoreError, TransportError, Unroutable
+from coordinator_agent.wire import batch, protocol
 from coordinator_agent.wire import constants as c
-from coordinator_agent.wire import protocol
+from coordinator_agent.wire.batching import Destination, TurnBatcher
 from coordinator_agent.wire.messaging import MessageHandler
 
 log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
+#: Reply queues remembered as taking batches (each client instance has its own).
+MAX_BATCH_REPLY_QUEUES = 10_000
 
 
 def completed_notice(task: TaskRecord) -> protocol.TaskCompleted:
@@ -57,6 +61,28 @@ class Outbox:
         self.barrier: Callable[[], Awaitable[None]] | None = None
         #: Notices on their way out: the sweep's retry does not send a second copy meanwhile.
         self._notifying: set[str] = set()
+        #: An agent's assignments of one loop turn leave as one batch if it announced that it
+        #: takes them (PROTOCOL.md §9.13), else one by one as always.
+        self.assignments = TurnBatcher(messages, self._batch_limit)
+        #: Reply queues of clients that submitted a batch, so take batches (most recent last):
+        #: their replies of one loop turn leave as one batch too.
+        self._batch_reply_queues: OrderedDict[str, None] = OrderedDict()
+        self.replies = TurnBatcher(messages, self._reply_limit)
+
+    def _batch_limit(self, to: Destination) -> int:
+        agent = self.state.agents.get(to.peer)
+        return 1 if agent is None else batch.limit_of(agent.capabilities)
+
+    def takes_batches(self, reply_queue: str) -> None:
+        """A client submitted a batch naming this reply queue: it reads batches."""
+        queues = self._batch_reply_queues
+        queues[reply_queue] = None
+        queues.move_to_end(reply_queue)
+        while len(queues) > MAX_BATCH_REPLY_QUEUES:
+            queues.popitem(last=False)
+
+    def _reply_limit(self, to: Destination) -> int:
+        return batch.MAX_BATCH_ITEMS if to.routing_key in self._batch_reply_queues else 1
 
     async def _durable(self) -> bool:
         """Wait until durable; False when this process may not send any more. Raises
@@ -79,9 +105,9 @@ class Outbox:
             task_id=task.id, attempt=attempt.number, description=task.description,
             input=task.input, timeout_s=task.timeout_s, epoch=self.epoch(),
         )
-        await self.messages.publish(
-            assign, peer=attempt.agent_id, exchange=c.AGENTS_EXCHANGE,
-            routing_key=c.agent_key(self.name, attempt.agent_id),
+        await self.assignments.send(
+            assign, Destination(attempt.agent_id, c.AGENTS_EXCHANGE,
+                                c.agent_key(self.name, attempt.agent_id), persistent=True),
             # The agent process it is for: another process of the agent drops it unrun.
             correlation_id=attempt.session,
         )
@@ -136,7 +162,7 @@ class Outbox:
         with contextlib.suppress(TransportError):
             if not await self._durable():
                 return
-            await self.messages.publish(payload, peer=principal, exchange="", routing_key=queue)
+            await self.replies.send(payload, Destination(principal, "", queue, persistent=True))
 
     def completed(self, task: TaskRecord) -> None:
         if task.id not in self._notifying:
@@ -165,8 +191,8 @@ class Outbox:
             return  # the sweep tries again
         if task.reply_to:
             try:
-                await self.messages.publish(completed_notice(task), peer=task.submitted_by,
-                                            exchange="", routing_key=task.reply_to)
+                await self.replies.send(completed_notice(task), Destination(
+                    task.submitted_by, "", task.reply_to, persistent=True))
             except Unroutable:
                 log.info("client queue for task %s is gone; result kept for the API", task.id)
             except TransportError:

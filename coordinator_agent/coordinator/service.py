@@ -110,9 +110,10 @@ class CoordinatorAgent:
         )
         self.messages.add_topology(coordinator_topology(settings.name))
         self.messages.consume(c.tasks_queue(settings.name), self._on_message,
-                              prefetch=settings.prefetch)
+                              prefetch=settings.prefetch, settle=self._settle)
         self.messages.consume(c.status_queue(settings.name), self._on_message,
                               prefetch=settings.prefetch, requeue_on_error=False,
+                              settle=self._settle,
                               # Late-bound: the reports are made further down.
                               shed=lambda message: self.reports.shed(message))  # noqa: PLW0108
         # A lane per operator known at start (a later one uses the tasks queue until a restart).
@@ -120,7 +121,8 @@ class CoordinatorAgent:
         self.messages.add_topology(submission_lanes_topology(settings.name, lambda: self.lanes))
         for operator in self.lanes:
             self.messages.consume(c.submit_queue(settings.name, operator), self._on_message,
-                                  prefetch=min(settings.prefetch, LANE_PREFETCH))
+                                  prefetch=min(settings.prefetch, LANE_PREFETCH),
+                                  settle=self._settle)
         self._background: set[asyncio.Task[Any]] = set()
         spawn = background(self._background)
 
@@ -387,7 +389,8 @@ class CoordinatorAgent:
     async def _on_message(
         self, envelope: protocol.Envelope, message: Delivery
     ) -> None:
-        """Handle one message; while the store cannot be written, hold it and try again.
+        """Handle one message (or one item of a batch); while the store cannot be written,
+        hold it and try again. ``_settle`` then makes the change durable, once per delivery.
 
         Held, the message stays unacked (the broker's delivery count does not grow) and the
         prefetch limit stops the flow. Submissions are the exception: they are refused at once
@@ -406,6 +409,10 @@ class CoordinatorAgent:
                 log.warning("%s held until the store is writable: %s", envelope.type, exc)
                 self.sweeper.store_writable.clear()
             await self.sweeper.store_writable.wait()
+
+    async def _settle(self, message_type: str) -> None:
+        """Before a delivery is acked: the log holds what its message, or every item of its
+        batch, changed (the items of a batch are handled in one loop turn: one log append)."""
         if self.replication is not None:
             # Acked only once the log holds what the message changed.
             try:
@@ -423,8 +430,8 @@ class CoordinatorAgent:
                 await self.state.store.committed()
                 return
             except StoreUnavailable as exc:
-                self.metrics.store_errors.labels(envelope.type).inc()
-                log.warning("%s held until the store is writable: %s", envelope.type, exc)
+                self.metrics.store_errors.labels(message_type).inc()
+                log.warning("%s held until the store is writable: %s", message_type, exc)
                 self.sweeper.store_writable.clear()
             await self.sweeper.store_writable.wait()
 
@@ -462,6 +469,8 @@ class CoordinatorAgent:
             self.results.on_progress(sender, payload)
         elif isinstance(payload, protocol.TaskSubmit):
             self.intake.on_submit(envelope, payload)
+            if payload.reply_to is not None and message.in_batch:
+                self.outbox.takes_batches(payload.reply_to)  # a client that sends batches
         elif isinstance(payload, protocol.AgentMetrics):
             self.reports.metrics_report(sender, payload, now)
         elif isinstance(payload, protocol.AgentGoodbye):

@@ -42,6 +42,11 @@ class Metrics:
             "coordinator_messages_published_total", "Messages published, by type.",
             ["message_type"], registry=r,
         )
+        self.batch_items = Histogram(
+            "coordinator_batch_items", "Items per batch message (PROTOCOL.md §9.13), by "
+            "direction: received or sent.", ["direction"],
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
+        )
         self.publish_errors = Counter(
             "coordinator_publish_errors_total", "Publishes that failed, by kind of failure.",
             ["error"], registry=r,

@@ -76,6 +76,10 @@ HEADER_REJECT_REASON: Final = "x-ca-reject-reason"
 HEADER_REJECT_DETAIL: Final = "x-ca-reject-detail"
 HEADER_ORIGINAL_ROUTING_KEY: Final = "x-ca-original-routing-key"
 HEADER_ORIGINAL_EXCHANGE: Final = "x-ca-original-exchange"
+#: On the dead-letter copy of a batch one of whose items was refused: which item (its index
+#: from 0, and its id when it has a usable one). The other items were handled.
+HEADER_REJECT_ITEM: Final = "x-ca-reject-item"
+HEADER_REJECT_ITEM_ID: Final = "x-ca-reject-item-id"
 
 #: Redeliveries after which the broker dead-letters a poison message on the tasks queue.
 TASKS_DELIVERY_LIMIT: Final = 5

@@ -16,7 +16,8 @@ from aiormq.abc import DeliveredMessage
 
 
 class Delivery:
-    __slots__ = ("_channel", "_message", "body", "delivery_tag", "processed", "redelivered")
+    __slots__ = ("_channel", "_message", "body", "delivery_tag", "in_batch", "processed",
+                 "redelivered")
 
     def __init__(self, message: DeliveredMessage) -> None:
         self._message = message
@@ -25,6 +26,9 @@ class Delivery:
         self.delivery_tag: int = message.delivery_tag or 0
         self.redelivered = bool(message.redelivered)
         self.processed = False
+        #: Set once the body opened as a ``batch`` (PROTOCOL.md §9.13): its items' handlers
+        #: see this delivery. Trusted, unlike the ``type`` property.
+        self.in_batch = False
 
     def __repr__(self) -> str:
         return f"Delivery(tag={self.delivery_tag}, type={self.type!r})"

@@ -40,7 +40,7 @@ from coordinator_agent.exceptions import (
     Unroutable,
 )
 from coordinator_agent.ops.metrics import Metrics
-from coordinator_agent.wire import coalesce, protocol
+from coordinator_agent.wire import batch, coalesce, protocol
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire.delivery import Delivery
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
@@ -90,6 +90,12 @@ class _Consumer:
     #: Says, before anything is decrypted, that a message may be acked unread (an overloaded
     #: coordinator sheds repeat heartbeats; the owner of the predicate counts what it sheds).
     shed: Callable[[Delivery], bool] | None = None
+    #: Awaited once per delivery, after its message or every item of its batch was handled and
+    #: before the ack (the coordinator's log barrier: a batch is one log append).
+    settle: Callable[[str], Awaitable[None]] | None = None
+    #: Handle a batch's items at once, each in its own task (an agent runs its assignments
+    #: side by side); otherwise one after the other, in order.
+    items_at_once: bool = False
 
 
 def mask_url(url: str) -> str:
@@ -177,9 +183,11 @@ class MessageHandler:
     def consume(
         self, queue: str, handler: Handler, *, prefetch: int, requeue_on_error: bool = True,
         paused: bool = False, shed: Callable[[Delivery], bool] | None = None,
+        settle: Callable[[str], Awaitable[None]] | None = None, items_at_once: bool = False,
     ) -> None:
         self._consumers.append(
-            _Consumer(queue, handler, prefetch, requeue_on_error, paused, shed))
+            _Consumer(queue, handler, prefetch, requeue_on_error, paused, shed, settle,
+                      items_at_once))
 
     async def resume(self, queue: str) -> None:
         """Start a consumer registered ``paused``, now if connected, else on the next connect."""
@@ -434,7 +442,13 @@ class MessageHandler:
             )
             if self.authorizer is not None:
                 self.authorizer.authorize(envelope)
-            await consumer.handler(envelope, message)
+            if envelope.type == batch.BATCH_TYPE:
+                handled = await self._handle_batch(consumer, envelope, message)
+            else:
+                await consumer.handler(envelope, message)
+                handled = [envelope]
+            if consumer.settle is not None:
+                await consumer.settle(envelope.type)
         except RejectedMessage as exc:
             await self.dead_letter(message, exc.reason, exc.detail, sender=exc.sender)
             return
@@ -455,22 +469,70 @@ class MessageHandler:
                 await self.dead_letter(message, "handler_error", "the handler raised")
             return
         if self.metrics:
-            received, latency = self._per_type(envelope.type)
-            received.inc()
-            latency.observe(max(0.0, time.time() - envelope.sent_at))
+            if envelope.type == batch.BATCH_TYPE:
+                self.metrics.batch_items.labels("received").observe(len(handled))
+            for done in handled:
+                received, latency = self._per_type(done.type)
+                received.inc()
+                latency.observe(max(0.0, time.time() - done.sent_at))
         with contextlib.suppress(*BROKER_ERRORS):
             await message.ack()
 
+    async def _handle_batch(self, consumer: _Consumer, envelope: protocol.Envelope,
+                            message: Delivery) -> list[protocol.Envelope]:
+        """Every item of a batch, each checked and handled as a message of its own; a refused
+        item is dead-lettered alone. Returns the items handled. Raises what a single message
+        would (NotLeading, a handler's error on a queue that requeues): the batch goes back."""
+        redelivered = bool(message.redelivered)
+        message.in_batch = True
+        items = list(batch.open_items(envelope))
+        if consumer.items_at_once and len(items) > 1:
+            outcomes = await asyncio.gather(
+                *(self._handle_item(consumer, item, message, redelivered) for item in items))
+        else:
+            outcomes = [await self._handle_item(consumer, item, message, redelivered)
+                        for item in items]
+        return [done for done in outcomes if done is not None]
+
+    async def _handle_item(self, consumer: _Consumer, item: batch.Item, message: Delivery,
+                           redelivered: bool) -> protocol.Envelope | None:
+        try:
+            if item.error is not None:
+                raise item.error
+            envelope = item.envelope
+            assert envelope is not None
+            self.security.check_item(envelope.sender, envelope.id, redelivered=redelivered)
+            if self.authorizer is not None:
+                self.authorizer.authorize(envelope)
+            await consumer.handler(envelope, message)
+            return envelope
+        except RejectedMessage as exc:
+            await self.dead_letter(message, exc.reason, exc.detail, sender=exc.sender,
+                                   item=item)
+        except (NotLeading, asyncio.CancelledError):
+            raise
+        except Exception:
+            if consumer.requeue_on_error:
+                raise  # the whole batch goes back (its handled items are idempotent)
+            log.exception("handler failed for item %d of a batch on %s", item.index,
+                          consumer.queue)
+            await self.dead_letter(message, "handler_error", "the handler raised", item=item)
+        return None
+
     async def dead_letter(
         self, message: Delivery, reason: str, detail: str,
-        *, sender: str | None = None,
+        *, sender: str | None = None, item: batch.Item | None = None,
     ) -> None:
-        """Park a rejected message with its reason, then ack it. Never raises."""
+        """Park a rejected message with its reason, then ack it. Never raises.
+
+        ``item``: only that item of a batch is refused. The copy (the whole batch, as the
+        body is sealed whole) says which item; the batch itself is acked by its handler."""
         if self.metrics:
             self.metrics.messages_rejected.labels(reason).inc()
+        which = "" if item is None else f" item={item.index} item_id={str(item.id)[:64]}"
         log.warning(
-            "rejected message id=%s sender=%s reason=%s: %s",
-            str(message.message_id)[:64], (sender or "?")[:128], reason, detail,
+            "rejected message id=%s%s sender=%s reason=%s: %s",
+            str(message.message_id)[:64], which, (sender or "?")[:128], reason, detail,
         )
         headers = {
             **{k: v for k, v in (message.headers or {}).items() if not k.startswith("x-ca-reject")},
@@ -479,6 +541,10 @@ class MessageHandler:
             c.HEADER_ORIGINAL_EXCHANGE: message.exchange or "",
             c.HEADER_ORIGINAL_ROUTING_KEY: message.routing_key or "",
         }
+        if item is not None:
+            headers[c.HEADER_REJECT_ITEM] = item.index
+            if item.id is not None:
+                headers[c.HEADER_REJECT_ITEM_ID] = item.id
         parked = aio_pika.Message(
             message.body,
             headers=headers,
@@ -491,9 +557,13 @@ class MessageHandler:
                 c.dead_letter_exchange(self.security.coordinator_id), "", parked, mandatory=True
             )
         except TransportError:
+            if item is not None:
+                return  # the other items still count; the log line above keeps the reason
             # The broker's own dead-lettering still keeps it (without our reason).
             with contextlib.suppress(*BROKER_ERRORS):
                 await message.reject(requeue=False)
+            return
+        if item is not None:
             return
         with contextlib.suppress(*BROKER_ERRORS):
             await message.ack()
@@ -557,6 +627,36 @@ class MessageHandler:
         await self._publish_raw(exchange, routing_key, message, mandatory=True)
         if self.metrics:
             self._published(envelope.type).inc()
+        return envelope
+
+    async def publish_batch(
+        self,
+        items: list[dict[str, Any]],
+        *,
+        peer: str,
+        exchange: str,
+        routing_key: str,
+        persistent: bool = True,
+        expiration_s: float | None = None,
+    ) -> protocol.Envelope:
+        """Seal several items (``batch.item_of``) as one ``batch`` message and publish it;
+        returns its envelope once the broker has confirmed it. The caller keeps it within
+        the peer's batch limit and the size limit (``batch.split``)."""
+        envelope = protocol.make_envelope(protocol.Batch(items=items),
+                                          sender=self.security.principal_id)
+        body, headers = self.security.seal(envelope, peer)
+        message = _Outgoing(body, aiormq.spec.Basic.Properties(
+            headers=headers, message_id=envelope.id, message_type=envelope.type,
+            content_type=c.CONTENT_TYPE,
+            delivery_mode=PERSISTENT if persistent else NOT_PERSISTENT,
+            expiration=None if expiration_s is None else str(int(expiration_s * 1000)),
+        ))
+        await self._publish_raw(exchange, routing_key, message, mandatory=True)
+        if self.metrics:
+            self._published(envelope.type).inc()
+            self.metrics.batch_items.labels("sent").observe(len(items))
+            for item in items:
+                self._published(str(item["type"])).inc()
         return envelope
 
     async def _publish_raw(

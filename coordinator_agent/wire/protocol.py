@@ -321,9 +321,41 @@ class TaskCompleted(Model):
     retry_after_s: float | None = Field(None, ge=0)
 
 
+# --- several messages in one (any direction; see ``batch.py``) --------------------------------
+
+#: Most items one ``batch`` message may carry (PROTOCOL.md §9.13).
+MAX_BATCH_ITEMS = 64
+
+
+class OutOfRange:
+    """Stands for a batch item with a number the rules refuse (NaN, beyond 64 bits): the item
+    is refused on its own (``batch.py``), not the whole batch."""
+
+    __slots__ = ("id", "why")
+
+    def __init__(self, why: str, item_id: object) -> None:
+        self.why = why
+        self.id = item_id  # what the item said its id was (unchecked)
+
+
+def _item_numbers(value: Any, info: ValidationInfo) -> Any:
+    try:
+        return _bounded_json(value, info)
+    except ValueError as exc:
+        return OutOfRange(str(exc), value.get("id") if isinstance(value, dict) else None)
+
+
+class Batch(Model):
+    """Several messages of one sender in one sealed message. The items are not validated
+    here: each is on its own (``batch.py``), so one bad item costs only itself."""
+
+    items: Annotated[list[Annotated[Any, AfterValidator(_item_numbers)]],
+                     Field(min_length=1, max_length=MAX_BATCH_ITEMS)]
+
+
 Payload: TypeAlias = (
     AgentHello | AgentStatus | AgentMetrics | AgentGoodbye | TaskProgress | TaskResult
-    | TaskAssign | TaskCancel | AgentDrain | TaskSubmit | TaskAccepted | TaskCompleted
+    | TaskAssign | TaskCancel | AgentDrain | TaskSubmit | TaskAccepted | TaskCompleted | Batch
 )
 
 PAYLOAD_TYPES: dict[str, type[Model]] = {
@@ -339,6 +371,7 @@ PAYLOAD_TYPES: dict[str, type[Model]] = {
     "task.submit": TaskSubmit,
     "task.accepted": TaskAccepted,
     "task.completed": TaskCompleted,
+    "batch": Batch,
 }
 MESSAGE_TYPES = frozenset(PAYLOAD_TYPES)
 TYPE_OF_PAYLOAD = {model: name for name, model in PAYLOAD_TYPES.items()}

@@ -9,6 +9,7 @@ the coordinator. Inbound checks run cheapest first:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,20 +29,31 @@ from coordinator_agent.wire.keyring import Keyring, Role
 from coordinator_agent.wire.replay import ReplayGuard
 
 #: What each role may send. The coordinator's own messages are checked by the receiving side.
+#: A ``batch`` is authorized as a whole, then each of its items on its own (messaging.py).
 POLICY: Mapping[str, frozenset[str]] = {
     "agent": frozenset(
         {"agent.hello", "agent.status", "agent.metrics", "agent.goodbye",
-         "task.progress", "task.result"}
+         "task.progress", "task.result", "batch"}
     ),
-    "operator": frozenset({"task.submit"}),
+    "operator": frozenset({"task.submit", "batch"}),
     "coordinator": frozenset(
-        {"task.assign", "task.cancel", "agent.drain", "task.accepted", "task.completed"}
+        {"task.assign", "task.cancel", "agent.drain", "task.accepted", "task.completed",
+         "batch"}
     ),
 }
 #: How far in the future a stamp may be: Fernet's fixed allowance, applied to ``sent_at`` too.
 MAX_CLOCK_SKEW_S = 60
 #: Message types in which an agent reports on a task: it must have been assigned that task.
 TASK_REPORTS = frozenset({"task.progress", "task.result"})
+
+
+def fernet_token_bytes(plaintext_bytes: int) -> int:
+    """The length of a Fernet token over that much plaintext (what the size limit counts).
+
+    version (1) + timestamp (8) + IV (16) + AES-CBC with PKCS7 padding + HMAC (32), base64url.
+    """
+    ciphertext = 16 * (plaintext_bytes // 16 + 1)
+    return 4 * math.ceil((1 + 8 + 16 + ciphertext + 32) / 3)
 
 
 class PeerKeys:
@@ -214,6 +226,13 @@ class SecurityManager:
             raise SecurityError("replayed", "message id seen before", sender=sender,
                                 message_id=envelope.id)
         return envelope
+
+    def check_item(self, sender: str, item_id: str, *, redelivered: bool = False) -> None:
+        """The replay rule for one item of a batch: its id is a message id of that sender."""
+        if not self.replay.check_and_remember(f"{sender}/{item_id}", time.time()) \
+                and not redelivered:
+            raise SecurityError("replayed", "item id seen before", sender=sender,
+                                message_id=item_id)
 
     def _why_invalid(self, fernet: MultiFernet, body: bytes, sender: str) -> SecurityError:
         try:

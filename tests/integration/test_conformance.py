@@ -79,7 +79,7 @@ async def test_the_python_worker_process_passes_conformance_agent(
         report, err.decode()[-2000:])
     assert set(statuses) == {"hello", "heartbeat", "concurrency", "progress", "duplicate",
                              "cancel", "deadline", "forged", "replayed", "expired",
-                             "wrong_epoch", "own_tasks", "drain"}
+                             "wrong_epoch", "batch", "own_tasks", "drain"}
     assert report["passed"] is True and kit.returncode == 0
     assert worker.returncode == 0
 
@@ -256,6 +256,28 @@ async def test_the_python_client_passes_conformance_client(
     assert len(notices) >= 5
 
 
+async def test_the_python_clients_batch_submit_passes_conformance_client(
+    settings: Settings, keyring: Keyring, cleanup_namespace: None,
+) -> None:
+    harness = Harness(settings, keyring, OPERATOR)
+    await harness.start()
+    try:
+        kit = asyncio.create_task(ClientConformance(harness, OPERATOR, tasks=3, wait_s=20).run())
+        async with CoordinatorClient(settings, keyring, OPERATOR) as client:
+            ids = await client.submit_many([{"description": f"task {i}", "input": {"n": i}}
+                                            for i in range(3)])
+            outcomes = await asyncio.gather(*(client.wait(t, 30) for t in ids))
+            report = await asyncio.wait_for(kit, 60)
+    finally:
+        await harness.close()
+    assert report.passed, report.as_text()
+    assert all(v is Verdict.PASS for v in verdicts(report).values())
+    assert [(o.status, o.output) for o in outcomes] == [
+        ("succeeded", {"echo": {"n": i}}) for i in range(3)]
+    # One sealed message carried the three submissions.
+    assert [b.types for b in harness.batches] == [("task.submit",) * 3]
+
+
 async def test_the_submit_command_passes_conformance_client_though_it_leaves_early(
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
@@ -307,3 +329,62 @@ async def test_a_client_without_task_id_or_reply_queue_fails_those_rules(
     assert found["reply_queue"] is Verdict.FAIL
     assert "delivery_mode" in report.as_text() and "no reply_to" in report.as_text()
     assert not report.passed
+
+
+class BatchDroppingAgent(WorkerAgent):
+    """Announces batch:N but acts only on single messages: every batched item is dropped."""
+
+    async def _on_message(self, envelope: protocol.Envelope, message: Any) -> None:
+        if message.type == "batch":
+            return None
+        return await super()._on_message(envelope, message)
+
+
+async def test_an_agent_that_announces_batches_but_drops_them_fails_the_batch_rule(
+    settings: Settings, keyring: Keyring, cleanup_namespace: None,
+) -> None:
+    settings = slower_heartbeat(settings)
+    harness = Harness(settings, keyring, "agent-1")
+    await harness.start()
+    agent = BatchDroppingAgent("agent-1", "general", example_handler, settings=settings,
+                               keyring=keyring, max_concurrency=2, batch_limit=4)
+    serving = asyncio.create_task(agent.run())
+    try:
+        report = await AgentConformance(harness, "agent-1", wait_s=10).run()
+        await asyncio.wait_for(serving, 10)
+    finally:
+        if not serving.done():
+            agent.request_stop()
+            await serving
+        await harness.close()
+    found = verdicts(report)
+    assert found["batch"] is Verdict.FAIL, report.as_text()
+    detail = next(r.detail for r in report.results if r.rule == "batch")
+    assert "0 result(s), expected one success" in detail
+    for rule in ("hello", "heartbeat", "concurrency", "progress", "duplicate", "cancel",
+                 "deadline", "forged", "replayed", "expired", "wrong_epoch", "own_tasks",
+                 "drain"):
+        assert found[rule] is Verdict.PASS, (rule, report.as_text())
+
+
+async def test_an_agent_without_batches_gets_not_applicable_for_the_batch_rule(
+    settings: Settings, keyring: Keyring, cleanup_namespace: None,
+) -> None:
+    settings = slower_heartbeat(settings)
+    harness = Harness(settings, keyring, "agent-1")
+    await harness.start()
+    agent = WorkerAgent("agent-1", "general", example_handler, settings=settings,
+                        keyring=keyring, max_concurrency=2, batch_limit=1)
+    serving = asyncio.create_task(agent.run())
+    try:
+        report = await AgentConformance(harness, "agent-1", wait_s=10).run()
+        await asyncio.wait_for(serving, 10)
+    finally:
+        if not serving.done():
+            agent.request_stop()
+            await serving
+        await harness.close()
+    found = verdicts(report)
+    assert found.pop("batch") is Verdict.NOT_APPLICABLE, report.as_text()
+    assert set(found.values()) == {Verdict.PASS}, report.as_text()
+    assert not harness.batches  # and it never sent one

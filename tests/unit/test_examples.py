@@ -16,13 +16,13 @@ TEXT = "Hello world. Hello again! Is the world round? Yes"
 
 
 class DummyAgent:
-    """Stands in for WorkerAgent: only ``send`` is used by TaskContext.report."""
+    """Stands in for WorkerAgent: only ``report`` is used by TaskContext.report."""
 
     def __init__(self, fail: bool = False) -> None:
         self.sent: list[protocol.Model] = []
         self.fail = fail
 
-    async def send(self, payload: protocol.Model) -> None:
+    async def report(self, payload: protocol.Model) -> None:
         self.sent.append(payload)
         if self.fail:
             raise TransportError("broker down")

@@ -49,6 +49,12 @@ SAMPLES: dict[str, protocol.Model] = {
             protocol.AttemptSummary(attempt=2, agent_id="agent-2", outcome="succeeded"),
         ],
     ),
+    "batch": protocol.Batch(items=[
+        {"id": "i-1", "type": "task.result",
+         "payload": {"task_id": "t-1", "attempt": 1, "success": True, "output": [1]}},
+        {"id": "i-2", "type": "task.progress", "correlation_id": "s-1",
+         "payload": {"task_id": "t-2", "attempt": 1, "progress": 0.0, "message": "started"}},
+    ]),
 }
 
 

@@ -107,7 +107,8 @@ async def test_a_new_agent_is_in_consul_and_gets_work_at_once(
                      "agent-1 in Consul's catalogue")
     node = consul_get(consul_url, f"/v1/health/service/{REGISTRY.agent_service}",
                       filter='Service.ID == "agent-1"')[0]
-    assert set(node["Service"]["Tags"]) == {"kind:probe", "cap:scan"}
+    # Its batch limit is announced like a capability (PROTOCOL.md §9.13).
+    assert set(node["Service"]["Tags"]) == {"kind:probe", "cap:scan", "cap:batch:16"}
     assert node["Service"]["Meta"]["coordinator"] == coordinator.settings.name
     assert node["Service"]["Meta"]["max_concurrency"] == "4"
     await wait_until(
