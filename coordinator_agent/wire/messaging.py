@@ -42,6 +42,7 @@ from coordinator_agent.exceptions import (
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.wire import coalesce, protocol
 from coordinator_agent.wire import constants as c
+from coordinator_agent.wire.batches import BatchedLane, BatchHandler
 from coordinator_agent.wire.delivery import Delivery
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
 
@@ -90,6 +91,9 @@ class _Consumer:
     #: Says, before anything is decrypted, that a message may be acked unread (an overloaded
     #: coordinator sheds repeat heartbeats; the owner of the predicate counts what it sheds).
     shed: Callable[[Delivery], bool] | None = None
+    #: Read in batches, one per loop turn (batches.py): the handler for these types.
+    batch: BatchHandler | None = None
+    batch_types: frozenset[str] = frozenset()
 
 
 def mask_url(url: str) -> str:
@@ -177,9 +181,14 @@ class MessageHandler:
     def consume(
         self, queue: str, handler: Handler, *, prefetch: int, requeue_on_error: bool = True,
         paused: bool = False, shed: Callable[[Delivery], bool] | None = None,
+        batch: BatchHandler | None = None, batch_types: frozenset[str] = frozenset(),
     ) -> None:
+        """Consume ``queue``: each message opened, authorized and given to ``handler``, acked
+        after it. With ``batch``: messages of ``batch_types`` are handled in batches, one per
+        loop turn, by that synchronous handler and acked together (batches.py)."""
         self._consumers.append(
-            _Consumer(queue, handler, prefetch, requeue_on_error, paused, shed))
+            _Consumer(queue, handler, prefetch, requeue_on_error, paused, shed, batch,
+                      batch_types))
 
     async def resume(self, queue: str) -> None:
         """Start a consumer registered ``paused``, now if connected, else on the next connect."""
@@ -360,6 +369,9 @@ class MessageHandler:
         async def deliver(message: DeliveredMessage) -> None:
             await callback(Delivery(message))
 
+        if consumer.batch is not None:
+            deliver = BatchedLane(self, consumer, underlay, consumer.batch,
+                                  consumer.batch_types).deliver
         ok = await underlay.basic_consume(consumer.queue, deliver, no_ack=False)
         self._consumer_channels.append(channel)
         self._consumer_tags.append((underlay, str(ok.consumer_tag)))
@@ -434,25 +446,25 @@ class MessageHandler:
             )
             if self.authorizer is not None:
                 self.authorizer.authorize(envelope)
-            await consumer.handler(envelope, message)
         except RejectedMessage as exc:
             await self.dead_letter(message, exc.reason, exc.detail, sender=exc.sender)
             return
-        except NotLeading:
-            with contextlib.suppress(*BROKER_ERRORS):
-                await message.nack(requeue=True)  # for the leader (its channel may be gone)
-            return
+        await self.handle_opened(consumer, message, envelope)
+
+    async def handle_one(self, consumer: _Consumer, message: Delivery) -> None:
+        """One message the ordinary way (a batched lane's message of another type)."""
+        await self._handle(consumer, message)
+
+    async def handle_opened(
+        self, consumer: _Consumer, message: Delivery, envelope: protocol.Envelope
+    ) -> None:
+        """Run the handler on an opened, authorized message; then ack, or settle the failure."""
+        try:
+            await consumer.handler(envelope, message)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("handler failed for a %s message on %s", message.type, consumer.queue)
-            if consumer.requeue_on_error:
-                if self.metrics:
-                    self.metrics.messages_rejected.labels("handler_error").inc()
-                with contextlib.suppress(*BROKER_ERRORS):
-                    await message.nack(requeue=True)
-            else:
-                await self.dead_letter(message, "handler_error", "the handler raised")
+        except Exception as exc:
+            await self.settle_failure(consumer, message, exc)
             return
         if self.metrics:
             received, latency = self._per_type(envelope.type)
@@ -460,6 +472,31 @@ class MessageHandler:
             latency.observe(max(0.0, time.time() - envelope.sent_at))
         with contextlib.suppress(*BROKER_ERRORS):
             await message.ack()
+
+    async def settle_failure(self, consumer: _Consumer, message: Delivery,
+                             exc: Exception) -> None:
+        """A handler raised: dead-letter a rejection, give back to the leader, or treat as a
+        handler error (requeued on quorum lanes, dead-lettered on classic ones)."""
+        if isinstance(exc, RejectedMessage):
+            await self.dead_letter(message, exc.reason, exc.detail, sender=exc.sender)
+        elif isinstance(exc, NotLeading):
+            with contextlib.suppress(*BROKER_ERRORS):
+                await message.nack(requeue=True)  # for the leader (its channel may be gone)
+        else:
+            log.error("handler failed for a %s message on %s", message.type, consumer.queue,
+                      exc_info=exc)
+            if consumer.requeue_on_error:
+                if self.metrics:
+                    self.metrics.messages_rejected.labels("handler_error").inc()
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await message.nack(requeue=True)
+            else:
+                await self.dead_letter(message, "handler_error", "the handler raised")
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Count a task handling messages as in progress until it ends (``drain``)."""
+        self._in_progress.add(task)
+        task.add_done_callback(self._in_progress.discard)
 
     async def dead_letter(
         self, message: Delivery, reason: str, detail: str,
@@ -594,6 +631,9 @@ class MessageHandler:
         except BROKER_ERRORS as exc:
             self._count_publish_error("connection")
             raise TransportError(f"publish failed: {type(exc).__name__}") from exc
+
+    def received_metrics(self, message_type: str) -> tuple[Any, Any]:
+        return self._per_type(message_type)
 
     def _per_type(self, message_type: str) -> tuple[Any, Any]:
         """The received counter and latency histogram of a type: ``labels()`` costs a lock and
