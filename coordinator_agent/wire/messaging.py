@@ -140,6 +140,8 @@ class MessageHandler:
         self._in_progress: set[asyncio.Task[Any]] = set()
         self._consumer_channels: list[AbstractChannel] = []
         self._consumer_tags: list[tuple[aiormq.abc.AbstractChannel, str]] = []
+        #: The batched lanes of the current connection (batches.py).
+        self.batched_lanes: list[BatchedLane] = []
         self.connections_made = 0
         self.active_consumers = 0
         self._lost: asyncio.Event | None = None
@@ -370,8 +372,9 @@ class MessageHandler:
             await callback(Delivery(message))
 
         if consumer.batch is not None:
-            deliver = BatchedLane(self, consumer, underlay, consumer.batch,
-                                  consumer.batch_types).deliver
+            lane = BatchedLane(self, consumer, underlay, consumer.batch, consumer.batch_types)
+            self.batched_lanes.append(lane)
+            deliver = lane.deliver
         ok = await underlay.basic_consume(consumer.queue, deliver, no_ack=False)
         self._consumer_channels.append(channel)
         self._consumer_tags.append((underlay, str(ok.consumer_tag)))
@@ -394,6 +397,7 @@ class MessageHandler:
         self._publish_underlay = underlay if isinstance(underlay, aiormq.Channel) else None
         self._consumer_channels = []
         self._consumer_tags = []
+        self.batched_lanes = []
         if self._consuming:
             await self._start_consumers(connection, lost)
         self.active_consumers = len(self._consumer_channels)
