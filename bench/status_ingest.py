@@ -14,6 +14,9 @@ For each round:
 Rounds alternate which goes first; medians are reported with the ratio ours/raw (target >= 0.8).
 
     .venv/bin/python bench/status_ingest.py [--messages 20000] [--agents 4] [--rounds 3]
+
+The coordinator is imported in-process: ``PYTHONPATH=DIR`` measures another copy of the package
+with this same benchmark (the first line says which copy ran).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from _common import (
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client import CollectorRegistry
 
+import coordinator_agent
 from coordinator_agent.cli.loop import new_event_loop
 from coordinator_agent.coordinator.service import CoordinatorAgent
 from coordinator_agent.settings import Settings, load_settings
@@ -277,7 +281,8 @@ async def run(
     probe.close()
     print(f"status ingest: {messages} agent.status from {agents} agents, {rounds} round(s), "
           f"prefetch {settings.prefetch}; coordinator {name} on {loop_kind}'s event loop "
-          f"(raw: asyncio's), heartbeat interval {HEARTBEAT_INTERVAL_S:g}s", flush=True)
+          f"(raw: asyncio's), heartbeat interval {HEARTBEAT_INTERVAL_S:g}s; code from "
+          f"{Path(coordinator_agent.__file__).parent.parent}", flush=True)
     connection = await aio_pika.connect(
         BROKER_URL, timeout=10, client_properties={"connection_name": "bench-status-fill"}
     )
