@@ -26,20 +26,38 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import aiormq
 from aiormq.abc import DeliveredMessage
 
 from coordinator_agent.exceptions import NotLeading, RejectedMessage
+from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.wire import protocol
 from coordinator_agent.wire.delivery import Delivery
-
-if TYPE_CHECKING:
-    from coordinator_agent.wire.messaging import MessageHandler, _Consumer
+from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
 
 log = logging.getLogger(__name__)
+
+
+class Transport(Protocol):
+    """What a batched lane uses of its ``MessageHandler`` (``consumer`` is its consumer entry,
+    passed back as it came)."""
+
+    security: SecurityManager
+    authorizer: AuthorizationManager | None
+    metrics: Metrics | None
+
+    def handle_one(self, consumer: Any, message: Delivery) -> Awaitable[None]: ...
+    def handle_opened(self, consumer: Any, message: Delivery,
+                      envelope: protocol.Envelope) -> Awaitable[None]: ...
+    def settle_failure(self, consumer: Any, message: Delivery,
+                       exc: Exception) -> Awaitable[None]: ...
+    def dead_letter(self, message: Delivery, reason: str, detail: str, *,
+                    sender: str | None = None) -> Awaitable[None]: ...
+    def received_metrics(self, message_type: str) -> tuple[Any, Any]: ...
+    def track(self, task: asyncio.Task[Any]) -> None: ...
 
 #: Handles a batch of opened, authorized messages, in delivery order, synchronously. Returns,
 #: for each, None (handled: acked) or the exception it raised (RejectedMessage: dead-lettered
@@ -53,11 +71,12 @@ _BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, Runtime
 class BatchedLane:
     """The batching consumer of one queue on one channel (a new one per (re)connect)."""
 
-    def __init__(self, transport: MessageHandler, consumer: _Consumer,
-                 channel: aiormq.abc.AbstractChannel, handler: BatchHandler,
-                 types: frozenset[str]) -> None:
+    def __init__(self, transport: Transport, consumer: Any,
+                 channel: aiormq.abc.AbstractChannel, *, handler: BatchHandler,
+                 types: frozenset[str], shed: Callable[[Delivery], bool] | None) -> None:
         self._transport = transport
         self._consumer = consumer
+        self._shed = shed
         self._channel = channel
         self._handler = handler
         self._types = types
@@ -86,7 +105,7 @@ class BatchedLane:
 
     async def _settle_batch(self, batch: list[DeliveredMessage]) -> None:
         transport, consumer = self._transport, self._consumer
-        security, authorizer, shed = transport.security, transport.authorizer, consumer.shed
+        security, authorizer, shed = transport.security, transport.authorizer, self._shed
         types = self._types
         opened: list[tuple[protocol.Envelope, Delivery]] = []
         to_ack: list[Delivery] = []
@@ -166,7 +185,7 @@ class BatchedLane:
             with contextlib.suppress(*_BROKER_ERRORS):
                 await message.ack()
 
-    def _aside(self, settling: Any) -> None:
+    def _aside(self, settling: Awaitable[None]) -> None:
         """Settle one message on its own; until then, no ``multiple`` ack on this channel."""
         self.outstanding += 1
         task = asyncio.ensure_future(settling)

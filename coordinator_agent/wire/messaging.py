@@ -372,7 +372,8 @@ class MessageHandler:
             await callback(Delivery(message))
 
         if consumer.batch is not None:
-            lane = BatchedLane(self, consumer, underlay, consumer.batch, consumer.batch_types)
+            lane = BatchedLane(self, consumer, underlay, handler=consumer.batch,
+                               types=consumer.batch_types, shed=consumer.shed)
             self.batched_lanes.append(lane)
             deliver = lane.deliver
         ok = await underlay.basic_consume(consumer.queue, deliver, no_ack=False)

@@ -9,13 +9,14 @@ import re
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import aio_pika
 import pytest
 from prometheus_client import CollectorRegistry
 
 from coordinator_agent.coordinator.service import CoordinatorAgent
-from coordinator_agent.settings import Settings
+from coordinator_agent.settings import Settings, load_settings
 from coordinator_agent.wire import constants as c
 from coordinator_agent.wire import protocol
 from coordinator_agent.wire.keyring import Keyring
@@ -30,6 +31,22 @@ from .helpers import wait_until
 def coordinator_name(request: pytest.FixtureRequest) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:36].strip("-")
     return f"status-{slug}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def settings(
+    broker_url: str, coordinator_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    """Heartbeats every 30 s: the backlog queued before the start is not "behind" (which would
+    shed repeat heartbeats unread, backlog.py), so every message here takes the full path."""
+    monkeypatch.setenv("COORDINATOR_CONFIG", str(tmp_path / "absent.yaml"))
+    (tmp_path / "absent.yaml").write_text("{}\n")
+    return load_settings(
+        name=coordinator_name, broker_url=broker_url, data_dir=tmp_path,
+        keyring_path=tmp_path / "keyring.json", monitoring_port=0,
+        liveness={"heartbeat_interval_s": 30},
+        limits={"task_timeout_s": 15, "publish_timeout_s": 5, "drain_timeout_s": 5},
+    )
 
 
 def sealed(security: SecurityManager, settings: Settings, payload: protocol.Model, *,
