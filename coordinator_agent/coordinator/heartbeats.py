@@ -37,6 +37,7 @@ class AgentReports:
         self.backlog = backlog if backlog is not None else Backlog(
             state.liveness.heartbeat_interval_s * state.liveness.behind_after)
         self._missing_exported = 0
+        self._heartbeats = metrics.operations.labels("heartbeat")  # looked up once
 
     def shed(self, message: Delivery) -> bool:
         """Ack a repeat heartbeat unread while behind (backlog.py); counted."""
@@ -81,7 +82,7 @@ class AgentReports:
         if session is not None and (isinstance(info, protocol.AgentHello)
                                     or agent.session is None):
             agent.session = session
-        self.metrics.operations.labels("heartbeat").inc()
+        self._heartbeats.inc()
         if became_assignable:
             # One line per sweep sums these up (sweep.py): a fleet coming up is not 10k lines.
             log.debug("agent %s (%s) is available", agent_id, agent.kind)

@@ -35,6 +35,7 @@ from coordinator_agent.coordinator.results import TaskResults
 from coordinator_agent.coordinator.scheduling import SchedulingQueue
 from coordinator_agent.coordinator.spawner import AgentSpawner
 from coordinator_agent.coordinator.state import AgentRecord, StateManager
+from coordinator_agent.coordinator.status_lane import BATCHED_TYPES, StatusLane
 from coordinator_agent.coordinator.store import TaskStore
 from coordinator_agent.coordinator.sweep import KeyringReloader, Sweeper
 from coordinator_agent.coordinator.tasks import TaskRecord, TaskStatus
@@ -111,11 +112,14 @@ class CoordinatorAgent:
         self.messages.add_topology(coordinator_topology(settings.name))
         self.messages.consume(c.tasks_queue(settings.name), self._on_message,
                               prefetch=settings.prefetch, settle=self._settle)
+        # Heartbeats and metrics reports in batches (status_lane.py); progress one by one.
+        self.status_lane = StatusLane(lambda: self.leadership.leading, self._handle)
         self.messages.consume(c.status_queue(settings.name), self._on_message,
                               prefetch=settings.prefetch, requeue_on_error=False,
                               settle=self._settle,
                               # Late-bound: the reports are made further down.
-                              shed=lambda message: self.reports.shed(message))  # noqa: PLW0108
+                              shed=lambda message: self.reports.shed(message),  # noqa: PLW0108
+                              batch=self.status_lane.handle, batch_types=BATCHED_TYPES)
         # A lane per operator known at start (a later one uses the tasks queue until a restart).
         self.lanes = sorted(p.id for p in keyring.principals.values() if p.role == "operator")
         self.messages.add_topology(submission_lanes_topology(settings.name, lambda: self.lanes))

@@ -174,6 +174,16 @@ class StateManager:
     ) -> tuple[AgentRecord, bool]:
         """Record a hello or heartbeat; returns (record, became_assignable)."""
         record = self.agents.get(agent_id)
+        if (record is not None and sent_at is not None and type(info) is protocol.AgentStatus
+                and self._repeat(record, info)):
+            # Nothing it says is new and it is healthy: only its deadline moves (most
+            # heartbeats of a large, steady fleet).
+            self._count_gap(record, sent_at)
+            record.last_seen = now
+            self.last_heard_at = max(self.last_heard_at, now)
+            record.beats_since_suspect += 1
+            self._schedule(record, now)  # scheduled already, as every heard agent is
+            return record, False
         was_assignable = record is not None and record.assignable
         if (record is not None and record.liveness is AgentLiveness.LEFT
                 and not isinstance(info, protocol.AgentHello)):
@@ -217,6 +227,20 @@ class StateManager:
         if became or (was_assignable and not record.assignable):
             self.fleet.changed(record.id)
         return record, became
+
+    @staticmethod
+    def _repeat(record: AgentRecord, info: protocol.AgentStatus) -> bool:
+        """A heartbeat that would change nothing but the agent's deadline: the agent is
+        healthy for no other reason than being heard (judge's last rule; its registry check,
+        if any, is passing), and reports what its record already holds."""
+        return (record.liveness is AgentLiveness.HEALTHY and record.liveness_reason == "ok"
+                and (record.registry is None or record.registry is RegistryHealth.PASSING)
+                and record.reported_state == info.state
+                and record.reported_in_flight == info.in_flight
+                and record.reported_load == info.load and record.kind == info.kind
+                and record.max_concurrency == info.max_concurrency
+                and len(record.capabilities) == len(info.capabilities)
+                and record.capabilities.issuperset(info.capabilities))
 
     def _count_gap(self, record: AgentRecord, sent_at: float) -> None:
         """Heartbeats missing between this one and the last (expired in the queue, shed, or

@@ -42,6 +42,7 @@ from coordinator_agent.exceptions import (
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.wire import batch, coalesce, protocol
 from coordinator_agent.wire import constants as c
+from coordinator_agent.wire.batches import BatchedLane, BatchHandler
 from coordinator_agent.wire.delivery import Delivery
 from coordinator_agent.wire.security import AuthorizationManager, SecurityManager
 
@@ -96,6 +97,9 @@ class _Consumer:
     #: Handle a batch's items at once, each in its own task (an agent runs its assignments
     #: side by side); otherwise one after the other, in order.
     items_at_once: bool = False
+    #: Read in batches, one per loop turn (batches.py): the handler for these types.
+    batch: BatchHandler | None = None
+    batch_types: frozenset[str] = frozenset()
 
 
 def mask_url(url: str) -> str:
@@ -142,6 +146,8 @@ class MessageHandler:
         self._in_progress: set[asyncio.Task[Any]] = set()
         self._consumer_channels: list[AbstractChannel] = []
         self._consumer_tags: list[tuple[aiormq.abc.AbstractChannel, str]] = []
+        #: The batched lanes of the current connection (batches.py).
+        self.batched_lanes: list[BatchedLane] = []
         self.connections_made = 0
         self.active_consumers = 0
         self._lost: asyncio.Event | None = None
@@ -184,10 +190,14 @@ class MessageHandler:
         self, queue: str, handler: Handler, *, prefetch: int, requeue_on_error: bool = True,
         paused: bool = False, shed: Callable[[Delivery], bool] | None = None,
         settle: Callable[[str], Awaitable[None]] | None = None, items_at_once: bool = False,
+        batch: BatchHandler | None = None, batch_types: frozenset[str] = frozenset(),
     ) -> None:
+        """Consume ``queue``: each message opened, authorized and given to ``handler``, acked
+        after it. With ``batch``: messages of ``batch_types`` are handled in batches, one per
+        loop turn, by that synchronous handler and acked together (batches.py)."""
         self._consumers.append(
             _Consumer(queue, handler, prefetch, requeue_on_error, paused, shed, settle,
-                      items_at_once))
+                      items_at_once, batch, batch_types))
 
     async def resume(self, queue: str) -> None:
         """Start a consumer registered ``paused``, now if connected, else on the next connect."""
@@ -368,6 +378,11 @@ class MessageHandler:
         async def deliver(message: DeliveredMessage) -> None:
             await callback(Delivery(message))
 
+        if consumer.batch is not None:
+            lane = BatchedLane(self, consumer, underlay, handler=consumer.batch,
+                               types=consumer.batch_types, shed=consumer.shed)
+            self.batched_lanes.append(lane)
+            deliver = lane.deliver
         ok = await underlay.basic_consume(consumer.queue, deliver, no_ack=False)
         self._consumer_channels.append(channel)
         self._consumer_tags.append((underlay, str(ok.consumer_tag)))
@@ -390,6 +405,7 @@ class MessageHandler:
         self._publish_underlay = underlay if isinstance(underlay, aiormq.Channel) else None
         self._consumer_channels = []
         self._consumer_tags = []
+        self.batched_lanes = []
         if self._consuming:
             await self._start_consumers(connection, lost)
         self.active_consumers = len(self._consumer_channels)
@@ -442,6 +458,21 @@ class MessageHandler:
             )
             if self.authorizer is not None:
                 self.authorizer.authorize(envelope)
+        except RejectedMessage as exc:
+            await self.dead_letter(message, exc.reason, exc.detail, sender=exc.sender)
+            return
+        await self.handle_opened(consumer, message, envelope)
+
+    async def handle_one(self, consumer: _Consumer, message: Delivery) -> None:
+        """One message the ordinary way (a batched lane's message of another type)."""
+        await self._handle(consumer, message)
+
+    async def handle_opened(
+        self, consumer: _Consumer, message: Delivery, envelope: protocol.Envelope
+    ) -> None:
+        """Run the handler on an opened, authorized message (on each item of a batch), settle
+        it (``consumer.settle``); then ack, or settle the failure."""
+        try:
             if envelope.type == batch.BATCH_TYPE:
                 handled = await self._handle_batch(consumer, envelope, message)
             else:
@@ -449,24 +480,10 @@ class MessageHandler:
                 handled = [envelope]
             if consumer.settle is not None:
                 await consumer.settle(envelope.type)
-        except RejectedMessage as exc:
-            await self.dead_letter(message, exc.reason, exc.detail, sender=exc.sender)
-            return
-        except NotLeading:
-            with contextlib.suppress(*BROKER_ERRORS):
-                await message.nack(requeue=True)  # for the leader (its channel may be gone)
-            return
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("handler failed for a %s message on %s", message.type, consumer.queue)
-            if consumer.requeue_on_error:
-                if self.metrics:
-                    self.metrics.messages_rejected.labels("handler_error").inc()
-                with contextlib.suppress(*BROKER_ERRORS):
-                    await message.nack(requeue=True)
-            else:
-                await self.dead_letter(message, "handler_error", "the handler raised")
+        except Exception as exc:
+            await self.settle_failure(consumer, message, exc)
             return
         if self.metrics:
             if envelope.type == batch.BATCH_TYPE:
@@ -477,6 +494,31 @@ class MessageHandler:
                 latency.observe(max(0.0, time.time() - done.sent_at))
         with contextlib.suppress(*BROKER_ERRORS):
             await message.ack()
+
+    async def settle_failure(self, consumer: _Consumer, message: Delivery,
+                             exc: Exception) -> None:
+        """A handler raised: dead-letter a rejection, give back to the leader, or treat as a
+        handler error (requeued on quorum lanes, dead-lettered on classic ones)."""
+        if isinstance(exc, RejectedMessage):
+            await self.dead_letter(message, exc.reason, exc.detail, sender=exc.sender)
+        elif isinstance(exc, NotLeading):
+            with contextlib.suppress(*BROKER_ERRORS):
+                await message.nack(requeue=True)  # for the leader (its channel may be gone)
+        else:
+            log.error("handler failed for a %s message on %s", message.type, consumer.queue,
+                      exc_info=exc)
+            if consumer.requeue_on_error:
+                if self.metrics:
+                    self.metrics.messages_rejected.labels("handler_error").inc()
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await message.nack(requeue=True)
+            else:
+                await self.dead_letter(message, "handler_error", "the handler raised")
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Count a task handling messages as in progress until it ends (``drain``)."""
+        self._in_progress.add(task)
+        task.add_done_callback(self._in_progress.discard)
 
     async def _handle_batch(self, consumer: _Consumer, envelope: protocol.Envelope,
                             message: Delivery) -> list[protocol.Envelope]:
@@ -694,6 +736,9 @@ class MessageHandler:
         except BROKER_ERRORS as exc:
             self._count_publish_error("connection")
             raise TransportError(f"publish failed: {type(exc).__name__}") from exc
+
+    def received_metrics(self, message_type: str) -> tuple[Any, Any]:
+        return self._per_type(message_type)
 
     def _per_type(self, message_type: str) -> tuple[Any, Any]:
         """The received counter and latency histogram of a type: ``labels()`` costs a lock and

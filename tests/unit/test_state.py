@@ -340,3 +340,66 @@ def test_a_heartbeat_overtaken_by_the_goodbye_does_not_bring_the_agent_back(
     assert record.liveness is AgentLiveness.LEFT
     back, became_assignable = state.observe_agent("a1", _hello(), now=T0 + 1)
     assert became_assignable and back.liveness is AgentLiveness.HEALTHY
+
+
+# --- repeat heartbeats: only the deadline moves ------------------------------------------------
+
+
+def test_a_repeat_heartbeat_moves_the_deadline_and_nothing_else(state: StateManager) -> None:
+    record, _ = state.observe_agent("a1", _status(in_flight=1, load=0.5), now=T0,
+                                    sent_at=T0)
+    version = state.fleet_version
+    # Heard again, saying the same, just before it would have turned suspect.
+    again, became = state.observe_agent("a1", _status(in_flight=1, load=0.5),
+                                        now=SUSPECT_AT - 0.1, sent_at=SUSPECT_AT - 0.1)
+    assert again is record and not became
+    assert record.last_seen == SUSPECT_AT - 0.1
+    assert record.last_sent_at == SUSPECT_AT - 0.1
+    assert state.last_heard_at == SUSPECT_AT - 0.1
+    assert state.fleet_version == version  # routing regroups nobody
+    # Its first deadline passes without a verdict; silence counts from the repeat.
+    assert state.sweep_liveness(SUSPECT_AT + 0.1) == []
+    assert record.liveness is AgentLiveness.HEALTHY
+    later = SUSPECT_AT - 0.1 + 2.0 * 2.5
+    state.sweep_liveness(later)
+    assert record.liveness is AgentLiveness.SUSPECT
+
+
+def test_a_repeat_heartbeat_counts_the_beats_missing_before_it(state: StateManager) -> None:
+    state.observe_agent("a1", _status(), now=T0, sent_at=T0)
+    state.observe_agent("a1", _status(), now=T0 + 6.0, sent_at=T0 + 6.0)  # 2 intervals lost
+    assert state.missing_heartbeats == 2
+
+
+@pytest.mark.parametrize("changed", [
+    {"in_flight": 2}, {"load": 0.25}, {"state": "busy"}, {"state": "draining"},
+    {"max_concurrency": 3}, {"capabilities": ["python", "rust"]}, {"kind": "review"},
+])
+def test_a_heartbeat_that_says_something_new_is_applied(
+    state: StateManager, changed: dict[str, object]
+) -> None:
+    state.observe_agent("a1", _status(), now=T0, sent_at=T0)
+    fields = {"kind": "development", "capabilities": ["python"], "max_concurrency": 2,
+              "state": "ready", "in_flight": 0, "load": 0.0, **changed}
+    record, _ = state.observe_agent("a1", protocol.AgentStatus(**fields),  # type: ignore[arg-type]
+                                    now=T0 + 2.0, sent_at=T0 + 2.0)
+    assert record.kind == fields["kind"]
+    assert record.capabilities == frozenset(fields["capabilities"])  # type: ignore[arg-type]
+    assert record.max_concurrency == fields["max_concurrency"]
+    assert record.reported_state == fields["state"]
+    assert record.reported_in_flight == fields["in_flight"]
+    assert record.reported_load == fields["load"]
+    assert record.assignable is (fields["state"] != "draining")
+
+
+def test_a_repeat_heartbeat_of_a_suspect_agent_is_judged(state: StateManager) -> None:
+    record, _ = state.observe_agent("a1", _status(), now=T0, sent_at=T0)
+    state.sweep_liveness(SUSPECT_AT)
+    assert record.liveness is AgentLiveness.SUSPECT
+    # recover_after on-time beats bring it back, each judged (hysteresis), not skipped.
+    beats = [SUSPECT_AT + 0.1 * i for i in range(1, state.liveness.recover_after + 1)]
+    for now in beats[:-1]:
+        state.observe_agent("a1", _status(), now=now, sent_at=now)
+        assert record.liveness is AgentLiveness.SUSPECT
+    state.observe_agent("a1", _status(), now=beats[-1], sent_at=beats[-1])
+    assert record.liveness is AgentLiveness.HEALTHY
