@@ -56,6 +56,9 @@ class Outbox:
         self.barrier: Callable[[], Awaitable[None]] | None = None
         #: Notices on their way out: the sweep's retry does not send a second copy meanwhile.
         self._notifying: set[str] = set()
+        #: Answers to clients (accepted, rejected) being published now: bounded by the lanes'
+        #: prefetch, since a submission is acked only once answered (intake.py).
+        self.answering = 0
 
     async def _durable(self) -> bool:
         """Wait for the log (HA); False when this process may not send any more."""
@@ -124,14 +127,22 @@ class Outbox:
     # --- to clients ---------------------------------------------------------------------------
 
     def reply(self, queue: str, principal: str, payload: protocol.Model) -> None:
-        """A best-effort notice to a client's reply queue (``task.accepted``, a refusal)."""
-        self.spawn(self._reply(queue, principal, payload))
+        """A best-effort notice to a client's reply queue, sent in the background."""
+        self.spawn(self.answer(queue, principal, payload))
 
-    async def _reply(self, queue: str, principal: str, payload: protocol.Model) -> None:
-        with contextlib.suppress(TransportError):
-            if not await self._durable():
-                return
-            await self.messages.publish(payload, peer=principal, exchange="", routing_key=queue)
+    async def answer(self, queue: str, principal: str, *payloads: protocol.Model) -> None:
+        """Best-effort notices to a client's reply queue, in order, each until the broker
+        confirmed or refused it. Intake awaits this before acking a submission (intake.py)."""
+        self.answering += 1
+        try:
+            with contextlib.suppress(TransportError):
+                if not await self._durable():
+                    return
+                for payload in payloads:
+                    await self.messages.publish(payload, peer=principal, exchange="",
+                                                routing_key=queue)
+        finally:
+            self.answering -= 1
 
     def completed(self, task: TaskRecord) -> None:
         if task.id not in self._notifying:

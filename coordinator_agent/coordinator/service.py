@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -393,11 +394,12 @@ class CoordinatorAgent:
         prefetch limit stops the flow. Submissions are the exception: they are refused at once
         (intake.py) so that the client hears of it.
         """
+        answer: Coroutine[Any, Any, None] | None = None
         while True:
             if not self.leadership.leading:
                 raise NotLeading()  # back to the queue: deposed since it was delivered
             try:
-                self._handle(envelope, message)
+                answer = self._handle(envelope, message)
                 break
             except StoreUnavailable as exc:
                 if not self.leadership.leading:
@@ -406,15 +408,24 @@ class CoordinatorAgent:
                 log.warning("%s held until the store is writable: %s", envelope.type, exc)
                 self.sweeper.store_writable.clear()
             await self.sweeper.store_writable.wait()
-        if self.replication is not None:
-            # Acked only once the log holds what the message changed.
-            try:
-                await self.replication.barrier()
-            except TransportError as exc:
-                self.background_abdicate(str(exc))
-                raise NotLeading() from None
-            if not self.leadership.leading:
-                raise NotLeading()  # the successor handles it again (handlers are idempotent)
+        try:
+            if self.replication is not None:
+                # Acked only once the log holds what the message changed.
+                try:
+                    await self.replication.barrier()
+                except TransportError as exc:
+                    self.background_abdicate(str(exc))
+                    raise NotLeading() from None
+                if not self.leadership.leading:
+                    raise NotLeading()  # the successor handles it again (idempotent handlers)
+        except BaseException:
+            if answer is not None:
+                answer.close()  # never started: the redelivery is answered instead
+            raise
+        if answer is not None:
+            # A submission is acked once answered: the lane's prefetch bounds the answers
+            # queued on the connection ahead of assignments (intake.py).
+            await answer
 
     def background_abdicate(self, reason: str) -> None:
         self._abdicate_task = asyncio.ensure_future(self._abdicate(reason))
@@ -428,7 +439,9 @@ class CoordinatorAgent:
                 self.background_abdicate(str(exc))
                 raise
 
-    def _handle(self, envelope: protocol.Envelope, message: Delivery) -> None:
+    def _handle(self, envelope: protocol.Envelope, message: Delivery
+                ) -> Coroutine[Any, Any, None] | None:
+        """Apply one message; a submission returns its answer, still to be sent."""
         payload = envelope.payload
         sender = envelope.sender
         now = time.time()
@@ -446,11 +459,12 @@ class CoordinatorAgent:
             self.reports.touch(sender, now)
             self.results.on_progress(sender, payload)
         elif isinstance(payload, protocol.TaskSubmit):
-            self.intake.on_submit(envelope, payload)
+            return self.intake.on_submit(envelope, payload)
         elif isinstance(payload, protocol.AgentMetrics):
             self.reports.metrics_report(sender, payload, now)
         elif isinstance(payload, protocol.AgentGoodbye):
             self.reports.goodbye(sender)
+        return None
 
     # --- what the API, the CLI and tests call (ops.api.CoordinatorView) --------------------------
 

@@ -1,0 +1,96 @@
+"""Answered, then acked (intake.py), on a real RabbitMQ: a flood in an operator's lane can
+have at most a lane's prefetch of answers on their way, however slowly the broker confirms
+them; every submission still gets exactly one answer."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+from coordinator_agent.client import CoordinatorClient
+from coordinator_agent.coordinator.service import LANE_PREFETCH, CoordinatorAgent
+from coordinator_agent.settings import Settings
+from coordinator_agent.wire import protocol
+from coordinator_agent.wire.keyring import Keyring
+
+from .helpers import wait_until
+
+FLOOD = 200
+#: How long each answer takes to be confirmed here: a broker slow to confirm (a shared,
+#: overloaded one), so that answers pile up unless intake waits for them.
+SLOW_CONFIRM_S = 0.2
+
+
+@pytest.fixture
+def coordinator_name() -> str:
+    return f"fair-intake-{uuid.uuid4().hex[:8]}"
+
+
+class AnswersInFlight:
+    """Counts the coordinator's answers to clients being published at once (a spy around the
+    real publish: every message still goes through the broker, only later)."""
+
+    def __init__(self, coordinator: CoordinatorAgent) -> None:
+        self.now = 0
+        self.most = 0
+        real = coordinator.messages.publish
+
+        async def publish(payload: protocol.Model, **kwargs: Any) -> protocol.Envelope:
+            if not isinstance(payload, protocol.TaskAccepted | protocol.TaskCompleted):
+                return await real(payload, **kwargs)
+            self.now += 1
+            self.most = max(self.most, self.now)
+            try:
+                await asyncio.sleep(SLOW_CONFIRM_S)
+                return await real(payload, **kwargs)
+            finally:
+                self.now -= 1
+
+        coordinator.messages.publish = publish  # type: ignore[method-assign]
+
+
+async def test_a_flood_has_at_most_a_lane_of_answers_on_their_way(
+    coordinator: CoordinatorAgent, client: CoordinatorClient,
+) -> None:
+    spy = AnswersInFlight(coordinator)
+    await coordinator.messages.pause_consuming()
+    flood = [await client.submit(f"flood {i}", input={"op": "noop"}) for i in range(FLOOD)]
+    await coordinator.messages.resume_consuming()
+    await wait_until(lambda: all(t in client.accepted for t in flood), 120,
+                     "every submission answered")
+    # Acked only once answered: the lane's prefetch is the bound. Acked at once, the reads
+    # run ahead of the slow answers and hundreds pile up on the connection.
+    assert 1 <= spy.most <= LANE_PREFETCH, spy.most
+    assert all(coordinator.state.tasks.get(t) is not None for t in flood)
+
+
+async def test_past_the_backlog_limit_every_submission_is_accepted_or_rejected(
+    settings: Settings, keyring: Keyring, cleanup_namespace: None,
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    limited = settings.model_copy(update={"fleet": settings.fleet.model_copy(update={
+        "default_principal": settings.fleet.default_principal.model_copy(
+            update={"max_backlog": 20}),
+        "retry_after_s": 3.0})})
+    coordinator = CoordinatorAgent(limited, keyring, registry=CollectorRegistry())
+    await coordinator.start()
+    try:
+        coordinator.accepting = False  # no dispatch: the backlog only grows
+        async with CoordinatorClient(limited, keyring, "operator-1") as client:
+            spy = AnswersInFlight(coordinator)
+            ids = [await client.submit(f"flood {i}") for i in range(60)]
+            await wait_until(lambda: all(t in client.accepted or t in client.completed
+                                         for t in ids), 60, "every submission answered")
+            accepted = [t for t in ids if t in client.accepted]
+            rejected = [client.completed[t] for t in ids if t in client.completed]
+            assert len(accepted) == 20
+            assert len(rejected) == 40
+            assert all(r.status == "rejected" and r.retry_after_s == 3.0 for r in rejected)
+            assert not set(accepted) & {r.task_id for r in rejected}
+            assert spy.most <= LANE_PREFETCH
+    finally:
+        await coordinator.stop()
