@@ -147,16 +147,26 @@ class Sweeper:
         if now - self._forgot_at > FORGET_EVERY_S:
             self._forgot_at = now
             self.state.forget_departed(now)
+        # A flood's backlog is pending: one look at each such task, and one search of the
+        # fleet per constraint (kind, capabilities), not per task, so that a sweep over 10,000
+        # pending tasks stays a few milliseconds of the event loop's time.
+        runnable: dict[tuple[str | None, frozenset[str]], bool] = {}
+        pending = TaskStatus.PENDING
         for task in list(self.state.tasks.values()):
             attempt = task.current_attempt
             if attempt is not None and now > attempt.deadline:
                 self.results.time_out(task, attempt)
-            elif (task.status is TaskStatus.PENDING and now - task.updated_at > task.timeout_s
-                  and not any(_could_ever_run(task, a) for a in self.state.agents.values())):
-                self.results.finish(
-                    task, TaskStatus.FAILED,
-                    error=f"no agent can run it (kind={task.kind}, capabilities="
-                    f"{task.required_capabilities}) within {task.timeout_s:g}s")
+            elif task.status is pending and now - task.updated_at > task.timeout_s:
+                key = (task.kind, frozenset(task.required_capabilities))
+                can = runnable.get(key)
+                if can is None:
+                    can = runnable[key] = any(
+                        _could_ever_run(task, a) for a in self.state.agents.values())
+                if not can:
+                    self.results.finish(
+                        task, TaskStatus.FAILED,
+                        error=f"no agent can run it (kind={task.kind}, capabilities="
+                        f"{task.required_capabilities}) within {task.timeout_s:g}s")
 
 
 def _could_ever_run(task: TaskRecord, agent: AgentRecord) -> bool:

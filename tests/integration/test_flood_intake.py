@@ -1,6 +1,7 @@
-"""Answered, then acked (intake.py), on a real RabbitMQ: a flood in an operator's lane can
-have at most a lane's prefetch of answers on their way, however slowly the broker confirms
-them; every submission still gets exactly one answer."""
+"""A flood on a real RabbitMQ. Answered, then acked (intake.py): a flood in an operator's lane
+can have at most a lane's prefetch of answers on their way, however slowly the broker confirms
+them, and every submission still gets exactly one answer. The sweep (sweep.py) looks at the
+fleet once per constraint, not once per pending task, and still fails what nobody can run."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from coordinator_agent.settings import Settings
 from coordinator_agent.wire import protocol
 from coordinator_agent.wire.keyring import Keyring
 
-from .helpers import wait_until
+from .conftest import StartWorker
+from .helpers import task_is, wait_until
 
 FLOOD = 200
 #: How long each answer takes to be confirmed here: a broker slow to confirm (a shared,
@@ -94,3 +96,24 @@ async def test_past_the_backlog_limit_every_submission_is_accepted_or_rejected(
             assert spy.most <= LANE_PREFETCH
     finally:
         await coordinator.stop()
+
+
+async def test_the_sweep_fails_pending_tasks_no_agent_can_run_and_keeps_the_rest(
+    coordinator: CoordinatorAgent, client: CoordinatorClient, start_worker: StartWorker,
+) -> None:
+    await start_worker("agent-1", "general")
+    await wait_until(lambda: "agent-1" in coordinator.state.agents, 20, "the agent's hello")
+    coordinator.accepting = False  # nothing is dispatched: every task stays pending
+    nobody = [await client.submit(f"nobody {i}", kind="absent", timeout_s=1) for i in range(3)]
+    someone = [await client.submit(f"someone {i}", timeout_s=1) for i in range(3)]
+    for task_id in nobody:
+        await wait_until(task_is(coordinator, task_id, "failed"), 20, "the unrunnable failed")
+        failed = coordinator.state.find_task(task_id)
+        assert failed is not None and "no agent can run it" in (failed.error or "")
+    # The general agent could run these: they wait for dispatch, past their timeout too.
+    await asyncio.sleep(1.5)  # past their 1 s, and a few sweeps
+    assert all(coordinator.state.tasks[t].status.value == "pending" for t in someone)
+    coordinator.accepting = True
+    coordinator.dispatcher.wake.set()
+    for task_id in someone:
+        await wait_until(task_is(coordinator, task_id, "succeeded"), 20, "the runnable done")
