@@ -32,6 +32,7 @@ from coordinator_agent.coordinator.liveness import AgentLiveness
 from coordinator_agent.coordinator.memory import FloodWatch
 from coordinator_agent.coordinator.outage import OutageClock
 from coordinator_agent.coordinator.outbox import Outbox, background
+from coordinator_agent.coordinator.readahead import ReadAhead
 from coordinator_agent.coordinator.results import TaskResults
 from coordinator_agent.coordinator.scheduling import SchedulingQueue
 from coordinator_agent.coordinator.spawner import AgentSpawner
@@ -68,6 +69,8 @@ log = logging.getLogger(__name__)
 #: event loop, run in turn: a lane with hundreds there would hold up everyone else's results and
 #: submissions behind its own; a few keep intake busy (the broker refills as they are acked).
 LANE_PREFETCH = 16
+#: An HTTP submission is held at most this long (readahead.py); then admitted as usual.
+MAX_HTTP_HOLD_S = 30.0
 
 PROBE_INTERVAL_S = 0.5
 PROBE_TIMEOUT_S = 1.0
@@ -120,7 +123,7 @@ class CoordinatorAgent:
         self.lanes = sorted(p.id for p in keyring.principals.values() if p.role == "operator")
         self.messages.add_topology(submission_lanes_topology(settings.name, lambda: self.lanes))
         for operator in self.lanes:
-            self.messages.consume(c.submit_queue(settings.name, operator), self._on_message,
+            self.messages.consume(c.submit_queue(settings.name, operator), self._on_lane,
                                   prefetch=min(settings.prefetch, LANE_PREFETCH))
         self._background: set[asyncio.Task[Any]] = set()
         spawn = background(self._background)
@@ -138,6 +141,10 @@ class CoordinatorAgent:
                                          max_aging_bands=scheduling.max_aging_bands,
                                          weights=scheduling.weights,
                                          default_weight=scheduling.default_weight))
+        #: Intake holds a principal far ahead of its agents while others have work.
+        self.read_ahead = ReadAhead(scheduling.read_ahead, self.dispatcher.pending,
+                                    self.dispatcher.running_by_principal,
+                                    on_hold=lambda _: self.metrics.intake_held.inc())
         self.results = TaskResults(self.state, self.planner, self.dispatcher, self.outbox,
                                    self.metrics, max_output_bytes=limits.max_output_bytes)
         self.intake = Intake(self.state, self.dispatcher, self.outbox, self.metrics, limits,
@@ -384,6 +391,17 @@ class CoordinatorAgent:
         self.state.recent.clear()  # finished tasks are read from the store instead
 
     # --- inbound messages, by type --------------------------------------------------------------
+
+    async def _on_lane(self, envelope: protocol.Envelope, message: Delivery) -> None:
+        """A submission lane: a submission waits while its sender is held (readahead.py); the
+        lane's prefetch then keeps the rest of its backlog in the broker."""
+        if isinstance(envelope.payload, protocol.TaskSubmit):
+            await self.read_ahead.turn(envelope.sender)
+        await self._on_message(envelope, message)
+
+    async def intake_turn(self, principal: str) -> None:
+        """HTTP: wait while this principal is held (readahead.py), at most ``MAX_HTTP_HOLD_S``."""
+        await self.read_ahead.turn(principal, MAX_HTTP_HOLD_S)
 
     async def _on_message(
         self, envelope: protocol.Envelope, message: Delivery

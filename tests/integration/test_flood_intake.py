@@ -1,7 +1,9 @@
 """A flood on a real RabbitMQ. Answered, then acked (intake.py): a flood in an operator's lane
 can have at most a lane's prefetch of answers on their way, however slowly the broker confirms
-them, and every submission still gets exactly one answer. The sweep (sweep.py) looks at the
-fleet once per constraint, not once per pending task, and still fails what nobody can run."""
+them, and every submission still gets exactly one answer. Read-ahead (readahead.py): past its
+read-ahead, a flood is not read (lane) or admitted (HTTP) while another operator has work, and
+is read again once that work is done. The sweep (sweep.py) looks at the fleet once per
+constraint, not once per pending task, and still fails what nobody can run."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import asyncio
 import uuid
 from typing import Any
 
+import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry
 
 from coordinator_agent.client import CoordinatorClient
 from coordinator_agent.coordinator.service import LANE_PREFETCH, CoordinatorAgent
@@ -17,7 +21,7 @@ from coordinator_agent.settings import Settings
 from coordinator_agent.wire import protocol
 from coordinator_agent.wire.keyring import Keyring
 
-from .conftest import StartWorker
+from .conftest import OTHER_OPERATOR, StartWorker
 from .helpers import task_is, wait_until
 
 FLOOD = 200
@@ -72,8 +76,6 @@ async def test_a_flood_has_at_most_a_lane_of_answers_on_their_way(
 async def test_past_the_backlog_limit_every_submission_is_accepted_or_rejected(
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
-    from prometheus_client import CollectorRegistry
-
     limited = settings.model_copy(update={"fleet": settings.fleet.model_copy(update={
         "default_principal": settings.fleet.default_principal.model_copy(
             update={"max_backlog": 20}),
@@ -117,3 +119,78 @@ async def test_the_sweep_fails_pending_tasks_no_agent_can_run_and_keeps_the_rest
     coordinator.dispatcher.wake.set()
     for task_id in someone:
         await wait_until(task_is(coordinator, task_id, "succeeded"), 20, "the runnable done")
+
+
+READ_AHEAD = 20
+
+
+async def read_ahead_coordinator(settings: Settings, keyring: Keyring) -> CoordinatorAgent:
+    """No agents yet: every backlog only grows."""
+    tuned = settings.model_copy(update={"scheduling": settings.scheduling.model_copy(
+        update={"read_ahead": READ_AHEAD})})
+    coordinator = CoordinatorAgent(tuned, keyring, registry=CollectorRegistry())
+    await coordinator.start()
+    return coordinator
+
+
+async def test_a_flood_lane_is_not_read_past_its_read_ahead_while_another_operator_waits(
+    settings: Settings, keyring: Keyring, client: CoordinatorClient, start_worker: StartWorker,
+    cleanup_namespace: None,
+) -> None:
+    coordinator = await read_ahead_coordinator(settings, keyring)
+    try:
+        async with CoordinatorClient(settings, keyring, OTHER_OPERATOR) as other:
+            light = await other.submit("light", input={"op": "noop"})
+            await wait_until(lambda: light in coordinator.state.tasks, 20, "the light task")
+            flood = [await client.submit(f"flood {i}", input={"op": "noop"})
+                     for i in range(FLOOD)]
+            backlog = coordinator.dispatcher.pending.backlog
+            await wait_until(lambda: backlog(client.principal_id) >= READ_AHEAD, 20,
+                             "the flood read up to its read-ahead")
+            await asyncio.sleep(1.0)  # time enough to read the whole flood, were it read
+            # Deliveries already in hand when the read-ahead was reached may still go in.
+            assert backlog(client.principal_id) <= READ_AHEAD + LANE_PREFETCH
+            assert coordinator.read_ahead.holding.get(client.principal_id, 0) >= 1
+            # The light task runs (the dispatcher serves it first), and then nobody else has
+            # work: the flood is read to the end, and every task of it completes.
+            await start_worker("agent-1", max_concurrency=8)
+            await wait_until(task_is(coordinator, light, "succeeded"), 30, "the light task")
+            for task_id in flood:
+                await wait_until(task_is(coordinator, task_id, "succeeded"), 60, "the flood")
+            held = coordinator.metrics.registry.get_sample_value(
+                "coordinator_intake_held_total")
+            assert held is not None and held >= 1
+    finally:
+        await coordinator.stop()
+
+
+async def test_http_submissions_past_the_read_ahead_wait_while_another_operator_waits(
+    settings: Settings, keyring: Keyring, client: CoordinatorClient, cleanup_namespace: None,
+) -> None:
+    coordinator = await read_ahead_coordinator(settings, keyring)
+    try:
+        token = keyring.principals[OTHER_OPERATOR].api_token
+        assert token is not None
+        url = f"http://127.0.0.1:{coordinator.monitoring.port}/api/tasks"
+        headers = {"Authorization": f"Bearer {token.get_secret_value()}"}
+        async with aiohttp.ClientSession() as http:
+            for i in range(READ_AHEAD):  # alone: admitted at once, however many
+                async with http.post(url, json={"description": f"f{i}"},
+                                     headers=headers) as resp:
+                    assert resp.status == 202
+            light = await client.submit("light")  # another operator has work now
+            await wait_until(lambda: light in coordinator.state.tasks, 20, "the light task")
+
+            async def post() -> int:
+                async with http.post(url, json={"description": "one more"},
+                                     headers=headers) as resp:
+                    return resp.status
+
+            held = asyncio.create_task(post())
+            await asyncio.sleep(1.0)
+            assert not held.done()  # held, not refused
+            assert coordinator.read_ahead.holding == {OTHER_OPERATOR: 1}
+            coordinator.desk.cancel(light, client.principal_id)  # its work is gone
+            assert await asyncio.wait_for(held, 10) == 202
+    finally:
+        await coordinator.stop()
