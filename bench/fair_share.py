@@ -1,21 +1,25 @@
 """Fair shares under a flood: one operator floods 20,000 tasks while another submits 50.
 
 Processes as in a deployment, on this machine and its RabbitMQ (127.0.0.1): the coordinator
-(``python -m coordinator_agent run``) and two agents (this file with ``--agent``: an SDK worker
+(``python -m coordinator_agent run``), two agents (this file with ``--agent``: an SDK worker
 whose task sleeps ``--work`` seconds, so that capacity is a known number of slots; no progress
-messages). Both operators submit over ``POST /api/tasks`` with their own tokens; the flooder
-obeys ``429`` + ``Retry-After``.
+messages) and the flooder (this file with ``--flooder``: a process of its own, so that its work
+does not slow the light operator's client). Both operators submit over ``POST /api/tasks`` with
+their own tokens; the flooder obeys ``429`` + ``Retry-After``.
 
 Phases, all in one run:
 
+0. **capacity**: a burst of 20 tasks per slot from the flooder on the idle fleet, done to the
+   last: the fleet's throughput in this run (tasks/s), the baseline for phase 3.
 1. **idle**: the light operator submits 50 tasks, one every ``--spacing`` seconds, on an idle
    fleet. Its turnaround (submit to finished, the coordinator's own timestamps) is the baseline.
 2. **flood**: the flooder offers 20,000 tasks as fast as the coordinator takes them (past its
    backlog limit it is refused and retries later); once every slot is busy and a backlog has
    built, the light operator submits 50 more the same way. Target: their p99 turnaround within
    2x the idle p99.
-3. **flood alone**: nobody else waits; slot utilisation (tasks in flight / slots, sampled from
-   the agents' view) should be full: target >= 0.95 of the slots busy.
+3. **flood alone**: nobody else waits; the tasks completed per second should match phase 0
+   (target >= 0.9 of it); slot utilisation (tasks in flight / slots, as the coordinator counts
+   them) is shown too.
 
 The coordinator's resident memory (VmRSS) is printed before and at the peak of the flood, with
 the number of tasks it held; admission control (``fleet.default_principal.max_backlog``) is what
@@ -25,11 +29,12 @@ bounds it.
 as fast as the broker confirms, without waiting for answers, so its submissions pile up in the
 broker; refused ones are offered again after their ``retry_after_s``. The light operator's
 turnaround is then measured by the client, from the publish to the ``task.completed`` notice, so
-time spent waiting in the broker counts. ``--shared-queue`` sends both through the one shared
-tasks queue instead of each operator's submission lane (how every submission went before lanes).
+time spent waiting in the broker counts, and a second table splits it into stages.
+``--shared-queue`` sends both through the one shared tasks queue instead of each operator's
+submission lane (how every submission went before lanes).
 
     .venv/bin/python bench/fair_share.py [--via http|amqp] [--shared-queue] [--flood 20000]
-                                         [--light 50] [--work 0.25]   (1-5 min)
+                                         [--light 50] [--work 0.25]   (2-6 min)
 """
 
 from __future__ import annotations
