@@ -230,6 +230,9 @@ class SchedulingSettings(BaseModel):
     priority_from_urgency: bool = True
     #: A dispatch pass leaves a principal after this many of its tasks in a row found no agent.
     scan_limit: int = Field(256, ge=1)
+    #: Intake holds a principal with this many tasks pending while others have work
+    #: (coordinator/readahead.py); None: never.
+    read_ahead: int | None = Field(1000, ge=1)
 
     @field_validator("weights")
     @classmethod

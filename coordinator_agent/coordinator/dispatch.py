@@ -205,6 +205,10 @@ class Dispatcher:
                         break
         return free
 
+    def running_by_principal(self) -> dict[str, int]:
+        """Tasks in flight per submitting principal (readahead.py)."""
+        return self._running()[1]
+
     def _running(self) -> tuple[dict[str, int], dict[str, int], int]:
         """Tasks in flight by agent kind and by principal, and in all."""
         by_kind: dict[str, int] = {}

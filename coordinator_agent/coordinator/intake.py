@@ -4,10 +4,16 @@ Durable first, visible after: the record is written before it enters memory, bef
 ``task.accepted`` and before the ack. A task the store cannot take is refused: over AMQP the
 client gets a ``rejected`` notice and the submission is dead-lettered with the reason
 (``store_unavailable`` or ``unstorable_input``); over HTTP the answer is 503 or 422.
+
+Answered, then acked: an AMQP submission is acked only once its answer (``task.accepted`` or
+``rejected``) has left, confirmed or failed. A lane's prefetch thus bounds how many of one
+principal's answers are on their way at once, so a flood cannot queue thousands of notices
+ahead of the assignments on the coordinator's connection (PROTOCOL.md §4.4).
 """
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 
 from coordinator_agent.coordinator.dispatch import Dispatcher
@@ -112,13 +118,11 @@ class Intake:
         known = {a.kind for a in self.state.agents.values() if not a.liveness.gone}
         return sorted({s["kind"] for s in steps} - known)
 
-    def _refuse(self, envelope: protocol.Envelope, spec: protocol.TaskSubmit, why: str,
-                *, retry_after_s: float | None = None) -> None:
-        if spec.reply_to:
-            notice = protocol.TaskCompleted(task_id=spec.task_id or envelope.id,
-                                            status="rejected", error=why,
-                                            retry_after_s=retry_after_s)
-            self.outbox.reply(spec.reply_to, envelope.sender, notice)
+    @staticmethod
+    def _refusal(envelope: protocol.Envelope, spec: protocol.TaskSubmit, why: str,
+                 *, retry_after_s: float | None = None) -> protocol.TaskCompleted:
+        return protocol.TaskCompleted(task_id=spec.task_id or envelope.id, status="rejected",
+                                      error=why, retry_after_s=retry_after_s)
 
     def create_child(self, child: TaskRecord) -> None:
         """A composite task's child (workflows.py): an ordinary task from here on."""
@@ -126,8 +130,12 @@ class Intake:
         self.metrics.operations.labels("task_child").inc()
         self.dispatcher.enqueue(child.id)
 
-    def on_submit(self, envelope: protocol.Envelope, spec: protocol.TaskSubmit) -> None:
-        """``task.submit`` over AMQP: answered on the client's own reply queue."""
+    def on_submit(self, envelope: protocol.Envelope, spec: protocol.TaskSubmit
+                  ) -> Coroutine[Any, Any, None] | None:
+        """``task.submit`` over AMQP: answered on the client's own reply queue.
+
+        Returns the answer still to send (None: no reply queue); the caller awaits it before
+        it acks the submission."""
         if spec.reply_to is not None and not spec.reply_to.startswith(
             f"{c.CLIENT_QUEUE_PREFIX}{envelope.sender}."
         ):
@@ -139,20 +147,26 @@ class Intake:
             task, duplicate = self.submit(spec, submitted_by=envelope.sender,
                                           default_id=envelope.id)
         except SubmissionRefused as exc:
-            self._refuse(envelope, spec, str(exc), retry_after_s=exc.retry_after_s)
-            return
+            if not spec.reply_to:
+                return None
+            return self.outbox.answer(spec.reply_to, envelope.sender, self._refusal(
+                envelope, spec, str(exc), retry_after_s=exc.retry_after_s))
         except StoreError as exc:
             self.metrics.store_errors.labels("task.submit").inc()
             reason = "unstorable_input" if isinstance(exc, UnstorableTask) else "store_unavailable"
             detail = (f"the task store cannot hold this task: {exc.detail}"
                       if isinstance(exc, UnstorableTask)
                       else "the task store is not writable; submit again later")
-            self._refuse(envelope, spec, detail)
+            if spec.reply_to:  # dead-lettered at once; the notice follows on its own
+                self.outbox.reply(spec.reply_to, envelope.sender,
+                                  self._refusal(envelope, spec, detail))
             raise RejectedMessage(reason, detail, sender=envelope.sender,
                                   message_id=envelope.id) from exc
-        if spec.reply_to:
-            accepted = protocol.TaskAccepted(task_id=task.id, status=task.status.value,
-                                             duplicate=duplicate)
-            self.outbox.reply(spec.reply_to, envelope.sender, accepted)
-            if duplicate and task.status.terminal:
-                self.outbox.reply(spec.reply_to, envelope.sender, completed_notice(task))
+        if not spec.reply_to:
+            return None
+        accepted = protocol.TaskAccepted(task_id=task.id, status=task.status.value,
+                                         duplicate=duplicate)
+        if duplicate and task.status.terminal:
+            return self.outbox.answer(spec.reply_to, envelope.sender, accepted,
+                                      completed_notice(task))
+        return self.outbox.answer(spec.reply_to, envelope.sender, accepted)

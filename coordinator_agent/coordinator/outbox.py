@@ -68,6 +68,9 @@ class Outbox:
         #: their replies of one loop turn leave as one batch too.
         self._batch_reply_queues: OrderedDict[str, None] = OrderedDict()
         self.replies = TurnBatcher(messages, self._reply_limit)
+        #: Answers to clients (accepted, rejected) being published now: bounded by the lanes'
+        #: prefetch, since a submission is acked only once answered (intake.py).
+        self.answering = 0
 
     def _batch_limit(self, to: Destination) -> int:
         agent = self.state.agents.get(to.peer)
@@ -155,14 +158,23 @@ class Outbox:
     # --- to clients ---------------------------------------------------------------------------
 
     def reply(self, queue: str, principal: str, payload: protocol.Model) -> None:
-        """A best-effort notice to a client's reply queue (``task.accepted``, a refusal)."""
-        self.spawn(self._reply(queue, principal, payload))
+        """A best-effort notice to a client's reply queue, sent in the background."""
+        self.spawn(self.answer(queue, principal, payload))
 
-    async def _reply(self, queue: str, principal: str, payload: protocol.Model) -> None:
-        with contextlib.suppress(TransportError):
-            if not await self._durable():
-                return
-            await self.replies.send(payload, Destination(principal, "", queue, persistent=True))
+    async def answer(self, queue: str, principal: str, *payloads: protocol.Model) -> None:
+        """Best-effort notices to a client's reply queue, in order, each until the broker
+        confirmed or refused it (in one batch with the turn's others if the client reads
+        batches). Intake awaits this before acking a submission (intake.py)."""
+        self.answering += 1
+        try:
+            with contextlib.suppress(TransportError):
+                if not await self._durable():
+                    return
+                for payload in payloads:
+                    await self.replies.send(payload, Destination(principal, "", queue,
+                                                                 persistent=True))
+        finally:
+            self.answering -= 1
 
     def completed(self, task: TaskRecord) -> None:
         if task.id not in self._notifying:

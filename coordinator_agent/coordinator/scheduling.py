@@ -145,6 +145,10 @@ class SchedulingQueue:
     def weight(self, principal: str) -> float:
         return self.weights.get(principal, self.default_weight)
 
+    def principals(self) -> Collection[str]:
+        """The principals with tasks pending."""
+        return self._principals.keys()
+
     def backlog(self, principal: str) -> int:
         queue = self._principals.get(principal)
         return len(queue) if queue is not None else 0

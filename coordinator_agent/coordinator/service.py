@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -31,6 +32,7 @@ from coordinator_agent.coordinator.liveness import AgentLiveness
 from coordinator_agent.coordinator.memory import FloodWatch
 from coordinator_agent.coordinator.outage import OutageClock
 from coordinator_agent.coordinator.outbox import Outbox, background
+from coordinator_agent.coordinator.readahead import ReadAhead
 from coordinator_agent.coordinator.results import TaskResults
 from coordinator_agent.coordinator.scheduling import SchedulingQueue
 from coordinator_agent.coordinator.spawner import AgentSpawner
@@ -68,6 +70,8 @@ log = logging.getLogger(__name__)
 #: event loop, run in turn: a lane with hundreds there would hold up everyone else's results and
 #: submissions behind its own; a few keep intake busy (the broker refills as they are acked).
 LANE_PREFETCH = 16
+#: An HTTP submission is held at most this long (readahead.py); then admitted as usual.
+MAX_HTTP_HOLD_S = 30.0
 
 PROBE_INTERVAL_S = 0.5
 PROBE_TIMEOUT_S = 1.0
@@ -124,7 +128,7 @@ class CoordinatorAgent:
         self.lanes = sorted(p.id for p in keyring.principals.values() if p.role == "operator")
         self.messages.add_topology(submission_lanes_topology(settings.name, lambda: self.lanes))
         for operator in self.lanes:
-            self.messages.consume(c.submit_queue(settings.name, operator), self._on_message,
+            self.messages.consume(c.submit_queue(settings.name, operator), self._on_lane,
                                   prefetch=min(settings.prefetch, LANE_PREFETCH),
                                   settle=self._settle)
         self._background: set[asyncio.Task[Any]] = set()
@@ -144,6 +148,10 @@ class CoordinatorAgent:
                                          max_aging_bands=scheduling.max_aging_bands,
                                          weights=scheduling.weights,
                                          default_weight=scheduling.default_weight))
+        #: Intake holds a principal far ahead of its agents while others have work.
+        self.read_ahead = ReadAhead(scheduling.read_ahead, self.dispatcher.pending,
+                                    self.dispatcher.running_by_principal,
+                                    on_hold=lambda _: self.metrics.intake_held.inc())
         self.results = TaskResults(self.state, self.planner, self.dispatcher, self.outbox,
                                    self.metrics, max_output_bytes=limits.max_output_bytes)
         self.intake = Intake(self.state, self.dispatcher, self.outbox, self.metrics, limits,
@@ -390,6 +398,17 @@ class CoordinatorAgent:
 
     # --- inbound messages, by type --------------------------------------------------------------
 
+    async def _on_lane(self, envelope: protocol.Envelope, message: Delivery) -> None:
+        """A submission lane: a submission waits while its sender is held (readahead.py); the
+        lane's prefetch then keeps the rest of its backlog in the broker."""
+        if isinstance(envelope.payload, protocol.TaskSubmit):
+            await self.read_ahead.turn(envelope.sender)
+        await self._on_message(envelope, message)
+
+    async def intake_turn(self, principal: str) -> None:
+        """HTTP: wait while this principal is held (readahead.py), at most ``MAX_HTTP_HOLD_S``."""
+        await self.read_ahead.turn(principal, MAX_HTTP_HOLD_S)
+
     async def _on_message(
         self, envelope: protocol.Envelope, message: Delivery
     ) -> None:
@@ -400,11 +419,12 @@ class CoordinatorAgent:
         prefetch limit stops the flow. Submissions are the exception: they are refused at once
         (intake.py) so that the client hears of it.
         """
+        answer: Coroutine[Any, Any, None] | None = None
         while True:
             if not self.leadership.leading:
                 raise NotLeading()  # back to the queue: deposed since it was delivered
             try:
-                self._handle(envelope, message)
+                answer = self._handle(envelope, message)
                 break
             except StoreUnavailable as exc:
                 if not self.leadership.leading:
@@ -413,6 +433,13 @@ class CoordinatorAgent:
                 log.warning("%s held until the store is writable: %s", envelope.type, exc)
                 self.sweeper.store_writable.clear()
             await self.sweeper.store_writable.wait()
+        if answer is not None:
+            # A submission is acked once answered (intake.py): a lane's prefetch bounds the
+            # answers on their way ahead of assignments. The answer itself waits until the
+            # change is durable (Outbox.answer); the answers of a batch's items leave together.
+            if message.before_ack is None:
+                message.before_ack = []
+            message.before_ack.append(asyncio.ensure_future(answer))
 
     async def _settle(self, message_type: str) -> None:
         """Before a delivery is acked: the log holds what its message, or every item of its
@@ -454,7 +481,9 @@ class CoordinatorAgent:
         else:
             await self.state.store.committed()
 
-    def _handle(self, envelope: protocol.Envelope, message: Delivery) -> None:
+    def _handle(self, envelope: protocol.Envelope, message: Delivery
+                ) -> Coroutine[Any, Any, None] | None:
+        """Apply one message; a submission returns its answer, still to be sent."""
         payload = envelope.payload
         sender = envelope.sender
         now = time.time()
@@ -472,13 +501,15 @@ class CoordinatorAgent:
             self.reports.touch(sender, now)
             self.results.on_progress(sender, payload)
         elif isinstance(payload, protocol.TaskSubmit):
-            self.intake.on_submit(envelope, payload)
+            answer = self.intake.on_submit(envelope, payload)
             if payload.reply_to is not None and message.in_batch:
                 self.outbox.takes_batches(payload.reply_to)  # a client that sends batches
+            return answer
         elif isinstance(payload, protocol.AgentMetrics):
             self.reports.metrics_report(sender, payload, now)
         elif isinstance(payload, protocol.AgentGoodbye):
             self.reports.goodbye(sender)
+        return None
 
     # --- what the API, the CLI and tests call (ops.api.CoordinatorView) --------------------------
 

@@ -25,7 +25,7 @@ BATCHED_TYPES = frozenset({"agent.status", "agent.metrics"})
 
 class StatusLane:
     def __init__(self, leading: Callable[[], bool],
-                 apply: Callable[[protocol.Envelope, Delivery], None]) -> None:
+                 apply: Callable[[protocol.Envelope, Delivery], object]) -> None:
         self._leading = leading
         self._apply = apply
 

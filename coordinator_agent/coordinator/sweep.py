@@ -2,12 +2,12 @@
 
 Four times a second it advances liveness (only the agents whose deadline passed, see
 ``state.py``; and reassigns the tasks of dead agents), times out attempts, fails tasks that no
-agent could ever run, resends unsent notices, and picks up a replaced keyring file (parsed off
-the event loop). During a broker outage (``outage.py``) it judges nothing and times out
-nothing; while the coordinator is behind on its agents' reports (``backlog.py``) silence
-counts for nobody. After a failed store write it probes the store until a write succeeds
-again, and after a flood it gives memory back (``memory.py``). Liveness changes are summed up
-in one log line per sweep.
+agent could ever run (looked for once a second), resends unsent notices, and picks up a
+replaced keyring file (parsed off the event loop). During a broker outage (``outage.py``) it
+judges nothing and times out nothing; while the coordinator is behind on its agents' reports
+(``backlog.py``) silence counts for nobody. After a failed store write it probes the store
+until a write succeeds again, and after a flood it gives memory back (``memory.py``).
+Liveness changes are summed up in one log line per sweep.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ SWEEP_INTERVAL_S = 0.25
 NOTICE_RETRY_S = 5.0
 #: Agents gone this long are forgotten; looking for them is not worth doing 4 times a second.
 FORGET_EVERY_S = 5.0
+#: Pending tasks that no agent could ever run are looked for once a second.
+UNRUNNABLE_EVERY_S = 1.0
 
 
 class KeyringReloader:
@@ -94,6 +96,7 @@ class Sweeper:
         #: False while another coordinator leads (docs/HA.md): nothing is judged or sent.
         self.leading: Callable[[], bool] = lambda: True
         self._forgot_at = 0.0
+        self._unrunnable_at = 0.0
 
     def _log_changes(self) -> None:
         """One line for every liveness change since the last sweep (not one per agent)."""
@@ -147,16 +150,33 @@ class Sweeper:
         if now - self._forgot_at > FORGET_EVERY_S:
             self._forgot_at = now
             self.state.forget_departed(now)
+        # A flood's backlog is pending, and a pending task has no attempt running (every way
+        # back to pending ends it first): its only check, "can any agent ever run it?", is made
+        # once a second, with one search of the fleet per constraint (kind, capabilities), so
+        # that a sweep over 10,000 pending tasks stays well under a millisecond most times.
+        unrunnable_check = now - self._unrunnable_at >= UNRUNNABLE_EVERY_S
+        if unrunnable_check:
+            self._unrunnable_at = now
+        runnable: dict[tuple[str | None, frozenset[str]], bool] = {}
+        pending = TaskStatus.PENDING
         for task in list(self.state.tasks.values()):
+            if task.status is pending:
+                if not unrunnable_check or now - task.updated_at <= task.timeout_s:
+                    continue
+                key = (task.kind, frozenset(task.required_capabilities))
+                can = runnable.get(key)
+                if can is None:
+                    can = runnable[key] = any(
+                        _could_ever_run(task, a) for a in self.state.agents.values())
+                if not can:
+                    self.results.finish(
+                        task, TaskStatus.FAILED,
+                        error=f"no agent can run it (kind={task.kind}, capabilities="
+                        f"{task.required_capabilities}) within {task.timeout_s:g}s")
+                continue
             attempt = task.current_attempt
             if attempt is not None and now > attempt.deadline:
                 self.results.time_out(task, attempt)
-            elif (task.status is TaskStatus.PENDING and now - task.updated_at > task.timeout_s
-                  and not any(_could_ever_run(task, a) for a in self.state.agents.values())):
-                self.results.finish(
-                    task, TaskStatus.FAILED,
-                    error=f"no agent can run it (kind={task.kind}, capabilities="
-                    f"{task.required_capabilities}) within {task.timeout_s:g}s")
 
 
 def _could_ever_run(task: TaskRecord, agent: AgentRecord) -> bool:

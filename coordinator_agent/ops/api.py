@@ -75,6 +75,8 @@ class CoordinatorView(Protocol):
 
     def recent_tasks(self, limit: int) -> list[TaskRecord]: ...
 
+    async def intake_turn(self, principal: str) -> None: ...
+
     def get_task(self, task_id: str) -> TaskRecord: ...
 
     def queue_position(self, task_id: str) -> dict[str, float] | None: ...
@@ -283,6 +285,7 @@ class MonitoringServer:
             return _error(422, "reply_to is for AMQP clients; poll GET /api/tasks/{id} instead")
         if standby:
             return await self._forward(spec, operator)
+        await self.coordinator.intake_turn(operator)  # held while far ahead of others
         try:
             task, duplicate = self.coordinator.submit(
                 spec, submitted_by=operator, default_id=uuid.uuid4().hex

@@ -182,6 +182,11 @@ class Metrics:
             "coordinator_admission_refused_total",
             "Submissions refused because the submitter was past its backlog limit.", registry=r,
         )
+        self.intake_held = Counter(
+            "coordinator_intake_held_total",
+            "Submissions held before intake: their principal was past its read-ahead while "
+            "others had work (scheduling.read_ahead).", registry=r,
+        )
         self.task_wait = Histogram(
             "coordinator_task_wait_seconds", "Time a task waited in the queue before an "
             "assignment, by priority band.", ["priority"], registry=r, buckets=TASK_BUCKETS,

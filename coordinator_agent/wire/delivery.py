@@ -9,6 +9,7 @@ coalesce.py). Settling twice is a no-op, as with aio-pika's ``processed`` flag.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiormq
@@ -16,8 +17,8 @@ from aiormq.abc import DeliveredMessage
 
 
 class Delivery:
-    __slots__ = ("_channel", "_message", "body", "delivery_tag", "in_batch", "processed",
-                 "redelivered")
+    __slots__ = ("_channel", "_message", "before_ack", "body", "delivery_tag", "in_batch",
+                 "processed", "redelivered")
 
     def __init__(self, message: DeliveredMessage) -> None:
         self._message = message
@@ -29,6 +30,8 @@ class Delivery:
         #: Set once the body opened as a ``batch`` (PROTOCOL.md §9.13): its items' handlers
         #: see this delivery. Trusted, unlike the ``type`` property.
         self.in_batch = False
+        #: What a handler started that must end before the ack (a submission's answer).
+        self.before_ack: list[asyncio.Future[None]] | None = None
 
     def __repr__(self) -> str:
         return f"Delivery(tag={self.delivery_tag}, type={self.type!r})"

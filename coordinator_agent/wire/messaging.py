@@ -480,6 +480,8 @@ class MessageHandler:
                 handled = [envelope]
             if consumer.settle is not None:
                 await consumer.settle(envelope.type)
+            if message.before_ack:
+                await asyncio.gather(*message.before_ack)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
