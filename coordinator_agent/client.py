@@ -1,6 +1,8 @@
 """CoordinatorClient: submit tasks over AMQP and wait for their results (the operator's side).
 
 Replies come to a queue of the client's own, named once, so they survive reconnects.
+``submit_many`` sends many tasks in ``batch`` messages (PROTOCOL.md §9.13); the coordinator then
+answers that queue in batches too.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ whose correlation id is its session: what was queued for an earlier process of t
 (one that crashed, say) is the coordinator's to give again, and is dropped here unrun. Before a
 task's handler runs, a ``task.progress`` of 0 ("started") is confirmed by the broker, so that if
 the task kills the process the coordinator knows which task did it (docs/RELIABILITY.md).
+
+It announces ``batch:N`` (``batch_limit``, PROTOCOL.md §9.13): the coordinator may then send it
+several assignments in one ``batch`` message, which it runs side by side and acks once all are
+reported. Once it has received a batch, its own reports of one loop turn leave as one batch too.
 """
 
 from __future__ import annotations
