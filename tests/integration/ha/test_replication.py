@@ -89,7 +89,8 @@ async def test_the_leader_killed_three_times_under_load_loses_and_doubles_nothin
         coordinators.start(leader)  # back as a standby: it reads the log from its offset
     await load
     for task_id in ids:
-        assert (await client.wait(task_id, 180)).status == "succeeded"
+        notice = await client.wait(task_id, 180)
+        assert notice.status == "succeeded", (task_id, notice.error, notice.attempts)
     one_notice_each(client, ids)
     leader = coordinators.leader()
     assert leader is not None
