@@ -550,7 +550,7 @@ def report(bench: Bench, result: dict[str, Any], args: argparse.Namespace) -> bo
                  "result path p50", "coord. CPU"), [
         row("idle fleet (baseline)", idle),
         row("flood, while it is ingested", intake),
-        row("flood, backlog at its limit", flood),
+        row("flood, steady (at limit / all in)", flood),
     ]))
     if args.via == "amqp":
         def stages(label: str, r: dict[str, Any]) -> tuple[Any, ...]:
@@ -563,7 +563,7 @@ def report(bench: Bench, result: dict[str, Any], args: argparse.Namespace) -> bo
                      "notice p99"), [
             stages("idle fleet (baseline)", idle),
             stages("flood, while it is ingested", intake),
-            stages("flood, backlog at its limit", flood),
+            stages("flood, steady (at limit / all in)", flood),
         ]))
         print("(read = publish to accepted: the broker and the intake; sealed = result stored "
               "to the notice sealed by the coordinator; notice = result stored to the "
