@@ -182,6 +182,11 @@ class Learning(_Model):
         return self.half_life_s
 
 
+class DriftScope(enum.StrEnum):
+    FEATURES = "features"
+    CLUSTER = "cluster"
+
+
 class BanditSettings(_Model):
     """The learned policy (``policy: bandit``); see ``bandit.py`` and ``policy.py``."""
 
@@ -220,6 +225,17 @@ class BanditSettings(_Model):
     #: On such a task, its prior success drops by ``drift_shift`` (log-odds) and every other
     #: kind's prior success is at least this.
     drift_prior: float = Field(0.6, gt=0, lt=1)
+    #: Finer contexts (clusters.py): a learned description joins the cluster of similar
+    #: descriptions whose cosine (idf-weighted keywords) reaches this, else starts one. 0: off.
+    cluster_threshold: float = Field(0.4, ge=0, le=1)
+    #: At most this many clusters; then a description joins the most similar one.
+    max_clusters: int = Field(4096, ge=0, le=1_000_000)
+    #: What the surprise sums and the change test watch: every feature of a task
+    #: (``features``), or only its cluster (``cluster``), which only similar tasks share.
+    drift_scope: DriftScope = DriftScope.FEATURES
+    #: Clusters on which a kind's surprise z is below minus this share a context per such
+    #: kind (the drifted group of tasks, learner.py). 0: off.
+    drift_group_z: float = Field(0.0, ge=0, le=100)
 
 
 class Hedge(_Model):

@@ -1,0 +1,115 @@
+"""DescriptionClusters: similar descriptions share a cluster, different ones do not, the state
+is a deterministic function of what was learned, and it survives the store."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from coordinator_agent.routing.clusters import MAX_POSTINGS, DescriptionClusters
+
+#: As in real tickets, a few services (names shared by every sort of ticket) and more sorts of
+#: tickets (templates), each in the coarse group (the kind the text points at) it belongs to.
+SERVICES = [("billing", "api"), ("session", "store"), ("checkout", "page")]
+TEMPLATES = {
+    "faq": ("add", "faq", "entri"),
+    "release": ("releas", "note", "hotfix"),
+    "guide": ("updat", "onboard", "guid"),
+    "readme": ("write", "readm"),
+    "pagination": ("add", "pagin", "list"),
+    "export": ("implement", "bulk", "export"),
+    "async": ("port", "client", "async"),
+    "retry": ("refactor", "retri", "logic"),
+}
+GROUPS = {t: "documentation" for t in ("faq", "release", "guide", "readme")} | {
+    t: "development" for t in ("pagination", "export", "async", "retry")}
+
+
+def _tickets(n: int, seed: int) -> list[tuple[str, tuple[str, ...]]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        template = rng.choice(sorted(TEMPLATES))
+        out.append((template, (*TEMPLATES[template], *rng.choice(SERVICES))))
+    return out
+
+
+def test_tickets_of_one_template_share_a_cluster_across_services() -> None:
+    clusters = DescriptionClusters(threshold=0.5, max_clusters=100)
+    seen: dict[int, Counter[str]] = {}
+    for template, words in _tickets(300, seed=1):
+        cluster, row = clusters.learn(words, GROUPS[template])
+        assert cluster is not None and row is not None and row[0] == cluster
+        assert row[1] == GROUPS[template]
+        seen.setdefault(cluster, Counter())[template] += 1
+    # A service name is shared by every template: it must not glue templates together. Online,
+    # the first few tickets (whose words' frequencies are not known yet) may go astray.
+    pure = sum(counts.most_common(1)[0][1] for counts in seen.values())
+    assert pure >= 0.9 * 300
+    main = {t: max((c for c in seen if seen[c].most_common(1)[0][0] == t),
+                   key=clusters.members) for t in TEMPLATES}
+    for template, cluster in main.items():
+        assert seen[cluster][template] >= 0.5 * 300 / len(TEMPLATES) * 0.8, template
+    # Assignment reads only, and finds the template's main cluster for a new service.
+    before = sorted(clusters.rows())
+    assert clusters.assign(("add", "faq", "entri", "checkout", "page"),
+                           "documentation") == main["faq"]
+    # Another coarse group never finds it, nor do words no cluster has.
+    assert clusters.assign(("add", "faq", "entri", "checkout", "page"), "security") is None
+    assert clusters.assign(("totally", "unrelated", "word"), "documentation") is None
+    assert sorted(clusters.rows()) == before
+
+
+def test_the_threshold_decides_how_fine_the_clusters_are() -> None:
+    coarse = DescriptionClusters(threshold=0.05, max_clusters=100)
+    fine = DescriptionClusters(threshold=0.95, max_clusters=100)
+    for template, words in _tickets(200, seed=2):
+        coarse.learn(words, GROUPS[template])
+        fine.learn(words, GROUPS[template])
+    assert len(coarse) < len(TEMPLATES) < len(fine)
+
+
+def test_the_cap_on_clusters_holds_and_a_disabled_instance_does_nothing() -> None:
+    capped = DescriptionClusters(threshold=0.99, max_clusters=3)
+    for _, words in _tickets(100, seed=3):
+        capped.learn(words)
+    assert len(capped) == 3
+    off = DescriptionClusters(threshold=0.0, max_clusters=100)
+    assert off.learn(("add", "faq")) == (None, None)
+    assert off.assign(("add", "faq")) is None and len(off) == 0
+
+
+def test_same_descriptions_in_the_same_order_build_the_same_clusters_and_rows_reload() -> None:
+    a = DescriptionClusters(threshold=0.4, max_clusters=100)
+    b = DescriptionClusters(threshold=0.4, max_clusters=100)
+    tickets = _tickets(200, seed=4)
+    assert [a.learn(w)[0] for _, w in tickets] == [b.learn(w)[0] for _, w in tickets]
+    reloaded = DescriptionClusters(threshold=0.4, max_clusters=100)
+    reloaded.load(a.rows())
+    assert sorted(reloaded.rows()) == sorted(a.rows())
+    assert reloaded.tasks == a.tasks
+    for _, words in _tickets(50, seed=5):
+        assert reloaded.assign(words) == a.assign(words)
+        assert reloaded.idf(words[0]) == a.idf(words[0])
+
+
+def test_a_word_in_too_many_clusters_finds_no_candidates_alone() -> None:
+    clusters = DescriptionClusters(threshold=0.9, max_clusters=1000)
+    for i in range(MAX_POSTINGS + 1):
+        clusters.learn((f"unique{i}", "common"))
+    # "common" alone is in every cluster: too common to look clusters up by.
+    assert clusters.assign(("common",)) is None
+    assert clusters.assign(("unique3", "common")) == 3
+
+
+def test_the_second_ticket_of_a_sort_joins_the_first_ones_cluster() -> None:
+    clusters = DescriptionClusters(threshold=0.5, max_clusters=100)
+    # Service names every sort of ticket uses, so they are known and common.
+    for service in SERVICES:
+        for template in ("pagination", "export"):
+            clusters.learn((*TEMPLATES[template], *service), "documentation")
+    first, _ = clusters.learn(("add", "faq", "entri", "billing", "api"), "documentation")
+    second, _ = clusters.learn(("add", "faq", "entri", "session", "store"), "documentation")
+    assert first == second and clusters.members(first) == 2
+    other, _ = clusters.learn(("rotat", "vault", "secret", "session", "store"), "documentation")
+    assert other != first and clusters.members(other) == 1
