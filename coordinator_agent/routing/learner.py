@@ -139,6 +139,18 @@ class Learner:
         drifted = self.surprise.falling(CONTEXT_PREFIX + fine, threshold)
         return (*coarse, fine, *(f"d:{top}:{kind}" for kind in drifted))
 
+    def features(self, keywords: Sequence[str],
+                 contexts: Sequence[str]) -> list[tuple[str, float]]:
+        """``bandit.features``, the cluster context weighing ``bandit.cluster_weight``: its
+        evidence moves the log-odds that many times faster (a fine context exists to catch
+        what the coarse ones average away)."""
+        feats = features(keywords, contexts)
+        weight = self.config.bandit.cluster_weight
+        if weight == 1.0:
+            return feats
+        return [(name, weight if name.startswith(_CLUSTER_FEATURE) else x)
+                for name, x in feats]
+
     def watched(self, feats: Sequence[tuple[str, float]]) -> list[str]:
         """The features the surprise sums and the change test watch (``bandit.drift_scope``):
         all of them, or only the cluster context (none when the task has no cluster)."""
@@ -161,7 +173,7 @@ class Learner:
         unknown = 1.0 / max(1, len(text))
         cluster = self.clusters.assign(analysis.keywords, _top_kind(text))
         contexts = self.contexts(analysis, text, cluster)
-        feats = features(analysis.keywords, contexts)
+        feats = self.features(analysis.keywords, contexts)
         shares = {kind: text.get(kind, unknown) for kind in kinds}
         b = self.config.bandit
         low, span = b.success_if_wrong, b.success_if_right - b.success_if_wrong
@@ -202,7 +214,7 @@ class Learner:
         """A first try of the kind a decision chose, and the confidence it had: the residual
         the surprise detector and the change test watch."""
         text = self.text_prior.probabilities(description)
-        feats = features(analysis.keywords, self.contexts(analysis, text, cluster))
+        feats = self.features(analysis.keywords, self.contexts(analysis, text, cluster))
         for name in self.watched(feats):
             self.surprise.observe(name, kind, probability, success)
             self.changes.observe(name, kind, probability, success)
@@ -223,7 +235,7 @@ class Learner:
         if cluster is None:
             cluster = self.clusters.assign(words, _top_kind(text))
         return self.model.update(kind, prior,
-                                 features(words, self.contexts(analysis, text, cluster)),
+                                 self.features(words, self.contexts(analysis, text, cluster)),
                                  success, now)
 
     def apply_outcome(self, update: LearningUpdate) -> list[Row]:

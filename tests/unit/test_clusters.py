@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from typing import Any, cast
+
+from coordinator_agent.routing.config import default_routing_config
+from coordinator_agent.routing.planner import CoordinationPlanner
+from coordinator_agent.routing.updates import LearningUpdate
 
 from coordinator_agent.routing.clusters import MAX_POSTINGS, DescriptionClusters
 
@@ -113,3 +118,81 @@ def test_the_second_ticket_of_a_sort_joins_the_first_ones_cluster() -> None:
     assert first == second and clusters.members(first) == 2
     other, _ = clusters.learn(("rotat", "vault", "secret", "session", "store"), "documentation")
     assert other != first and clusters.members(other) == 1
+
+
+# --- the learner: the cluster as a finer context ------------------------------------------------
+
+SERVICE_NAMES = ("billing API", "session store", "checkout page", "login flow", "search backend",
+                 "orders service")
+FAQ = "Add a FAQ entry about the {}"
+NOTES = "Write the release notes for the {}"
+
+
+def _after_a_drift_on_faq(cluster_threshold: float) -> tuple[Any, float]:
+    """A planner that learned: FAQ tickets and release notes (both point the text at
+    documentation: one coarse context) succeed on documentation, then FAQ tickets fail there
+    while release notes keep succeeding."""
+    config = default_routing_config()
+    config = config.model_copy(update={"bandit": config.bandit.model_copy(
+        update={"cluster_threshold": cluster_threshold})})
+    planner = CoordinationPlanner(8, config=config)
+    at = 1_767_225_600.0
+    n = 0
+
+    def teach(template: str, service: str, success: bool) -> None:
+        nonlocal n, at
+        n += 1
+        at += 60.0
+        description = template.format(service)
+        keywords = tuple(planner.analyzer.analyze(description).keywords)
+        planner.apply_outcome(LearningUpdate(
+            task_id=f"t-{n}", attempt=1, at=at, description=description, kind="documentation",
+            success=success, keywords=keywords, first_try=True))
+
+    for i in range(24):
+        teach(FAQ if i % 2 else NOTES, SERVICE_NAMES[i % 5], True)
+    for i in range(16):
+        teach(FAQ, SERVICE_NAMES[i % 5], False)
+        teach(NOTES, SERVICE_NAMES[i % 5], True)
+    return planner, at
+
+
+def _cluster_of(planner: Any, description: str) -> int | None:
+    analysis = planner.analyzer.analyze(description)
+    scores = planner.learner.scores(description, analysis, ["documentation"], 0.0)
+    assert scores[0].contexts[0] == "k:documentation"
+    return cast(int | None, scores[0].cluster)
+
+
+def test_each_sort_of_ticket_gets_its_cluster_and_the_cluster_learns_its_own_drift() -> None:
+    planner, at = _after_a_drift_on_faq(0.4)
+    # Whatever the service, the sort of ticket finds its cluster.
+    faq = _cluster_of(planner, FAQ.format("search backend"))
+    notes = _cluster_of(planner, NOTES.format("search backend"))
+    assert faq is not None and notes is not None and faq != notes
+
+    def cluster_weight(cluster: int) -> float:
+        [belief] = planner.learner.model.beliefs({"documentation": 0.5}, [(f"@c:{cluster}", 1.0)],
+                                                 at)
+        return float(belief.mean)
+
+    # The FAQ cluster's own weight for documentation turned negative (its recent failures),
+    # the release notes' stayed positive: the coarse context could only average the two.
+    assert cluster_weight(faq) < -0.2 < 0.2 < cluster_weight(notes)
+    [belief] = planner.learner.model.beliefs({"documentation": 0.5}, [("@k:documentation", 1.0)],
+                                             at)
+    assert cluster_weight(faq) < belief.mean < cluster_weight(notes)
+    # The explanation names the fine context.
+    explained = planner.explain(FAQ.format("search backend"))
+    assert explained["contexts"]["cluster"] == faq
+    assert explained["contexts"]["cluster_tasks"] >= 20
+    assert explained["kinds"]["documentation"]["parts"]["cluster"] == faq
+    planner.close()
+
+
+def test_without_clusters_there_is_no_fine_context() -> None:
+    planner, _ = _after_a_drift_on_faq(0.0)
+    assert _cluster_of(planner, FAQ.format("search backend")) is None
+    assert not [row for row in planner.learner.model.rows() if row[1].startswith("@c:")]
+    assert planner.store.clusters() == []
+    planner.close()
