@@ -30,7 +30,9 @@ Cost: one lookup per keyword, then one per keyword and cluster sharing it (a cen
 length is computed when the cluster gains a member, with the word frequencies of that moment,
 and stored with it). A word shared by more than ``MAX_POSTINGS`` clusters is too common to
 tell clusters apart and is skipped when looking for candidates (it still counts in the cosine
-of the candidates found through rarer words).
+of the candidates found through rarer words), and at most ``MAX_CANDIDATES`` clusters are
+compared, found through the description's rarest words first: a decision's cost stays bounded
+however many clusters there are.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ import math
 from collections.abc import Iterable, Sequence
 
 PREFIX = "c:"  # the context's name: "@c:<id>" among a task's features
-MAX_POSTINGS = 48
+MAX_POSTINGS = 8
+#: Clusters compared per description at most (found through its rarest words first).
+MAX_CANDIDATES = 32
 #: (cluster id, coarse group, members, norm, centroid as "word count word count ...")
 ClusterRow = tuple[int, str, float, float, str]
 
@@ -75,10 +79,13 @@ class DescriptionClusters:
         if norm <= 0.0:
             return None, 0.0
         candidates: dict[int, None] = {}
-        for word in words:
-            posting = self._postings.get(word)
-            if posting is not None and len(posting) <= MAX_POSTINGS:
-                candidates.update(posting)
+        postings = [p for p in (self._postings.get(w) for w in words)
+                    if p is not None and len(p) <= MAX_POSTINGS]
+        postings.sort(key=len)  # stable: ties keep the description's word order
+        for posting in postings:
+            candidates.update(posting)
+            if len(candidates) >= MAX_CANDIDATES:
+                break
         best: int | None = None
         best_sim = 0.0
         groups = self._groups
