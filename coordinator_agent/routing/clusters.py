@@ -30,9 +30,9 @@ Cost: one lookup per keyword, then one per keyword and cluster sharing it (a cen
 length is computed when the cluster gains a member, with the word frequencies of that moment,
 and stored with it). A word shared by more than ``MAX_POSTINGS`` clusters is too common to
 tell clusters apart and is skipped when looking for candidates (it still counts in the cosine
-of the candidates found through rarer words), and at most ``MAX_CANDIDATES`` clusters are
-compared, found through the description's rarest words first: a decision's cost stays bounded
-however many clusters there are.
+of the candidates found through rarer words). Candidates are looked up in the description's
+group only, and at most ``MAX_CANDIDATES`` are compared, found through its rarest words first:
+a decision's cost stays bounded however many clusters there are.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import math
 from collections.abc import Iterable, Sequence
 
 PREFIX = "c:"  # the context's name: "@c:<id>" among a task's features
-MAX_POSTINGS = 8
+MAX_POSTINGS = 48
 #: Clusters compared per description at most (found through its rarest words first).
-MAX_CANDIDATES = 32
+MAX_CANDIDATES = 64
 #: (cluster id, coarse group, members, norm, centroid as "word count word count ...")
 ClusterRow = tuple[int, str, float, float, str]
 
@@ -62,7 +62,9 @@ class DescriptionClusters:
         #: member (and stored with it): a decision then costs one lookup per word and
         #: candidate, not a pass over every centroid's words.
         self._norms: dict[int, float] = {}
-        self._postings: dict[str, dict[int, None]] = {}  # word -> clusters using it, ordered
+        #: (group, word) -> the group's clusters using the word, oldest first
+        self._postings: dict[tuple[str, str], dict[int, None]] = {}
+        self._spread: dict[str, int] = {}  # word -> clusters of any group using it
 
     def __len__(self) -> int:
         return len(self._centroids)
@@ -79,8 +81,9 @@ class DescriptionClusters:
         if norm <= 0.0:
             return None, 0.0
         candidates: dict[int, None] = {}
-        postings = [p for p in (self._postings.get(w) for w in words)
-                    if p is not None and len(p) <= MAX_POSTINGS]
+        spread = self._spread
+        postings = [p for p in (self._postings.get((group, w)) for w in words
+                                if spread.get(w, 0) <= MAX_POSTINGS) if p is not None]
         postings.sort(key=len)  # stable: ties keep the description's word order
         for posting in postings:
             candidates.update(posting)
@@ -88,11 +91,8 @@ class DescriptionClusters:
                 break
         best: int | None = None
         best_sim = 0.0
-        groups = self._groups
         norms = self._norms
         for cid in candidates:
-            if groups[cid] != group:
-                continue
             c_norm = norms[cid]
             if c_norm <= 0.0:
                 continue
@@ -134,7 +134,10 @@ class DescriptionClusters:
         centroid = self._centroids[cid]
         for word in words:
             centroid[word] = centroid.get(word, 0.0) + 1.0
-            self._postings.setdefault(word, {})[cid] = None
+            posting = self._postings.setdefault((group, word), {})
+            if cid not in posting:
+                posting[cid] = None
+                self._spread[word] = self._spread.get(word, 0) + 1
             self._df[word] = self._df.get(word, 0) + 1
         self._members[cid] += 1.0
         self.tasks += 1
@@ -161,7 +164,8 @@ class DescriptionClusters:
             self._norms[int(cid)] = float(norm)
             self.tasks += int(members)
             for word, count in centroid.items():
-                self._postings.setdefault(word, {})[int(cid)] = None
+                self._postings.setdefault((str(group), word), {})[int(cid)] = None
+                self._spread[word] = self._spread.get(word, 0) + 1
                 self._df[word] = self._df.get(word, 0) + int(count)
 
     def members(self, cid: int) -> float:
