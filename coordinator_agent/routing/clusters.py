@@ -92,16 +92,19 @@ class DescriptionClusters:
         best: int | None = None
         best_sim = 0.0
         norms = self._norms
+        centroids = self._centroids
+        # The centroid's weight of a word is count x idf, so a word adds idf^2 x count.
+        squares = [(word, x * x) for word, x in weights.items()]
         for cid in candidates:
             c_norm = norms[cid]
             if c_norm <= 0.0:
                 continue
-            centroid = self._centroids[cid]
+            count_of = centroids[cid].get
             dot = 0.0
-            for word, x in weights.items():
-                count = centroid.get(word)
+            for word, xx in squares:
+                count = count_of(word)
                 if count is not None:
-                    dot += x * x * count  # the centroid's weight of a word: count x idf
+                    dot += xx * count
             sim = dot / (norm * c_norm)
             if sim > best_sim + 1e-12 or (best is not None and abs(sim - best_sim) <= 1e-12
                                           and cid < best):
