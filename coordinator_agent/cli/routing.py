@@ -117,6 +117,12 @@ def route_explanation(explained: Mapping[str, Any]) -> str:
         lines.append(_bandit_table(kinds, order))
     else:
         lines.append(_seed_table(kinds, order))
+    contexts = explained.get("contexts") or {}
+    if contexts.get("names"):
+        cluster = contexts.get("cluster")
+        fine = ("no cluster yet: the coarse contexts decide" if cluster is None else
+                f"cluster {cluster} ({float(contexts.get('cluster_tasks') or 0):.0f} tasks)")
+        lines += ["", f"contexts   {'  '.join(contexts['names'])}   ({fine})"]
     prior = (explained.get("text_prior") or {}).get("probabilities") or {}
     if prior:
         lines += ["", "text prior " + "   ".join(

@@ -182,6 +182,11 @@ class Learning(_Model):
         return self.half_life_s
 
 
+class DriftScope(enum.StrEnum):
+    FEATURES = "features"
+    CLUSTER = "cluster"
+
+
 class BanditSettings(_Model):
     """The learned policy (``policy: bandit``); see ``bandit.py`` and ``policy.py``."""
 
@@ -209,9 +214,9 @@ class BanditSettings(_Model):
     #: The widest exploration spread surprise may lead to (1 = plain Thompson sampling).
     max_exploration_scale: float = Field(1.0, ge=0, le=10)
     #: Change detection (drift.py): a Bernoulli CUSUM per (feature, kind) of first tries
-    #: against "success log-odds dropped by ``drift_shift``" trips at this threshold. 0: off
-    #: (the default: on the tuning seeds it helped drift little, see docs/ROUTING.md).
-    drift_threshold: float = Field(0.0, ge=0, le=1000)
+    #: against "success log-odds dropped by ``drift_shift``" trips at this threshold. 0: off.
+    #: With the cluster context among the features, 6 is the tuned value (docs/ROUTING.md).
+    drift_threshold: float = Field(6.0, ge=0, le=1000)
     drift_shift: float = Field(2.0, ge=0, le=20)
     #: A tripped (feature, kind) stays flagged for about this many first tries on the feature.
     drift_memory: float = Field(100.0, ge=1, le=1_000_000)
@@ -220,6 +225,20 @@ class BanditSettings(_Model):
     #: On such a task, its prior success drops by ``drift_shift`` (log-odds) and every other
     #: kind's prior success is at least this.
     drift_prior: float = Field(0.6, gt=0, lt=1)
+    #: Finer contexts (clusters.py): a learned description joins the cluster of similar
+    #: descriptions whose cosine (idf-weighted keywords) reaches this, else starts one. 0: off.
+    cluster_threshold: float = Field(0.4, ge=0, le=1)
+    #: The cluster context's value among a task's features: above 1, the cluster's own
+    #: evidence moves a kind's log-odds faster than the coarse contexts' (learner.py).
+    cluster_weight: float = Field(1.0, gt=0, le=10)
+    #: At most this many clusters; then a description joins the most similar one.
+    max_clusters: int = Field(4096, ge=0, le=1_000_000)
+    #: What the surprise sums and the change test watch: every feature of a task
+    #: (``features``), or only its cluster (``cluster``), which only similar tasks share.
+    drift_scope: DriftScope = DriftScope.FEATURES
+    #: Clusters on which a kind's surprise z is below minus this share a context per such
+    #: kind (the drifted group of tasks, learner.py). 0: off.
+    drift_group_z: float = Field(0.0, ge=0, le=100)
 
 
 class Hedge(_Model):

@@ -16,6 +16,7 @@ from typing import Any
 
 from coordinator_agent.routing.analysis import TaskAnalysis, TaskAnalyzer
 from coordinator_agent.routing.bandit import (
+    CONTEXT_PREFIX,
     BanditModel,
     Calibrator,
     KindBelief,
@@ -24,7 +25,9 @@ from coordinator_agent.routing.bandit import (
     logit,
     sigmoid,
 )
-from coordinator_agent.routing.config import RoutingConfig
+from coordinator_agent.routing.clusters import PREFIX as CLUSTER_PREFIX
+from coordinator_agent.routing.clusters import ClusterRow, DescriptionClusters
+from coordinator_agent.routing.config import DriftScope, RoutingConfig
 from coordinator_agent.routing.drift import ChangeDetector
 from coordinator_agent.routing.patterns import PatternStore
 from coordinator_agent.routing.policy import ThompsonPolicy
@@ -46,6 +49,10 @@ class BanditScore:
     exploration_scale: float  # this decision's spread (widened by surprise, see surprise.py)
     calibrated: float  # the model's probability, recalibrated (bandit.Calibrator)
     chance: float | None = None  # P(the policy picks this kind), when computed
+    #: The task's finer context (clusters.py): its cluster and the outcomes it has seen.
+    cluster: int | None = None
+    cluster_members: float = 0.0
+    contexts: tuple[str, ...] = ()  # the task's contexts, coarse to fine (the same per kind)
 
     @property
     def confidence(self) -> float:
@@ -53,7 +60,8 @@ class BanditScore:
 
     def with_chance(self, chance: float) -> BanditScore:
         return BanditScore(self.kind, self.text, self.belief, self.exploration_scale,
-                           self.calibrated, chance)
+                           self.calibrated, chance, self.cluster, self.cluster_members,
+                           self.contexts)
 
     def parts(self) -> dict[str, Any]:
         b = self.belief
@@ -68,6 +76,10 @@ class BanditScore:
             "chance": None if self.chance is None else round(self.chance, 4),
             "model": round(p, 6),  # the model's probability, before calibration
             "probability": round(self.calibrated, 4),
+            # The finer context the evidence is keyed on: the cluster of similar descriptions
+            # (None: none is similar enough yet; the coarse contexts alone then decide).
+            "cluster": self.cluster,
+            "cluster_tasks": round(self.cluster_members, 1),
         }
 
 
@@ -77,8 +89,11 @@ class Learner:
         self.config = config
         self.analyzer = analyzer
         bandit = config.bandit
+        # The parts of a task that share the prior's spread: its coarse contexts, its keywords
+        # and, with clusters on, its cluster (so the prior stays worth ``prior_strength``).
+        parts = 4 if bandit.cluster_threshold > 0 and bandit.max_clusters > 0 else 3
         self.model = BanditModel(prior_strength=bandit.prior_strength, window=bandit.window,
-                                 half_life_s=config.learning.decay_half_life_s)
+                                 half_life_s=config.learning.decay_half_life_s, groups=parts)
         self.model.load(store.bandit_weights())
         self.calibrator = Calibrator()
         self.calibrator.load(store.counters())
@@ -86,6 +101,11 @@ class Learner:
         self.surprise = SurpriseDetector(bandit.surprise_window)
         self.changes = ChangeDetector(threshold=bandit.drift_threshold, shift=bandit.drift_shift,
                                       memory=bandit.drift_memory)
+        self.clusters = DescriptionClusters(threshold=bandit.cluster_threshold,
+                                            max_clusters=bandit.max_clusters)
+        self.clusters.load(store.clusters())
+        #: Cluster rows changed by the last ``apply_outcome``, for the store.
+        self.changed_clusters: list[ClusterRow] = []
         self._text_prior: TextPrior | None = None  # built on first use: it may load a model
 
     @property
@@ -98,12 +118,45 @@ class Learner:
         if self._text_prior is not None:
             self._text_prior.drop_caches()
 
-    def contexts(self, analysis: TaskAnalysis, text: Mapping[str, float]) -> tuple[str, str]:
-        """Groups of similar tasks, coarse then fine: the kind the text points at, and the set
-        of vocabulary words the description uses."""
+    def contexts(self, analysis: TaskAnalysis, text: Mapping[str, float],
+                 cluster: int | None = None) -> tuple[str, ...]:
+        """Groups of similar tasks, coarse then fine: the kind the text points at, the set of
+        vocabulary words the description uses, and its cluster of similar descriptions (when
+        it has one: clusters.py)."""
         index = self.analyzer.domain_index
         vocabulary = sorted(w for w in analysis.keywords if w in index)[:MAX_SIGNATURE_WORDS]
-        return "k:" + _top_kind(text), "v:" + " ".join(vocabulary)
+        top = _top_kind(text)
+        coarse = ("k:" + top, "v:" + " ".join(vocabulary))
+        if cluster is None:
+            return coarse
+        fine = f"{CLUSTER_PREFIX}{cluster}"
+        threshold = self.config.bandit.drift_group_z
+        if threshold <= 0:
+            return (*coarse, fine)
+        # The drifted group: every cluster of this coarse group on which a kind now fails
+        # more than predicted (surprise z below -threshold) shares a context per such kind,
+        # so what the other kinds achieve on one such cluster is evidence for all of them.
+        drifted = self.surprise.falling(CONTEXT_PREFIX + fine, threshold)
+        return (*coarse, fine, *(f"d:{top}:{kind}" for kind in drifted))
+
+    def features(self, keywords: Sequence[str],
+                 contexts: Sequence[str]) -> list[tuple[str, float]]:
+        """``bandit.features``, the cluster context weighing ``bandit.cluster_weight``: its
+        evidence moves the log-odds that many times faster (a fine context exists to catch
+        what the coarse ones average away)."""
+        feats = features(keywords, contexts)
+        weight = self.config.bandit.cluster_weight
+        if weight == 1.0:
+            return feats
+        return [(name, weight if name.startswith(_CLUSTER_FEATURE) else x)
+                for name, x in feats]
+
+    def watched(self, feats: Sequence[tuple[str, float]]) -> list[str]:
+        """The features the surprise sums and the change test watch (``bandit.drift_scope``):
+        all of them, or only the cluster context (none when the task has no cluster)."""
+        if self.config.bandit.drift_scope == DriftScope.CLUSTER:
+            return [name for name, _ in feats if name.startswith(_CLUSTER_FEATURE)]
+        return [name for name, _ in feats]
 
     def prior_success(self, text: Mapping[str, float], kind: str) -> float:
         """P(kind | text) mapped onto a success probability; a kind the config does not list
@@ -118,12 +171,13 @@ class Learner:
         each kind's probability of being picked (an integral per kind: for explanations)."""
         text = self.text_prior.probabilities(description)
         unknown = 1.0 / max(1, len(text))
-        contexts = self.contexts(analysis, text)
-        feats = features(analysis.keywords, contexts)
+        cluster = self.clusters.assign(analysis.keywords, _top_kind(text))
+        contexts = self.contexts(analysis, text, cluster)
+        feats = self.features(analysis.keywords, contexts)
         shares = {kind: text.get(kind, unknown) for kind in kinds}
         b = self.config.bandit
         low, span = b.success_if_wrong, b.success_if_right - b.success_if_wrong
-        groups = [name for name, _ in feats]
+        groups = self.watched(feats)
         priors = {kind: low + span * p for kind, p in shares.items()}
         flagged = self.changes.flagged(groups, b.drift_votes) if self.changes.enabled else ()
         if flagged:
@@ -135,7 +189,9 @@ class Learner:
         beliefs = self.model.beliefs(priors, feats, now)
         scale = self.exploration_scale(groups, beliefs)
         calibrate = self.calibrator.apply_logit
-        scores = [BanditScore(b.kind, shares[b.kind], b, scale, calibrate(b.mean))
+        members = self.clusters.members(cluster) if cluster is not None else 0.0
+        scores = [BanditScore(b.kind, shares[b.kind], b, scale, calibrate(b.mean), None,
+                              cluster, members, contexts)
                   for b in beliefs]
         if chances:
             dist = self.policy.distribution(beliefs, scale=scale)
@@ -154,27 +210,32 @@ class Learner:
         return max(b.exploration_scale, min(b.max_exploration_scale, widened))
 
     def observe(self, description: str, analysis: TaskAnalysis, kind: str,
-                probability: float, success: bool) -> None:
+                probability: float, success: bool, *, cluster: int | None = None) -> None:
         """A first try of the kind a decision chose, and the confidence it had: the residual
-        the surprise detector watches."""
+        the surprise detector and the change test watch."""
         text = self.text_prior.probabilities(description)
-        for name, _ in features(analysis.keywords, self.contexts(analysis, text)):
+        feats = self.features(analysis.keywords, self.contexts(analysis, text, cluster))
+        for name in self.watched(feats):
             self.surprise.observe(name, kind, probability, success)
             self.changes.observe(name, kind, probability, success)
 
     def learn(self, description: str, analysis: TaskAnalysis, kind: str, success: bool,
               now: float, *, prior: float | None = None,
-              keywords: Sequence[str] | None = None) -> list[Row]:
+              keywords: Sequence[str] | None = None, cluster: int | None = None) -> list[Row]:
         """Teach the model one outcome; returns the weights it changed, for the store.
 
         ``prior`` is the prior success the decision saw (recorded on the task), else it is
-        computed again; ``keywords`` those recorded with the decision, else the analysis'.
+        computed again; ``keywords`` those recorded with the decision, else the analysis';
+        ``cluster`` the task's cluster, else the one it is most similar to now.
         """
         text = self.text_prior.probabilities(description)
         if prior is None:
             prior = self.prior_success(text, kind)
         words = analysis.keywords if keywords is None else keywords
-        return self.model.update(kind, prior, features(words, self.contexts(analysis, text)),
+        if cluster is None:
+            cluster = self.clusters.assign(words, _top_kind(text))
+        return self.model.update(kind, prior,
+                                 self.features(words, self.contexts(analysis, text, cluster)),
                                  success, now)
 
     def apply_outcome(self, update: LearningUpdate) -> list[Row]:
@@ -183,14 +244,30 @@ class Learner:
         update carries its time), so a standby replaying the leader's updates in order ends in
         the same state; returns the weights it changed, for the store."""
         analysis = self.analyzer.analyze(update.description)
+        self.changed_clusters = []
+        if update.first_try:
+            # A task joins a cluster once, when its first try is learned.
+            cluster = self.join_cluster(update.description, update.keywords)
+        else:
+            cluster = self.clusters.assign(
+                update.keywords, _top_kind(self.text_prior.probabilities(update.description)))
         rows = self.learn(update.description, analysis, update.kind, update.success, update.at,
-                          prior=update.prior, keywords=update.keywords)
+                          prior=update.prior, keywords=update.keywords, cluster=cluster)
         if update.model_probability is not None:
             self.calibrator.update(update.model_probability, update.success)
         if update.confidence is not None:
             self.observe(update.description, analysis, update.kind, update.confidence,
-                         update.success)
+                         update.success, cluster=cluster)
         return rows
+
+    def join_cluster(self, description: str, keywords: Sequence[str]) -> int | None:
+        """Put a learned task in its cluster, nested in the kind its text points at; the
+        changed row waits in ``changed_clusters`` for the store."""
+        group = _top_kind(self.text_prior.probabilities(description))
+        cluster, row = self.clusters.learn(keywords, group)
+        if row is not None:
+            self.changed_clusters.append(row)
+        return cluster
 
     def replay_distribution(self, scores: Sequence[BanditScore]) -> dict[str, float]:
         """The policy's distribution for a logged task; its exploration share moves by its
@@ -200,6 +277,9 @@ class Learner:
         greedy = max(scores, key=lambda s: s.confidence).kind
         self.policy.expect(dist, greedy)
         return dist
+
+
+_CLUSTER_FEATURE = CONTEXT_PREFIX + CLUSTER_PREFIX
 
 
 def _top_kind(text: Mapping[str, float]) -> str:

@@ -51,7 +51,19 @@ CREATE TABLE IF NOT EXISTS bandit_weights (  -- BanditModel's state (bandit.py)
     ref REAL NOT NULL,              -- the reference time of the scaling
     PRIMARY KEY (kind, feature)
 );
+CREATE TABLE IF NOT EXISTS routing_clusters (  -- DescriptionClusters' state (clusters.py)
+    id INTEGER PRIMARY KEY,
+    grp TEXT NOT NULL,              -- the coarse group it is nested in
+    members REAL NOT NULL,
+    norm REAL NOT NULL,             -- the centroid's weighted length when it last changed
+    centroid TEXT NOT NULL          -- "word count word count ..."
+);
 """
+UPSERT_CLUSTER = (
+    "INSERT INTO routing_clusters (id, grp, members, norm, centroid) VALUES (?,?,?,?,?) "
+    "ON CONFLICT(id) DO UPDATE SET grp = excluded.grp, members = excluded.members, "
+    "norm = excluded.norm, centroid = excluded.centroid"
+)
 _UPSERT_WEIGHT = (
     "INSERT INTO bandit_weights (kind, feature, evidence, information, successes, failures, ref)"
     " VALUES (?,?,?,?,?,?,?) ON CONFLICT(kind, feature) DO UPDATE SET "
@@ -215,6 +227,13 @@ class PatternStore:
 
     def save_bandit_weights(self, rows: Iterable[Sequence[object]]) -> None:
         self._db.executemany(_UPSERT_WEIGHT, list(rows))
+
+    def clusters(self) -> list[tuple[int, str, float, float, str]]:
+        return list(self._db.execute(
+            "SELECT id, grp, members, norm, centroid FROM routing_clusters"))
+
+    def save_clusters(self, rows: Iterable[Sequence[object]]) -> None:
+        self._db.executemany(UPSERT_CLUSTER, list(rows))
 
     def counters(self) -> dict[str, float]:
         return {name: value for name, value in self._db.execute("SELECT name, value FROM counters")}

@@ -52,7 +52,7 @@ from coordinator_agent.routing.config import (
 from coordinator_agent.routing.decisions import DecisionLog
 from coordinator_agent.routing.fleet import REFRESH_BUDGET, Fleet, Pool, pick
 from coordinator_agent.routing.learner import BanditScore, Learner
-from coordinator_agent.routing.patterns import Outcome, PatternStore
+from coordinator_agent.routing.patterns import UPSERT_CLUSTER, Outcome, PatternStore
 from coordinator_agent.routing.phases import split_phases
 from coordinator_agent.routing.policy import Choice
 from coordinator_agent.routing.updates import LearningUpdate
@@ -559,9 +559,12 @@ class CoordinationPlanner:
         weights = self.learner.apply_outcome(update)
         if update.model_probability is not None:
             self._counters.update(self.learner.calibrator.state())
+        also = list(self.decisions.outcome_statements(update.task_id, update.attempt,
+                                                      update.success, update.at))
+        if self.learner.changed_clusters:
+            also.append((UPSERT_CLUSTER, self.learner.changed_clusters))
         self.store.record(update.outcome(), counters=self._counters, weights=weights,
-                          also=self.decisions.outcome_statements(
-                              update.task_id, update.attempt, update.success, update.at))
+                          also=also)
         self._unsaved = False
 
     def next_step(self, task: TaskRecord, outcome: AttemptOutcome | None = None) -> FallbackStep:
@@ -659,6 +662,11 @@ class CoordinationPlanner:
         plan = self._plan(task, analysis, workloads, explain=True)
         result["kinds"] = {s.kind: {"confidence": round(s.confidence, 4), "parts": s.parts()}
                            for s in plan.scores}
+        first = plan.scores[0] if plan.scores else None
+        if isinstance(first, BanditScore):
+            # The groups of tasks whose evidence this decision reads, coarse to fine.
+            result["contexts"] = {"names": list(first.contexts), "cluster": first.cluster,
+                                  "cluster_tasks": round(first.cluster_members, 1)}
         result.update(kind=plan.chosen.kind, fallback_used=plan.fallback_used,
                       reason=plan.reason,
                       alternatives=[s.kind for s in plan.scores if s is not plan.chosen])
@@ -694,12 +702,15 @@ class CoordinationPlanner:
         outcomes = [self._learn_description(d, k, ok, at) for d, k, ok, at in rows]
         self.store.record_many(outcomes)
         self.store.save_bandit_weights(self.learner.model.rows())
+        self.store.save_clusters(self.learner.clusters.rows())
+        self.learner.changed_clusters = []
         return len(outcomes)
 
     def _learn_description(self, description: str, kind: str, success: bool,
                            at: float) -> Outcome:
         analysis = self.analyzer.analyze(description)
-        self.learner.learn(description, analysis, kind, success, at)
+        cluster = self.learner.join_cluster(description, analysis.keywords)
+        self.learner.learn(description, analysis, kind, success, at, cluster=cluster)
         return Outcome(keywords=analysis.keywords, kind=kind, success=success,
                        category=analysis.category, complexity=analysis.complexity.value, at=at)
 

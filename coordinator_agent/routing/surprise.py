@@ -75,5 +75,14 @@ class SurpriseDetector:
                 worst = min(worst, z)
         return max(1.0, -worst)
 
+    def falling(self, group: str, threshold: float) -> list[str]:
+        """The kinds whose ``z`` on ``group`` is below ``-threshold``, in a fixed order."""
+        per_kind = self._sums.get(group)
+        if not per_kind:
+            return []
+        limit = -threshold
+        return sorted(kind for kind, (r, v) in per_kind.items()
+                      if r < 0.0 and v > 1e-9 and r / math.sqrt(v) < limit)
+
     def state(self) -> Mapping[str, Mapping[str, tuple[float, float]]]:
         return self._sums

@@ -72,6 +72,7 @@ def _state(planner: CoordinationPlanner) -> dict[str, Any]:
     counters = planner._counters
     return {
         "weights": sorted(learner.model.rows()),
+        "clusters": sorted(learner.clusters.rows()),
         "calibration": learner.calibrator.state(),
         "surprise": {g: dict(k) for g, k in learner.surprise.state().items()},
         "changes": learner.changes.state(),
@@ -92,13 +93,13 @@ def _beliefs(planner: CoordinationPlanner) -> list[Any]:
     return out
 
 
-@pytest.mark.parametrize("change_test", [False, True])
+@pytest.mark.parametrize("change_test", ["packaged", "features", "cluster"])
 def test_a_standby_applying_the_leaders_updates_learns_the_same_state(
-        tmp_path: Path, change_test: bool) -> None:
+        tmp_path: Path, change_test: str) -> None:
     config = default_routing_config()
-    if change_test:  # the opt-in change test (drift.py) must replicate too
+    if change_test != "packaged":  # the change test (drift.py) must replicate on any scope
         config = config.model_copy(update={"bandit": config.bandit.model_copy(
-            update={"drift_threshold": 2.0, "drift_votes": 1})})
+            update={"drift_threshold": 2.0, "drift_votes": 1, "drift_scope": change_test})})
     leader = CoordinationPlanner(8, config=config, store_path=tmp_path / "leader.sqlite3",
                                  rng=random.Random(1))
     shipped = _leader_run(leader, 150, seed=3)
@@ -114,7 +115,13 @@ def test_a_standby_applying_the_leaders_updates_learns_the_same_state(
     assert _state(standbys[0]) == _state(standbys[1]) == _state(leader)
     assert _beliefs(standbys[0]) == _beliefs(leader)
     assert _state(leader)["weights"]  # something was learned
-    if change_test:
+    # The clusters of similar descriptions (clusters.py) replicate, and the model learned
+    # per cluster: one cluster context per cluster, in the weights.
+    clusters = _state(leader)["clusters"]
+    assert 2 <= len(clusters) <= len(DESCRIPTIONS)
+    features = {row[1] for row in _state(leader)["weights"]}
+    assert {f"@c:{row[0]}" for row in clusters} <= features
+    if change_test != "packaged":
         assert _state(leader)["changes"]["flags"]  # the test tripped somewhere
     leader.close()
 
