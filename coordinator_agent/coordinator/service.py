@@ -587,7 +587,8 @@ class CoordinatorAgent:
             raise NotLeading()  # a directive: only the leader sends them (the API says 503)
         agent = self.state.agents.get(agent_id)
         if agent is not None:
-            agent.reported_state = "draining"  # no new work from now on; its heartbeats agree
+            agent.drain_requested = True  # no new work from now on, whatever it reports
+            self.state.fleet.changed(agent_id)
         if self.replication is not None:
             self.replication.record_drained(agent_id, reason)
         await self.outbox.to_agent(agent_id, protocol.AgentDrain(reason=reason))

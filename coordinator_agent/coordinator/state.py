@@ -60,6 +60,9 @@ class AgentRecord:
     failed: int = 0
     #: The agent's own stamp on its last heartbeat (gaps count heartbeats that never came).
     last_sent_at: float | None = None
+    #: An operator (or the spawner) asked this process to drain: no new work, whatever a
+    #: heartbeat sent before the agent read the request still says. A new hello clears it.
+    drain_requested: bool = False
 
     def capacity(self, cap: int) -> int:
         return min(self.max_concurrency, cap)
@@ -69,7 +72,8 @@ class AgentRecord:
 
     @property
     def assignable(self) -> bool:
-        return self.liveness is AgentLiveness.HEALTHY and self.reported_state != "draining"
+        return (self.liveness is AgentLiveness.HEALTHY and self.reported_state != "draining"
+                and not self.drain_requested)
 
     def public_view(self, now: float) -> dict[str, Any]:
         return {
@@ -83,7 +87,7 @@ class AgentRecord:
                          if self.heard else {"heard": False, "last_seen_s": None}),
                 "consul": self.registry.value if self.registry is not None else None,
             },
-            "state": self.reported_state,
+            "state": "draining" if self.drain_requested else self.reported_state,
             "max_concurrency": self.max_concurrency,
             "in_flight": len(self.in_flight),
             "load": round(self.reported_load, 3),
@@ -217,6 +221,7 @@ class StateManager:
         if isinstance(info, protocol.AgentHello):
             record.version = info.version
             record.reported_state = "ready"
+            record.drain_requested = False  # a new process: the drain was its predecessor's
         else:
             record.reported_state = info.state
             record.reported_in_flight = info.in_flight

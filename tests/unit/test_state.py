@@ -174,6 +174,18 @@ def test_agent_that_starts_draining_is_not_assignable(state: StateManager) -> No
     assert not record.assignable
 
 
+def test_a_requested_drain_outlasts_a_heartbeat_sent_before_it_was_read(
+        state: StateManager) -> None:
+    record, _ = state.observe_agent("a1", _hello(), now=T0)
+    record.drain_requested = True  # the operator's request (CoordinatorAgent.drain_agent)
+    state.observe_agent("a1", _status("ready"), now=T0 + 1)  # sent before the agent read it
+    assert not record.assignable
+    assert record.public_view(T0 + 1)["state"] == "draining"
+    # A new process of the agent starts afresh.
+    state.observe_agent("a1", _hello(), now=T0 + 2)
+    assert record.assignable
+
+
 def test_reported_draining_blocks_assignment_even_if_healthy() -> None:
     record = AgentRecord("a1", "k", frozenset(), 1, reported_state="draining")
     assert record.liveness is AgentLiveness.HEALTHY
