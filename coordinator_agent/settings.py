@@ -233,6 +233,9 @@ class SchedulingSettings(BaseModel):
     #: Intake holds a principal with this many tasks pending while others have work
     #: (coordinator/readahead.py); None: never.
     read_ahead: int | None = Field(1000, ge=1)
+    #: A principal that submitted within this many seconds keeps its fair share of the fleet
+    #: free between its submissions (scheduling.py); 0: work-conserving, no room kept.
+    reserve_s: float = Field(0.5, ge=0)
 
     @field_validator("weights")
     @classmethod

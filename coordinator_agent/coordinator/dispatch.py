@@ -56,6 +56,7 @@ class Dispatcher:
         self.limits = limits
         self.scan_limit = scan_limit
         self._token_wake_at = 0.0  # when the wake for a rate-limited task is due
+        self._room_wake_at = 0.0  # when the wake for room kept free (fair share) is due
         #: The collection ``_serving`` returned when it was the whole fleet (no one retiring).
         self._whole: Collection[AgentRecord] | None = None
         #: Agents that get no new work: the spawner is draining them (spawner.py).
@@ -112,6 +113,7 @@ class Dispatcher:
         # Tasks that name a kind with no free agent, or one held by a limit, wait as a lane.
         blocked = self._blocked_kinds(agents) | set(held_kinds)
         serving = self.pending.serving_order(now, by_principal, blocked)
+        quota = self._quotas(agents, now)
         try:
             while free > 0:
                 picked = serving.next(self.scan_limit)
@@ -121,6 +123,11 @@ class Dispatcher:
                 task = self.state.tasks.get(task_id)
                 if task is None or task.status is not TaskStatus.PENDING:
                     self.drop(task_id)
+                    continue
+                if principal in quota and serving.running.get(principal, 0) >= quota[principal]:
+                    task.routing["held"] = "fair share: room kept for other recent submitters"
+                    serving.leave(principal)
+                    self._wake_when_room_expires(now)
                     continue
                 if limits is not None:
                     hold = limits.principal_hold(principal, now)
@@ -190,6 +197,17 @@ class Dispatcher:
         return {kind for kind, group in by_kind.items()
                 if not any(healthy and len(agent.in_flight) < min(capacity, cap)
                            and agent.assignable for agent, capacity, healthy in group)}
+
+    def _quotas(self, agents: Collection[AgentRecord], now: float) -> dict[str, float]:
+        """Each principal's share of the fleet's slots, while a recent submitter with nothing
+        pending keeps its share free (scheduling.py); empty otherwise."""
+        sharing = self.pending.keeping_room(now)
+        if not sharing:
+            return {}
+        cap = self.cap
+        slots = sum(agent.capacity(cap) for agent in agents if agent.assignable)
+        total = sum(sharing.values())
+        return {p: slots * w / total for p, w in sharing.items()}
 
     def _free_slots(self, agents: Collection[AgentRecord], enough: int) -> int:
         """Free slots of assignable agents, counted until there are ``enough`` (the pending
@@ -261,6 +279,15 @@ class Dispatcher:
             return  # an earlier wake is already due
         self._token_wake_at = at
         asyncio.get_running_loop().call_later(max(0.001, at - now), self.wake.set)
+
+    def _wake_when_room_expires(self, now: float) -> None:
+        """Room kept free ends after ``reserve_s`` of quiet: look again then, even if no slot
+        frees meanwhile."""
+        at = now + self.pending.reserve_s
+        if now < self._room_wake_at <= at:
+            return  # a wake is already due by then
+        self._room_wake_at = at
+        asyncio.get_running_loop().call_later(self.pending.reserve_s + 0.01, self.wake.set)
 
     def _hedge(self, task: TaskRecord) -> bool:
         """Race a first attempt on the top two kinds when they score within the margin."""

@@ -12,6 +12,12 @@ Two rules, in this order:
    of any band overtakes newly arrived work of every band after ``9 * aging_s`` seconds: nothing
    starves, and nothing gains more than the bound. Ties go to the task that waited longer.
 
+Between its submissions a principal has nothing pending, and a flood would take every slot
+that frees: its next task would wait for a slot to end, up to a whole task's duration. So a
+principal that submitted within ``reserve_s`` keeps its share free: while such a principal has
+nothing pending, every other principal is served only up to its own share of the fleet
+(``Dispatcher``). A principal alone, or after ``reserve_s`` of quiet, has the whole fleet.
+
 Age counts from the moment a task (re)joined the queue, so a retry waits its turn anew.
 The structures are small: one insertion-ordered dict per (principal, band, named kind); a pass
 merges the lane heads of each principal, so picking the next task never scans the whole
@@ -71,9 +77,12 @@ class SchedulingQueue:
     """Pending task ids, served by fair share, then priority with aging, then age."""
 
     def __init__(self, *, aging_s: float = 10.0, max_aging_bands: int = 9,
-                 weights: Mapping[str, float] | None = None, default_weight: float = 1.0
-                 ) -> None:
+                 weights: Mapping[str, float] | None = None, default_weight: float = 1.0,
+                 reserve_s: float = 0.0) -> None:
         self.aging_s = aging_s
+        self.reserve_s = reserve_s
+        #: Principal -> when a task of theirs last joined the queue (``sharing``).
+        self._last_added: dict[str, float] = {}
         self.max_aging_bands = max_aging_bands
         self.weights = dict(weights or {})
         self.default_weight = default_weight
@@ -99,6 +108,7 @@ class SchedulingQueue:
             return  # keeps its place and its age
         lane = (band, kind or "")
         self._where[task_id] = (principal, lane)
+        self._last_added[principal] = now
         if self._deferred is not None:
             self._deferred.append((True, task_id, principal, lane, now))
             return
@@ -132,6 +142,7 @@ class SchedulingQueue:
         """Forget every pending id (a new HA term queues again from the store)."""
         self._principals.clear()
         self._where.clear()
+        self._last_added.clear()
 
     def compact(self) -> None:
         """Right-sized copies of the dicts that grew with a flood (memory.py); order is kept."""
@@ -148,6 +159,18 @@ class SchedulingQueue:
     def principals(self) -> Collection[str]:
         """The principals with tasks pending."""
         return self._principals.keys()
+
+    def keeping_room(self, now: float) -> dict[str, float]:
+        """The weights of every principal sharing the fleet: tasks pending, or one added within
+        ``reserve_s``; empty unless one of them has nothing pending (its room to keep free)."""
+        if self.reserve_s <= 0:
+            return {}
+        added = self._last_added
+        for principal in [p for p, t in added.items() if now - t > self.reserve_s]:
+            del added[principal]
+        if all(p in self._principals for p in added):
+            return {}
+        return {p: self.weight(p) for p in {*added, *self._principals}}
 
     def backlog(self, principal: str) -> int:
         queue = self._principals.get(principal)

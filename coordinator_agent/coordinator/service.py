@@ -147,7 +147,8 @@ class CoordinatorAgent:
                                          aging_s=scheduling.aging_s,
                                          max_aging_bands=scheduling.max_aging_bands,
                                          weights=scheduling.weights,
-                                         default_weight=scheduling.default_weight))
+                                         default_weight=scheduling.default_weight,
+                                         reserve_s=scheduling.reserve_s))
         #: Intake holds a principal far ahead of its agents while others have work.
         self.read_ahead = ReadAhead(scheduling.read_ahead, self.dispatcher.pending,
                                     self.dispatcher.running_by_principal,

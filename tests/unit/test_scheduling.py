@@ -174,3 +174,24 @@ def test_compaction_after_a_flood_keeps_every_task_its_place_and_its_age() -> No
     queue.compact()
     assert queue._where is where
     serving.close()
+
+
+def test_a_recent_submitter_with_nothing_pending_keeps_its_share_for_reserve_s() -> None:
+    queue = SchedulingQueue(weights={"light": 1.0, "flood": 3.0}, reserve_s=0.5)
+    for n in range(10):
+        queue.add(f"f{n}", "flood", 5, now=0.0)
+    assert queue.keeping_room(0.0) == {}  # the flood alone: the whole fleet is its
+    queue.add("l1", "light", 5, now=1.0)
+    assert queue.keeping_room(1.1) == {}  # both have tasks pending: fair share decides
+    queue.discard("l1")  # assigned: nothing of the light operator's is pending
+    assert queue.keeping_room(1.2) == {"light": 1.0, "flood": 3.0}
+    assert queue.keeping_room(1.5) == {"light": 1.0, "flood": 3.0}
+    assert queue.keeping_room(1.6) == {}  # quiet for longer than reserve_s
+
+
+def test_no_room_is_kept_when_reserve_s_is_zero() -> None:
+    queue = SchedulingQueue(reserve_s=0.0)
+    queue.add("l1", "light", 5, now=0.0)
+    queue.discard("l1")
+    queue.add("f1", "flood", 5, now=0.0)
+    assert queue.keeping_room(0.1) == {}
