@@ -106,6 +106,19 @@ def run_agent(agent_id: str, concurrency: int, work_s: float) -> None:
 # --- the flooder (a child process) --------------------------------------------------------------
 
 
+async def post_task(http: aiohttp.ClientSession, base: str, token: str, description: str
+                    ) -> tuple[int, float]:
+    """``POST /api/tasks``: (202, 0) when admitted, (429, Retry-After) when refused."""
+    async with http.post(base + "/api/tasks", json={"description": description},
+                         headers={"Authorization": f"Bearer {token}"}) as response:
+        body = await response.json()
+        if response.status == 202:
+            return 202, 0.0
+        if response.status == 429:
+            return 429, float(response.headers.get("Retry-After", "1"))
+        raise RuntimeError(f"submit answered {response.status}: {body}")
+
+
 class Flooder:
     """Offers ``--flood`` tasks over HTTP or AMQP until SIGTERM; writes its counts to a file."""
 
@@ -117,15 +130,7 @@ class Flooder:
         self.flood_refused = 0
 
     async def submit(self, http: aiohttp.ClientSession, description: str) -> tuple[int, float]:
-        headers = {"Authorization": f"Bearer {self.token}"}
-        async with http.post(self.base + "/api/tasks", json={"description": description},
-                             headers=headers) as response:
-            body = await response.json()
-            if response.status == 202:
-                return 202, 0.0
-            if response.status == 429:
-                return 429, float(response.headers.get("Retry-After", "1"))
-            raise RuntimeError(f"submit answered {response.status}: {body}")
+        return await post_task(http, self.base, self.token, description)
 
     async def report(self, stop: asyncio.Event) -> None:
         progress = Path(self.args.progress)
@@ -324,15 +329,7 @@ class Bench:
 
     async def submit(self, http: aiohttp.ClientSession, who: str, description: str
                      ) -> tuple[int, float]:
-        headers = {"Authorization": f"Bearer {self.tokens[who]}"}
-        async with http.post(self.base + "/api/tasks", json={"description": description},
-                             headers=headers) as response:
-            body = await response.json()
-            if response.status == 202:
-                return 202, 0.0
-            if response.status == 429:
-                return 429, float(response.headers.get("Retry-After", "1"))
-            raise RuntimeError(f"submit answered {response.status}: {body}")
+        return await post_task(http, self.base, self.tokens[who], description)
 
     async def light_amqp(self, label: str) -> tuple[list[str], list[float]]:
         """Over AMQP the clock starts at the publish: time in the broker's queue counts."""

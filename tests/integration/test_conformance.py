@@ -134,15 +134,12 @@ async def careless_handler(task: TaskContext) -> Any:
     return await example_handler(task)
 
 
-async def test_an_agent_that_lies_fails_concurrency_progress_and_own_tasks(
-    settings: Settings, keyring: Keyring, cleanup_namespace: None,
-) -> None:
-    settings = slower_heartbeat(settings)
-    harness = Harness(settings, keyring, "agent-1")
+async def certify(agent: WorkerAgent, settings: Settings, keyring: Keyring
+                  ) -> tuple[Any, Harness]:
+    """Run the agent conformance kit against the agent; its report and the (closed) harness,
+    which keeps what it saw."""
+    harness = Harness(settings, keyring, agent.agent_id)
     await harness.start()
-    agent = WorkerAgent("agent-1", "general", careless_handler, settings=settings,
-                        keyring=keyring, max_concurrency=3)
-    agent.max_concurrency = 1  # announces 1, runs up to 3 at once
     serving = asyncio.create_task(agent.run())
     try:
         report = await AgentConformance(harness, "agent-1", wait_s=10).run()
@@ -152,6 +149,17 @@ async def test_an_agent_that_lies_fails_concurrency_progress_and_own_tasks(
             agent.request_stop()
             await serving
         await harness.close()
+    return report, harness
+
+
+async def test_an_agent_that_lies_fails_concurrency_progress_and_own_tasks(
+    settings: Settings, keyring: Keyring, cleanup_namespace: None,
+) -> None:
+    settings = slower_heartbeat(settings)
+    agent = WorkerAgent("agent-1", "general", careless_handler, settings=settings,
+                        keyring=keyring, max_concurrency=3)
+    agent.max_concurrency = 1  # announces 1, runs up to 3 at once
+    report, _ = await certify(agent, settings, keyring)
     found = verdicts(report)
     failed = {rule for rule, verdict in found.items() if verdict is Verdict.FAIL}
     assert failed == {"concurrency", "progress", "own_tasks"}, report.as_text()
@@ -344,19 +352,9 @@ async def test_an_agent_that_announces_batches_but_drops_them_fails_the_batch_ru
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
     settings = slower_heartbeat(settings)
-    harness = Harness(settings, keyring, "agent-1")
-    await harness.start()
     agent = BatchDroppingAgent("agent-1", "general", example_handler, settings=settings,
                                keyring=keyring, max_concurrency=2, batch_limit=4)
-    serving = asyncio.create_task(agent.run())
-    try:
-        report = await AgentConformance(harness, "agent-1", wait_s=10).run()
-        await asyncio.wait_for(serving, 10)
-    finally:
-        if not serving.done():
-            agent.request_stop()
-            await serving
-        await harness.close()
+    report, _ = await certify(agent, settings, keyring)
     found = verdicts(report)
     assert found["batch"] is Verdict.FAIL, report.as_text()
     detail = next(r.detail for r in report.results if r.rule == "batch")
@@ -371,19 +369,9 @@ async def test_an_agent_without_batches_gets_not_applicable_for_the_batch_rule(
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
     settings = slower_heartbeat(settings)
-    harness = Harness(settings, keyring, "agent-1")
-    await harness.start()
     agent = WorkerAgent("agent-1", "general", example_handler, settings=settings,
                         keyring=keyring, max_concurrency=2, batch_limit=1)
-    serving = asyncio.create_task(agent.run())
-    try:
-        report = await AgentConformance(harness, "agent-1", wait_s=10).run()
-        await asyncio.wait_for(serving, 10)
-    finally:
-        if not serving.done():
-            agent.request_stop()
-            await serving
-        await harness.close()
+    report, harness = await certify(agent, settings, keyring)
     found = verdicts(report)
     assert found.pop("batch") is Verdict.NOT_APPLICABLE, report.as_text()
     assert set(found.values()) == {Verdict.PASS}, report.as_text()
