@@ -215,8 +215,8 @@ class BanditSettings(_Model):
     max_exploration_scale: float = Field(1.0, ge=0, le=10)
     #: Change detection (drift.py): a Bernoulli CUSUM per (feature, kind) of first tries
     #: against "success log-odds dropped by ``drift_shift``" trips at this threshold. 0: off.
-    #: With the cluster context among the features, 6 is the tuned value (docs/ROUTING.md).
-    drift_threshold: float = Field(6.0, ge=0, le=1000)
+    #: With the cluster context among the features, 6 was tried (docs/ROUTING.md).
+    drift_threshold: float = Field(0.0, ge=0, le=1000)
     drift_shift: float = Field(2.0, ge=0, le=20)
     #: A tripped (feature, kind) stays flagged for about this many first tries on the feature.
     drift_memory: float = Field(100.0, ge=1, le=1_000_000)
@@ -226,8 +226,9 @@ class BanditSettings(_Model):
     #: kind's prior success is at least this.
     drift_prior: float = Field(0.6, gt=0, lt=1)
     #: Finer contexts (clusters.py): a learned description joins the cluster of similar
-    #: descriptions whose cosine (idf-weighted keywords) reaches this, else starts one. 0: off.
-    cluster_threshold: float = Field(0.4, ge=0, le=1)
+    #: descriptions whose cosine (idf-weighted keywords) reaches this, else starts one. 0: off
+    #: (0.4 was tried, docs/ROUTING.md).
+    cluster_threshold: float = Field(0.0, ge=0, le=1)
     #: The cluster context's value among a task's features: above 1, the cluster's own
     #: evidence moves a kind's log-odds faster than the coarse contexts' (learner.py).
     cluster_weight: float = Field(1.0, gt=0, le=10)
