@@ -15,8 +15,9 @@ A process's session is the id of its ``agent.hello``; its heartbeats carry it as
 correlation id. It says hello *before* it consumes its queue, and runs only the assignments
 whose correlation id is its session: what was queued for an earlier process of the same agent
 (one that crashed, say) is the coordinator's to give again, and is dropped here unrun. Before a
-task's handler runs, a ``task.progress`` of 0 ("started") is confirmed by the broker, so that if
-the task kills the process the coordinator knows which task did it (docs/RELIABILITY.md).
+task's handler runs, a ``task.progress`` of 0 ("started") is written to the connection's socket,
+so that if the task kills the process the coordinator knows which task did it
+(docs/RELIABILITY.md).
 
 It announces ``batch:N`` (``batch_limit``, PROTOCOL.md §9.13): the coordinator may then send it
 several assignments in one ``batch`` message, which it runs side by side and acks once all are
@@ -88,7 +89,7 @@ TaskHandler = Callable[[TaskContext], Awaitable[Any]]
 
 
 class WorkerAgent:
-    #: Send the confirmed "started" report before each handler runs. Off only to measure what
+    #: Send the "started" report before each handler runs. Off only to measure what
     #: it costs (bench/started_cost.py): without it the coordinator cannot tell a task that
     #: crashed its agent from one merely queued for it (RELIABILITY.md, "Started reports").
     report_started = True
@@ -237,7 +238,10 @@ class WorkerAgent:
         )
 
     async def report(self, payload: protocol.TaskProgress | protocol.TaskResult) -> None:
-        """A report on a task, with this loop turn's others (one batch, PROTOCOL.md §9.13)."""
+        """A report on a task, with this loop turn's others (one batch, PROTOCOL.md §9.13).
+
+        A result returns once the broker has confirmed it; progress once it is written to the
+        connection (the broker's confirm would add a round trip before every handler)."""
         message_type = protocol.TYPE_OF_PAYLOAD[type(payload)]
         lane = lane_for(self.coordinator_id, message_type)
         durable = lane == c.tasks_key(self.coordinator_id)
@@ -245,7 +249,8 @@ class WorkerAgent:
             payload, Destination(self.coordinator_id, c.COORDINATOR_EXCHANGE, lane,
                                  persistent=durable,
                                  expiration_s=None if durable
-                                 else self.settings.security.message_ttl_s),
+                                 else self.settings.security.message_ttl_s,
+                                 confirm=durable),
             correlation_id=self.session)
 
     async def _send_status(self) -> None:
@@ -391,7 +396,8 @@ class WorkerAgent:
         self._remember(key)
 
     async def _report_started(self, assign: protocol.TaskAssign) -> None:
-        """Confirmed before the handler runs: should it kill us, the coordinator knows."""
+        """Written to the socket before the handler runs: should it kill us, the kernel still
+        delivers it and the coordinator knows."""
         started = protocol.TaskProgress(task_id=assign.task_id, attempt=assign.attempt,
                                         progress=0.0, message="started")
         try:

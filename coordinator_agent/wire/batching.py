@@ -4,7 +4,8 @@ Senders ``await send(...)`` as they would ``publish``; the message waits in a li
 of the loop turn (``call_soon``, never a timer: an idle sender adds one loop turn, microseconds).
 Then each destination's messages go out as one ``batch`` message (batch.py), split by the
 peer's limit and the size limit, or alone when there is just one; every sender's ``send``
-returns once the broker has confirmed the message that carried it, or raises its error.
+returns once the broker has confirmed the message that carried it (or, for a destination
+that does not wait for confirms, once it is written), or raises its error.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class Destination(NamedTuple):
     persistent: bool
     #: Let the broker drop it after this long (telemetry); None: never.
     expiration_s: float | None = None
+    #: Wait for the broker's confirm; False: only until it is written (messaging.py).
+    confirm: bool = True
 
 
 class _Waiting(NamedTuple):
@@ -51,7 +54,8 @@ class TurnBatcher:
             await self.messages.publish(
                 payload, peer=destination.peer, exchange=destination.exchange,
                 routing_key=destination.routing_key, persistent=destination.persistent,
-                correlation_id=correlation_id, expiration_s=destination.expiration_s)
+                correlation_id=correlation_id, expiration_s=destination.expiration_s,
+                confirm=destination.confirm)
             return
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
@@ -91,7 +95,8 @@ class TurnBatcher:
             await self.messages.publish(
                 message.payload, peer=destination.peer, exchange=destination.exchange,
                 routing_key=destination.routing_key, persistent=destination.persistent,
-                correlation_id=message.correlation_id, expiration_s=destination.expiration_s)
+                correlation_id=message.correlation_id, expiration_s=destination.expiration_s,
+                confirm=destination.confirm)
         except Exception as exc:  # handed to the sender, who decides
             _settle(message.done, exc)
         else:
@@ -103,7 +108,7 @@ class TurnBatcher:
             await self.messages.publish_batch(
                 items, peer=destination.peer, exchange=destination.exchange,
                 routing_key=destination.routing_key, persistent=destination.persistent,
-                expiration_s=destination.expiration_s)
+                expiration_s=destination.expiration_s, confirm=destination.confirm)
         except Exception as exc:  # handed to every sender it carried
             for message in carried:
                 _settle(message.done, exc)

@@ -139,6 +139,9 @@ class MessageHandler:
         self._connection: AbstractConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._publish_underlay: aiormq.Channel | None = None
+        #: A channel without confirms, opened on first use (``confirm=False`` publishes).
+        self._written_underlay: aiormq.Channel | None = None
+        self._written_lock = asyncio.Lock()
         self._ready = asyncio.Event()
         self._consuming = True
         self._closing = False
@@ -427,6 +430,7 @@ class MessageHandler:
         connection, self._connection = self._connection, None
         self._publish_channel = None
         self._publish_underlay = None
+        self._written_underlay = None
         if connection is not None and not connection.is_closed:
             await close_connection(connection)
 
@@ -647,11 +651,14 @@ class MessageHandler:
         message_id: str | None = None,
         expiration_s: float | None = None,
         on_behalf_of: str | None = None,
+        confirm: bool = True,
     ) -> protocol.Envelope:
         """Seal and publish; returns the envelope once the broker has confirmed it.
 
         ``on_behalf_of``: send as that principal, sealed with its keys (a standby coordinator
         forwarding an operator's submission to the leader, which checks it as the operator's).
+        ``confirm=False``: returns once the message is written to the connection's socket,
+        without waiting for the broker (best-effort telemetry; ``_publish_written``).
         """
         envelope = protocol.make_envelope(
             payload, sender=on_behalf_of or self.security.principal_id,
@@ -659,7 +666,10 @@ class MessageHandler:
         )
         message = self._sealed(envelope, on_behalf_of or peer, correlation_id=correlation_id,
                                persistent=persistent, expiration_s=expiration_s)
-        await self._publish_raw(exchange, routing_key, message, mandatory=True)
+        if confirm:
+            await self._publish_raw(exchange, routing_key, message, mandatory=True)
+        else:
+            await self._publish_written(exchange, routing_key, message)
         if self.metrics:
             self._published(envelope.type).inc()
         return envelope
@@ -673,15 +683,20 @@ class MessageHandler:
         routing_key: str,
         persistent: bool = True,
         expiration_s: float | None = None,
+        confirm: bool = True,
     ) -> protocol.Envelope:
         """Seal several items (``batch.item_of``) as one ``batch`` message and publish it;
-        returns its envelope once the broker has confirmed it. The caller keeps it within
-        the peer's batch limit and the size limit (``batch.split``)."""
+        returns its envelope once the broker has confirmed it (``confirm=False``: once it is
+        written, as ``publish``). The caller keeps it within the peer's batch limit and the
+        size limit (``batch.split``)."""
         envelope = protocol.make_envelope(protocol.Batch(items=items),
                                           sender=self.security.principal_id)
         message = self._sealed(envelope, peer, correlation_id=None, persistent=persistent,
                                expiration_s=expiration_s)
-        await self._publish_raw(exchange, routing_key, message, mandatory=True)
+        if confirm:
+            await self._publish_raw(exchange, routing_key, message, mandatory=True)
+        else:
+            await self._publish_written(exchange, routing_key, message)
         if self.metrics:
             self._published(envelope.type).inc()
             self.metrics.batch_items.labels("sent").observe(len(items))
@@ -739,6 +754,45 @@ class MessageHandler:
         except BROKER_ERRORS as exc:
             self._count_publish_error("connection")
             raise TransportError(f"publish failed: {type(exc).__name__}") from exc
+
+    async def _publish_written(self, exchange: str, routing_key: str, message: _Outgoing
+                               ) -> None:
+        """Publish on a channel without confirms; return once the frame is written.
+
+        aiormq resolves a ``wait=True`` publish after its writer has written and drained the
+        frame; the coalescing writer's flush for that write was scheduled first (coalesce.py),
+        so the bytes are with the kernel by then: they reach the broker even if this process
+        dies next. The broker may still lose the message (it is not confirmed), and an
+        unroutable one is dropped silently."""
+        try:
+            if not self._ready.is_set():
+                await asyncio.wait_for(self._ready.wait(), self.publish_timeout_s)
+            channel = await self._written_channel()
+            await channel.basic_publish(
+                message.body, exchange=exchange, routing_key=routing_key,
+                properties=message.properties, timeout=self.publish_timeout_s, wait=True,
+            )
+        except TimeoutError as exc:
+            self._count_publish_error("timeout")
+            raise PublishTimeout(
+                f"publish to {exchange!r} not written within {self.publish_timeout_s:g}s"
+            ) from exc
+        except BROKER_ERRORS as exc:
+            self._count_publish_error("connection")
+            raise TransportError(f"publish failed: {type(exc).__name__}") from exc
+
+    async def _written_channel(self) -> aiormq.Channel:
+        async with self._written_lock:
+            if self._written_underlay is None or self._written_underlay.is_closed:
+                connection = self._connection
+                if connection is None:
+                    raise TransportError("not connected")
+                channel = await connection.channel(publisher_confirms=False)
+                underlay = await channel.get_underlay_channel()
+                if not isinstance(underlay, aiormq.Channel):
+                    raise TransportError("no channel")
+                self._written_underlay = underlay
+            return self._written_underlay
 
     def received_metrics(self, message_type: str) -> tuple[Any, Any]:
         return self._per_type(message_type)

@@ -1,8 +1,12 @@
-"""Processes die: an agent killed mid-task, and the coordinator itself killed with SIGKILL."""
+"""Processes die: an agent killed mid-task or by its own handler, and the coordinator itself
+killed with SIGKILL."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,8 +19,11 @@ from coordinator_agent.coordinator.tasks import AttemptOutcome, TaskStatus
 from coordinator_agent.settings import Settings
 from coordinator_agent.wire.keyring import Keyring
 
-from .conftest import StartWorker
+from .conftest import AGENT_IDS, StartWorker
 from .helpers import spawn, subprocess_env, task_is, wait_until
+
+#: The SDK agent of the fault suite: ``{"op": "crash"}`` SIGKILLs it first thing in the handler.
+FAULT_AGENT = Path(__file__).parents[1] / "faults" / "fault_agent.py"
 
 
 async def test_agent_killed_mid_task_its_task_completes_on_another_agent(
@@ -40,6 +47,35 @@ async def test_agent_killed_mid_task_its_task_completes_on_another_agent(
     assert [(a.agent_id, a.outcome) for a in result.attempts] == [
         ("agent-1", AttemptOutcome.CRASHED.value), ("agent-2", AttemptOutcome.SUCCEEDED.value)]
     assert coordinator.state.agents["agent-1"].liveness.value == "dead"
+
+
+async def test_a_handler_that_kills_its_agent_at_once_is_charged_with_the_crash(
+    coordinator: CoordinatorAgent, client: CoordinatorClient, settings: Settings, tmp_path: Path,
+) -> None:
+    # The "started" report is written to the socket, not confirmed, before the handler runs:
+    # a handler that kills the process at once must still find it sent, or the attempt would
+    # end "withdrawn" (no fault of the task) and the task would kill the next agent too.
+    for agent_id in AGENT_IDS:
+        with (tmp_path / f"{agent_id}.log").open("ab") as log:
+            agent = subprocess.Popen(
+                [sys.executable, str(FAULT_AGENT), "--id", agent_id, "--concurrency", "1",
+                 "--journal", str(tmp_path / "journal.log")],
+                env=subprocess_env(settings), stdout=log, stderr=log)
+        try:
+            await wait_until(lambda a=agent_id: a in coordinator.state.agents  # type: ignore[misc]
+                             and coordinator.state.agents[a].assignable, 15, f"{agent_id} hello")
+            task_id = await client.submit("poison", kind="general", input={"op": "crash"},
+                                          max_retries=0)
+            assert await asyncio.to_thread(agent.wait, 15) == -signal.SIGKILL
+            result = await client.wait(task_id, 20)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+        assert result.status == "failed", result
+        assert [(a.agent_id, a.outcome) for a in result.attempts] == [
+            (agent_id, AttemptOutcome.CRASHED.value)], result.attempts
+        assert "crashed its agent 1 times" in (result.error or "")
 
 
 async def test_coordinator_sigkill_then_restart_every_task_ends_exactly_once(

@@ -125,3 +125,23 @@ async def test_a_task_never_goes_back_to_an_agent_it_crashed_and_is_quarantined(
     assert poison.status is TaskStatus.FAILED
     assert poison.error is not None and poison.error.startswith("crashed its agent 2 times")
     assert ("quarantined", "poison") in outbox.sent
+
+
+async def test_a_started_report_overtaken_by_its_result_changes_nothing(
+    state: StateManager, parts: tuple[AgentReports, Dispatcher, RecordingOutbox],
+) -> None:
+    # "started" travels on the status lane, unconfirmed; the result on the tasks lane may
+    # be handled first. The finished task keeps its progress and its attempt's record.
+    reports, dispatcher, outbox = parts
+    reports.seen("a1", HELLO, 100.0, session="s1")
+    task = _submit(state, dispatcher, "quick")
+    dispatcher.dispatch()
+    reports.results.on_result("a1", protocol.TaskResult(task_id="quick", attempt=1,
+                                                        success=True, output=None))
+    assert task.status is TaskStatus.SUCCEEDED and task.progress == 1.0
+    started = task.attempts[0].started
+    reports.results.on_progress("a1", protocol.TaskProgress(task_id="quick", attempt=1,
+                                                            progress=0.0, message="started"))
+    assert task.status is TaskStatus.SUCCEEDED and task.progress == 1.0
+    assert task.attempts[0].started == started
+    assert ("completed", "quick") in outbox.sent
