@@ -7,6 +7,10 @@ Processes as in a deployment, all on this machine and its RabbitMQ (127.0.0.1):
           in this process.
 * raw:    bench/raw_responder.py (aio-pika: consume with manual acks, publish a confirmed reply)
           and an aio-pika request/reply client in this process. The floor for two broker hops.
+* raw4:   the same over our four hops and queue types (a relay in the coordinator's place:
+          quorum submission queue, classic agent queue, quorum results queue, classic reply
+          queue; every forward confirmed before its ack). The floor the broker alone sets
+          for our design, with none of its work.
 * celery: ``celery -A bench.celery_app worker --pool=prefork -c 2`` with the amqp broker and the
           rpc:// result backend, the client in this process.
 
@@ -317,30 +321,50 @@ class Ours:
 
 
 class Raw:
-    label = "raw aio-pika"
-    processes = ("raw-responder",)
+    """Plain aio-pika request/reply: two hops (client -> responder -> client), or with
+    ``four_hops`` our four (client -> relay -> responder -> relay -> client) on our queue
+    types (bench/raw_responder.py): the floor the broker alone sets for our design."""
 
-    def __init__(self, children: Children, uid: str, prefetch: int) -> None:
+    label = "raw aio-pika"
+    processes: tuple[str, ...] = ("raw-responder",)
+
+    def __init__(self, children: Children, uid: str, prefetch: int, *,
+                 four_hops: bool = False) -> None:
         self.children = children
-        self.queue = f"bench-{uid}.raw-requests"
+        self.four_hops = four_hops
+        prefix = "raw4" if four_hops else "raw"
+        self.queue = f"bench-{uid}.{prefix}-requests"
         self.prefetch = prefetch
+        if four_hops:
+            self.label = "raw aio-pika, our 4 hops"
+            self.processes = ("raw4-relay", "raw4-responder")
+            self.agent_queue = f"bench-{uid}.raw4-agent"
+            self.results = f"bench-{uid}.raw4-results"
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
         self._reply_to = ""
         self._pending: dict[str, asyncio.Future[bytes]] = {}
 
     async def start(self) -> None:
-        self.children.spawn(
-            "raw-responder",
-            [PYTHON, str(ROOT / "bench" / "raw_responder.py"), self.queue,
-             "--prefetch", str(self.prefetch)],
-            env=clean_environ(), cwd=ROOT,
-        )
+        script = str(ROOT / "bench" / "raw_responder.py")
+        prefetch = ("--prefetch", str(self.prefetch))
+        if self.four_hops:
+            self.children.spawn("raw4-relay", [PYTHON, script, self.queue, *prefetch,
+                                               "--relay-to", self.agent_queue,
+                                               "--results", self.results],
+                                env=clean_environ(), cwd=ROOT)
+            self.children.spawn("raw4-responder", [PYTHON, script, self.agent_queue, *prefetch],
+                                env=clean_environ(), cwd=ROOT)
+        else:
+            self.children.spawn("raw-responder", [PYTHON, script, self.queue, *prefetch],
+                                env=clean_environ(), cwd=ROOT)
         self._connection = await aio_pika.connect(
             BROKER_URL, timeout=10, client_properties={"connection_name": "bench-raw-client"}
         )
         channel = await self._connection.channel(publisher_confirms=True)
-        await channel.declare_queue(self.queue, durable=True)
+        await channel.declare_queue(self.queue, durable=True,
+                                    arguments={"x-queue-type": "quorum"} if self.four_hops
+                                    else None)
         replies = await channel.declare_queue("", exclusive=True, auto_delete=True)
         self._reply_to = replies.name
         await replies.consume(self._on_reply, no_ack=True)
@@ -397,7 +421,8 @@ class Raw:
             await self._connection.close()
 
     async def cleanup(self) -> None:
-        await delete_queues([self.queue])
+        await delete_queues([self.queue, *((self.agent_queue, self.results)
+                                           if self.four_hops else ())])
 
 
 # --- Celery -----------------------------------------------------------------------------------
@@ -515,6 +540,7 @@ async def run(
                          in_flight_cap=in_flight_cap, ha=ha, source=base_tree)}
            if base_tree is not None else {}),
         "raw": Raw(children, uid, prefetch=agent_concurrency),
+        "raw4": Raw(children, uid, prefetch=agent_concurrency, four_hops=True),
         "celery": CeleryBaseline(children, uid),
     }
     chosen = [k for k in available if not systems or k in systems]
@@ -594,7 +620,8 @@ async def run(
 
 def report(summary: dict[str, Any]) -> None:
     labels = {"ours": "coordinator_agent", "base": "coordinator_agent (base tree)",
-              "raw": "raw aio-pika", "celery": "celery 5 (rpc://)"}
+              "raw": "raw aio-pika", "raw4": "raw aio-pika, our 4 hops",
+              "celery": "celery 5 (rpc://)"}
     print("\nend-to-end no-op tasks (median of rounds)")
     print(table(
         ["system", "burst tasks/s", "submit/s", "p50 ms", "p99 ms", "CPU ms/task: server",
@@ -607,7 +634,8 @@ def report(summary: dict[str, Any]) -> None:
     ours = summary.get("ours")
     if ours is None:
         return
-    for key, name in (("celery", "celery"), ("raw", "raw"), ("base", "base")):
+    for key, name in (("celery", "celery"), ("raw", "raw"), ("raw4", "raw, our 4 hops"),
+                      ("base", "base")):
         other = summary.get(key)
         if other is None:
             continue
@@ -676,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--agent-batch-limit", type=int, default=16,
                         help="ours' agent: --batch-limit (1: assignments and reports one by "
                              "one, as before batches)")
-    parser.add_argument("--only", action="append", choices=["ours", "base", "raw", "celery"],
+    parser.add_argument("--only", action="append",
+                        choices=["ours", "base", "raw", "raw4", "celery"],
                         help="run only these systems (repeatable)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--keep-logs", action="store_true")
