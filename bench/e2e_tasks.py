@@ -14,10 +14,12 @@ Processes as in a deployment, all on this machine and its RabbitMQ (127.0.0.1):
 * celery: ``celery -A bench.celery_app worker --pool=prefork -c 2`` with the amqp broker and the
           rpc:// result backend, the client in this process.
 
-For each system and round: (a) burst: submit N tasks as fast as possible (concurrently, in
-batches) and wait for every completion -> tasks/s; (b) sequential: M tasks one at a time,
-submit -> completed -> p50/p99 latency. Rounds interleave the systems (rotating the order) so
-that noise on the shared machine hits all of them; the medians of the rounds are reported.
+For each system and round: (a) burst: submit N tasks as fast as possible, each with its
+client's bulk path (ours: ``submit_many``, batch messages of 64; raw: concurrent publishes;
+Celery: ``delay()`` in a loop), and wait for every completion -> tasks/s; (b) sequential: M
+tasks one at a time, submit -> completed -> p50/p99 latency. Rounds interleave the systems
+(rotating the order) so that noise on the shared machine hits all of them; the medians of the
+rounds are reported.
 
     .venv/bin/python bench/e2e_tasks.py [--tasks 2000] [--latency-tasks 300] [--rounds 3]
 """
@@ -196,9 +198,9 @@ class Ours:
         self.event_loop = event_loop
         #: ha.enabled: the coordinator campaigns for its lease in Consul and leads alone.
         self.ha = ha
-        #: Submit the burst with ``submit_many`` (batch messages; not for a base tree, whose
-        #: coordinator may predate them), and the agent's ``--batch-limit`` (1: no batches).
-        self.client_batch = client_batch and source is None
+        #: Submit the burst with ``submit_many`` (batch messages; a base tree gets them too, so
+        #: its coordinator must take them), and the agent's ``--batch-limit`` (1: no batches).
+        self.client_batch = client_batch
         self.agent_batch_limit = agent_batch_limit
         self.client: CoordinatorClient | None = None
         self.reply_queue: str | None = None
@@ -524,7 +526,7 @@ async def run(
     *, tasks: int = 2000, latency_tasks: int = 300, rounds: int = 3, batch: int = 250,
     agent_concurrency: int = 64, in_flight_cap: int = 64, systems: tuple[str, ...] = (),
     keep_logs: bool = False, profile_dir: Path | None = None, event_loop: str = "auto",
-    ha: bool = False, base_tree: Path | None = None, client_batch: bool = False,
+    ha: bool = False, base_tree: Path | None = None, client_batch: bool = True,
     agent_batch_limit: int = 16,
 ) -> dict[str, Any]:
     uid = uuid.uuid4().hex[:8]
@@ -537,7 +539,8 @@ async def run(
                      in_flight_cap=in_flight_cap, event_loop=event_loop, ha=ha,
                      client_batch=client_batch, agent_batch_limit=agent_batch_limit),
         **({"base": Ours(children, workdir, uid, agent_concurrency=agent_concurrency,
-                         in_flight_cap=in_flight_cap, ha=ha, source=base_tree)}
+                         in_flight_cap=in_flight_cap, ha=ha, source=base_tree,
+                         client_batch=client_batch)}
            if base_tree is not None else {}),
         "raw": Raw(children, uid, prefetch=agent_concurrency),
         "raw4": Raw(children, uid, prefetch=agent_concurrency, four_hops=True),
@@ -552,7 +555,7 @@ async def run(
           f"coordinator bench-{uid}; agent concurrency {agent_concurrency}, "
           f"in-flight cap {in_flight_cap}; event loop {event_loop}{'; ha.enabled' if ha else ''}; "
           f"agent batch limit {agent_batch_limit}"
-          f"{'; client batch submit' if client_batch else ''}; "
+          f"{'; client batch submit (submit_many)' if client_batch else '; single submits'}; "
           f"logs in {workdir}", flush=True)
     failed = False
     try:
@@ -698,9 +701,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run the coordinator and agent of another source tree (e.g. "
                              "`git archive REV | tar -x -C DIR`), as 'base': before/after in "
                              "one run (the client is this tree's)")
-    parser.add_argument("--client-batch", action="store_true",
-                        help="ours submits the burst with submit_many: batch messages of up to "
-                             "64 tasks (docs/PROTOCOL.md §9.13; the base tree never does)")
+    parser.add_argument("--client-batch", action="store_true", default=True,
+                        help="ours (and a base tree) submit the burst with submit_many, the "
+                             "client's bulk path: batch messages of up to 64 tasks "
+                             "(docs/PROTOCOL.md §9.13); the default")
+    parser.add_argument("--single-submits", dest="client_batch", action="store_false",
+                        help="ours submits the burst with one submit() per task, --batch at a "
+                             "time (a base tree that predates batch messages needs this)")
     parser.add_argument("--agent-batch-limit", type=int, default=16,
                         help="ours' agent: --batch-limit (1: assignments and reports one by "
                              "one, as before batches)")

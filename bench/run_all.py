@@ -109,8 +109,11 @@ def main() -> int:
     parser.add_argument("--base-tree", type=Path, metavar="DIR",
                         help="e2e: also run another source tree's coordinator and agent (e.g. "
                         "a worktree of main) as 'base', in the same rounds")
-    parser.add_argument("--client-batch", action="store_true",
-                        help="e2e: ours submits the burst in batch messages (submit_many)")
+    parser.add_argument("--client-batch", action="store_true", default=True,
+                        help="e2e: ours submits the burst in batch messages (submit_many, the "
+                        "client's bulk path); the default")
+    parser.add_argument("--single-submits", dest="client_batch", action="store_false",
+                        help="e2e: ours submits the burst with one submit() per task")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on SIGTERM too

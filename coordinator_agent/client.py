@@ -29,8 +29,10 @@ from coordinator_agent.wire.security import (
 )
 
 REPLY_QUEUE_EXPIRES_MS = 5 * 60 * 1000
-#: How long a client keeps to the shared tasks queue once told its lane is missing.
-LANE_RETRY_S = 60.0
+#: How long a client keeps to the shared tasks queue once told its lane is missing. Short: a
+#: client started with its coordinator is told so before the lanes are declared, and a missing
+#: lane costs one returned publish per try.
+LANE_RETRY_S = 1.0
 
 
 class CoordinatorClient:

@@ -2,10 +2,15 @@
 
 aiormq writes every frame (a publish, an ack) with its own ``transport.write``, and an idle
 socket sends at once: one system call per frame, which was the coordinator's largest single
-cost in a burst. Here the frames of one turn are joined and written by a callback at the end
-of the turn (``call_soon``): no timer, so an idle connection adds one loop turn (microseconds)
-and a busy one sends a few large writes instead of hundreds of small ones. Order is kept: every
-frame goes through the same buffer, and ``close`` flushes it first.
+cost in a burst. Here the frames are joined and written together. Order is kept: every frame
+goes through the same buffer, and ``close`` flushes it first.
+
+aiormq's writer task takes every frame queued so far in one step (``write_queue``), so the
+frames of a step are complete once that queue is empty: they are written then, in that step.
+Without the queue to look at (before the connection is up), the write waits for a callback at
+the end of the turn (``call_soon``). Waiting for the end of the turn in every case cost each
+message one more loop turn, on every hop of a task (an assignment, the agent's reports, the
+client's notices), and a busy process's turns last milliseconds.
 """
 
 from __future__ import annotations
@@ -26,16 +31,32 @@ class CoalescingWriter:
         self._buffer: list[bytes] = []
         self._scheduled = False
         self._loop = asyncio.get_running_loop()
-        #: Socket writes made and frames given (the ratio is the coalescing achieved).
+        #: The frames aiormq has queued for its writer task, once known (``watch``).
+        self._queue: asyncio.Queue[Any] | None = None
+        #: Socket writes made and frames given (the ratio is the coalescing achieved), and
+        #: the writes that waited for the end of the turn.
         self.writes = 0
         self.frames = 0
+        self.late_writes = 0
+
+    def watch(self, queue: asyncio.Queue[Any]) -> None:
+        """The queue aiormq's writer task takes frames from: once it is empty, the frames
+        written so far are all there is for now, and leave at once."""
+        self._queue = queue
 
     def write(self, data: bytes) -> None:
         self.frames += 1
         self._buffer.append(data)
-        if not self._scheduled:
+        if self._queue is not None and self._queue.empty():
+            self.flush()  # the writer's step is done: nothing else is ready to join them
+        elif not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self.flush)
+            self._loop.call_soon(self._end_of_turn)
+
+    def _end_of_turn(self) -> None:
+        if self._buffer:
+            self.late_writes += 1
+        self.flush()
 
     def flush(self) -> None:
         self._scheduled = False
@@ -63,9 +84,13 @@ class CoalescingWriter:
 
 
 class CoalescingTCPTransportFactory(TCPTransportFactory):
+    #: The writer of the connection made last (one factory per connection).
+    writer: CoalescingWriter | None = None
+
     async def create(self, url: URL, **kwargs: Any) -> tuple[asyncio.StreamReader, Any]:
         reader, writer = await super().create(url, **kwargs)
-        return reader, CoalescingWriter(writer)
+        self.writer = CoalescingWriter(writer)
+        return reader, self.writer
 
 
 #: Frames aiormq may queue for its writer. Its default, 10, makes a convoy under load: once
@@ -80,14 +105,19 @@ class CoalescingConnection(aio_pika.Connection):
 
     def __init__(self, url: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(url, *args, **kwargs)
+        self._factory: CoalescingTCPTransportFactory | None = None
         if self.url.scheme == "amqp":
-            self.kwargs["transport_factory"] = CoalescingTCPTransportFactory()
+            self._factory = CoalescingTCPTransportFactory()
+            self.kwargs["transport_factory"] = self._factory
 
     async def connect(self, timeout: Any = None) -> None:
         await super().connect(timeout)
-        queue = getattr(getattr(self.transport, "connection", None), "write_queue", None)
+        connection = getattr(self.transport, "connection", None)
+        queue = getattr(connection, "write_queue", None)
         if isinstance(queue, asyncio.Queue) and hasattr(queue, "_maxsize"):
             queue._maxsize = WRITE_QUEUE_FRAMES  # no public setter; empty at this point
+            if self._factory is not None and self._factory.writer is not None:
+                self._factory.writer.watch(queue)
 
 
 async def connect(url: str, **kwargs: Any) -> aio_pika.abc.AbstractConnection:

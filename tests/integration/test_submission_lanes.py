@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from prometheus_client import CollectorRegistry
 
 from coordinator_agent.client import CoordinatorClient
@@ -54,3 +57,29 @@ async def test_an_operator_without_a_lane_submits_through_the_tasks_queue(
     finally:
         await coordinator.stop()
         await delete_namespace(settings.broker_url, settings.name, (), [OPERATOR, OTHER_OPERATOR])
+
+
+async def test_a_client_started_before_its_coordinator_moves_to_its_lane_once_it_exists(
+    settings: Settings, keyring: Keyring, cleanup_namespace: None,
+) -> None:
+    # Started together (a deployment, the benchmarks): the client's first submission finds no
+    # lane yet and goes to the tasks queue; its later ones must not stay there for long.
+    async with CoordinatorClient(settings, keyring, OPERATOR) as client:
+        early = await client.submit("before the coordinator", input={"op": "noop"})
+        told_at = time.monotonic()
+        assert client._lane_missing_until > told_at  # no lane: the tasks queue, for now
+        coordinator = CoordinatorAgent(settings, keyring, registry=CollectorRegistry())
+        await coordinator.start()  # declares the lanes
+        try:
+            submitted = [early]
+            while True:  # a submission every 0.1 s until one goes through the lane
+                submitted.append(await client.submit("after the coordinator",
+                                                     input={"op": "noop"}))
+                if client._lane_missing_until <= time.monotonic():
+                    break  # the lane took it: the broker did not return it
+                assert time.monotonic() < told_at + 5, "still on the tasks queue after 5 s"
+                await asyncio.sleep(0.1)
+            await wait_until(lambda: all(coordinator.state.tasks.get(t) is not None
+                                         for t in submitted), 30, "every submission accepted")
+        finally:
+            await coordinator.stop()

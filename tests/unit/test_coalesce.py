@@ -61,3 +61,24 @@ async def test_close_flushes_what_is_buffered() -> None:
         pair.writer.write(b"last words")
         pair.writer.close()
         assert await asyncio.wait_for(pair.far.read(), 10) == b"last words"
+
+
+async def test_once_the_writer_queue_is_empty_the_frames_leave_without_waiting_for_the_turn(
+) -> None:
+    # aiormq's writer task takes every queued frame in one step: when its queue is empty after
+    # a frame, that step's frames are all there is, and waiting for the end of the turn would
+    # only cost each message a loop turn.
+    async with Pair() as pair:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        pair.writer.watch(queue)
+        queue.put_nowait(b"2;")
+        queue.put_nowait(b"3;")
+        pair.writer.write(b"1;")  # more frames queued behind it: held
+        assert pair.writer.writes == 0
+        pair.writer.write(queue.get_nowait())
+        pair.writer.write(queue.get_nowait())  # the last one queued: all three leave together
+        assert (pair.writer.frames, pair.writer.writes) == (3, 1)
+        assert await asyncio.wait_for(pair.far.readexactly(6), 10) == b"1;2;3;"
+        await asyncio.sleep(0)  # the end of the turn adds no write of its own
+        assert pair.writer.writes == 1
+

@@ -181,12 +181,28 @@ def test_memory_is_compacted_once_a_flood_drains() -> None:
     assert watch.observe(500) is False  # a small peak is not worth it
     assert watch.observe(5000) is False
     assert watch.observe(2000) is False
-    assert watch.observe(1000) is True
+    assert watch.observe(1000) is False  # a quarter of the peak, but still draining
+    assert watch.observe(1000) is True  # the drain paused: nothing is held up now
     assert watch.observe(900) is False  # next at a quarter of 1000
-    assert watch.observe(200) is True
+    assert watch.observe(200) is False
+    assert watch.observe(210) is True  # not falling (a few more came in)
+    assert watch.observe(0) is False
     assert watch.observe(0) is True  # the last pass, on an empty table
     assert watch.observe(0) is False  # and then the next flood starts afresh
     assert compacted == [1, 1, 1]
+
+
+def test_a_burst_that_is_still_draining_is_not_stalled_by_a_compaction() -> None:
+    # A pass holds the event loop for tens of ms: none while the open tasks keep falling.
+    compacted: list[int] = []
+    watch = FloodWatch(lambda: compacted.append(1), min_peak=1000)
+    assert watch.observe(2000) is False
+    for left in (1500, 900, 450, 300, 120, 40, 5):
+        assert watch.observe(left) is False
+    assert compacted == []
+    assert watch.observe(0) is False  # the last ones finished since the last look
+    assert watch.observe(0) is True  # drained: one pass
+    assert compacted == [1]
 
 
 def test_the_default_open_task_limit_fits_a_small_machine() -> None:
