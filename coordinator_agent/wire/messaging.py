@@ -760,9 +760,9 @@ class MessageHandler:
         """Publish on a channel without confirms; return once the frame is written.
 
         aiormq resolves a ``wait=True`` publish after its writer has written and drained the
-        frame; the coalescing writer's flush for that write was scheduled first (coalesce.py),
-        so the bytes are with the kernel by then: they reach the broker even if this process
-        dies next. The broker may still lose the message (it is not confirmed), and an
+        frame; the coalescing writer sends that write at once, or by a callback scheduled
+        before the publisher is woken (coalesce.py), so the bytes are with the kernel by then:
+        they reach the broker even if this process dies next. The broker may still lose the message (it is not confirmed), and an
         unroutable one is dropped silently."""
         try:
             if not self._ready.is_set():
