@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from coordinator_agent.exceptions import TransportError
@@ -301,9 +301,8 @@ class LogReader:
                 self._progress.notify_all()
 
 
-async def open_channel(url: str, name: str) -> tuple[AbstractRobustConnection, AbstractChannel]:
-    """A connection and a confirming channel for one writer or reader, named for the broker UI."""
-    connection = await aio_pika.connect_robust(url, client_properties={
-        "connection_name": f"{name}/log"})
-    channel = await connection.channel(publisher_confirms=True)
-    return connection, channel
+async def writer_channel(connection: AbstractConnection) -> AbstractChannel:
+    """A confirming channel for appends: a message no queue takes (the stream was deleted)
+    fails its publish. On a channel that does not raise on returns the broker confirms it all
+    the same, and an append lost that way would count as durable."""
+    return await connection.channel(publisher_confirms=True, on_return_raises=True)

@@ -50,6 +50,7 @@ from coordinator_agent.ha.log import (
     Retention,
     declare,
     log_queue,
+    writer_channel,
 )
 from coordinator_agent.ha.restore import restore_latest
 from coordinator_agent.ha.snapshot import (
@@ -147,7 +148,7 @@ class Replication:
     async def start(self) -> None:
         self._connection = await aio_pika.connect_robust(self.url, client_properties={
             "connection_name": f"{self.name}/log"})
-        writes = await self._connection.channel(publisher_confirms=True)
+        writes = await writer_channel(self._connection)
         await declare(writes, self.name, self.retention)
         if self.snapshots is not None and self.store.path != ":memory:":
             await declare_snapshots(writes, self.name, self.snapshots[0])
@@ -326,7 +327,7 @@ class Replication:
         assert self._connection is not None
         try:
             # A channel of its own: megabytes of snapshot never wait in line with log batches.
-            async with await self._connection.channel(publisher_confirms=True) as channel:
+            async with await writer_channel(self._connection) as channel:
                 await publish_snapshot(channel, self.name, self.codec, self.store.path,
                                        retention)
         except Exception:  # the next one is due on the same schedule; the log is unaffected

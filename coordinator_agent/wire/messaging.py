@@ -762,8 +762,8 @@ class MessageHandler:
         aiormq resolves a ``wait=True`` publish after its writer has written and drained the
         frame; the coalescing writer sends that write at once, or by a callback scheduled
         before the publisher is woken (coalesce.py), so the bytes are with the kernel by then:
-        they reach the broker even if this process dies next. The broker may still lose the message (it is not confirmed), and an
-        unroutable one is dropped silently."""
+        they reach the broker even if this process dies next. The broker may still lose the
+        message (it is not confirmed), and an unroutable one is dropped silently."""
         try:
             if not self._ready.is_set():
                 await asyncio.wait_for(self._ready.wait(), self.publish_timeout_s)

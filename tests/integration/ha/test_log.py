@@ -20,6 +20,7 @@ from coordinator_agent.ha.log import (
     Retention,
     declare,
     log_queue,
+    writer_channel,
 )
 from coordinator_agent.wire.messaging import close_connection
 
@@ -150,3 +151,17 @@ async def test_an_event_the_log_cannot_hold_fails_its_append_and_no_other(
     await writer.append(events(1)[0])
     seen, _ = await read_all(channel, stream, until=1)
     assert [e.id for e, _ in seen] == ["e0"]
+
+
+async def test_an_append_to_a_deleted_log_fails_instead_of_counting_as_confirmed(
+    broker_url: str, stream: str,
+) -> None:
+    connection = await aio_pika.connect(broker_url)
+    try:
+        writer = LogWriter(await writer_channel(connection), stream, LogCodec([KEY]))
+        await writer.append(events(1)[0])  # the stream takes it
+        await (await connection.channel()).queue_delete(log_queue(stream))
+        with pytest.raises(TransportError, match="log append of 1 events failed"):
+            await writer.append(events(1, prefix="lost-")[0])
+    finally:
+        await close_connection(connection)
