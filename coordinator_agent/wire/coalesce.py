@@ -24,7 +24,8 @@ from yarl import URL
 
 
 class CoalescingWriter:
-    """A ``StreamWriter`` look-alike whose ``write`` buffers until the end of the loop turn."""
+    """A ``StreamWriter`` look-alike whose ``write`` buffers until aiormq's writer step ends
+    (or, before that is known, the loop turn)."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
@@ -71,7 +72,7 @@ class CoalescingWriter:
 
     async def drain(self) -> None:
         # aiormq drains after every publish: flushing here would undo the coalescing. The
-        # frame is buffered and leaves at the end of this turn; back-pressure still applies,
+        # frame is buffered and leaves with its writer step; back-pressure still applies,
         # since the socket's own buffer is what pauses the writer.
         await self._writer.drain()
 
