@@ -654,6 +654,18 @@ def report(summary: dict[str, Any]) -> None:
         print(f"target p50 <= celery's: {verdict(p50 <= TARGET_P50_VS_CELERY)} (x{p50:.2f})")
 
 
+def floor_note(summary: dict[str, Any]) -> str | None:
+    """The broker's floor for our design against Celery, measured in the same run: what the
+    four hops cost with none of our work (raw4), so the sequential goals can be read."""
+    floor, celery = summary.get("raw4"), summary.get("celery")
+    if floor is None or celery is None:
+        return None
+    return (f"the broker alone over our four hops (raw4, none of our work): p50 "
+            f"{floor['p50']:.2f} ms = x{ratio(floor['p50'], celery['p50']):.2f} of Celery's, "
+            f"p99 x{ratio(floor['p99'], celery['p99']):.2f}, burst "
+            f"x{ratio(floor['throughput'], celery['throughput']):.2f}")
+
+
 def targets(summary: dict[str, Any]) -> list[Goal]:
     ours, celery = summary.get("ours"), summary.get("celery")
     goals: list[Goal] = []
