@@ -7,10 +7,16 @@ import math
 import random
 from pathlib import Path
 
+from coordinator_agent.cli.routing import _bandit_table
 from coordinator_agent.coordinator.state import AgentRecord
 from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
 from coordinator_agent.routing.config import default_routing_config
-from coordinator_agent.routing.neighbours import MAX_OFFSET, MAX_POSTINGS, NeighbourEvidence
+from coordinator_agent.routing.neighbours import (
+    MAX_CANDIDATES,
+    MAX_OFFSET,
+    MAX_POSTINGS,
+    NeighbourEvidence,
+)
 from coordinator_agent.routing.planner import CoordinationPlanner
 
 SERVICES = [("billing", "api"), ("session", "store"), ("checkout", "page"), ("search", "backend")]
@@ -155,3 +161,21 @@ def test_the_memory_survives_the_store_and_shows_in_route(tmp_path: Path) -> Non
     rows = again.store.db.execute("SELECT COUNT(*) FROM routing_neighbours").fetchone()[0]
     assert rows == 30, "the store keeps only what the memory holds"
     again.close()
+
+
+def test_a_decision_compares_a_bounded_number_of_candidates() -> None:
+    memory = _memory(memory=2000)
+    _fill(memory, random.Random(7), 1500, faq_docs=0.9)
+    found = memory.neighbours((*FAQ, "billing", "api"))
+    assert 0 < len(found) <= MAX_CANDIDATES
+    newest_faq = max(seq for seq, a in memory._attempts.items() if a.words[:3] == FAQ)
+    assert found[0][0] == newest_faq, "the newest similar attempts are among the candidates"
+
+
+def test_route_shows_the_similar_tasks_and_their_shift() -> None:
+    parts = {"prior": 0.5, "prior_success": 0.55, "successes": 3, "failures": 1,
+             "neighbours": 2.345, "local": -1.234, "exploration": 0.01, "chance": 0.9,
+             "probability": 0.4}
+    table = _bandit_table({"documentation": {"parts": parts}}, ["documentation"])
+    header, row = table.splitlines()[:2]
+    assert "SIMILAR: SHIFT" in header and "2.3: -1.23" in row
