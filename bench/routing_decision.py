@@ -30,6 +30,7 @@ outcomes, so the store holds both states.
     .venv/bin/python bench/routing_decision.py [--outcomes 100000] [--agents 1000]
         [--decisions 20000] [--records 5000] [--policy bandit|seed] [--json FILE]
         [--path live|subset] [--churn 0.05] [--sweep-every 50] [--baseline DIR]
+        [--config FILE]
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import coordinator_agent
 from coordinator_agent.coordinator import state as state_module
 from coordinator_agent.coordinator.state import AgentLiveness, AgentRecord
 from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
-from coordinator_agent.routing.config import Policy, default_routing_config
+from coordinator_agent.routing.config import Policy, default_routing_config, load_routing_config
 from coordinator_agent.routing.planner import CoordinationPlanner
 
 TARGET_P99_MS = 1.0
@@ -150,9 +151,11 @@ class LiveFleet:
 
 def run(*, outcomes: int = 100_000, agents: int = 1000, decisions: int = 20_000,
         records: int = 5000, seed: int = 7, policy: str = "bandit", path: str = "live",
-        churn: float = 0.05, sweep_every: int = 50) -> dict[str, Any]:
+        churn: float = 0.05, sweep_every: int = 50,
+        config_path: Path | None = None) -> dict[str, Any]:
     rng = random.Random(seed)
-    config = default_routing_config().model_copy(update={"policy": Policy(policy)})
+    loaded = load_routing_config(config_path) if config_path else default_routing_config()
+    config = loaded.model_copy(update={"policy": Policy(policy)})
     kinds = list(config.kinds)
     vocab = {kind: spec.keywords for kind, spec in config.kinds.items()}
     workdir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
@@ -306,6 +309,9 @@ def main() -> int:
     parser.add_argument("--sweep-every", type=int, default=50)
     parser.add_argument("--baseline", type=Path, default=None,
                         help="first run the same with the package from this directory")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="routing config of this checkout (default: packaged; the "
+                             "baseline always runs its own packaged one)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     base: dict[str, Any] | None = None
@@ -313,7 +319,7 @@ def main() -> int:
         base = run_baseline(args)
     summary = run(outcomes=args.outcomes, agents=args.agents, decisions=args.decisions,
                   records=args.records, policy=args.policy, path=args.path, churn=args.churn,
-                  sweep_every=args.sweep_every)
+                  sweep_every=args.sweep_every, config_path=args.config)
     if base is not None:
         rows = [[name, f"{base[name]:.3f}", f"{summary[name]:.3f}",
                  f"{base[name] / summary[name]:.2f}x" if summary[name] else ""]

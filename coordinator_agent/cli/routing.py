@@ -157,13 +157,16 @@ def _bandit_table(kinds: Mapping[str, Any], order: list[str]) -> str:
         rows.append((kind, f"{float(p.get('prior') or 0):.3f}",
                      f"{float(p.get('prior_success') or 0):.3f}",
                      f"{float(p.get('successes') or 0):.1f}/{float(p.get('failures') or 0):.1f}",
+                     # Similar recent tasks on this kind (neighbours.py): their summed
+                     # similarity, and the log-odds shift their residuals add.
+                     f"{float(p.get('neighbours') or 0):.1f}: {float(p.get('local') or 0):+.2f}",
                      f"+-{float(p.get('exploration') or 0):.3f}",
                      "-" if chance is None else f"{float(chance):.3f}",
                      f"{float(p.get('probability') or 0):.3f}"))
     return format_table(("KIND", "PRIOR P(KIND|TEXT)", "PRIOR SUCCESS", "EVIDENCE S/F",
-                         "EXPLORATION", "CHANCE", "PROBABILITY"), rows,
+                         "SIMILAR: SHIFT", "EXPLORATION", "CHANCE", "PROBABILITY"), rows,
                         right=("PRIOR P(KIND|TEXT)", "PRIOR SUCCESS", "EVIDENCE S/F",
-                               "EXPLORATION", "CHANCE", "PROBABILITY"),
+                               "SIMILAR: SHIFT", "EXPLORATION", "CHANCE", "PROBABILITY"),
                         empty="(no kind can take it)")
 
 

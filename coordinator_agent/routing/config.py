@@ -240,6 +240,16 @@ class BanditSettings(_Model):
     #: Clusters on which a kind's surprise z is below minus this share a context per such
     #: kind (the drifted group of tasks, learner.py). 0: off.
     drift_group_z: float = Field(0.0, ge=0, le=100)
+    #: Evidence from similar recent tasks (neighbours.py): learned attempts remembered for it.
+    #: 0: off.
+    neighbour_memory: int = Field(2000, ge=0, le=1_000_000)
+    #: Cosine (idf-weighted keywords) at which a remembered attempt counts as a neighbour.
+    neighbour_similarity: float = Field(0.5, gt=0, le=1)
+    #: Count decay per kind: about this many of a kind's most recent neighbours count.
+    neighbour_window: float = Field(10.0, ge=1, le=1_000_000)
+    #: Prior precision of the local log-odds shift: the neighbours' residuals move it by
+    #: R / (strength + V).
+    neighbour_strength: float = Field(1.0, gt=0, le=1000)
 
 
 class Hedge(_Model):

@@ -29,6 +29,7 @@ from coordinator_agent.routing.clusters import PREFIX as CLUSTER_PREFIX
 from coordinator_agent.routing.clusters import ClusterRow, DescriptionClusters
 from coordinator_agent.routing.config import DriftScope, RoutingConfig
 from coordinator_agent.routing.drift import ChangeDetector
+from coordinator_agent.routing.neighbours import Local, NeighbourEvidence, NeighbourRow
 from coordinator_agent.routing.patterns import PatternStore
 from coordinator_agent.routing.policy import ThompsonPolicy
 from coordinator_agent.routing.surprise import SurpriseDetector
@@ -53,6 +54,8 @@ class BanditScore:
     cluster: int | None = None
     cluster_members: float = 0.0
     contexts: tuple[str, ...] = ()  # the task's contexts, coarse to fine (the same per kind)
+    #: What similar recent tasks say about this kind (neighbours.py); None: none ran it.
+    local: Local | None = None
 
     @property
     def confidence(self) -> float:
@@ -61,7 +64,7 @@ class BanditScore:
     def with_chance(self, chance: float) -> BanditScore:
         return BanditScore(self.kind, self.text, self.belief, self.exploration_scale,
                            self.calibrated, chance, self.cluster, self.cluster_members,
-                           self.contexts)
+                           self.contexts, self.local)
 
     def parts(self) -> dict[str, Any]:
         b = self.belief
@@ -80,6 +83,10 @@ class BanditScore:
             # (None: none is similar enough yet; the coarse contexts alone then decide).
             "cluster": self.cluster,
             "cluster_tasks": round(self.cluster_members, 1),
+            # Similar recent tasks on this kind (neighbours.py): their summed similarity, and
+            # the log-odds shift their residuals add to the shared model (already in `model`).
+            "neighbours": round(self.local.weight, 3) if self.local is not None else 0.0,
+            "local": round(self.local.offset, 4) if self.local is not None else 0.0,
         }
 
 
@@ -104,6 +111,13 @@ class Learner:
         self.clusters = DescriptionClusters(threshold=bandit.cluster_threshold,
                                             max_clusters=bandit.max_clusters)
         self.clusters.load(store.clusters())
+        self.neighbours = NeighbourEvidence(
+            memory=bandit.neighbour_memory, similarity=bandit.neighbour_similarity,
+            window=bandit.neighbour_window, strength=bandit.neighbour_strength)
+        self.neighbours.load(store.neighbours(bandit.neighbour_memory)
+                             if self.neighbours.enabled else ())
+        #: The neighbours' row added by the last ``learn``, for the store.
+        self.changed_neighbours: list[NeighbourRow] = []
         #: Cluster rows changed by the last ``apply_outcome``, for the store.
         self.changed_clusters: list[ClusterRow] = []
         self._text_prior: TextPrior | None = None  # built on first use: it may load a model
@@ -187,11 +201,17 @@ class Learner:
             priors = {kind: sigmoid(logit(p) - shift) if kind in flagged
                       else max(p, b.drift_prior) for kind, p in priors.items()}
         beliefs = self.model.beliefs(priors, feats, now)
+        # What similar recent tasks say the shared weights get wrong for this task, per kind
+        # (neighbours.py): a context of its own, not shared with what the text lumps with it.
+        local = self.neighbours.local(analysis.keywords) if self.neighbours.enabled else {}
+        if local:
+            beliefs = [_shifted(b, local[b.kind].offset) if b.kind in local else b
+                       for b in beliefs]
         scale = self.exploration_scale(groups, beliefs)
         calibrate = self.calibrator.apply_logit
         members = self.clusters.members(cluster) if cluster is not None else 0.0
         scores = [BanditScore(b.kind, shares[b.kind], b, scale, calibrate(b.mean), None,
-                              cluster, members, contexts)
+                              cluster, members, contexts, local.get(b.kind))
                   for b in beliefs]
         if chances:
             dist = self.policy.distribution(beliefs, scale=scale)
@@ -234,9 +254,14 @@ class Learner:
         words = analysis.keywords if keywords is None else keywords
         if cluster is None:
             cluster = self.clusters.assign(words, _top_kind(text))
-        return self.model.update(kind, prior,
-                                 self.features(words, self.contexts(analysis, text, cluster)),
-                                 success, now)
+        feats = self.features(words, self.contexts(analysis, text, cluster))
+        if self.neighbours.enabled:
+            # The residual the neighbours keep is against the shared model as it stood.
+            predicted = self.model.belief(kind, prior, feats, now).probability
+            row = self.neighbours.add(words, kind, success, predicted)
+            if row is not None:
+                self.changed_neighbours.append(row)
+        return self.model.update(kind, prior, feats, success, now)
 
     def apply_outcome(self, update: LearningUpdate) -> list[Row]:
         """Everything one ended attempt teaches: the model's weights, and for a first try of
@@ -245,6 +270,7 @@ class Learner:
         the same state; returns the weights it changed, for the store."""
         analysis = self.analyzer.analyze(update.description)
         self.changed_clusters = []
+        self.changed_neighbours = []
         if update.first_try:
             # A task joins a cluster once, when its first try is learned.
             cluster = self.join_cluster(update.description, update.keywords)
@@ -280,6 +306,13 @@ class Learner:
 
 
 _CLUSTER_FEATURE = CONTEXT_PREFIX + CLUSTER_PREFIX
+
+
+def _shifted(belief: KindBelief, offset: float) -> KindBelief:
+    """The belief with the neighbours' local log-odds shift added to its mean."""
+    mean = max(-8.0, min(8.0, belief.mean + offset))
+    return KindBelief(belief.kind, belief.prior, mean, belief.std, belief.successes,
+                      belief.failures)
 
 
 def _top_kind(text: Mapping[str, float]) -> str:

@@ -58,12 +58,26 @@ CREATE TABLE IF NOT EXISTS routing_clusters (  -- DescriptionClusters' state (cl
     norm REAL NOT NULL,             -- the centroid's weighted length when it last changed
     centroid TEXT NOT NULL          -- "word count word count ..."
 );
+CREATE TABLE IF NOT EXISTS routing_neighbours (  -- NeighbourEvidence's memory (neighbours.py)
+    seq INTEGER PRIMARY KEY,
+    keywords TEXT NOT NULL,         -- space-separated, as learned
+    kind TEXT NOT NULL,
+    success INTEGER NOT NULL,
+    predicted REAL NOT NULL,        -- the model's probability for kind, before learning it
+    norm REAL NOT NULL              -- the length of its idf-weighted words when it was added
+);
 """
 UPSERT_CLUSTER = (
     "INSERT INTO routing_clusters (id, grp, members, norm, centroid) VALUES (?,?,?,?,?) "
     "ON CONFLICT(id) DO UPDATE SET grp = excluded.grp, members = excluded.members, "
     "norm = excluded.norm, centroid = excluded.centroid"
 )
+INSERT_NEIGHBOUR = (
+    "INSERT OR REPLACE INTO routing_neighbours (seq, keywords, kind, success, predicted, norm) "
+    "VALUES (?,?,?,?,?,?)"
+)
+#: Forget what the neighbours' memory no longer holds: the rows up to this sequence number.
+FORGET_NEIGHBOURS = "DELETE FROM routing_neighbours WHERE seq <= ?"
 _UPSERT_WEIGHT = (
     "INSERT INTO bandit_weights (kind, feature, evidence, information, successes, failures, ref)"
     " VALUES (?,?,?,?,?,?,?) ON CONFLICT(kind, feature) DO UPDATE SET "
@@ -234,6 +248,18 @@ class PatternStore:
 
     def save_clusters(self, rows: Iterable[Sequence[object]]) -> None:
         self._db.executemany(UPSERT_CLUSTER, list(rows))
+
+    def neighbours(self, limit: int) -> list[tuple[int, str, str, int, float, float]]:
+        """The newest ``limit`` remembered attempts, oldest first."""
+        rows = list(self._db.execute(
+            "SELECT seq, keywords, kind, success, predicted, norm FROM routing_neighbours "
+            "ORDER BY seq DESC LIMIT ?", (limit,)))
+        rows.reverse()
+        return rows
+
+    def save_neighbours(self, rows: Iterable[Sequence[object]], forget: int) -> None:
+        self._db.executemany(INSERT_NEIGHBOUR, list(rows))
+        self._db.execute(FORGET_NEIGHBOURS, (forget,))
 
     def counters(self) -> dict[str, float]:
         return {name: value for name, value in self._db.execute("SELECT name, value FROM counters")}

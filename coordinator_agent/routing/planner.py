@@ -52,7 +52,13 @@ from coordinator_agent.routing.config import (
 from coordinator_agent.routing.decisions import DecisionLog
 from coordinator_agent.routing.fleet import REFRESH_BUDGET, Fleet, Pool, pick
 from coordinator_agent.routing.learner import BanditScore, Learner
-from coordinator_agent.routing.patterns import UPSERT_CLUSTER, Outcome, PatternStore
+from coordinator_agent.routing.patterns import (
+    FORGET_NEIGHBOURS,
+    INSERT_NEIGHBOUR,
+    UPSERT_CLUSTER,
+    Outcome,
+    PatternStore,
+)
 from coordinator_agent.routing.phases import split_phases
 from coordinator_agent.routing.policy import Choice
 from coordinator_agent.routing.updates import LearningUpdate
@@ -563,6 +569,9 @@ class CoordinationPlanner:
                                                       update.success, update.at))
         if self.learner.changed_clusters:
             also.append((UPSERT_CLUSTER, self.learner.changed_clusters))
+        if self.learner.changed_neighbours:
+            also.append((INSERT_NEIGHBOUR, self.learner.changed_neighbours))
+            also.append((FORGET_NEIGHBOURS, [(self.learner.neighbours.forgotten,)]))
         self.store.record(update.outcome(), counters=self._counters, weights=weights,
                           also=also)
         self._unsaved = False
@@ -695,6 +704,7 @@ class CoordinationPlanner:
         """Learn a logged outcome as if it had happened here (both policies' state)."""
         outcome = self._learn_description(description, kind, success, at)
         self.store.record(outcome)
+        self._save_neighbours()
 
     def import_outcomes(self, rows: Iterable[tuple[str, str, bool, float]]) -> int:
         """Bulk-learn (description, kind, success, at) rows in one transaction (benchmarks,
@@ -704,7 +714,16 @@ class CoordinationPlanner:
         self.store.save_bandit_weights(self.learner.model.rows())
         self.store.save_clusters(self.learner.clusters.rows())
         self.learner.changed_clusters = []
+        self._save_neighbours()
         return len(outcomes)
+
+    def _save_neighbours(self) -> None:
+        """Store the neighbours' memory the learning since the last save added to."""
+        memory = self.learner.neighbours
+        rows = self.learner.changed_neighbours[-memory.memory:] if memory.enabled else []
+        if rows:
+            self.store.save_neighbours(rows, memory.forgotten)
+        self.learner.changed_neighbours = []
 
     def _learn_description(self, description: str, kind: str, success: bool,
                            at: float) -> Outcome:

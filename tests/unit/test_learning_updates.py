@@ -73,6 +73,7 @@ def _state(planner: CoordinationPlanner) -> dict[str, Any]:
     return {
         "weights": sorted(learner.model.rows()),
         "clusters": sorted(learner.clusters.rows()),
+        "neighbours": learner.neighbours.rows(),
         "calibration": learner.calibrator.state(),
         "surprise": {g: dict(k) for g, k in learner.surprise.state().items()},
         "changes": learner.changes.state(),
@@ -117,6 +118,7 @@ def test_a_standby_applying_the_leaders_updates_learns_the_same_state(
     assert _state(standbys[0]) == _state(standbys[1]) == _state(leader)
     assert _beliefs(standbys[0]) == _beliefs(leader)
     assert _state(leader)["weights"]  # something was learned
+    assert len(_state(leader)["neighbours"]) == len(shipped)  # every learned attempt, in order
     # The clusters of similar descriptions (clusters.py) replicate, and the model learned
     # per cluster: one cluster context per cluster, in the weights.
     clusters = _state(leader)["clusters"]
