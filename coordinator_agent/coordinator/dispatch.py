@@ -156,6 +156,9 @@ class Dispatcher:
                     self.drop(task_id)  # raced on two kinds (workflows.py)
                     continue
                 if decision.agent is None:
+                    if (decision.reason == "no_free_agent" and task.kind is not None
+                            and not task.required_capabilities and not spared):
+                        serving.block(task.kind)  # it filled up in this pass: no more tries
                     if held_kinds:
                         task.routing["held"] = "; ".join(sorted(
                             {why for _, why in held_kinds.values()}))
