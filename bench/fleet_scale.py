@@ -244,6 +244,9 @@ def scrape(port: int) -> dict[str, float]:
         if line.startswith("#"):
             continue
         name, _, value = line.rpartition(" ")
+        slow = re.fullmatch(r'coordinator_dispatch_decision_slow_total\{cause="(\w+)"\}', name)
+        if slow:
+            out[f"slow_{slow.group(1)}"] = float(value)
         for prefix, key in wanted.items():
             if name == prefix or (name.startswith(prefix) and "{" not in prefix
                                   and name[len(prefix):len(prefix) + 1] in ("{", "")):
@@ -556,6 +559,9 @@ class Run:
             "decisions": in_window[-1][1] if in_window else 0.0,
             "decision_p99_ms": 1000 * histogram_p99(in_window),
             "decision_cpu_p99_ms": 1000 * histogram_p99(window_buckets(fm, dm, "_cpu_buckets")),
+            # Decisions over 1 ms of wall time in the window, by cause (routing/decision_cost.py).
+            "slow_decisions": {key[5:]: dm[key] - fm.get(key, 0.0) for key in sorted(dm)
+                               if key.startswith("slow_") and dm[key] > fm.get(key, 0.0)},
             "dead_lines": log_text.count(" is dead") + len(re.findall(r"\d+ agent\(s\) dead",
                                                                        log_text)),
             "log_lines": log_text.count("\n"),
@@ -597,6 +603,9 @@ def report(rows: list[dict[str, Any]], label: str) -> None:
         [[r["agents"], r.get("decisions", 0), r["decision_p99_ms"],
           r.get("decision_cpu_p99_ms", float("nan")), r.get("decision_p99_all_ms", float("nan"))]
          for r in rows]))
+    for r in rows:
+        slow = ", ".join(f"{cause} {n:.0f}" for cause, n in r.get("slow_decisions", {}).items())
+        print(f"  {r['agents']:,} agents: decisions over 1 ms by cause: {slow or 'none'}")
     print("  decisions: with the fleet (the sequential tasks, the new agent's and the burst's);"
           " p99 is the upper bound of the histogram bucket holding it, wall time then the"
           " coordinator's CPU time; 'since start' adds the baseline's and the process's first")

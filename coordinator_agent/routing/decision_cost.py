@@ -4,7 +4,10 @@ The dispatcher times every ``CoordinationPlanner.select`` twice: wall time
 (``coordinator_dispatch_decision_seconds``) and the CPU time of the coordinator's thread
 (``coordinator_dispatch_decision_cpu_seconds``). A decision is synchronous on the event loop,
 so nothing else in the process runs inside it: the difference between the two is time the
-process waited for a CPU (a busy machine), not the coordinator's other work.
+thread was off the CPU, either preempted (the machine is busy: an involuntary context switch)
+or blocked (it waited for the disk or a lock: a voluntary one), not the coordinator's other
+work. The thread's context switches tell which (Linux; elsewhere a long wait counts as
+preempted).
 
 A decision over ``SLOW_DECISION_S`` of wall time is counted by cause
 (``coordinator_dispatch_decision_slow_total``) and logged, at most one line per
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import resource
 import time
 from dataclasses import dataclass
 
@@ -45,8 +49,19 @@ class DecisionWork:
         self.prior_built = False
 
 
+_THREAD = getattr(resource, "RUSAGE_THREAD", None)
+
+
 def _collections() -> int:
     return sum(generation["collections"] for generation in gc.get_stats())
+
+
+def _switches() -> tuple[int, int]:
+    """This thread's (voluntary, involuntary) context switches so far; (0, 0) if unknown."""
+    if _THREAD is None:
+        return 0, 0
+    usage = resource.getrusage(_THREAD)
+    return usage.ru_nvcsw, usage.ru_nivcsw
 
 
 class DecisionCost:
@@ -60,11 +75,13 @@ class DecisionCost:
         self._wall = 0.0
         self._cpu = 0.0
         self._gcs = 0
+        self._switches = (0, 0)
         self._logged_at = float("-inf")
         self._unlogged = 0  # slow decisions since the last line
 
     def begin(self) -> None:
         self._gcs = _collections()
+        self._switches = _switches()
         self._cpu = time.thread_time()
         self._wall = time.perf_counter()
 
@@ -76,7 +93,9 @@ class DecisionCost:
         self.metrics.dispatch_decision_cpu.observe(cpu)
         if wall > self.slow_s:
             gcs = _collections() - self._gcs
-            cause = slow_cause(work, gcs, wall, cpu)
+            voluntary, _ = _switches()
+            blocked = voluntary > self._switches[0]
+            cause = slow_cause(work, gcs, wall, cpu, blocked=blocked)
             self.metrics.dispatch_decision_slow.labels(cause).inc()
             self._log(cause, work, gcs=gcs, wall=wall, cpu=cpu, agents=agents)
         return wall
@@ -96,8 +115,13 @@ class DecisionCost:
                  f" ({more} more slow since the last such line)" if more else "")
 
 
-def slow_cause(work: DecisionWork, gcs: int, wall: float, cpu: float) -> str:
-    """The likeliest reason a decision was slow (a bounded metric label), one-off work first."""
+def slow_cause(work: DecisionWork, gcs: int, wall: float, cpu: float, *,
+               blocked: bool = False) -> str:
+    """The likeliest reason a decision was slow (a bounded metric label), one-off work first.
+
+    ``blocked``: the thread gave up the CPU on its own during the decision (it waited for
+    something); otherwise time off the CPU is the machine's (preempted).
+    """
     if work.prior_built:
         return "text_prior"
     if work.regrouped:
@@ -106,8 +130,8 @@ def slow_cause(work: DecisionWork, gcs: int, wall: float, cpu: float) -> str:
         return "gc"
     if work.view_built:
         return "view"
-    if wall > 2 * cpu:
-        return "waited_for_cpu"  # the process was descheduled more than it ran
+    if wall > 2 * cpu:  # off the CPU for longer than it ran
+        return "blocked" if blocked else "waited_for_cpu"
     if work.folded:
         return "fold"
     return "scoring"

@@ -4,6 +4,8 @@ the text prior off the first decision, and how slow decisions are timed, counted
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,11 +83,25 @@ def test_work_says_regrouped_folded_and_view_built(tmp_path: Path) -> None:
     (DecisionWork(folded=3), 2, 0.004, 0.004, "gc"),
     (DecisionWork(view_built=True), 0, 0.002, 0.002, "view"),
     (DecisionWork(folded=3), 0, 0.005, 0.0004, "waited_for_cpu"),
+    (DecisionWork(folded=3), 0, 0.005, 0.0004, "blocked"),
     (DecisionWork(folded=3), 0, 0.002, 0.0018, "fold"),
     (DecisionWork(), 0, 0.002, 0.0019, "scoring"),
 ])
 def test_slow_cause(work: DecisionWork, gcs: int, wall: float, cpu: float, cause: str) -> None:
-    assert slow_cause(work, gcs, wall, cpu) == cause
+    assert slow_cause(work, gcs, wall, cpu, blocked=cause == "blocked") == cause
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="context switches: Linux")
+def test_a_decision_that_sleeps_is_blocked_not_waiting_for_a_cpu() -> None:
+    registry = CollectorRegistry()
+    cost = DecisionCost(Metrics(registry))
+    cost.begin()
+    time.sleep(0.01)  # off the CPU of its own accord, as a read from the disk would be
+    assert cost.end(DecisionWork(), agents=1) >= 0.01
+    assert registry.get_sample_value("coordinator_dispatch_decision_slow_total",
+                                     {"cause": "blocked"}) == 1.0
+    assert registry.get_sample_value("coordinator_dispatch_decision_cpu_seconds_bucket",
+                                     {"le": "0.001"}) == 1.0  # it hardly ran
 
 
 def test_slow_decisions_are_counted_by_cause_and_logged_at_most_once_per_interval(
