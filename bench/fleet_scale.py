@@ -298,6 +298,7 @@ class Run:
         self.settings: Settings | None = None
         #: The sample taken after the decision burst (only its decision figures are read).
         self.after_burst: dict[str, Any] | None = None
+        self.burst_s = float("nan")  # from the burst's first submit until its last result
 
     def env(self) -> dict[str, str]:
         extra = {"PYTHONPATH": str(Path(self.args.code).resolve())} if self.args.code else {}
@@ -336,17 +337,19 @@ class Run:
         self.client = CoordinatorClient(self.settings, keyring.subset(OPERATOR), OPERATOR)
         await self.client.start()
 
-    async def decision_burst(self, m: int, timeout: float = 120.0) -> None:
+    async def decision_burst(self, m: int, timeout: float = 120.0) -> float:
         """``m`` tasks for the worker at once (its 4 slots take them a few at a time): that
         many routing decisions with the fleet, for a p99 that is not just the slowest of a
         few sequential tasks."""
         assert self.client is not None
+        started = time.perf_counter()
         ids = await self.client.submit_many(
             [{"description": "noop", "kind": "general", "input": {"op": "echo"}}] * m)
         done = await asyncio.gather(*(self.client.wait(i, timeout) for i in ids))
         failed = [d for d in done if d.status != "succeeded"]
         if failed:
             raise RuntimeError(f"{len(failed)} of the {m} burst tasks did not succeed")
+        return time.perf_counter() - started
 
     async def task_latencies(self, m: int, timeout: float = 60.0) -> list[float]:
         assert self.client is not None
@@ -485,7 +488,7 @@ class Run:
             try:
                 with_fleet = await asyncio.wait_for(latencies_task, 180)
                 if self.args.decisions:  # after the window: its CPU is not the fleet's
-                    await self.decision_burst(self.args.decisions)
+                    self.burst_s = await self.decision_burst(self.args.decisions)
                     self.after_burst = await self.sample(channel, fleet_started, names)
                     print(f"    burst {self._brief(self.after_burst)}", flush=True)
             except Exception as exc:
@@ -557,6 +560,7 @@ class Run:
             # fleet only: wall time, and the coordinator's own CPU time in the decision.
             "decision_p99_all_ms": 1000 * histogram_p99(buckets),
             "decisions": in_window[-1][1] if in_window else 0.0,
+            "burst_s": self.burst_s,
             "decision_p99_ms": 1000 * histogram_p99(in_window),
             "decision_cpu_p99_ms": 1000 * histogram_p99(window_buckets(fm, dm, "_cpu_buckets")),
             # Decisions over 1 ms of wall time in the window, by cause (routing/decision_cost.py).
@@ -599,8 +603,9 @@ def report(rows: list[dict[str, Any]], label: str) -> None:
           ratio(r["p99_fleet_ms"], r["p99_base_ms"]), r["new_agent_s"],
           r["dead_lines"], r["log_lines"]] for r in rows]))
     print(table(
-        ["agents", "decisions", "decision p99 ms", "CPU p99 ms", "since start p99 ms"],
-        [[r["agents"], r.get("decisions", 0), r["decision_p99_ms"],
+        ["agents", "burst s", "decisions", "decision p99 ms", "CPU p99 ms",
+         "since start p99 ms"],
+        [[r["agents"], r.get("burst_s", float("nan")), r.get("decisions", 0), r["decision_p99_ms"],
           r.get("decision_cpu_p99_ms", float("nan")), r.get("decision_p99_all_ms", float("nan"))]
          for r in rows]))
     for r in rows:
