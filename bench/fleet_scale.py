@@ -614,7 +614,9 @@ def report(rows: list[dict[str, Any]], label: str) -> None:
          for r in rows]))
     for r in rows:
         slow = ", ".join(f"{cause} {n:.0f}" for cause, n in r.get("slow_decisions", {}).items())
-        print(f"  {r['agents']:,} agents: decisions over 1 ms by cause: {slow or 'none'}")
+        exported = r.get("decision_cpu_p99_ms") == r.get("decision_cpu_p99_ms")  # not NaN
+        print(f"  {r['agents']:,} agents: decisions over 1 ms by cause: "
+              f"{slow or ('none' if exported else 'not exported by this coordinator')}")
     print("  decisions: with the fleet (the sequential tasks, the new agent's and the burst's);"
           " p99 is the upper bound of the histogram bucket holding it, wall time then the"
           " coordinator's CPU time; 'since start' adds the baseline's and the process's first")
