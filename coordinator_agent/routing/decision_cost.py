@@ -41,12 +41,16 @@ class DecisionWork:
     folded: int = 0  # fleet changes folded into the grouping (repeats included)
     view_built: bool = False  # a new constraint's pools: one pass over the kinds it matches
     prior_built: bool = False  # the text prior, on first use (``warm_up`` builds it at start)
+    #: The decision log's buffer was full and written to the store (decisions.py): a burst of
+    #: ``MAX_PENDING`` decisions with no outcome or scrape in between.
+    log_written: bool = False
 
     def reset(self) -> None:
         self.regrouped = 0
         self.folded = 0
         self.view_built = False
         self.prior_built = False
+        self.log_written = False
 
 
 _THREAD = getattr(resource, "RUSAGE_THREAD", None)
@@ -110,8 +114,9 @@ class DecisionCost:
         more, self._unlogged = self._unlogged, 0
         log.info("slow routing decision (%s): %.1f ms, %.1f ms of it on the CPU; %d agents, "
                  "regrouped %d, folded %d changes, new view %s, text prior built %s, "
-                 "%d garbage collection(s)%s", cause, wall * 1000, cpu * 1000, agents,
-                 work.regrouped, work.folded, work.view_built, work.prior_built, gcs,
+                 "decision log written %s, %d garbage collection(s)%s", cause, wall * 1000,
+                 cpu * 1000, agents, work.regrouped, work.folded, work.view_built,
+                 work.prior_built, work.log_written, gcs,
                  f" ({more} more slow since the last such line)" if more else "")
 
 
@@ -126,6 +131,8 @@ def slow_cause(work: DecisionWork, gcs: int, wall: float, cpu: float, *,
         return "text_prior"
     if work.regrouped:
         return "regroup"
+    if work.log_written:
+        return "log_write"
     if gcs:
         return "gc"
     if work.view_built:

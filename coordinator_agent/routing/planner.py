@@ -482,7 +482,7 @@ class CoordinationPlanner:
         # Plain tuples now; rounded and serialised when the log is written (decisions.py).
         candidates = [(s.kind, s.text, s.confidence, s.belief.std) if isinstance(s, BanditScore)
                       else (s.kind, None, s.confidence, None) for s in plan.scores]
-        self.decisions.add(
+        self.work.log_written |= self.decisions.add(
             task_id=task.id, attempt=len(task.attempts) + 1, at=self._clock(),
             policy=self.config.policy.value, reason=plan.label,
             description=task.description[: self.config.learning.max_description_chars],

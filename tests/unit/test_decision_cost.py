@@ -77,9 +77,28 @@ def test_work_says_regrouped_folded_and_view_built(tmp_path: Path) -> None:
     planner.close()
 
 
+def test_the_decision_that_fills_the_log_buffer_says_it_wrote_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from coordinator_agent.routing import decisions
+
+    monkeypatch.setattr(decisions, "MAX_PENDING", 3)
+    agents = list(_agents(5).values())
+    planner = _planner(tmp_path)
+    planner.warm_up()
+    written = []
+    for n in range(6):
+        planner.select(TaskRecord(id=f"t{n}", description="tidy the docs"), agents)
+        written.append(planner.work.log_written)
+    assert written == [False, False, True, False, False, True]
+    assert len(planner.decisions) == 6  # written, not lost
+    planner.close()
+
+
 @pytest.mark.parametrize(("work", "gcs", "wall", "cpu", "cause"), [
     (DecisionWork(prior_built=True, regrouped=9), 1, 0.05, 0.04, "text_prior"),
     (DecisionWork(regrouped=10_000, view_built=True), 1, 0.03, 0.03, "regroup"),
+    (DecisionWork(log_written=True), 1, 0.03, 0.01, "log_write"),
     (DecisionWork(folded=3), 2, 0.004, 0.004, "gc"),
     (DecisionWork(view_built=True), 0, 0.002, 0.002, "view"),
     (DecisionWork(folded=3), 0, 0.005, 0.0004, "waited_for_cpu"),
