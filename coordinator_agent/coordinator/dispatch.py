@@ -23,6 +23,7 @@ from coordinator_agent.coordinator.workflows import WorkflowEngine
 from coordinator_agent.exceptions import StoreError, TransportError, Unroutable
 from coordinator_agent.ops.metrics import Metrics
 from coordinator_agent.routing.config import CloseCall
+from coordinator_agent.routing.decision_cost import DecisionCost
 from coordinator_agent.routing.planner import CoordinationPlanner
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Dispatcher:
         planner.fleet_log = state.fleet  # its grouping folds the agents that changed
         self.outbox = outbox
         self.metrics = metrics
+        self.decision_cost = DecisionCost(metrics)  # wall and CPU time; the slow ones logged
         self.cap = max_in_flight_per_agent
         self.spawn = spawn
         self.pending = queue if queue is not None else SchedulingQueue()
@@ -142,18 +144,21 @@ class Dispatcher:
                         continue
                 spared = task.crashed_agents
                 # At most one crash per agent: a task never goes back to an agent it crashed.
-                started = time.perf_counter()
+                self.decision_cost.begin()
                 if spared or agents is not self._whole:
                     decision = self.planner.select(
                         task, [a for a in agents if a.id not in spared] if spared else agents)
                 else:
                     decision = self.planner.select(task, agents,
                                                    fleet_version=self.state.fleet_version)
-                self.metrics.dispatch_decision.observe(time.perf_counter() - started)
+                self.decision_cost.end(self.planner.work, len(agents))
                 if self._hedge(task):
                     self.drop(task_id)  # raced on two kinds (workflows.py)
                     continue
                 if decision.agent is None:
+                    if (decision.reason == "no_free_agent" and task.kind is not None
+                            and not task.required_capabilities and not spared):
+                        serving.block(task.kind)  # it filled up in this pass: no more tries
                     if held_kinds:
                         task.routing["held"] = "; ".join(sorted(
                             {why for _, why in held_kinds.values()}))

@@ -200,7 +200,7 @@ class SchedulingQueue:
         left out of the pass without being looked at one by one.
         """
         self._deferred = []
-        return ServingPass(self, now, running, frozenset(blocked_kinds))
+        return ServingPass(self, now, running, set(blocked_kinds))
 
     def _close_pass(self) -> None:
         deferred, self._deferred = self._deferred or [], None
@@ -212,19 +212,23 @@ class SchedulingQueue:
             elif not added and present:
                 self._remove(task_id, principal, lane)
 
-    def _ordered(self, principal: str, now: float, blocked_kinds: frozenset[str]
+    def _ordered(self, principal: str, now: float, blocked_kinds: Collection[str | None]
                  ) -> Iterator[tuple[tuple[float, float], str]]:
-        """A principal's tasks, best first: the lanes merged by (aged priority, age)."""
+        """A principal's tasks, best first: the lanes merged by (aged priority, age). A lane
+        whose kind joins ``blocked_kinds`` during the pass stops (after the one task the merge
+        already holds)."""
         queue = self._principals[principal]
 
-        def lane_items(band: int, tasks: dict[str, float]
+        def lane_items(band: int, kind: str | None, tasks: dict[str, float]
                        ) -> Iterator[tuple[tuple[float, float], str]]:
             # Within one lane, older means at least as aged: each lane is already in order.
             for task_id, since in tasks.items():
+                if kind in blocked_kinds:
+                    return
                 if task_id in self._where:  # not discarded earlier in this pass
                     yield (-self.effective_priority(band, since, now), since), task_id
 
-        return heapq.merge(*(lane_items(band, tasks) for (band, kind), tasks
+        return heapq.merge(*(lane_items(band, kind, tasks) for (band, kind), tasks
                              in queue.lanes.items() if kind not in blocked_kinds))
 
 
@@ -238,10 +242,11 @@ class ServingPass:
     """
 
     def __init__(self, queue: SchedulingQueue, now: float, running: Mapping[str, int],
-                 blocked_kinds: frozenset[str] = frozenset()) -> None:
+                 blocked_kinds: set[str | None] | None = None) -> None:
         self.queue = queue
         self.running = dict(running)
-        self._streams = {p: queue._ordered(p, now, blocked_kinds) for p in list(queue._principals)}
+        self.blocked: set[str | None] = blocked_kinds if blocked_kinds is not None else set()
+        self._streams = {p: queue._ordered(p, now, self.blocked) for p in list(queue._principals)}
         self._heads: dict[str, tuple[tuple[float, float], str]] = {}
         self._skipped: dict[str, int] = {}
         self._current: str | None = None
@@ -282,6 +287,11 @@ class ServingPass:
         self._streams.clear()
         self._heads.clear()
         self.queue._close_pass()
+
+    def block(self, kind: str) -> None:
+        """Skip the rest of the tasks that name this kind in this pass (its agents filled up
+        during the pass): each would be one more decision that finds no free agent."""
+        self.blocked.add(kind)
 
     def leave(self, principal: str) -> None:
         """Skip the rest of this principal's tasks in this pass (for example, held by a limit)."""

@@ -248,6 +248,7 @@ class CoordinatorAgent:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.planner.warm_up()  # before any task: the first decision must not build it
         if self.leadership.enabled:
             await self.messages.pause_consuming()  # a standby consumes nothing: _lead starts it
         else:

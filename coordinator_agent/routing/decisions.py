@@ -83,13 +83,16 @@ class DecisionLog:
 
     def add(self, *, task_id: str, attempt: int, at: float, policy: str, reason: str,
             description: str, candidates: Sequence[Candidate], kind: str,
-            propensity: float, confidence: float) -> None:
+            propensity: float, confidence: float) -> bool:
         """Buffer one decision; ``candidates`` are (kind, P(kind | text), predicted success,
-        log-odds spread), None where the policy has no such thing."""
+        log-odds spread), None where the policy has no such thing. True when the buffer was
+        full and written to the store (then, on the caller's time)."""
         self._pending.append((task_id, attempt, at, policy, reason, description, candidates,
                               kind, propensity, confidence))
         if len(self._pending) >= MAX_PENDING:
             self.flush()
+            return True
+        return False
 
     def outcome_statements(self, task_id: str, attempt: int, success: bool,
                            at: float) -> Statements:

@@ -128,6 +128,11 @@ class Learner:
             self._text_prior = TextPrior(self.config)
         return self._text_prior
 
+    @property
+    def prior_ready(self) -> bool:
+        """Whether the text prior is built (the first ``text_prior`` builds it)."""
+        return self._text_prior is not None
+
     def drop_caches(self) -> None:
         if self._text_prior is not None:
             self._text_prior.drop_caches()

@@ -49,6 +49,7 @@ from coordinator_agent.routing.config import (
     RoutingConfig,
     default_routing_config,
 )
+from coordinator_agent.routing.decision_cost import DecisionWork
 from coordinator_agent.routing.decisions import DecisionLog
 from coordinator_agent.routing.fleet import REFRESH_BUDGET, Fleet, Pool, pick
 from coordinator_agent.routing.learner import BanditScore, Learner
@@ -187,6 +188,8 @@ class CoordinationPlanner:
         #: The state's log of changed agents: the whole fleet's grouping folds it in rather
         #: than regrouping (None: regrouped whenever the version moves).
         self.fleet_log: FleetLog | None = None
+        #: What the last ``select`` did besides deciding (decision_cost.py reads it).
+        self.work = DecisionWork()
         stored = self.store.counters()
         self._counters: dict[str, float] = {name: stored.get(name, 0.0) for name in _COUNTERS}
         self._unsaved = False  # decisions counted since the counters were last written
@@ -208,6 +211,7 @@ class CoordinationPlanner:
         With ``fleet_log`` set (the dispatcher sets the state's), the agents the log says
         changed are folded into the grouping instead.
         """
+        self.work.reset()
         if self.router is not None:
             return self._select_with_router(task, agents)
         if fleet_version is not None and self.fleet_log is not None:
@@ -267,19 +271,26 @@ class CoordinationPlanner:
 
     def _regroup(self, agents: Iterable[AgentRecord], version: int) -> Fleet:
         self._whole = Fleet(list(agents), time.monotonic(), self.in_flight_cap, version=version)
+        self.work.regrouped += len(self._whole.members)
         return self._whole
 
     def _folded(self, log: FleetLog) -> Fleet:
         """The whole fleet's grouping at ``log.version``: the changed agents folded in, or
         (first time, or too far behind the log) regrouped."""
         whole = self._whole
+        was = whole.version if whole is not None else None
         if whole is None or not whole.fold(log):
             whole = self._whole = Fleet(list(log.agents.values()), time.monotonic(),
                                         self.in_flight_cap, version=log.version, log=log)
+            self.work.regrouped += len(whole.members)
+        elif was is not None:
+            self.work.folded += log.version - was
         return whole
 
     def _select(self, task: TaskRecord, fleet: Fleet) -> RoutingDecision:
-        pools, able = fleet.view(task.kind, frozenset(task.required_capabilities))
+        key = (task.kind, frozenset(task.required_capabilities))
+        self.work.view_built |= key not in fleet.views
+        pools, able = fleet.view(*key)
         if not able:
             return RoutingDecision(None, "no_matching_agent")
         if not pools:
@@ -330,6 +341,7 @@ class CoordinationPlanner:
         if (fleet is None or now - fleet.taken_at > self.config.agent_snapshot_s
                 or not fleet.same_members(members)):
             fleet = self._fleet_cache = Fleet(members, now, self.in_flight_cap)
+            self.work.regrouped += len(members)
         return fleet
 
     def _plan(self, task: TaskRecord, analysis: TaskAnalysis,
@@ -365,6 +377,7 @@ class CoordinationPlanner:
     def _plan_bandit(self, task: TaskRecord, analysis: TaskAnalysis,
                      workloads: Mapping[str, float], explain: bool) -> _Plan:
         """``policy: bandit``: Thompson sampling over the predicted success (policy.py)."""
+        self.work.prior_built |= not self.learner.prior_ready
         scores = self.learner.scores(task.description, analysis, workloads, self._clock(),
                                      chances=explain)
         # Best first for the fallback chain; equal probabilities in random order, not by name.
@@ -475,7 +488,7 @@ class CoordinationPlanner:
         # Plain tuples now; rounded and serialised when the log is written (decisions.py).
         candidates = [(s.kind, s.text, s.confidence, s.belief.std) if isinstance(s, BanditScore)
                       else (s.kind, None, s.confidence, None) for s in plan.scores]
-        self.decisions.add(
+        self.work.log_written |= self.decisions.add(
             task_id=task.id, attempt=len(task.attempts) + 1, at=self._clock(),
             policy=self.config.policy.value, reason=plan.label,
             description=task.description[: self.config.learning.max_description_chars],
@@ -807,6 +820,12 @@ class CoordinationPlanner:
             self._labels.add(kind)
             return kind
         return OTHER_KIND
+
+    def warm_up(self) -> None:
+        """Build now what the first decision would otherwise build on the dispatch path (the
+        text prior: tens of ms, that the first task of a freshly started coordinator paid)."""
+        if self.config.policy is Policy.BANDIT:
+            self.learner.text_prior.probabilities("warm up")
 
     def drop_caches(self) -> None:
         """Per-description caches and the store's page cache, emptied after a flood

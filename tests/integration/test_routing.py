@@ -213,6 +213,7 @@ async def test_bandit_routes_logs_propensities_and_replays(
         "routing_config": routing_file(tmp_path, "bandit.yaml", policy="bandit")})
     coordinator = CoordinatorAgent(bandit, keyring, registry=CollectorRegistry())
     await coordinator.start()
+    prior_ready = coordinator.planner.learner.prior_ready  # built by the start, before a task
     try:
         await fleet(start_worker, coordinator)
         for description in (CVE, DEPLOY, REFACTOR) * 4:
@@ -230,10 +231,16 @@ async def test_bandit_routes_logs_propensities_and_replays(
                                 params={"description": PHASED}) as response:
                 phased = await response.json()
         coordinator.refresh_gauges()
-        confidence = coordinator.metrics.registry.get_sample_value(
+        registry = coordinator.metrics.registry
+        confidence = registry.get_sample_value(
             "coordinator_routing_kind_confidence_average", {"kind": explained["kind"]})
+        timed = registry.get_sample_value("coordinator_dispatch_decision_cpu_seconds_count")
+        prior_paid = registry.get_sample_value("coordinator_dispatch_decision_slow_total",
+                                               {"cause": "text_prior"})
     finally:
         await coordinator.stop()
+    assert prior_ready and prior_paid is None  # no decision built the text prior
+    assert timed is not None and timed >= 12  # every decision's CPU time
     security = explained["kinds"]["security"]["parts"]
     assert explained["policy"] == "bandit" and explained["kind"] == "security"
     assert security["successes"] > 0 and security["prior"] > 0.3

@@ -189,3 +189,25 @@ async def test_admission_control_over_http_and_amqp(
     refused = coordinator.metrics.registry.get_sample_value(
         "coordinator_admission_refused_total")
     assert refused == 2
+
+
+async def test_a_kind_that_fills_up_is_not_routed_again_in_the_same_pass(
+    make_coordinator: MakeCoordinator, start_worker: StartWorker, client: CoordinatorClient
+) -> None:
+    """A backlog for a kind with one slot, while another kind has free slots: each pass places
+    one task, then gives up on the kind, instead of routing every waiting task of it again."""
+    coordinator = await make_coordinator()
+    await start_worker("agent-1", "narrow", max_concurrency=1)
+    await start_worker("agent-2", "general", max_concurrency=4)  # slots the backlog cannot use
+    await wait_until(lambda: sum(a.assignable for a in coordinator.state.agents.values()) == 2,
+                     10, "both agents")
+    tasks = 30
+    ids = await client.submit_many(
+        [{"description": "noop", "kind": "narrow", "input": {"op": "noop"}}] * tasks)
+    done = await asyncio.gather(*(client.wait(task_id, 60) for task_id in ids))
+    assert [d.status for d in done] == ["succeeded"] * tasks
+    decisions = coordinator.metrics.registry.get_sample_value(
+        "coordinator_dispatch_decision_seconds_count")
+    # One decision per task placed, and about one more per pass for the kind found full;
+    # routing every waiting task on every pass would take about tasks * (tasks + 1) / 2.
+    assert decisions is not None and tasks <= decisions <= 3 * tasks

@@ -152,6 +152,27 @@ def test_tasks_naming_a_blocked_kind_are_skipped_as_a_lane() -> None:
     assert drain(queue, 2000.0, take=1) == ["x-0"]  # unblocked: oldest first again
 
 
+def test_a_kind_blocked_during_the_pass_yields_no_more_of_its_tasks() -> None:
+    queue = SchedulingQueue(aging_s=0)
+    for i in range(100):
+        queue.add(f"x-{i}", "alice", 5, float(i), kind="x")
+        queue.add(f"r-{i}", "alice", 5, float(i) + 0.5)  # routed: no kind named
+    queue.add("x-high", "alice", 8, 50.0, kind="x")
+    serving = queue.serving_order(2000.0, {})
+    first = serving.next(scan_limit=1000)
+    assert first is not None and first[0] == "x-high"
+    serving.block("x")  # its agents filled up: every other x task would find none
+    seen = []
+    while (picked := serving.next(scan_limit=1000)) is not None:
+        seen.append(picked[0])
+    serving.close()
+    # At most the one task the merge already held per lane of the kind, then none of them.
+    assert [t for t in seen if t.startswith("x-")] == ["x-0"]
+    assert [t for t in seen if t.startswith("r-")] == [f"r-{i}" for i in range(100)]
+    assert len(queue) == 201  # blocking takes nothing out of the queue
+    assert drain(queue, 2000.0, take=2) == ["x-high", "x-0"]  # the next pass serves it again
+
+
 def test_compaction_after_a_flood_keeps_every_task_its_place_and_its_age() -> None:
     def flooded() -> SchedulingQueue:
         queue = SchedulingQueue(aging_s=10)
