@@ -14,15 +14,25 @@ Time decay uses one reference time ``t0``: an outcome at time t is added with we
 ``2 ** ((t - t0) / half_life)``, and every total is read multiplied by
 ``2 ** ((t0 - now) / half_life)``. Adding is O(1) and reading costs one power per decision;
 ``t0`` moves forward (all aggregates rescaled) before weights grow too large for a float.
+
+Writes are grouped per event-loop turn: each outcome's statements go in a savepoint of a
+transaction that commits once, at the end of the turn (``call_soon``, no timer), with the other
+outcomes of that turn; a burst of results costs one commit, not one each. Without a running loop
+each outcome commits at once. A crash loses at most the last turn's learning, which is advisory.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outcomes (
@@ -183,6 +193,8 @@ class PatternStore:
         self._by_kind: dict[str, _KindStat] = {}
         self._count = 0
         self._since_prune = 0
+        #: A transaction is open for this loop turn's outcomes (committed by ``commit``).
+        self._grouping = False
         self._load()
 
     def __len__(self) -> int:
@@ -192,9 +204,11 @@ class PatternStore:
 
     def record(self, outcome: Outcome, *, counters: Mapping[str, float] | None = None,
                weights: Sequence[Sequence[object]] = (), also: Statements = ()) -> None:
-        """Persist one outcome and, in the same transaction, the planner's counters, the bandit
-        weights it changed and any further statements (the decision log's)."""
-        self._db.execute("BEGIN")
+        """Persist one outcome and, all or nothing, the planner's counters, the bandit weights
+        it changed and any further statements (the decision log's); committed with the loop
+        turn's other outcomes (module docstring)."""
+        deferred = self._begin_group()
+        self._db.execute("SAVEPOINT outcome")
         try:
             self._db.execute(_INSERT, _row(outcome))
             if counters:
@@ -203,10 +217,14 @@ class PatternStore:
                 self._db.executemany(_UPSERT_WEIGHT, weights)
             for sql, rows in also:
                 self._db.executemany(sql, rows)
-            self._db.execute("COMMIT")
+            self._db.execute("RELEASE outcome")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("ROLLBACK TO outcome")
+            self._db.execute("RELEASE outcome")
             raise
+        finally:
+            if not deferred:
+                self.commit()
         self._add(_canonical(outcome.keywords), outcome.kind, outcome.value, outcome.duration_s,
                   outcome.at)
         self._count += 1
@@ -214,9 +232,35 @@ class PatternStore:
         if self._since_prune >= PRUNE_EVERY:
             self._prune()
 
+    def _begin_group(self) -> bool:
+        """Open this turn's transaction if none is; True when it commits at the end of the
+        turn, False when there is no running loop to end it (commit at once)."""
+        if self._grouping:
+            return True
+        self._db.execute("BEGIN")
+        self._grouping = True
+        try:
+            asyncio.get_running_loop().call_soon(self.commit)
+        except RuntimeError:
+            return False
+        return True
+
+    def commit(self) -> None:
+        """Commit the outcomes recorded since the group began (a no-op without one)."""
+        if not self._grouping:
+            return
+        self._grouping = False
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error:  # the aggregates keep them; the file lost this turn's learning
+            log.exception("learning store: this loop turn's outcomes were not stored")
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+
     def record_many(self, outcomes: Iterable[Outcome]) -> None:
         """Bulk import in one transaction (benchmarks, migrations)."""
         batch = list(outcomes)
+        self.commit()
         self._db.execute("BEGIN")
         try:
             self._db.executemany(_INSERT, [_row(o) for o in batch])
@@ -279,6 +323,7 @@ class PatternStore:
         self._db.execute("PRAGMA shrink_memory")
 
     def close(self) -> None:
+        self.commit()
         self._db.close()
 
     # --- reading ------------------------------------------------------------------------------

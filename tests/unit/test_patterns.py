@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,3 +162,39 @@ def test_failed_write_leaves_memory_untouched(store: PatternStore) -> None:
         store.record(_outcome("a", "k"))
     assert store.evidence(["a"], now=NOW) == {}
     assert len(store) == 0
+
+
+def _stored(path: Path) -> int:
+    with sqlite3.connect(path) as other:  # another reader sees what is committed
+        count: int = other.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0]
+    return count
+
+
+async def test_one_loop_turns_outcomes_are_committed_together_at_its_end(tmp_path: Path) -> None:
+    path = tmp_path / "learning.sqlite3"
+    store = PatternStore(path, half_life_s=DAY)
+    try:
+        for i in range(50):
+            store.record(_outcome(f"deploy service{i}", "cicd"))
+        assert _stored(path) == 0  # still this turn: one transaction open
+        await asyncio.sleep(0)  # the turn ends: one commit for the fifty
+        assert _stored(path) == 50
+        # An outcome whose statements fail is undone alone; the turn's others are kept.
+        store.record(_outcome("kept", "cicd"))
+        with pytest.raises(sqlite3.OperationalError):
+            store.record(_outcome("undone", "cicd"), also=[("INSERT INTO nowhere VALUES (?)",
+                                                            [(1,)])])
+        await asyncio.sleep(0)
+        assert _stored(path) == 51 and len(store) == 51
+    finally:
+        store.close()
+
+
+def test_without_a_running_loop_each_outcome_commits_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "learning.sqlite3"
+    store = PatternStore(path, half_life_s=DAY)
+    try:
+        store.record(_outcome("deploy api", "cicd"))
+        assert _stored(path) == 1
+    finally:
+        store.close()
