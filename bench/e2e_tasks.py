@@ -72,7 +72,7 @@ from coordinator_agent.wire.messaging import delete_namespace
 TARGET_THROUGHPUT_VS_CELERY = 1.25
 TARGET_P50_VS_CELERY = 1.0
 TARGET_P99_VS_CELERY = 1.5
-#: The coordinator's own CPU per task in the burst (issue 13, goal 4), an absolute bound.
+#: The coordinator's own CPU per task in the burst, an absolute bound.
 TARGET_COORDINATOR_CPU_MS = 0.8
 
 NOOP_INPUT = {"op": "noop"}
