@@ -666,10 +666,7 @@ class MessageHandler:
         )
         message = self._sealed(envelope, on_behalf_of or peer, correlation_id=correlation_id,
                                persistent=persistent, expiration_s=expiration_s)
-        if confirm:
-            await self._publish_raw(exchange, routing_key, message, mandatory=True)
-        else:
-            await self._publish_written(exchange, routing_key, message)
+        await self._send(exchange, routing_key, message, confirm=confirm)
         if self.metrics:
             self._published(envelope.type).inc()
         return envelope
@@ -693,10 +690,7 @@ class MessageHandler:
                                           sender=self.security.principal_id)
         message = self._sealed(envelope, peer, correlation_id=None, persistent=persistent,
                                expiration_s=expiration_s)
-        if confirm:
-            await self._publish_raw(exchange, routing_key, message, mandatory=True)
-        else:
-            await self._publish_written(exchange, routing_key, message)
+        await self._send(exchange, routing_key, message, confirm=confirm)
         if self.metrics:
             self._published(envelope.type).inc()
             self.metrics.batch_items.labels("sent").observe(len(items))
@@ -754,6 +748,13 @@ class MessageHandler:
         except BROKER_ERRORS as exc:
             self._count_publish_error("connection")
             raise TransportError(f"publish failed: {type(exc).__name__}") from exc
+
+    async def _send(self, exchange: str, routing_key: str, message: _Outgoing, *,
+                    confirm: bool) -> None:
+        if confirm:
+            await self._publish_raw(exchange, routing_key, message, mandatory=True)
+        else:
+            await self._publish_written(exchange, routing_key, message)
 
     async def _publish_written(self, exchange: str, routing_key: str, message: _Outgoing
                                ) -> None:

@@ -110,15 +110,16 @@ def test_slow_cause(work: DecisionWork, gcs: int, wall: float, cpu: float, cause
     assert slow_cause(work, gcs, wall, cpu, blocked=cause == "blocked") == cause
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="context switches: Linux")
 def test_a_decision_that_sleeps_is_blocked_not_waiting_for_a_cpu() -> None:
     registry = CollectorRegistry()
     cost = DecisionCost(Metrics(registry))
     cost.begin()
     time.sleep(0.01)  # off the CPU of its own accord, as a read from the disk would be
     assert cost.end(DecisionWork(), agents=1) >= 0.01
+    # Only Linux counts a thread's context switches; elsewhere a long wait reads as preempted.
+    cause = "blocked" if sys.platform.startswith("linux") else "waited_for_cpu"
     assert registry.get_sample_value("coordinator_dispatch_decision_slow_total",
-                                     {"cause": "blocked"}) == 1.0
+                                     {"cause": cause}) == 1.0
     assert registry.get_sample_value("coordinator_dispatch_decision_cpu_seconds_bucket",
                                      {"le": "0.001"}) == 1.0  # it hardly ran
 
