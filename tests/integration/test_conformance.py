@@ -7,10 +7,12 @@ The kit plays the coordinator, so no coordinator runs in these tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +154,19 @@ async def certify(agent: WorkerAgent, settings: Settings, keyring: Keyring
     return report, harness
 
 
+@contextlib.asynccontextmanager
+async def client_kit(settings: Settings, keyring: Keyring, **options: Any
+                     ) -> AsyncIterator[tuple[Harness, asyncio.Task[Any]]]:
+    """The client conformance kit running in the background for OPERATOR (``options``: its
+    own), and its harness, closed on the way out."""
+    harness = Harness(settings, keyring, OPERATOR)
+    await harness.start()
+    try:
+        yield harness, asyncio.create_task(ClientConformance(harness, OPERATOR, **options).run())
+    finally:
+        await harness.close()
+
+
 async def test_an_agent_that_lies_fails_concurrency_progress_and_own_tasks(
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
@@ -244,18 +259,13 @@ async def test_the_kit_refuses_the_name_of_a_running_coordinator(
 async def test_the_python_client_passes_conformance_client(
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
-    harness = Harness(settings, keyring, OPERATOR)
-    await harness.start()
-    try:
-        kit = asyncio.create_task(ClientConformance(harness, OPERATOR, tasks=2, wait_s=20).run())
-        async with CoordinatorClient(settings, keyring, OPERATOR) as client:
-            first = await client.submit("one", task_id="conformance-one", input={"n": 1})
-            second = await client.submit("two", input=[1, 2])
-            outcomes = await asyncio.gather(client.wait(first, 30), client.wait(second, 30))
-            report = await asyncio.wait_for(kit, 60)
-            notices = list(client.notices)
-    finally:
-        await harness.close()
+    async with (client_kit(settings, keyring, tasks=2, wait_s=20) as (_, kit),
+                CoordinatorClient(settings, keyring, OPERATOR) as client):
+        first = await client.submit("one", task_id="conformance-one", input={"n": 1})
+        second = await client.submit("two", input=[1, 2])
+        outcomes = await asyncio.gather(client.wait(first, 30), client.wait(second, 30))
+        report = await asyncio.wait_for(kit, 60)
+        notices = list(client.notices)
     assert report.passed, report.as_text()
     assert all(v is Verdict.PASS for v in verdicts(report).values())
     assert [(o.status, o.output) for o in outcomes] == [
@@ -267,17 +277,12 @@ async def test_the_python_client_passes_conformance_client(
 async def test_the_python_clients_batch_submit_passes_conformance_client(
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
-    harness = Harness(settings, keyring, OPERATOR)
-    await harness.start()
-    try:
-        kit = asyncio.create_task(ClientConformance(harness, OPERATOR, tasks=3, wait_s=20).run())
-        async with CoordinatorClient(settings, keyring, OPERATOR) as client:
-            ids = await client.submit_many([{"description": f"task {i}", "input": {"n": i}}
-                                            for i in range(3)])
-            outcomes = await asyncio.gather(*(client.wait(t, 30) for t in ids))
-            report = await asyncio.wait_for(kit, 60)
-    finally:
-        await harness.close()
+    async with (client_kit(settings, keyring, tasks=3, wait_s=20) as (harness, kit),
+                CoordinatorClient(settings, keyring, OPERATOR) as client):
+        ids = await client.submit_many([{"description": f"task {i}", "input": {"n": i}}
+                                        for i in range(3)])
+        outcomes = await asyncio.gather(*(client.wait(t, 30) for t in ids))
+        report = await asyncio.wait_for(kit, 60)
     assert report.passed, report.as_text()
     assert all(v is Verdict.PASS for v in verdicts(report).values())
     assert [(o.status, o.output) for o in outcomes] == [
@@ -290,10 +295,7 @@ async def test_the_submit_command_passes_conformance_client_though_it_leaves_ear
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
     """`submit --wait` exits once it has the outcome: the kit must not count that against it."""
-    harness = Harness(settings, keyring, OPERATOR)
-    await harness.start()
-    try:
-        kit = asyncio.create_task(ClientConformance(harness, OPERATOR, wait_s=30).run())
+    async with client_kit(settings, keyring, wait_s=30) as (_, kit):
         submit = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "coordinator_agent", "submit", "from the CLI", "--input",
             '{"op": "echo"}', "--wait", "--wait-timeout", "30", "--json",
@@ -301,8 +303,6 @@ async def test_the_submit_command_passes_conformance_client_though_it_leaves_ear
             stderr=subprocess.PIPE)
         out, err = await asyncio.wait_for(submit.communicate(), 60)
         report = await asyncio.wait_for(kit, 60)
-    finally:
-        await harness.close()
     assert submit.returncode == 0, err.decode()[-2000:]
     assert json.loads(out)["output"] == {"echo": {"op": "echo"}}
     assert report.passed, report.as_text()
@@ -311,10 +311,7 @@ async def test_the_submit_command_passes_conformance_client_though_it_leaves_ear
 async def test_a_client_without_task_id_or_reply_queue_fails_those_rules(
     settings: Settings, keyring: Keyring, cleanup_namespace: None,
 ) -> None:
-    harness = Harness(settings, keyring, OPERATOR)
-    await harness.start()
-    try:
-        kit = asyncio.create_task(ClientConformance(harness, OPERATOR, wait_s=20).run())
+    async with client_kit(settings, keyring, wait_s=20) as (harness, kit):
         # A hand-made client: no task_id, no reply_to, and sent as transient telemetry would be.
         key = harness.peer_key(OPERATOR)
         body = key.encrypt(orjson.dumps({
@@ -329,8 +326,6 @@ async def test_a_client_without_task_id_or_reply_queue_fails_those_rules(
                 body, headers={c.HEADER_SENDER: OPERATOR}, message_id="hand-made-1",
                 content_type=c.CONTENT_TYPE), c.tasks_key(settings.name))
         report = await asyncio.wait_for(kit, 60)
-    finally:
-        await harness.close()
     found = verdicts(report)
     assert found["submission"] is Verdict.FAIL  # delivery_mode 1
     assert found["task_id"] is Verdict.FAIL
