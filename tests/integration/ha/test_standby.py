@@ -91,6 +91,18 @@ class Coordinators:
         assert len(leaders) <= 1, f"two leaders at once: {self.roles()}"
         return leaders[0] if leaders else None
 
+    async def stop(self, label: str, timeout: float = 60) -> None:
+        """SIGTERM one process and wait off the event loop (which serves the agents) for its
+        graceful stop; a stop that hangs fails with the end of its log."""
+        process = self.processes[label]
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(process.wait, timeout)
+        except subprocess.TimeoutExpired:
+            tail = (self.tmp_path / f"{label}.log").read_text(errors="replace")[-4000:]
+            message = f"{label} did not stop within {timeout}s of SIGTERM:\n{tail}"
+            raise AssertionError(message) from None
+
     def stop_all(self) -> None:
         for process in self.processes.values():
             if process.poll() is None:
@@ -170,8 +182,7 @@ async def test_a_late_same_name_coordinator_stands_by_and_never_splits_the_work(
     assert b"coordinator_leader 0.0" in metrics
 
     # The standby stops: the leader's Consul registration stays.
-    coordinators.processes["b"].send_signal(signal.SIGTERM)
-    coordinators.processes["b"].wait(20)
+    await coordinators.stop("b")
     assert registered(consul.url, settings.name)
     assert coordinators.leader() == "a"
 
