@@ -70,9 +70,9 @@ class Features:
     compounds: tuple[tuple[str, int], ...]
     #: Every token in order, stopwords and numbers included (a stem where ``words`` has one):
     #: the sequence phrases are read from, so "do we have" needs its "do we".
-    tokens: tuple[str, ...] = ()
+    tokens: tuple[str, ...]
     #: For each token, its position in ``words``, or -1 for a token ``words`` leaves out.
-    slots: tuple[int, ...] = ()
+    slots: tuple[int, ...]
 
 
 class TextPrior:
