@@ -15,7 +15,9 @@ a description by adding up the evidence of its features:
   between them). Keywords name what a task *is* (a guide, a deployment, a vulnerability);
   terms are more often what it is *about*, which other kinds' tickets mention too.
 * **phrases** add ``prior.phrase_weight``, and the words inside a matched phrase count no
-  further: "memory leak" is development, and its "leak" no longer votes for security.
+  further: "memory leak" is development, and its "leak" no longer votes for security. A phrase
+  is matched on every token, stopwords and numbers included: "do we have" and "how to" say
+  nothing when only "have" or "how" is there.
 * **examples** (and the kind's description) teach a smoothed log-ratio per feature: how much
   more often it occurs in this kind's examples than in the average kind's, never below zero,
   times ``prior.example_weight``. With K kinds it is at most log K, so no single word decides
@@ -61,11 +63,16 @@ def _mostly_digits(token: str) -> bool:
 class Features:
     """What the prior reads in a description."""
 
-    #: Stems in order (stopwords out); the sequence that phrases and bigrams are read from.
+    #: Stems in order (stopwords out); the sequence that words and bigrams are read from.
     words: tuple[str, ...]
     #: The parts of camelCase tokens (``NullPointerException``: null, pointer, exception), each
     #: with the position of its token in ``words``.
     compounds: tuple[tuple[str, int], ...]
+    #: Every token in order, stopwords and numbers included (a stem where ``words`` has one):
+    #: the sequence phrases are read from, so "do we have" needs its "do we".
+    tokens: tuple[str, ...]
+    #: For each token, its position in ``words``, or -1 for a token ``words`` leaves out.
+    slots: tuple[int, ...]
 
 
 class TextPrior:
@@ -94,11 +101,19 @@ class TextPrior:
     # --- reading a description ----------------------------------------------------------------
 
     def features(self, text: str) -> Features:
+        text = text[: self.max_chars]
         words: list[str] = []
         parts_of: list[tuple[str, int]] = []
-        for match in _TOKEN.finditer(text[: self.max_chars]):
+        tokens: list[str] = []
+        slots: list[int] = []
+        for match in _TOKEN.finditer(text):
             raw = match.group()
-            self._append(words, raw.lower())
+            lower = raw.lower()
+            word = self._stem(lower)
+            tokens.append(word or lower)
+            slots.append(len(words) if word else -1)
+            if word:
+                words.append(word)
             # A compound keeps its place in the sequence as one word ("github" as configured,
             # so "GitHub Actions" meets the phrase "github actions"); its parts are extra words
             # ("NullPointerException" also says "exception").
@@ -109,12 +124,7 @@ class TextPrior:
                         word = self._stem(part.lower())
                         if word:
                             parts_of.append((word, max(0, len(words) - 1)))
-        return Features(tuple(words), tuple(parts_of))
-
-    def _append(self, words: list[str], token: str) -> None:
-        word = self._stem(token)
-        if word:
-            words.append(word)
+        return Features(tuple(words), tuple(parts_of), tuple(tokens), tuple(slots))
 
     def _stem(self, token: str) -> str:
         word = self._stems.get(token)
@@ -196,14 +206,19 @@ class TextPrior:
     ) -> Iterator[tuple[str, int, tuple[tuple[int, float], ...]]]:
         words = features.words
         consumed = [False] * len(words)
-        # Longest phrases first, so "penetration test report" beats "test report".
+        # Phrases are read from every token, stopwords included ("do we have" is not "have"),
+        # longest first, so "penetration test report" beats "test report".
+        tokens, slots = features.tokens, features.slots
+        taken = [False] * len(tokens)
         for size in range(MAX_PHRASE_WORDS, 1, -1):
-            for start in range(len(words) - size + 1):
-                gram = words[start:start + size]
-                hit = self._phrases.get(gram)
-                if hit is not None and not any(consumed[start:start + size]):
-                    consumed[start:start + size] = [True] * size
-                    yield " ".join(gram), start, hit
+            for start in range(len(tokens) - size + 1):
+                hit = self._phrases.get(tokens[start:start + size])
+                if hit is not None and not any(taken[start:start + size]):
+                    taken[start:start + size] = [True] * size
+                    inside = [slot for slot in slots[start:start + size] if slot >= 0]
+                    for slot in inside:
+                        consumed[slot] = True
+                    yield " ".join(tokens[start:start + size]), inside[0] if inside else 0, hit
         seen: set[str] = set()
         known: set[int] = set()  # positions whose whole word had evidence or a phrase
         known.update(i for i, used in enumerate(consumed) if used)
@@ -225,6 +240,12 @@ class TextPrior:
                     yield part, position, hit
 
     # --- learning the table from the config ---------------------------------------------------
+
+    def _entry(self, entry: str) -> tuple[str, ...]:
+        """A vocabulary entry as the sequence it is matched against: one word, or a phrase of
+        all its tokens ("do we have" keeps "do we": without them it would be the word "have")."""
+        features = self.features(entry)
+        return features.tokens if len(features.tokens) > 1 else features.words
 
     def _build(self, config: RoutingConfig) -> None:
         settings = config.prior
@@ -250,13 +271,13 @@ class TextPrior:
         for kind, spec in config.kinds.items():
             k = self._index[kind]
             for keyword in spec.keywords:
-                list_word(self.features(keyword).words, k, settings.keyword_weight)
+                list_word(self._entry(keyword), k, settings.keyword_weight)
             for term in spec.terms:
-                list_word(self.features(term).words, k, settings.term_weight)
+                list_word(self._entry(term), k, settings.term_weight)
             for hint in spec.hints:
-                list_word(self.features(hint).words, k, settings.hint_weight)
+                list_word(self._entry(hint), k, settings.hint_weight)
             for phrase in spec.phrases:
-                list_word(self.features(phrase).words, k, settings.phrase_weight)
+                list_word(self._entry(phrase), k, settings.phrase_weight)
         for word, by_kind in listed.items():
             for k, weight in by_kind.items():
                 add(word, k, weight / len(by_kind))

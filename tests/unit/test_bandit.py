@@ -217,7 +217,7 @@ def test_hard_constraints_are_never_violated() -> None:
 
 
 def test_router_learns_a_misleading_keyword() -> None:
-    """'auth' points the text at security, but these bugs succeed on development."""
+    """'auth token' points the text at security, but these bugs succeed on development."""
     clock = Clock()
     planner = CoordinationPlanner(8, config=_config(), clock=clock, rng=random.Random(7))
     agents = _fleet()
@@ -225,9 +225,9 @@ def test_router_learns_a_misleading_keyword() -> None:
     services = ["billing", "orders", "search", "login", "checkout", "profile"]
     for i in range(150):
         clock.now += 60
-        _route(planner, agents, f"Auth header missing in the {services[i % 6]} service requests",
-               outcomes)
-    explained = planner.explain("Auth header missing in the orders service requests")
+        _route(planner, agents,
+               f"Auth token header missing in the {services[i % 6]} service requests", outcomes)
+    explained = planner.explain("Auth token header missing in the orders service requests")
     assert explained["kind"] == "development"
     dev = explained["kinds"]["development"]["parts"]
     sec = explained["kinds"]["security"]["parts"]

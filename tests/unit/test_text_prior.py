@@ -106,6 +106,22 @@ def test_a_phrase_takes_its_words_out_of_the_vote(prior: TextPrior) -> None:
     assert "leak" not in matched.get("security", [])
 
 
+def test_a_phrase_is_matched_with_its_stopwords_not_reduced_to_one_word() -> None:
+    config = parse_routing_config(
+        "kinds:\n"
+        "  alpha: {keywords: [apple], phrases: [do we have, how to]}\n"
+        "  beta: {keywords: [banana]}\n"
+        "  general: {}\n"
+        "stopwords: [do, we, to, the, in]\n", "test.yaml")
+    prior = TextPrior(config)
+    assert prior.matched("Do we have spare monitors?")["alpha"] == ["do we have"]
+    assert prior.matched("How to rotate the key")["alpha"] == ["how to"]
+    # Without "do we" and "to", "have" and "how" are just words nobody listed.
+    assert "alpha" not in prior.matched("Users have to log in twice")
+    assert "alpha" not in prior.matched("How the cache fails")
+    assert prior.best("Users have to log in twice") == "general"
+
+
 def test_camel_case_names_count_once_and_unknown_ones_by_their_parts(prior: TextPrior) -> None:
     assert prior.matched("ArgoCD")["cicd"] == ["argocd"]
     # Not a listed term as a whole: its parts speak ("exception").
