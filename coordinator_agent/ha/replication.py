@@ -59,6 +59,7 @@ from coordinator_agent.ha.snapshot import (
     declare_snapshots,
     publish_snapshot,
 )
+from coordinator_agent.wire import coalesce
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ class Replication:
         return f"Replication(name={self.name!r}, writing={self.writing})"
 
     async def start(self) -> None:
-        self._connection = await aio_pika.connect_robust(self.url, client_properties={
+        # Coalesced: an append and the reader's acks of one writer step leave in one write.
+        self._connection = await coalesce.connect_robust(self.url, client_properties={
             "connection_name": f"{self.name}/log"})
         writes = await writer_channel(self._connection)
         await declare(writes, self.name, self.retention)
@@ -163,6 +165,10 @@ class Replication:
         self._probe = asyncio.create_task(self._probe_tail(), name="log-tail")
 
     async def stop(self) -> None:
+        if self._writer is not None and self._reader is not None:
+            log.info("log: %d events appended in %d batches; %d applied in %d runs, up to "
+                     "offset %d", self._writer.events, self._writer.batches,
+                     self.applied_events, self._reader.runs, self._reader.next_offset - 1)
         if self._snapshot is not None:
             self._snapshot.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -205,8 +211,9 @@ class Replication:
         if not self.writing or self._writer is None:
             return event_id  # a standby decides nothing
         future = self._writer.append(Event(event_id, self.epoch(), kind, data))
-        future.add_done_callback(self._confirmed)
-        self._last = future
+        if future is not self._last:  # the batch's one future: one callback per batch
+            future.add_done_callback(self._confirmed)
+            self._last = future
         return event_id
 
     def _confirmed(self, future: asyncio.Future[None]) -> None:
@@ -240,7 +247,8 @@ class Replication:
         applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._markers[marker.id] = applied
         try:
-            await asyncio.wait_for(self._writer.append(marker), timeout)
+            # Shielded: a timeout must not cancel the batch's future, which others share.
+            await asyncio.wait_for(asyncio.shield(self._writer.append(marker)), timeout)
             offset, stalled = self._reader.next_offset, 0.0
             while not applied.done():
                 await asyncio.wait([applied], timeout=1.0)
