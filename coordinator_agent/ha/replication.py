@@ -230,7 +230,7 @@ class Replication:
         last = self._last
         if last is not None and not last.done():
             with contextlib.suppress(Exception):
-                await asyncio.shield(last)
+                await last  # a batch's Confirm: waiting cannot cancel it for the others
         if self.failed is not None:
             raise TransportError(f"the log is not writable: {self.failed}")
 
