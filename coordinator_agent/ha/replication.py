@@ -13,8 +13,8 @@ The durability pipeline of an HA coordinator, in one place:
   covers every earlier one; a batch that ever failed fails every later barrier (the leader's
   memory is then ahead of the log, and it must not lead on).
 - **Apply.** Every coordinator, the leader too, reads the log from the offset its store holds
-  and applies each batch in one SQLite transaction together with the new offset (exactly-once
-  apply). The file therefore only ever holds a prefix of the log: a leader killed between a
+  and applies each run of batches (what one loop turn delivers, ``LogReader``) in one SQLite
+  transaction together with the new offset (exactly-once apply). The file therefore only ever holds a prefix of the log: a leader killed between a
   write and its confirm leaves nothing behind that the log lacks. ``EpochFence`` drops the
   decisions of a deposed leader once a higher epoch's ``epoch.started`` marker is in the log.
 - **Takeover barrier.** ``begin_term`` appends ``epoch.started(E)`` and returns once the reader
@@ -247,7 +247,7 @@ class Replication:
         applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._markers[marker.id] = applied
         try:
-            # Shielded: a timeout must not cancel the batch's future, which others share.
+            # Shielded, so the wait ends on time: the batch's Confirm refuses cancellation.
             await asyncio.wait_for(asyncio.shield(self._writer.append(marker)), timeout)
             offset, stalled = self._reader.next_offset, 0.0
             while not applied.done():
