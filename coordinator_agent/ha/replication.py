@@ -14,9 +14,10 @@ The durability pipeline of an HA coordinator, in one place:
   memory is then ahead of the log, and it must not lead on).
 - **Apply.** Every coordinator, the leader too, reads the log from the offset its store holds
   and applies each run of batches (what one loop turn delivers, ``LogReader``) in one SQLite
-  transaction together with the new offset (exactly-once apply). The file therefore only ever holds a prefix of the log: a leader killed between a
-  write and its confirm leaves nothing behind that the log lacks. ``EpochFence`` drops the
-  decisions of a deposed leader once a higher epoch's ``epoch.started`` marker is in the log.
+  transaction together with the new offset (exactly-once apply). The file therefore only ever
+  holds a prefix of the log: a leader killed between a write and its confirm leaves nothing
+  behind that the log lacks. ``EpochFence`` drops the decisions of a deposed leader once a
+  higher epoch's ``epoch.started`` marker is in the log.
 - **Takeover barrier.** ``begin_term`` appends ``epoch.started(E)`` and returns once the reader
   has applied it: the store then holds everything the previous leader logged.
 - **Snapshots.** At start, before reading the log, a replica restores the newest snapshot if it
