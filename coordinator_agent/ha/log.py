@@ -106,6 +106,19 @@ async def declare(channel: AbstractChannel, name: str, retention: Retention) -> 
     })
 
 
+class Confirm(asyncio.Future[None]):
+    """The confirm of one batch, awaited by everyone who appended to it and by every barrier.
+
+    A task awaiting a plain future cancels that future when it is itself cancelled, and this
+    one is shared: the cancellation would reach every other waiter. So it refuses to be
+    cancelled; a cancelled waiter is cancelled once the confirm resolves (a confirm or a
+    refusal, within the publish timeout). Cheaper than an ``asyncio.shield`` per wait.
+    """
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        return False
+
+
 class LogWriter:
     """Appends events; one AMQP message and one confirm per event-loop turn's worth."""
 
@@ -117,7 +130,8 @@ class LogWriter:
         self.batch_max = batch_max
         self.publish_timeout_s = publish_timeout_s
         self._batch: list[Event] = []
-        self._waiters: list[asyncio.Future[None]] = []
+        #: Resolves when the open batch is confirmed: one future per batch, not per event.
+        self._confirm: Confirm | None = None
         self._scheduled = False
         self._in_flight: set[asyncio.Task[None]] = set()
         #: Batches this writer sealed, by their sealed body: its own reader takes them back as
@@ -131,33 +145,40 @@ class LogWriter:
         return self._sent.pop(body, None)
 
     def append(self, event: Event) -> asyncio.Future[None]:
-        """Queue ``event`` for this turn's batch; the future resolves once it is confirmed."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
+        """Queue ``event`` for this turn's batch; the future resolves once it is confirmed.
+
+        Every event of a batch gets the same future (a future and its callbacks per event were
+        a measurable share of a busy leader's time); it cannot be cancelled (``Confirm``), so
+        shield it where a wait must end on time (``asyncio.wait_for``).
+        """
+        confirm = self._confirm
+        if confirm is None:
+            loop = asyncio.get_running_loop()
+            confirm = self._confirm = Confirm(loop=loop)
+            if not self._scheduled:
+                self._scheduled = True
+                # At the end of the turn after this one: no timer, no idle latency. The extra
+                # turn lets what these events woke up run first and join the batch (the
+                # dispatcher after a submission: a task's accepted and assigned records share
+                # one confirm).
+                loop.call_soon(loop.call_soon, self._flush)
         self._batch.append(event)
-        self._waiters.append(waiter)
         if len(self._batch) >= self.batch_max:
             self._flush()
-        elif not self._scheduled:
-            self._scheduled = True
-            # At the end of the turn after this one: no timer, no idle latency. The extra turn
-            # lets what these events woke up run first and join the batch (the dispatcher
-            # after a submission: a task's accepted and assigned records share one confirm).
-            loop.call_soon(loop.call_soon, self._flush)
-        return waiter
+        return confirm
 
     def _flush(self) -> None:
         self._scheduled = False
-        if not self._batch:
+        if not self._batch or self._confirm is None:
             return
-        batch, waiters = self._batch, self._waiters
-        self._batch, self._waiters = [], []
+        batch, confirm = self._batch, self._confirm
+        self._batch, self._confirm = [], None
         # One channel publishes in order, so batches land in the stream in append order.
-        task = asyncio.ensure_future(self._publish(batch, waiters))
+        task = asyncio.ensure_future(self._publish(batch, confirm))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
-    async def _publish(self, batch: list[Event], waiters: list[asyncio.Future[None]]) -> None:
+    async def _publish(self, batch: list[Event], confirm: Confirm) -> None:
         error: BaseException | None = None
         try:
             body = self.codec.seal(batch)
@@ -173,13 +194,12 @@ class LogWriter:
         else:
             self.batches += 1
             self.events += len(batch)
-        for waiter in waiters:
-            if waiter.done():
-                continue
-            if error is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(error)
+        if confirm.done():
+            return
+        if error is None:
+            confirm.set_result(None)
+        else:
+            confirm.set_exception(error)
 
     async def flush(self) -> None:
         """Wait for every batch appended so far to be confirmed (or to fail)."""
@@ -188,11 +208,24 @@ class LogWriter:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
 
 
+#: Applies a run of entries: their fresh events in log order, and the offset of the last.
 Apply = Callable[[list[Event], int], Awaitable[None] | None]
 
 
+class _Entry(NamedTuple):
+    offset: int
+    events: list[Event]
+    size: int
+    message: AbstractIncomingMessage
+
+
 class LogReader:
-    """Applies the stream from an offset, in order, each event once."""
+    """Applies the stream from an offset, in order, each event once.
+
+    Entries delivered in one loop turn (and while the previous run was being applied) are
+    applied as one run: one call of ``apply`` with the last entry's offset (so one store
+    transaction, which holds each task's last record once), then one ack for all of them.
+    """
 
     def __init__(self, channel: AbstractChannel, name: str, codec: LogCodec, apply: Apply, *,
                  prefetch: int = 500,
@@ -205,23 +238,29 @@ class LogReader:
         #: open what it sealed. Matched on the whole sealed body, so nothing else can match.
         self.known = known
         self.prefetch = prefetch
+        #: Every entry before this one is applied.
         self.next_offset = 0
         self.applied_events = 0
         self.applied_bytes = 0
+        self.runs = 0  # calls of ``apply`` (a run holds one or more entries)
         self.rejected = 0
         self.gaps = 0  # resumed where the entries it needed were gone (see resume)
         self._anchor: int | None = None
+        #: Every entry before this one is taken (applied, or waiting in ``_run``).
+        self._taken_offset = 0
+        self._run: list[_Entry] = []
+        self._applier: asyncio.Task[None] | None = None
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._tag: str | None = None
         self._progress = asyncio.Condition()
         self._waiting = 0  # callers of wait_for_offset: no one to notify most of the time
-        self._handling = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     async def start(self, from_offset: int, *, next_offset: int | None = None) -> None:
         """Consume from ``from_offset``; apply from ``next_offset`` (default: the same)."""
         self.next_offset = from_offset if next_offset is None else next_offset
+        self._taken_offset = self.next_offset
         await self.channel.set_qos(prefetch_count=self.prefetch)  # streams refuse 0
         queue = await self.channel.get_queue(self.queue, ensure=False)
         self._tag = await queue.consume(self._on_message, no_ack=False,
@@ -243,7 +282,7 @@ class LogReader:
             with contextlib.suppress(Exception):
                 await queue.cancel(self._tag)
             self._tag = None
-        await self._idle.wait()  # deliveries already handed to us finish first
+        await self._idle.wait()  # deliveries already handed to us are applied first
 
     async def wait_for_offset(self, offset: int, timeout: float) -> None:
         """Until every entry before ``offset`` is applied."""
@@ -256,25 +295,18 @@ class LogReader:
             self._waiting -= 1
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._handling += 1
-        self._idle.clear()
-        try:
-            await self._handle(message)
-        finally:
-            self._handling -= 1
-            if not self._handling:
-                self._idle.set()
-
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        """Take an entry into the run; the applier, started for the first, applies the run
+        once this turn's deliveries have all joined it."""
         header = (message.headers or {}).get("x-stream-offset")
-        offset = header if isinstance(header, int) else self.next_offset  # a stream sets it
+        offset = header if isinstance(header, int) else self._taken_offset  # a stream sets it
         if self._anchor is not None and offset >= self._anchor:
             if offset != self._anchor:  # retention ran ahead of the store: state is missing
                 self.gaps += 1
                 log.error("log gap: entry %d is no longer in the stream (it starts at %d); "
                           "this replica must restore a newer snapshot", self._anchor, offset)
             self._anchor = None
-        if offset >= self.next_offset:  # the broker may start a chunk before our offset
+        events: list[Event] = []
+        if offset >= self._taken_offset:  # the broker may start a chunk before our offset
             try:
                 own = self.known(message.body) if self.known is not None else None
                 events = own if own is not None else self.codec.open(message.body)
@@ -282,20 +314,49 @@ class LogReader:
                 self.rejected += 1
                 log.error("log entry at offset %d is not sealed with the coordinator's key; "
                           "skipped", offset)
-                events = []
             seen = self._seen
-            fresh = [e for e in events if e.id not in seen]
-            seen.update(dict.fromkeys(e.id for e in fresh))
+            events = [e for e in events if e.id not in seen]
+            seen.update(dict.fromkeys(e.id for e in events))
             for _ in range(len(seen) - DEDUPE_WINDOW):
                 seen.popitem(last=False)
-            if fresh:
-                result = self.apply(fresh, offset)
-                if result is not None:
-                    await result
-                self.applied_events += len(fresh)
-            self.applied_bytes += len(message.body)  # for the snapshot schedule's byte bound
-            self.next_offset = offset + 1
-        await message.ack()  # on a stream an ack is credit, not deletion: it lets delivery go on
+            self._taken_offset = offset + 1
+            self._run.append(_Entry(offset, events, len(message.body), message))
+        else:  # before our offset: only the credit
+            self._run.append(_Entry(-1, [], 0, message))
+        if self._applier is None:
+            self._idle.clear()
+            # Its first step comes after the deliveries already scheduled in this turn.
+            self._applier = asyncio.ensure_future(self._apply_runs())
+
+    async def _apply_runs(self) -> None:
+        try:
+            while self._run:
+                run, self._run = self._run, []
+                await self._apply_run(run)
+        finally:
+            self._applier = None
+            self._idle.set()
+
+    async def _apply_run(self, run: list[_Entry]) -> None:
+        taken = [entry for entry in run if entry.offset >= 0]
+        if taken:
+            last = taken[-1].offset
+            events = [e for entry in taken for e in entry.events]
+            if events:
+                try:
+                    result = self.apply(events, last)
+                    if result is not None:
+                        await result
+                except Exception:  # a bug in apply: said, and the log goes on
+                    log.exception("log entries up to offset %d not applied", last)
+                else:
+                    self.applied_events += len(events)
+                self.runs += 1
+            self.applied_bytes += sum(entry.size for entry in taken)  # the snapshot schedule
+            self.next_offset = last + 1
+        # On a stream an ack is credit, not deletion: one for the run lets delivery go on.
+        with contextlib.suppress(Exception):  # a closed channel: the credit went with it
+            await run[-1].message.ack(multiple=True)
         if self._waiting:
             async with self._progress:
                 self._progress.notify_all()

@@ -13,10 +13,11 @@ The durability pipeline of an HA coordinator, in one place:
   covers every earlier one; a batch that ever failed fails every later barrier (the leader's
   memory is then ahead of the log, and it must not lead on).
 - **Apply.** Every coordinator, the leader too, reads the log from the offset its store holds
-  and applies each batch in one SQLite transaction together with the new offset (exactly-once
-  apply). The file therefore only ever holds a prefix of the log: a leader killed between a
-  write and its confirm leaves nothing behind that the log lacks. ``EpochFence`` drops the
-  decisions of a deposed leader once a higher epoch's ``epoch.started`` marker is in the log.
+  and applies each run of batches (what one loop turn delivers, ``LogReader``) in one SQLite
+  transaction together with the new offset (exactly-once apply). The file therefore only ever
+  holds a prefix of the log: a leader killed between a write and its confirm leaves nothing
+  behind that the log lacks. ``EpochFence`` drops the decisions of a deposed leader once a
+  higher epoch's ``epoch.started`` marker is in the log.
 - **Takeover barrier.** ``begin_term`` appends ``epoch.started(E)`` and returns once the reader
   has applied it: the store then holds everything the previous leader logged.
 - **Snapshots.** At start, before reading the log, a replica restores the newest snapshot if it
@@ -59,6 +60,7 @@ from coordinator_agent.ha.snapshot import (
     declare_snapshots,
     publish_snapshot,
 )
+from coordinator_agent.wire import coalesce
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +148,8 @@ class Replication:
         return f"Replication(name={self.name!r}, writing={self.writing})"
 
     async def start(self) -> None:
-        self._connection = await aio_pika.connect_robust(self.url, client_properties={
+        # Coalesced: an append and the reader's acks of one writer step leave in one write.
+        self._connection = await coalesce.connect_robust(self.url, client_properties={
             "connection_name": f"{self.name}/log"})
         writes = await writer_channel(self._connection)
         await declare(writes, self.name, self.retention)
@@ -163,6 +166,10 @@ class Replication:
         self._probe = asyncio.create_task(self._probe_tail(), name="log-tail")
 
     async def stop(self) -> None:
+        if self._writer is not None and self._reader is not None:
+            log.info("log: %d events appended in %d batches; %d applied in %d runs, up to "
+                     "offset %d", self._writer.events, self._writer.batches,
+                     self.applied_events, self._reader.runs, self._reader.next_offset - 1)
         if self._snapshot is not None:
             self._snapshot.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -205,8 +212,9 @@ class Replication:
         if not self.writing or self._writer is None:
             return event_id  # a standby decides nothing
         future = self._writer.append(Event(event_id, self.epoch(), kind, data))
-        future.add_done_callback(self._confirmed)
-        self._last = future
+        if future is not self._last:  # the batch's one future: one callback per batch
+            future.add_done_callback(self._confirmed)
+            self._last = future
         return event_id
 
     def _confirmed(self, future: asyncio.Future[None]) -> None:
@@ -223,7 +231,7 @@ class Replication:
         last = self._last
         if last is not None and not last.done():
             with contextlib.suppress(Exception):
-                await asyncio.shield(last)
+                await last  # a batch's Confirm: waiting cannot cancel it for the others
         if self.failed is not None:
             raise TransportError(f"the log is not writable: {self.failed}")
 
@@ -240,7 +248,8 @@ class Replication:
         applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._markers[marker.id] = applied
         try:
-            await asyncio.wait_for(self._writer.append(marker), timeout)
+            # Shielded, so the wait ends on time: the batch's Confirm refuses cancellation.
+            await asyncio.wait_for(asyncio.shield(self._writer.append(marker)), timeout)
             offset, stalled = self._reader.next_offset, 0.0
             while not applied.done():
                 await asyncio.wait([applied], timeout=1.0)

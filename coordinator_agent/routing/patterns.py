@@ -17,8 +17,10 @@ Time decay uses one reference time ``t0``: an outcome at time t is added with we
 
 Writes are grouped per event-loop turn: each outcome's statements go in a savepoint of a
 transaction that commits once, at the end of the turn (``call_soon``, no timer), with the other
-outcomes of that turn; a burst of results costs one commit, not one each. Without a running loop
-each outcome commits at once. A crash loses at most the last turn's learning, which is advisory.
+outcomes of that turn; a burst of results costs one commit, not one each. The counters and the
+bandit weights the turn's outcomes changed are written once, at that commit, as they stand
+then. Without a running loop each outcome commits at once. A crash loses at most the last
+turn's learning, which is advisory.
 """
 
 from __future__ import annotations
@@ -195,6 +197,11 @@ class PatternStore:
         self._since_prune = 0
         #: A transaction is open for this loop turn's outcomes (committed by ``commit``).
         self._grouping = False
+        #: What the turn's outcomes left of the counters and bandit weights: only the last
+        #: value of each is written, once, when the turn commits (a burst's outcomes change
+        #: the same weights and every counter over and over).
+        self._counters: Mapping[str, float] | None = None
+        self._weights: dict[tuple[object, object], Sequence[object]] = {}
         self._load()
 
     def __len__(self) -> int:
@@ -204,20 +211,21 @@ class PatternStore:
 
     def record(self, outcome: Outcome, *, counters: Mapping[str, float] | None = None,
                weights: Sequence[Sequence[object]] = (), also: Statements = ()) -> None:
-        """Persist one outcome and, all or nothing, the planner's counters, the bandit weights
-        it changed and any further statements (the decision log's); committed with the loop
-        turn's other outcomes (module docstring)."""
+        """Persist one outcome and, all or nothing, any further statements (the decision
+        log's); committed with the loop turn's other outcomes (module docstring), together
+        with the planner's ``counters`` and the bandit ``weights`` (rows keyed by kind and
+        feature) as they stand after the turn's last outcome."""
         deferred = self._begin_group()
         self._db.execute("SAVEPOINT outcome")
         try:
             self._db.execute(_INSERT, _row(outcome))
-            if counters:
-                self._save_counters(counters)
-            if weights:
-                self._db.executemany(_UPSERT_WEIGHT, weights)
             for sql, rows in also:
                 self._db.executemany(sql, rows)
             self._db.execute("RELEASE outcome")
+            if counters:
+                self._counters = counters
+            for row in weights:
+                self._weights[row[0], row[1]] = row
         except BaseException:
             self._db.execute("ROLLBACK TO outcome")
             self._db.execute("RELEASE outcome")
@@ -250,7 +258,13 @@ class PatternStore:
         if not self._grouping:
             return
         self._grouping = False
+        counters, self._counters = self._counters, None
+        weights, self._weights = self._weights, {}
         try:
+            if counters:
+                self._save_counters(counters)
+            if weights:
+                self._db.executemany(_UPSERT_WEIGHT, list(weights.values()))
             self._db.execute("COMMIT")
         except sqlite3.Error:  # the aggregates keep them; the file lost this turn's learning
             log.exception("learning store: this loop turn's outcomes were not stored")

@@ -15,7 +15,7 @@ malformed entry with a ``ValueError`` that names the field.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from coordinator_agent.routing.patterns import Outcome
@@ -54,7 +54,8 @@ class LearningUpdate:
                        duration_s=self.duration_s, at=self.at)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Every field is a scalar but the keywords: no need for asdict's deep copy.
+        data = {name: getattr(self, name) for name in _FIELDS}
         data["keywords"] = list(self.keywords)
         data["version"] = VERSION
         return data
@@ -100,6 +101,9 @@ class LearningUpdate:
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"learning update: {name!r} must be in [0, 1]")
         return cls(**values)
+
+
+_FIELDS = tuple(f.name for f in fields(LearningUpdate))
 
 
 def _text(data: dict[str, Any], name: str) -> str:

@@ -100,25 +100,52 @@ class CoalescingTCPTransportFactory(TCPTransportFactory):
 WRITE_QUEUE_FRAMES = 1024
 
 
+def _coalesce(connection: aio_pika.Connection) -> CoalescingTCPTransportFactory | None:
+    """Give ``connection`` a coalescing transport (plain TCP only: TLS connections keep
+    aiormq's own transport)."""
+    if connection.url.scheme != "amqp":
+        return None
+    factory = CoalescingTCPTransportFactory()
+    connection.kwargs["transport_factory"] = factory
+    return factory
+
+
+def _watch(connection: aio_pika.Connection,
+           factory: CoalescingTCPTransportFactory | None) -> None:
+    """Once connected: a larger write queue, and the writer told which queue to watch."""
+    transport = getattr(connection.transport, "connection", None)
+    queue = getattr(transport, "write_queue", None)
+    if isinstance(queue, asyncio.Queue) and hasattr(queue, "_maxsize"):
+        queue._maxsize = WRITE_QUEUE_FRAMES  # no public setter; it only grows
+        if factory is not None and factory.writer is not None:
+            factory.writer.watch(queue)
+
+
 class CoalescingConnection(aio_pika.Connection):
     """An aio-pika connection whose frames are coalesced per loop turn (plain TCP only: TLS
     connections keep aiormq's own transport)."""
 
     def __init__(self, url: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(url, *args, **kwargs)
-        self._factory: CoalescingTCPTransportFactory | None = None
-        if self.url.scheme == "amqp":
-            self._factory = CoalescingTCPTransportFactory()
-            self.kwargs["transport_factory"] = self._factory
+        self._factory = _coalesce(self)
 
     async def connect(self, timeout: Any = None) -> None:
         await super().connect(timeout)
-        connection = getattr(self.transport, "connection", None)
-        queue = getattr(connection, "write_queue", None)
-        if isinstance(queue, asyncio.Queue) and hasattr(queue, "_maxsize"):
-            queue._maxsize = WRITE_QUEUE_FRAMES  # no public setter; empty at this point
-            if self._factory is not None and self._factory.writer is not None:
-                self._factory.writer.watch(queue)
+        _watch(self, self._factory)
+
+
+class CoalescingRobustConnection(aio_pika.RobustConnection):
+    """The same for a robust connection; each reconnect makes a new transport, watched once
+    its channels are restored (until then its writes wait for the end of the turn)."""
+
+    def __init__(self, url: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(url, *args, **kwargs)
+        self._factory = _coalesce(self)
+        self.reconnect_callbacks.add(lambda *_: _watch(self, self._factory))
+
+    async def connect(self, timeout: Any = None) -> None:
+        await super().connect(timeout)
+        _watch(self, self._factory)
 
 
 async def connect(url: str, **kwargs: Any) -> aio_pika.abc.AbstractConnection:
@@ -127,3 +154,9 @@ async def connect(url: str, **kwargs: Any) -> aio_pika.abc.AbstractConnection:
         url, connection_class=CoalescingConnection, **kwargs)
     return connection
 
+
+async def connect_robust(url: str, **kwargs: Any) -> aio_pika.abc.AbstractRobustConnection:
+    """``aio_pika.connect_robust`` with coalesced writes."""
+    connection: aio_pika.abc.AbstractRobustConnection = await aio_pika.connect_robust(
+        url, connection_class=CoalescingRobustConnection, **kwargs)
+    return connection

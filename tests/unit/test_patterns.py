@@ -190,6 +190,31 @@ async def test_one_loop_turns_outcomes_are_committed_together_at_its_end(tmp_pat
         store.close()
 
 
+async def test_a_turns_counters_and_weights_are_written_once_as_they_end(
+        tmp_path: Path) -> None:
+    """Every outcome of a burst changes the counters and the same weights: the turn's commit
+    writes each once, with its last value; an undone outcome's are not taken."""
+    path = tmp_path / "learning.sqlite3"
+    store = PatternStore(path, half_life_s=DAY)
+    try:
+        for i in range(20):
+            store.record(_outcome("deploy api", "cicd"), counters={"first_tries": float(i)},
+                         weights=[("cicd", "w:deploy", float(i), 0.0, 0.0, 0.0, 0.0),
+                                  ("cicd", f"w:{i}", 1.0, 0.0, 0.0, 0.0, 0.0)])
+        with pytest.raises(sqlite3.OperationalError):
+            store.record(_outcome("undone", "cicd"), counters={"first_tries": 99.0},
+                         weights=[("cicd", "w:deploy", 99.0, 0.0, 0.0, 0.0, 0.0)],
+                         also=[("INSERT INTO nowhere VALUES (?)", [(1,)])])
+        await asyncio.sleep(0)  # the turn ends: one commit
+        with sqlite3.connect(path) as other:
+            counters = dict(other.execute("SELECT name, value FROM counters"))
+            weights = dict(other.execute("SELECT feature, evidence FROM bandit_weights"))
+        assert counters == {"first_tries": 19.0}
+        assert weights["w:deploy"] == 19.0 and len(weights) == 21
+    finally:
+        store.close()
+
+
 def test_without_a_running_loop_each_outcome_commits_at_once(tmp_path: Path) -> None:
     path = tmp_path / "learning.sqlite3"
     store = PatternStore(path, half_life_s=DAY)

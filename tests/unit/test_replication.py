@@ -180,3 +180,34 @@ async def test_effects_wait_for_the_confirm_and_a_refused_batch_ends_the_term(
     with pytest.raises(TransportError):  # and every later one: memory is ahead of the log
         await replication.barrier()
     store.close()
+
+
+async def test_a_cancelled_wait_does_not_cancel_the_batch_for_the_others(
+        tmp_path: Path) -> None:
+    """Every event of a batch and every barrier shares the batch's one confirm: a waiter
+    cancelled meanwhile (its handler stopped) is cancelled once the confirm resolves, and the
+    others still see the confirm."""
+    store = TaskStore(tmp_path / "s.sqlite3")
+    codec = LogCodec([Fernet.generate_key().decode()])
+    replication = Replication("amqp://unused", "n", codec, store, epoch=lambda: 4)
+    channel = _Channel()
+    writer = replication._writer = LogWriter(channel, "n", codec)  # type: ignore[arg-type]
+    replication.writing = True
+    store.replicate(replication.record_task)
+
+    store.save(task(TaskStatus.PENDING))
+    first = writer.append(event(4, n=1))
+    assert first is writer.append(event(4, n=2))  # one future for the batch's events
+    cancelled = asyncio.ensure_future(replication.barrier())
+    other = asyncio.ensure_future(replication.barrier())
+    await asyncio.sleep(0.05)
+    cancelled.cancel()
+    await asyncio.sleep(0.05)
+    assert not cancelled.done() and not first.cancelled()  # held until the confirm
+    channel.default_exchange.gate.set()
+    await asyncio.wait_for(other, 1)  # confirmed, not cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert first.done() and first.exception() is None
+    assert channel.default_exchange.published == 1 and replication.failed is None
+    store.close()

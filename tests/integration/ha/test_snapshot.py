@@ -14,7 +14,15 @@ from cryptography.fernet import Fernet
 
 from coordinator_agent.coordinator.store import TaskStore
 from coordinator_agent.ha import snapshot
-from coordinator_agent.ha.log import LogCodec, LogReader, LogWriter, Retention, declare, log_queue
+from coordinator_agent.ha.log import (
+    Event,
+    LogCodec,
+    LogReader,
+    LogWriter,
+    Retention,
+    declare,
+    log_queue,
+)
 from coordinator_agent.ha.restore import restore_latest
 from coordinator_agent.ha.snapshot import (
     SnapshotRetention,
@@ -126,19 +134,30 @@ async def test_resume_finds_its_entry_or_counts_a_gap(
             writer.append(e)
         await writer.flush()
 
-    async def read(applied: int | None) -> tuple[list[int], LogReader]:
-        offsets: list[int] = []
-        reader = LogReader(channel, name, CODEC, lambda batch, offset: offsets.append(offset))
+    # A run of entries is applied at once: (the offset of its last entry, the batch number of
+    # each of its events), one per ``apply``. Every entry here is one batch of 50 events.
+    Run = tuple[int, list[int]]
+
+    def batch_of(event: Event) -> int:
+        return int(event.id.split("-")[0][1:])
+
+    async def read(applied: int | None) -> tuple[list[Run], LogReader]:
+        runs: list[Run] = []
+        reader = LogReader(channel, name, CODEC, lambda batch, offset: runs.append(
+            (offset, [batch_of(e) for e in batch])))
         await reader.resume(applied)
-        while not offsets or reader.applied_events < 50 * 10:
+        while not runs or reader.applied_events < 50 * 10:
             await reader.wait_for_offset(reader.next_offset + 1, timeout=30)
         await reader.stop()
-        return offsets, reader
+        return runs, reader
 
     from_start, reader = await read(None)
-    assert from_start[0] > 0, "retention should have dropped the first entries"
+    assert from_start[0][1][0] > 0, "retention should have dropped the first entries"
     assert reader.gaps == 1
+    batches = [b for _, run in from_start for b in run]
+    assert batches == sorted(batches) and len(batches) == 50 * len(set(batches))
 
-    tail, reader = await read(from_start[5])  # an entry still in the stream
+    offset, run = from_start[1]  # an entry still in the stream: the last of the second run
+    tail, reader = await read(offset)
     assert reader.gaps == 0
-    assert tail[0] == from_start[6], "resumes right after the entry it names, skipping it"
+    assert tail[0][1][0] == run[-1] + 1, "resumes right after the entry it names, skipping it"
