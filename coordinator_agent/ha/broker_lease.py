@@ -34,6 +34,7 @@ from aio_pika.abc import (
 
 from coordinator_agent.exceptions import DiscoveryError
 from coordinator_agent.ha.lease import HolderClock, Term
+from coordinator_agent.wire.constants import epochs_queue, leader_queue
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ class BrokerLease(HolderClock):
         if ttl_s <= 2 * margin_s:
             raise ValueError(f"ttl_s ({ttl_s}) must exceed twice margin_s ({margin_s})")
         self.url = url
-        self.key = f"ca.{name}.leader"
-        self.epochs = f"ca.{name}.epochs"
+        self.key = leader_queue(name)
+        self.epochs = epochs_queue(name)
         self.holder = holder
         self.ttl_s = ttl_s
         self.margin_s = margin_s

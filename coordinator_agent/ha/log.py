@@ -32,6 +32,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from coordinator_agent.exceptions import TransportError
+from coordinator_agent.wire.constants import log_queue
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ log = logging.getLogger(__name__)
 DEDUPE_WINDOW = 100_000
 #: Batches a writer remembers for its own reader (the leader reads back what it wrote).
 SENT_REMEMBERED = 10_000
-
-
-def log_queue(name: str) -> str:
-    return f"ca.{name}.log"
 
 
 class Event(NamedTuple):

@@ -50,7 +50,6 @@ from coordinator_agent.ha.log import (
     LogWriter,
     Retention,
     declare,
-    log_queue,
     writer_channel,
 )
 from coordinator_agent.ha.restore import restore_latest
@@ -61,6 +60,7 @@ from coordinator_agent.ha.snapshot import (
     publish_snapshot,
 )
 from coordinator_agent.wire import coalesce
+from coordinator_agent.wire.constants import log_queue
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from coordinator_agent.ha.snapshot import (
     open_entry,
     publish_entry,
     seal_entry,
-    snapshot_queue,
     stored_offset,
 )
+from coordinator_agent.wire.constants import snapshot_queue
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ import orjson
 from aio_pika.abc import AbstractChannel
 
 from coordinator_agent.ha.log import LogCodec, Retention
+from coordinator_agent.wire.constants import snapshot_queue
 
 if TYPE_CHECKING:
     from coordinator_agent.settings import HASettings
@@ -42,10 +43,6 @@ log = logging.getLogger(__name__)
 #: Uncompressed store bytes per chunk: big enough to amortise a publish, small next to a frame.
 CHUNK_BYTES = 4 * 1024 * 1024
 _LEN = struct.Struct(">I")
-
-
-def snapshot_queue(name: str) -> str:
-    return f"ca.{name}.snapshots"
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,33 @@ def dead_letter_queue(coordinator: str) -> str:
     return f"ca.{coordinator}.dead-letter"
 
 
+def log_queue(coordinator: str) -> str:
+    """The replicated log of the coordinators sharing the name (stream; docs/HA.md)."""
+    return f"ca.{coordinator}.log"
+
+
+def snapshot_queue(coordinator: str) -> str:
+    """Snapshots of the replicated state, for a fresh replica to start from (stream)."""
+    return f"ca.{coordinator}.snapshots"
+
+
+def leader_queue(coordinator: str) -> str:
+    """The broker lease: candidates consume it with single-active-consumer (quorum queue)."""
+    return f"ca.{coordinator}.leader"
+
+
+def epochs_queue(coordinator: str) -> str:
+    """The broker lease's epochs: a stream whose offsets only grow."""
+    return f"ca.{coordinator}.epochs"
+
+
+def namespace_queues(coordinator: str) -> tuple[str, ...]:
+    """Every queue named after the coordinator alone (not per agent or principal)."""
+    return (tasks_queue(coordinator), status_queue(coordinator), dead_letter_queue(coordinator),
+            log_queue(coordinator), snapshot_queue(coordinator), leader_queue(coordinator),
+            epochs_queue(coordinator))
+
+
 #: Which key encrypted the body: the principal id of the sender.
 HEADER_SENDER: Final = "x-ca-sender"
 #: Set on messages the coordinator dead-letters itself.

@@ -913,12 +913,11 @@ async def delete_namespace(
     broker_url: SecretStr, coordinator: str, agent_ids: list[str] | tuple[str, ...] = (),
     operators: Iterable[str] = (),
 ) -> None:
-    """Remove a coordinator's queues and dead-letter exchange (demo and test clean-up);
-    ``operators``: whose submission lanes to remove too."""
+    """Remove a coordinator's queues, its HA streams and its dead-letter exchange (demo, bench
+    and test clean-up); ``operators``: whose submission lanes to remove too."""
     connection = await aio_pika.connect(broker_url.get_secret_value(), timeout=10)
     try:
-        names = [c.tasks_queue(coordinator), c.status_queue(coordinator),
-                 c.dead_letter_queue(coordinator),
+        names = [*c.namespace_queues(coordinator),
                  *(c.agent_queue(coordinator, agent_id) for agent_id in agent_ids),
                  *(c.submit_queue(coordinator, operator) for operator in operators)]
         for name in names:

@@ -17,8 +17,6 @@ from coordinator_agent.agent.examples import example_handler
 from coordinator_agent.agent.worker import WorkerAgent
 from coordinator_agent.client import CoordinatorClient
 from coordinator_agent.coordinator.service import CoordinatorAgent
-from coordinator_agent.ha.log import log_queue
-from coordinator_agent.ha.snapshot import snapshot_queue
 from coordinator_agent.settings import Settings, load_settings
 from coordinator_agent.wire import batch, protocol
 from coordinator_agent.wire import constants as c
@@ -198,8 +196,8 @@ async def ha_coordinator(
         connection = await aio_pika.connect(settings.broker_url.get_secret_value())
         async with connection:
             channel = await connection.channel()
-            await channel.queue_delete(log_queue(settings.name))
-            await channel.queue_delete(snapshot_queue(settings.name))
+            await channel.queue_delete(c.log_queue(settings.name))
+            await channel.queue_delete(c.snapshot_queue(settings.name))
 
 
 async def test_nothing_is_lost_with_ha_and_a_submitted_batch_is_one_log_append(

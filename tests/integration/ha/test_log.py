@@ -7,9 +7,11 @@ import uuid
 from collections.abc import AsyncIterator
 
 import aio_pika
+import aiormq
 import pytest
 from aio_pika.abc import AbstractChannel
 from cryptography.fernet import Fernet
+from pydantic import SecretStr
 
 from coordinator_agent.exceptions import TransportError
 from coordinator_agent.ha.log import (
@@ -19,10 +21,11 @@ from coordinator_agent.ha.log import (
     LogWriter,
     Retention,
     declare,
-    log_queue,
     writer_channel,
 )
-from coordinator_agent.wire.messaging import close_connection
+from coordinator_agent.ha.snapshot import SnapshotRetention, declare_snapshots
+from coordinator_agent.wire.constants import log_queue, namespace_queues
+from coordinator_agent.wire.messaging import close_connection, delete_namespace
 
 KEY = Fernet.generate_key().decode()
 
@@ -163,5 +166,24 @@ async def test_an_append_to_a_deleted_log_fails_instead_of_counting_as_confirmed
         await (await connection.channel()).queue_delete(log_queue(stream))
         with pytest.raises(TransportError, match="log append of 1 events failed"):
             await writer.append(events(1, prefix="lost-")[0])
+    finally:
+        await close_connection(connection)
+
+
+async def test_the_namespace_clean_up_removes_the_log_and_snapshot_streams(
+    broker_url: str, channel: AbstractChannel,
+) -> None:
+    # Streams outlive their coordinators: a clean-up that forgot them would leave segment files
+    # on the broker's disk for every test and benchmark run.
+    name = f"t-ns-{uuid.uuid4().hex[:8]}"
+    await declare(channel, name, Retention(max_age="1h", max_bytes=100 * 1024**2))
+    await declare_snapshots(channel, name, SnapshotRetention(max_bytes=100 * 1024**2))
+    await delete_namespace(SecretStr(broker_url), name)
+    connection = await aio_pika.connect(broker_url)
+    try:
+        for queue in namespace_queues(name):
+            probe = await connection.channel()
+            with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+                await probe.declare_queue(queue, passive=True)
     finally:
         await close_connection(connection)

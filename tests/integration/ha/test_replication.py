@@ -18,9 +18,8 @@ import aio_pika
 import pytest
 
 from coordinator_agent.client import CoordinatorClient
-from coordinator_agent.ha.log import log_queue
-from coordinator_agent.ha.snapshot import snapshot_queue
 from coordinator_agent.settings import Settings
+from coordinator_agent.wire.constants import log_queue, snapshot_queue
 from coordinator_agent.wire.messaging import close_connection
 
 from ..conftest import StartWorker

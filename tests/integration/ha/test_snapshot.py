@@ -21,7 +21,6 @@ from coordinator_agent.ha.log import (
     LogWriter,
     Retention,
     declare,
-    log_queue,
 )
 from coordinator_agent.ha.restore import restore_latest
 from coordinator_agent.ha.snapshot import (
@@ -30,8 +29,8 @@ from coordinator_agent.ha.snapshot import (
     publish_entry,
     publish_snapshot,
     seal_entry,
-    snapshot_queue,
 )
+from coordinator_agent.wire.constants import log_queue, snapshot_queue
 from coordinator_agent.wire.messaging import close_connection
 from tests.integration.ha.test_log import events
 
