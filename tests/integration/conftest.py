@@ -83,7 +83,10 @@ StartWorker = Callable[..., Awaitable[WorkerAgent]]
 
 
 @pytest.fixture
-async def start_worker(settings: Settings, keyring: Keyring) -> AsyncIterator[StartWorker]:
+async def start_worker(settings: Settings, keyring: Keyring,
+                       cleanup_namespace: None) -> AsyncIterator[StartWorker]:
+    # Depends on the clean-up so that it runs after the workers stop: a worker still running
+    # would declare the coordinator's queues again.
     workers: list[WorkerAgent] = []
 
     async def start(
@@ -102,6 +105,7 @@ async def start_worker(settings: Settings, keyring: Keyring) -> AsyncIterator[St
 
 
 @pytest.fixture
-async def client(settings: Settings, keyring: Keyring) -> AsyncIterator[CoordinatorClient]:
+async def client(settings: Settings, keyring: Keyring,
+                 cleanup_namespace: None) -> AsyncIterator[CoordinatorClient]:
     async with CoordinatorClient(settings, keyring, OPERATOR) as c:
         yield c
