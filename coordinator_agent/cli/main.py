@@ -345,7 +345,7 @@ def serve_until_signal(
             nonlocal signals
             signals += 1
             if signals > 1:
-                log.warning("second signal: exiting now")
+                log.warning("second signal: exiting now; still running: %s", _where_tasks_wait())
                 os._exit(130)
             log.info("stopping (send the signal again to force)")
             request_stop()
@@ -366,6 +366,16 @@ def serve_until_signal(
         return asyncio.run(body())
     finally:
         asyncio.set_event_loop_policy(None)  # a caller in the same process gets asyncio back
+
+
+def _where_tasks_wait() -> str:
+    """Each task's name and the line it waits at: what a stop that hung was waiting for."""
+    places = []
+    for task in asyncio.all_tasks():
+        frames = task.get_stack(limit=None)
+        where = (f"{frames[-1].f_code.co_filename}:{frames[-1].f_lineno}" if frames else "?")
+        places.append(f"{task.get_name()} at {where}")
+    return "; ".join(sorted(places)) or "nothing"
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:

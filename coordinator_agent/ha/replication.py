@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,10 @@ AGENT_DRAINED = "agent.drained"
 TAIL_PROBE_S = 2.0
 #: Pause before applying a batch again after the store refused it.
 APPLY_RETRY_S = 0.5
+#: At stop, how long each step (a background task's end, the reader's last run, the
+#: connection's close) may take before it is left behind: a broker that stops answering must
+#: not keep a stopping coordinator alive.
+STOP_STEP_S = 5.0
 
 #: The leader's own task rows kept for its reader, at most (then it opens them like any).
 OWN_ROWS_REMEMBERED = 10_000
@@ -170,21 +174,16 @@ class Replication:
             log.info("log: %d events appended in %d batches; %d applied in %d runs, up to "
                      "offset %d", self._writer.events, self._writer.batches,
                      self.applied_events, self._reader.runs, self._reader.next_offset - 1)
-        if self._snapshot is not None:
-            self._snapshot.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._snapshot
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        for task in (self._snapshot, self._probe):
+            if task is not None:
+                task.cancel()
+                await _bounded(_settled(task), f"the end of {task.get_name()}")
         if self._writer is not None:
-            await self._writer.flush()
+            await self._writer.flush()  # each publish is bounded by its own timeout
         if self._reader is not None:
-            await self._reader.stop()
+            await _bounded(self._reader.stop(), "the log reader's last run")
         if self._connection is not None:
-            with contextlib.suppress(Exception):
-                await self._connection.close()
+            await _bounded(self._connection.close(), "closing the log connection")
 
     # --- the leader's side ----------------------------------------------------------------------
 
@@ -399,3 +398,20 @@ class Replication:
             with contextlib.suppress(Exception):
                 await channel.close()
         return max(offsets) if offsets else None
+
+
+async def _bounded(step: Awaitable[Any], what: str) -> None:
+    """One step of stopping, given at most ``STOP_STEP_S``: a hang is said and left behind
+    (never awaited again: a cancelled step can hang in its own clean-up), an error is said."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=STOP_STEP_S)
+    if not done:
+        task.cancel()
+        log.warning("stopping: %s took over %.0f s; left behind", what, STOP_STEP_S)
+    elif not task.cancelled() and task.exception() is not None:
+        log.debug("stopping: %s failed: %r", what, task.exception())
+
+
+async def _settled(task: asyncio.Task[Any]) -> None:
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task

@@ -99,7 +99,9 @@ class Coordinators:
         try:
             await asyncio.to_thread(process.wait, timeout)
         except subprocess.TimeoutExpired:
-            tail = (self.tmp_path / f"{label}.log").read_text(errors="replace")[-4000:]
+            process.send_signal(signal.SIGTERM)  # the second: it logs where its tasks wait
+            await asyncio.to_thread(process.wait, 10)
+            tail = (self.tmp_path / f"{label}.log").read_text(errors="replace")[-6000:]
             message = f"{label} did not stop within {timeout}s of SIGTERM:\n{tail}"
             raise AssertionError(message) from None
 
