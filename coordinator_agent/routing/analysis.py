@@ -17,6 +17,9 @@ from coordinator_agent.routing.config import Complexity, RoutingConfig
 _TOKEN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 _KEEP_DOUBLE = frozenset("lsz")
 STEM_CACHE_SIZE = 50_000
+#: Analyses kept by description: a task's text is read on intake (urgency), by the decision
+#: and by the learning of its outcome, and automated fleets repeat descriptions.
+ANALYSIS_CACHE_SIZE = 4_096
 
 
 def stem(word: str) -> str:
@@ -59,7 +62,10 @@ def _mostly_digits(token: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class TaskAnalysis:
-    """What the analyser found; ``keywords`` are stems, vocabulary words first."""
+    """What the analyser found; ``keywords`` are stems, vocabulary words first.
+
+    Analyses are cached and shared (``TaskAnalyzer.analyze``): never mutate ``domain_match``.
+    """
 
     keywords: tuple[str, ...]
     category: str
@@ -103,6 +109,10 @@ class TaskAnalyzer:
         self._all_urgency = frozenset().union(*self.urgency_words.values())
         #: raw token -> stem, or "" for a token that is dropped; bounded, cleared when full.
         self._stems: dict[str, str] = {}
+        #: description (as read: its first ``max_chars``) -> analysis; least recently used
+        #: first, bounded by ``cache_size``.
+        self.cache_size = ANALYSIS_CACHE_SIZE
+        self._analyses: dict[str, TaskAnalysis] = {}
 
     def _word(self, part: str) -> str:
         word = self._stems.get(part)
@@ -136,6 +146,19 @@ class TaskAnalyzer:
         return out
 
     def analyze(self, description: str) -> TaskAnalysis:
+        """The description's analysis; the same text gives the same (shared) analysis."""
+        text = description[: self.max_chars]  # all that is read, so all the key needs
+        cache = self._analyses
+        analysis = cache.pop(text, None)
+        if analysis is None:
+            analysis = self._analyze(text)
+            if len(cache) >= self.cache_size > 0:
+                del cache[next(iter(cache))]  # the least recently used
+        if self.cache_size > 0:
+            cache[text] = analysis  # (again) the most recently used
+        return analysis
+
+    def _analyze(self, description: str) -> TaskAnalysis:
         tokens = self.tokens(description)
         hits: dict[str, int] = {}
         vocabulary: list[str] = []

@@ -663,7 +663,7 @@ class CoordinationPlanner:
                           required_capabilities=list(required_capabilities))
         analysis = self.analyzer.analyze(description)
         result: dict[str, Any] = {
-            "analysis": {**analysis.to_dict(), "domain_match": analysis.domain_match},
+            "analysis": {**analysis.to_dict(), "domain_match": dict(analysis.domain_match)},
             "policy": self.config.policy.value,
             "threshold": self._threshold(), "kinds": {}, "kind": None,
             "fallback_used": False, "reason": "", "alternatives": [],

@@ -11,8 +11,8 @@ in a signed 64-bit word, also inside free-form JSON values. Encryption is not do
 from __future__ import annotations
 
 import math
+import os
 import time
-import uuid
 from typing import Annotated, Any, Literal, TypeAlias, Union
 
 import orjson
@@ -418,7 +418,8 @@ _ENVELOPE_ADAPTER: TypeAdapter[Any] = TypeAdapter(
 
 
 def new_message_id() -> str:
-    return uuid.uuid4().hex
+    """32 random hex digits, as ``uuid4().hex`` gave, for a third of its cost (a few per task)."""
+    return os.urandom(16).hex()
 
 
 def make_envelope(
