@@ -127,9 +127,10 @@ class TaskAnalyzer:
         return word
 
     def drop_caches(self) -> None:
-        """After a flood: one cached token per task (an id, a number) would hold a heap page
-        per task of the flood's memory."""
+        """After a flood: one cached token or analysis per task (an id, a number) would hold a
+        heap page per task of the flood's memory."""
         self._stems = {}
+        self._analyses = {}
 
     def tokens(self, description: str) -> list[str]:
         """Distinct stems of the description, in order of first appearance."""

@@ -447,9 +447,17 @@ def encode(envelope: Envelope) -> bytes:
             "sender": envelope.sender,
             "sent_at": envelope.sent_at,
             "correlation_id": envelope.correlation_id,
-            "payload": envelope.payload.model_dump(mode="json"),
+            "payload": _payload_json(envelope.payload),
         }
     )
+
+
+def _payload_json(payload: Model) -> Any:
+    if type(payload) is Batch and all(type(item) is dict for item in payload.items):
+        # Items are JSON already (``batch.item_of`` dumped each payload): pydantic would walk
+        # every value of every item again to find its type, for the same output.
+        return {"items": payload.items}
+    return payload.model_dump(mode="json")
 
 
 def decode(data: bytes) -> Envelope:

@@ -156,3 +156,49 @@ def test_empty_description(analyzer: TaskAnalyzer) -> None:
     assert analysis.urgency == "normal"
     assert analysis.to_dict() == {"keywords": [], "category": "general", "complexity": "medium",
                                   "domains": [], "urgency": "normal"}
+
+
+CACHED = (
+    "URGENT: payment service fails, please patch the exploit asap",
+    "Scan repository for CVE-2024-12345 vulnerability",
+    "Write release notes for the billing service",
+    "noop",
+)
+
+
+def test_cached_analyses_equal_fresh_ones() -> None:
+    cached = TaskAnalyzer(default_routing_config())
+    fresh = TaskAnalyzer(default_routing_config())
+    fresh.cache_size = 0
+    for _ in range(3):  # misses, then hits, in a changing order
+        for description in (*CACHED, *reversed(CACHED)):
+            assert cached.analyze(description) == fresh.analyze(description)
+    assert len(cached._analyses) == len(CACHED)
+    assert not fresh._analyses
+
+
+def test_the_analysis_cache_is_bounded_and_drops_the_least_recently_used() -> None:
+    analyzer = TaskAnalyzer(default_routing_config())
+    analyzer.cache_size = 3
+    first = analyzer.analyze("deploy the api")
+    analyzer.analyze("scan the repo")
+    analyzer.analyze("write the docs")
+    assert analyzer.analyze("deploy the api") is first  # a hit: now the most recent
+    analyzer.analyze("rotate the keys")  # full: "scan the repo" (least recent) goes
+    assert list(analyzer._analyses) == ["write the docs", "deploy the api", "rotate the keys"]
+    for n in range(50):
+        analyzer.analyze(f"task number {n} of many")
+    assert len(analyzer._analyses) == 3
+    analyzer.drop_caches()
+    assert not analyzer._analyses
+    assert analyzer.analyze("deploy the api") == first
+
+
+def test_the_cache_key_is_the_text_the_analyser_reads() -> None:
+    analyzer = TaskAnalyzer(default_routing_config())
+    head = "deploy the billing service " * 200
+    long_one, longer_one = head + " security audit", head + " write the docs"
+    assert len(head) > analyzer.max_chars
+    assert analyzer.analyze(long_one) is analyzer.analyze(longer_one)  # one entry, one key
+    assert len(analyzer._analyses) == 1
+    assert max(len(key) for key in analyzer._analyses) == analyzer.max_chars

@@ -100,3 +100,17 @@ def test_split_keeps_order_within_the_item_limit_and_the_sealed_size() -> None:
         assert fernet_token_bytes(len(protocol.encode(envelope))) <= max_bytes
     # An item too large even alone still goes (alone): the receiver refuses it as oversized.
     assert batch.split(items[:2], limit=64, max_bytes=100) == [[items[0]], [items[1]]]
+
+
+def test_a_batch_encodes_as_pydantic_would_dump_it() -> None:
+    assign = protocol.TaskAssign(task_id="t-2", attempt=2, description="noop",
+                                 input={"op": "noop", "n": [1, 2.5, None, True]}, timeout_s=60.0)
+    items = [batch.item_of(RESULT, correlation_id="s-1"), batch.item_of(assign),
+             batch.item_of(protocol.TaskAccepted(task_id="t-3", status="pending"))]
+    envelope = protocol.make_envelope(protocol.Batch(items=items), sender="coordinator")
+    dumped = orjson.dumps({
+        "v": envelope.v, "id": envelope.id, "type": envelope.type, "sender": envelope.sender,
+        "sent_at": envelope.sent_at, "correlation_id": envelope.correlation_id,
+        "payload": envelope.payload.model_dump(mode="json")})
+    assert protocol.encode(envelope) == dumped
+    assert protocol.decode(dumped).payload == envelope.payload
