@@ -379,15 +379,22 @@ def _where_tasks_wait() -> str:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from coordinator_agent.coordinator.memory import settle_heap
     from coordinator_agent.coordinator.service import CoordinatorAgent
 
     coordinator = CoordinatorAgent(settings)
-    return run_until_signal(coordinator.start, coordinator.stop, event_loop=settings.event_loop)
+
+    async def start() -> None:
+        await coordinator.start()
+        settle_heap()  # what start-up built stays: out of the collector's way (memory.py)
+
+    return run_until_signal(start, coordinator.stop, event_loop=settings.event_loop)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from coordinator_agent.agent.examples import example_handler
     from coordinator_agent.agent.worker import WorkerAgent
+    from coordinator_agent.coordinator.memory import settle_heap
 
     keyring = Keyring.load(settings.keyring_path)
     require_role(keyring, check_principal_id(args.id), "agent", settings.keyring_path)
@@ -397,6 +404,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         max_concurrency=args.concurrency, batch_limit=args.batch_limit,
     )
 
+    settle_heap()  # memory.py
     # Not run_until_signal: an agent.drain from the coordinator ends the agent as well.
     return serve_until_signal(agent.run, agent.request_stop, close=agent.stop,
                               event_loop=settings.event_loop)

@@ -6,6 +6,9 @@ size, so a write that needs a new page fails with SQLITE_FULL, as on a full disk
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from coordinator_agent.coordinator.memory import FloodWatch
@@ -203,6 +206,28 @@ def test_a_burst_that_is_still_draining_is_not_stalled_by_a_compaction() -> None
     assert watch.observe(0) is False  # the last ones finished since the last look
     assert watch.observe(0) is True  # drained: one pass
     assert compacted == [1]
+
+
+def test_a_started_process_freezes_its_start_up_heap_and_collects_young_objects_less_often(
+) -> None:
+    # In a process of its own: freezing the test runner's heap would outlive this test.
+    script = """
+import gc
+from coordinator_agent.coordinator.memory import YOUNG_THRESHOLD, settle_heap
+before = gc.get_freeze_count()
+settle_heap()
+assert gc.get_freeze_count() > before + 10_000, (before, gc.get_freeze_count())
+assert gc.get_threshold()[0] == YOUNG_THRESHOLD > 700, gc.get_threshold()
+garbage = []
+garbage.append(garbage)  # a cycle: still collected, frozen heap or not
+del garbage
+assert gc.collect() >= 1
+print("settled")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "settled"
 
 
 def test_the_default_open_task_limit_fits_a_small_machine() -> None:
