@@ -19,8 +19,10 @@ Writes are grouped per event-loop turn: each outcome's statements go in a savepo
 transaction that commits once, at the end of the turn (``call_soon``, no timer), with the other
 outcomes of that turn; a burst of results costs one commit, not one each. The counters and the
 bandit weights the turn's outcomes changed are written once, at that commit, as they stand
-then. Without a running loop each outcome commits at once. A crash loses at most the last
-turn's learning, which is advisory.
+then; so are the turn's outcome rows (one ``executemany``, in order: the table only ever takes
+them and the prune) and the neighbours' forgetting (one delete up to the last point, which only
+moves forward). Without a running loop each outcome commits at once. A crash loses at most the
+last turn's learning, which is advisory.
 """
 
 from __future__ import annotations
@@ -202,6 +204,8 @@ class PatternStore:
         #: the same weights and every counter over and over).
         self._counters: Mapping[str, float] | None = None
         self._weights: dict[tuple[object, object], Sequence[object]] = {}
+        self._rows: list[tuple[object, ...]] = []  # the turn's outcomes, for one executemany
+        self._forget: int | None = None  # the neighbours' forgetting point after the turn
         self._load()
 
     def __len__(self) -> int:
@@ -210,22 +214,26 @@ class PatternStore:
     # --- writing ------------------------------------------------------------------------------
 
     def record(self, outcome: Outcome, *, counters: Mapping[str, float] | None = None,
-               weights: Sequence[Sequence[object]] = (), also: Statements = ()) -> None:
+               weights: Sequence[Sequence[object]] = (), also: Statements = (),
+               forget_neighbours: int | None = None) -> None:
         """Persist one outcome and, all or nothing, any further statements (the decision
         log's); committed with the loop turn's other outcomes (module docstring), together
-        with the planner's ``counters`` and the bandit ``weights`` (rows keyed by kind and
-        feature) as they stand after the turn's last outcome."""
+        with the planner's ``counters``, the bandit ``weights`` (rows keyed by kind and
+        feature) and the neighbours' memory up to ``forget_neighbours`` forgotten, as they
+        stand after the turn's last outcome."""
         deferred = self._begin_group()
         self._db.execute("SAVEPOINT outcome")
         try:
-            self._db.execute(_INSERT, _row(outcome))
             for sql, rows in also:
                 self._db.executemany(sql, rows)
             self._db.execute("RELEASE outcome")
+            self._rows.append(_row(outcome))
             if counters:
                 self._counters = counters
             for row in weights:
                 self._weights[row[0], row[1]] = row
+            if forget_neighbours is not None:
+                self._forget = forget_neighbours
         except BaseException:
             self._db.execute("ROLLBACK TO outcome")
             self._db.execute("RELEASE outcome")
@@ -260,7 +268,11 @@ class PatternStore:
         self._grouping = False
         counters, self._counters = self._counters, None
         weights, self._weights = self._weights, {}
+        forget, self._forget = self._forget, None
         try:
+            self._write_rows()
+            if forget is not None:
+                self._db.execute(FORGET_NEIGHBOURS, (forget,))
             if counters:
                 self._save_counters(counters)
             if weights:
@@ -270,6 +282,11 @@ class PatternStore:
             log.exception("learning store: this loop turn's outcomes were not stored")
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
+
+    def _write_rows(self) -> None:
+        rows, self._rows = self._rows, []
+        if rows:
+            self._db.executemany(_INSERT, rows)
 
     def record_many(self, outcomes: Iterable[Outcome]) -> None:
         """Bulk import in one transaction (benchmarks, migrations)."""
@@ -447,6 +464,7 @@ class PatternStore:
         self._since_prune = 0
         if self._count <= self.max_outcomes:
             return
+        self._write_rows()  # the turn's rows so far first: the prune keeps the newest
         self._db.execute(
             "DELETE FROM outcomes WHERE id <= (SELECT MAX(id) FROM outcomes) - ?",
             (self.max_outcomes,),

@@ -54,7 +54,6 @@ from coordinator_agent.routing.decisions import DecisionLog
 from coordinator_agent.routing.fleet import REFRESH_BUDGET, Fleet, Pool, pick
 from coordinator_agent.routing.learner import BanditScore, Learner
 from coordinator_agent.routing.patterns import (
-    FORGET_NEIGHBOURS,
     INSERT_NEIGHBOUR,
     UPSERT_CLUSTER,
     Outcome,
@@ -582,11 +581,12 @@ class CoordinationPlanner:
                                                       update.success, update.at))
         if self.learner.changed_clusters:
             also.append((UPSERT_CLUSTER, self.learner.changed_clusters))
+        forget = None
         if self.learner.changed_neighbours:
             also.append((INSERT_NEIGHBOUR, self.learner.changed_neighbours))
-            also.append((FORGET_NEIGHBOURS, [(self.learner.neighbours.forgotten,)]))
+            forget = self.learner.neighbours.forgotten
         self.store.record(update.outcome(), counters=self._counters, weights=weights,
-                          also=also)
+                          also=also, forget_neighbours=forget)
         self._unsaved = False
 
     def next_step(self, task: TaskRecord, outcome: AttemptOutcome | None = None) -> FallbackStep:

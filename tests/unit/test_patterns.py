@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from coordinator_agent.routing.patterns import Evidence, Outcome, PatternStore, signature
+from coordinator_agent.routing import patterns
+from coordinator_agent.routing.patterns import (
+    INSERT_NEIGHBOUR,
+    Evidence,
+    Outcome,
+    PatternStore,
+    signature,
+)
 
 NOW = 1_700_000_000.0
 DAY = 86_400.0
@@ -211,6 +218,41 @@ async def test_a_turns_counters_and_weights_are_written_once_as_they_end(
             weights = dict(other.execute("SELECT feature, evidence FROM bandit_weights"))
         assert counters == {"first_tries": 19.0}
         assert weights["w:deploy"] == 19.0 and len(weights) == 21
+    finally:
+        store.close()
+
+
+async def test_a_turns_outcome_rows_go_in_at_its_end_in_order_and_the_prune_keeps_the_newest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(patterns, "PRUNE_EVERY", 7)
+    path = tmp_path / "learning.sqlite3"
+    store = PatternStore(path, half_life_s=DAY, max_outcomes=10)
+    try:
+        for i in range(25):  # prunes after the 7th, 14th and 21st, all within the turn
+            store.record(_outcome(f"deploy service{i}", "cicd", at=NOW + i))
+        await asyncio.sleep(0)
+        with sqlite3.connect(path) as other:
+            kept = [row[0] for row in other.execute(
+                "SELECT keywords FROM outcomes ORDER BY id")]
+        # Each prune kept the newest ten then; the last four came after the last prune.
+        assert kept == [signature(["deploy", f"service{i}"]) for i in range(11, 25)]
+    finally:
+        store.close()
+
+
+async def test_the_neighbours_are_forgotten_once_per_turn_up_to_its_last_point(
+        tmp_path: Path) -> None:
+    """One delete at the turn's end leaves what a delete per outcome left: the point only
+    moves forward."""
+    path = tmp_path / "learning.sqlite3"
+    store = PatternStore(path, half_life_s=DAY)
+    try:
+        for seq, forget in ((1, None), (2, None), (3, 0), (4, 1), (5, 3), (6, 4)):
+            row = (seq, "deploy api", "cicd", 1, 0.5, 1.0)
+            store.record(_outcome("deploy api", "cicd"), also=[(INSERT_NEIGHBOUR, [row])],
+                         forget_neighbours=forget)
+        await asyncio.sleep(0)
+        assert [row[0] for row in store.neighbours(100)] == [5, 6]
     finally:
         store.close()
 
