@@ -327,7 +327,7 @@ class Dispatcher:
         task.attempts.append(attempt)
         if attempt.number == 1:
             waited = max(0.0, now - task.created_at)
-            self.metrics.task_wait.labels(str(task.priority)).observe(waited)
+            self.metrics.child(self.metrics.task_wait, str(task.priority)).observe(waited)
         task.move(TaskStatus.ASSIGNED)
         agent.in_flight.add(task.id)
         try:
@@ -335,7 +335,7 @@ class Dispatcher:
         except StoreError as exc:
             log.warning("assignment of %s not recorded: %s", task.id, exc)
             return False  # rolled back to pending, and queued again by on_rollback
-        self.metrics.operations.labels("task_assign").inc()
+        self.metrics.child(self.metrics.operations, "task_assign").inc()
         self.spawn(self.send(task, attempt))
         return True
 

@@ -87,7 +87,7 @@ class Intake:
         composite = self.workflows.prepare(task, spec)  # before the first save, for a restart
         self.state.add_task(task)  # raises StoreError: then nothing was accepted
         self.metrics.tasks_submitted.inc()
-        self.metrics.operations.labels("task_submit").inc()
+        self.metrics.child(self.metrics.operations, "task_submit").inc()
         if composite:
             self.workflows.launch(task)  # never assigned itself: its children are
         else:

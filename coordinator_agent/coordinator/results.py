@@ -221,9 +221,11 @@ class TaskResults:
         self.dispatcher.drop(task.id)
         self.state.save(task)  # durable before anything is acked or announced
         self.state.totals[status.value] += 1
-        self.metrics.tasks.labels(status.value).inc()
-        self.metrics.task_duration.labels(status.value).observe(task.updated_at - task.created_at)
-        self.metrics.operations.labels(f"task_{status.value}").inc()
+        metrics = self.metrics
+        metrics.child(metrics.tasks, status.value).inc()
+        metrics.child(metrics.task_duration, status.value).observe(
+            task.updated_at - task.created_at)
+        metrics.child(metrics.operations, f"task_{status.value}").inc()
         self.outbox.completed(task)
         if self.workflows is not None and (task.parent_id is not None
                                            or task.workflow is not None):

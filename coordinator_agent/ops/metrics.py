@@ -5,7 +5,10 @@ Labels are bounded: message types, reasons, outcomes and liveness states, never 
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 #: Finer around the 1 ms goal of a routing decision, so that its p99 is read to 0.25 ms there.
@@ -17,6 +20,7 @@ TASK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         r = self.registry
         self.message_latency = Histogram(
             "coordinator_message_latency_seconds",
@@ -248,6 +252,16 @@ class Metrics:
         self.dispatch_decision_slow = Counter(
             "coordinator_dispatch_decision_slow_total", "Routing decisions over 1 ms of wall "
             "time, by likeliest cause.", ["cause"], registry=r)
+
+    def child(self, metric: MetricWrapperBase, *values: str) -> Any:
+        """``metric.labels(*values)``, kept: ``labels()`` checks its arguments and takes a lock
+        on every call, several times per task. Only for metrics never cleared (labels are
+        bounded, so is this)."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

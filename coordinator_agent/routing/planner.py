@@ -470,9 +470,8 @@ class CoordinationPlanner:
         if plan.fallback_used:
             counters["fallbacks"] += 1
         if self.metrics is not None:
-            self.metrics.routing_decisions.labels(
-                self._label(chosen.kind), "true" if plan.fallback_used else "false"
-            ).inc()
+            self.metrics.child(self.metrics.routing_decisions, self._label(chosen.kind),
+                               "true" if plan.fallback_used else "false").inc()
             self.metrics.routing_confidence.observe(chosen.confidence)
             if plan.fallback_used:
                 self.metrics.routing_fallbacks.labels(plan.label).inc()
