@@ -13,6 +13,7 @@ Two steps or more, up to ``phases.max_steps``, make a workflow; otherwise the ta
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Protocol
 
@@ -25,6 +26,13 @@ CLEAR_RATIO = 1.5
 
 class _Prior(Protocol):
     def probabilities(self, description: str) -> dict[str, float]: ...
+
+
+@functools.lru_cache(maxsize=8)
+def _sequencing(separators: tuple[str, ...]) -> re.Pattern[str]:
+    """A sequencing word or a ";": built once per configuration, not once per submission."""
+    return re.compile("|".join(r"\b" + re.escape(w) + r"\b" for w in separators) + "|;",
+                      re.IGNORECASE)
 
 
 def _splitter(separators: list[str]) -> re.Pattern[str]:
@@ -47,10 +55,7 @@ def split_phases(description: str, prior: _Prior,
                  settings: Phases) -> list[tuple[str, str]] | None:
     """[(step description, kind), ...] for a multi-phase description, else None."""
     text = description.strip()
-    sequencing = re.compile(
-        "|".join(r"\b" + re.escape(w) + r"\b" for w in settings.separators) + "|;",
-        re.IGNORECASE)
-    if not settings.separators or not sequencing.search(text):
+    if not settings.separators or not _sequencing(tuple(settings.separators)).search(text):
         return None
     clauses = [c.strip(" .") for c in _splitter(settings.separators).split(text)]
     steps: list[list[str]] = []  # [kind, text]
