@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import aio_pika
+import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 DEDUPE_WINDOW = 100_000
 #: Batches a writer remembers for its own reader (the leader reads back what it wrote).
 SENT_REMEMBERED = 10_000
+PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
 
 class Event(NamedTuple):
@@ -182,10 +184,19 @@ class LogWriter:
             self._sent[body] = batch
             while len(self._sent) > SENT_REMEMBERED:
                 self._sent.popitem(last=False)
-            message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-            await asyncio.wait_for(
-                self.channel.default_exchange.publish(message, routing_key=self.queue),
-                self.publish_timeout_s)
+            # aiormq directly, bounded by a timeout scope rather than ``wait_for``: no task of
+            # its own, whose start and end were two more loop turns before a barrier woke up;
+            # and ``wait=False``: the frame joins the turn's writes (coalesce.py), the confirm
+            # is awaited all the same.
+            async with asyncio.timeout(self.publish_timeout_s):
+                channel = await self.channel.get_underlay_channel()
+                if not isinstance(channel, aiormq.Channel):  # aio_pika's always is
+                    raise TypeError(f"not an AMQP channel: {channel!r}")
+                # Properties of its own: aiormq writes the message id it matches returns by
+                # into them.
+                await channel.basic_publish(
+                    body, routing_key=self.queue, mandatory=True, wait=False,
+                    properties=aiormq.spec.Basic.Properties(delivery_mode=PERSISTENT))
         except Exception as exc:  # unsealable data, a nack, a timeout, a closed channel
             error = TransportError(f"log append of {len(batch)} events failed: {exc!r}")
         else:
@@ -357,6 +368,55 @@ class LogReader:
         if self._waiting:
             async with self._progress:
                 self._progress.notify_all()
+
+
+#: A tail probe waits this long for the stream's last chunk to start arriving, then reads on
+#: until entries stop for ``TAIL_PAUSE_S``, or for ``TAIL_READ_S`` at most: under steady writes
+#: they never stop, and a probe that read on took every entry a second time (and, never
+#: returning, never reported a tail).
+TAIL_FIRST_S = 1.0
+TAIL_PAUSE_S = 0.1
+TAIL_READ_S = 0.25
+
+
+async def tail_offset(channel: AbstractChannel, name: str) -> int | None:
+    """The offset of the stream's last entry (or a later one), read through the last chunk:
+    AMQP 0-9-1 has no tail offset query, and the broker starts a ``last`` consumer at that
+    chunk's first entry. Every delivery is acked: a stream closes the connection on a nack or
+    a reject. Closes ``channel``. None: the stream is empty."""
+    offsets: list[int] = []
+    arrived = asyncio.Event()
+
+    async def on_entry(message: AbstractIncomingMessage) -> None:
+        header = (message.headers or {}).get("x-stream-offset")
+        await message.ack()
+        if isinstance(header, int):
+            offsets.append(header)
+            arrived.set()
+    loop = asyncio.get_running_loop()
+    try:
+        await channel.set_qos(prefetch_count=100)
+        queue = await channel.get_queue(log_queue(name), ensure=False)
+        tag = await queue.consume(on_entry, arguments={"x-stream-offset": "last"})
+        try:
+            wait, until = TAIL_FIRST_S, None
+            while True:
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), wait)
+                except TimeoutError:
+                    break
+                now = loop.time()
+                until = now + TAIL_READ_S if until is None else until
+                wait = min(TAIL_PAUSE_S, until - now)
+                if wait <= 0:
+                    break
+        finally:
+            await queue.cancel(tag)
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+    return max(offsets) if offsets else None
 
 
 async def writer_channel(connection: AbstractConnection) -> AbstractChannel:

@@ -38,7 +38,7 @@ from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
 from coordinator_agent.coordinator.store import Row, TaskStore, task_row
 from coordinator_agent.coordinator.tasks import TaskRecord, TaskStatus
@@ -50,6 +50,7 @@ from coordinator_agent.ha.log import (
     LogWriter,
     Retention,
     declare,
+    tail_offset,
     writer_channel,
 )
 from coordinator_agent.ha.restore import restore_latest
@@ -60,7 +61,6 @@ from coordinator_agent.ha.snapshot import (
     publish_snapshot,
 )
 from coordinator_agent.wire import coalesce
-from coordinator_agent.wire.constants import log_queue
 
 log = logging.getLogger(__name__)
 
@@ -360,44 +360,11 @@ class Replication:
                     "connection_name": f"{self.name}/log-tail"})
                 async with connection:
                     while True:
-                        offset = await self._last_offset(await connection.channel())
+                        offset = await tail_offset(await connection.channel(), self.name)
                         if offset is not None and (self.tail is None or offset > self.tail):
                             self.tail = offset
                         await asyncio.sleep(TAIL_PROBE_S)
             await asyncio.sleep(TAIL_PROBE_S)
-
-    async def _last_offset(self, channel: AbstractChannel) -> int | None:
-        """The offset of the stream's last entry: read the last chunk through (the broker
-        starts a ``last`` consumer at that chunk's first entry). Every delivery is acked: a
-        stream closes the connection on a nack or a reject."""
-        offsets: list[int] = []
-        arrived = asyncio.Event()
-
-        async def on_entry(message: AbstractIncomingMessage) -> None:
-            header = (message.headers or {}).get("x-stream-offset")
-            await message.ack()
-            if isinstance(header, int):
-                offsets.append(header)
-                arrived.set()
-        try:
-            await channel.set_qos(prefetch_count=100)
-            queue = await channel.get_queue(log_queue(self.name), ensure=False)
-            tag = await queue.consume(on_entry, arguments={"x-stream-offset": "last"})
-            try:
-                wait = 1.0  # for the first entry; then until the chunk stops flowing
-                while True:
-                    arrived.clear()
-                    try:
-                        await asyncio.wait_for(arrived.wait(), wait)
-                    except TimeoutError:
-                        break
-                    wait = 0.1
-            finally:
-                await queue.cancel(tag)
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
-        return max(offsets) if offsets else None
 
 
 async def _bounded(step: Awaitable[Any], what: str) -> None:
