@@ -134,7 +134,7 @@ async def test_a_reader_skips_a_fenced_batch_but_moves_the_offset(tmp_path: Path
     store.close()
 
 
-class _Exchange:
+class _Underlay:
     """A broker stand-in for the writer: each publish waits for the test to confirm or refuse."""
 
     def __init__(self) -> None:
@@ -142,7 +142,7 @@ class _Exchange:
         self.refuse = False
         self.published = 0
 
-    async def publish(self, message: Any, routing_key: str) -> None:
+    async def basic_publish(self, body: bytes, **kwargs: Any) -> None:
         await self.gate.wait()
         if self.refuse:
             raise ConnectionError("nacked")
@@ -151,7 +151,10 @@ class _Exchange:
 
 class _Channel:
     def __init__(self) -> None:
-        self.default_exchange = _Exchange()
+        self.underlay = _Underlay()
+
+    async def get_underlay_channel(self) -> _Underlay:
+        return self.underlay
 
 
 async def test_effects_wait_for_the_confirm_and_a_refused_batch_ends_the_term(
@@ -169,11 +172,11 @@ async def test_effects_wait_for_the_confirm_and_a_refused_batch_ends_the_term(
     barrier = asyncio.ensure_future(replication.barrier())
     await asyncio.sleep(0.05)
     assert not barrier.done()  # nothing may take effect before the broker confirms
-    channel.default_exchange.gate.set()
+    channel.underlay.gate.set()
     await asyncio.wait_for(barrier, 1)
-    assert channel.default_exchange.published == 1
+    assert channel.underlay.published == 1
 
-    channel.default_exchange.refuse = True
+    channel.underlay.refuse = True
     store.save(task(TaskStatus.SUCCEEDED, attempts=1))
     with pytest.raises(TransportError):
         await asyncio.wait_for(replication.barrier(), 1)
@@ -204,10 +207,11 @@ async def test_a_cancelled_wait_does_not_cancel_the_batch_for_the_others(
     cancelled.cancel()
     await asyncio.sleep(0.05)
     assert not cancelled.done() and not first.cancelled()  # held until the confirm
-    channel.default_exchange.gate.set()
+    channel.underlay.gate.set()
     await asyncio.wait_for(other, 1)  # confirmed, not cancelled
     with pytest.raises(asyncio.CancelledError):
         await cancelled
     assert first.done() and first.exception() is None
-    assert channel.default_exchange.published == 1 and replication.failed is None
+    assert channel.underlay.published == 1 and replication.failed is None
     store.close()
+
