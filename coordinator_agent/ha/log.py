@@ -2,9 +2,10 @@
 
 Writers batch: every event appended in one event-loop turn, and in the turn after it (what the
 first turn woke up), goes out as one AMQP message, and the caller's future resolves when the
-broker confirms that message (replicated to a quorum of the stream's nodes). Nothing waits on a
-timer, so an idle system adds no latency, and a busy one pays one publish and one confirm for
-many events.
+broker confirms that message (replicated to a quorum of the stream's nodes). Nothing that an
+effect waits for waits on a timer, so an idle system adds no latency, and a busy one pays one
+publish and one confirm for many events. An event that no effect waits for (a notice marked
+sent) rides with the next batch instead of sending one of its own.
 
 Readers consume the stream from an offset they keep themselves (AMQP 0-9-1 clients get no
 server-side offset tracking) and apply each batch with its offset, so the store can keep the
@@ -24,7 +25,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import aio_pika
 import aiormq
@@ -42,6 +43,8 @@ DEDUPE_WINDOW = 100_000
 #: Batches a writer remembers for its own reader (the leader reads back what it wrote).
 SENT_REMEMBERED = 10_000
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+#: At most this long an event no effect waits for waits for a batch to ride with.
+UNAWAITED_FLUSH_S = 0.05
 
 
 class Event(NamedTuple):
@@ -132,6 +135,8 @@ class LogWriter:
         #: Resolves when the open batch is confirmed: one future per batch, not per event.
         self._confirm: Confirm | None = None
         self._scheduled = False
+        #: The timer of a batch that holds only events no effect waits for.
+        self._unawaited: asyncio.TimerHandle | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         #: Batches this writer sealed, by their sealed body: its own reader takes them back as
         #: they are instead of opening them again (``LogReader(known=...)``). Bounded.
@@ -139,35 +144,55 @@ class LogWriter:
         self.batches = 0
         self.events = 0
 
+    @property
+    def unsent(self) -> int:
+        """Events appended and not yet handed to the broker."""
+        return len(self._batch)
+
     def sent(self, body: bytes) -> list[Event] | None:
         """The events of a batch this writer sealed as ``body`` (then forgotten), else None."""
         return self._sent.pop(body, None)
 
-    def append(self, event: Event) -> asyncio.Future[None]:
+    def append(self, event: Event, *, awaited: bool = True) -> asyncio.Future[None]:
         """Queue ``event`` for this turn's batch; the future resolves once it is confirmed.
 
         Every event of a batch gets the same future (a future and its callbacks per event were
         a measurable share of a busy leader's time); it cannot be cancelled (``Confirm``), so
         shield it where a wait must end on time (``asyncio.wait_for``).
+
+        ``awaited=False``: no effect waits for this event, so it sends no batch of its own: it
+        rides with the next batch that one waits for, or leaves after ``UNAWAITED_FLUSH_S``
+        (or at ``hasten``, when a barrier comes to wait for it after all).
         """
         confirm = self._confirm
         if confirm is None:
-            loop = asyncio.get_running_loop()
-            confirm = self._confirm = Confirm(loop=loop)
-            if not self._scheduled:
-                self._scheduled = True
-                # At the end of the turn after this one: no timer, no idle latency. The extra
-                # turn lets what these events woke up run first and join the batch (the
-                # dispatcher after a submission: a task's accepted and assigned records share
-                # one confirm).
-                loop.call_soon(loop.call_soon, self._flush)
+            confirm = self._confirm = Confirm(loop=asyncio.get_running_loop())
         self._batch.append(event)
         if len(self._batch) >= self.batch_max:
             self._flush()
+        elif awaited:
+            self.hasten()
+        elif not self._scheduled and self._unawaited is None:
+            self._unawaited = asyncio.get_running_loop().call_later(
+                UNAWAITED_FLUSH_S, self._flush)
         return confirm
+
+    def hasten(self) -> None:
+        """Send the open batch at the end of the turn after this one: no timer, no idle
+        latency. The extra turn lets what this turn's events woke up run first and join the
+        batch (the dispatcher after a submission: a task's accepted and assigned records share
+        one confirm)."""
+        if self._scheduled or not self._batch:
+            return
+        self._scheduled = True
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
+        if self._unawaited is not None:
+            self._unawaited.cancel()
+            self._unawaited = None
         if not self._batch or self._confirm is None:
             return
         batch, confirm = self._batch, self._confirm
@@ -189,9 +214,8 @@ class LogWriter:
             # and ``wait=False``: the frame joins the turn's writes (coalesce.py), the confirm
             # is awaited all the same.
             async with asyncio.timeout(self.publish_timeout_s):
-                channel = await self.channel.get_underlay_channel()
-                if not isinstance(channel, aiormq.Channel):  # aio_pika's always is
-                    raise TypeError(f"not an AMQP channel: {channel!r}")
+                # aio_pika's underlay is aiormq's Channel, whose publish takes ``wait``.
+                channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
                 # Properties of its own: aiormq writes the message id it matches returns by
                 # into them.
                 await channel.basic_publish(

@@ -215,3 +215,32 @@ async def test_a_cancelled_wait_does_not_cancel_the_batch_for_the_others(
     assert channel.underlay.published == 1 and replication.failed is None
     store.close()
 
+
+async def test_a_notice_marked_sent_waits_for_a_batch_until_a_barrier_needs_it(
+        tmp_path: Path) -> None:
+    """Nothing waits for ``task.notice_sent``: it sends no batch of its own (it rides with the
+    next one), but a barrier that comes to cover it sends it at once, not after a timer."""
+    store = TaskStore(tmp_path / "s.sqlite3")
+    codec = LogCodec([Fernet.generate_key().decode()])
+    replication = Replication("amqp://unused", "n", codec, store, epoch=lambda: 4)
+    channel = _Channel()
+    writer = replication._writer = LogWriter(channel, "n", codec)  # type: ignore[arg-type]
+    replication.writing = True
+    store.replicate(replication.record_task)
+    channel.underlay.gate.set()
+
+    store.save(task(TaskStatus.SUCCEEDED, attempts=1, notified=True))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert writer.unsent == 1 and channel.underlay.published == 0
+    barrier = asyncio.ensure_future(replication.barrier())
+    for _ in range(4):  # its own turn, then the two a batch waits for what it woke
+        await asyncio.sleep(0)
+    assert writer.unsent == 0
+    await asyncio.wait_for(barrier, 1)
+    assert channel.underlay.published == 1
+    store.save(task(TaskStatus.SUCCEEDED, attempts=1))  # awaited: sent without a barrier
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert writer.unsent == 0
+    store.close()

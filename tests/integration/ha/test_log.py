@@ -18,6 +18,7 @@ from coordinator_agent.exceptions import TransportError
 from coordinator_agent.ha.log import (
     TAIL_FIRST_S,
     TAIL_READ_S,
+    UNAWAITED_FLUSH_S,
     Event,
     LogCodec,
     LogReader,
@@ -167,6 +168,40 @@ async def test_a_tail_probe_ends_while_the_log_is_written_and_finds_its_tail(
     finally:
         writer_task.cancel()
         await close_connection(connection)
+
+
+async def test_an_event_no_effect_waits_for_rides_with_the_next_batch(
+    channel: AbstractChannel, stream: str,
+) -> None:
+    """A task's notice marked sent, then the next submission: one batch, one confirm."""
+    writer = LogWriter(channel, stream, LogCodec([KEY]))
+    notice_sent, accepted = events(2)
+    unawaited = writer.append(notice_sent, awaited=False)
+    for _ in range(5):  # well past the two turns an awaited event waits
+        await asyncio.sleep(0)
+    assert writer.unsent == 1 and not unawaited.done()
+    await writer.append(accepted)
+    assert unawaited.done() and writer.batches == 1 and writer.events == 2
+    seen, _ = await read_all(channel, stream, until=1)
+    assert [(e.id, offset) for e, offset in seen] == [("e0", 0), ("e1", 0)]
+
+
+async def test_an_event_no_effect_waits_for_leaves_alone_after_a_while_or_when_hastened(
+    channel: AbstractChannel, stream: str,
+) -> None:
+    writer = LogWriter(channel, stream, LogCodec([KEY]))
+    first, second = events(2)
+    await asyncio.wait_for(asyncio.shield(writer.append(first, awaited=False)),
+                           UNAWAITED_FLUSH_S + 10)
+    assert writer.batches == 1
+    confirm = writer.append(second, awaited=False)
+    writer.hasten()  # a barrier came to wait for it: sent in two turns, not after the timer
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert writer.unsent == 0
+    await confirm
+    seen, _ = await read_all(channel, stream, until=2)
+    assert [e.id for e, _ in seen] == ["e0", "e1"]
 
 
 async def test_a_reader_starts_at_its_own_offset(channel: AbstractChannel, stream: str) -> None:
