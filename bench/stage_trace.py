@@ -11,7 +11,7 @@ over the tasks, per system; ``--base-tree`` runs another source tree's coordinat
 too, rounds alternating, for a before/after in one run.
 
     flock /tmp/bench.lock .venv/bin/python bench/stage_trace.py --ha [--tasks 300]
-        [--rounds 2] [--base-tree DIR]
+        [--rounds 2] [--base-tree DIR] [--also-without-ha]
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def counts(window: list[Event]) -> Counter[str]:
 
 
 async def one_round(args: argparse.Namespace, trace_dir: Path, workdir: Path,
-                    base: Path | None) -> tuple[list[dict[str, float]], Counter[str], float]:
+                    base: Path | None, ha: bool
+                    ) -> tuple[list[dict[str, float]], Counter[str], float]:
     import e2e_tasks  # after the hooks: the client's AMQP is traced too
 
     children = Children(workdir)
@@ -129,7 +130,7 @@ async def one_round(args: argparse.Namespace, trace_dir: Path, workdir: Path,
     # A base tree's processes get its path as PYTHONPATH: the hooks' directory goes with it.
     source = None if base is None else Path(f"{base}{os.pathsep}{HOOKS}")
     ours = e2e_tasks.Ours(children, workdir, uid, agent_concurrency=64, in_flight_cap=64,
-                          ha=args.ha, source=source)
+                          ha=ha, source=source)
     saved = os.environ.get("COORDINATOR_CONFIG")
     try:
         await ours.start()
@@ -148,7 +149,7 @@ async def one_round(args: argparse.Namespace, trace_dir: Path, workdir: Path,
         await ours.cleanup()
         restore_env("COORDINATOR_CONFIG", saved)
     tasks = windows(load(trace_dir, names, log_queue(ours.name)))
-    per_task = [s for s in (stages(w, args.ha) for w in tasks) if s is not None]
+    per_task = [s for s in (stages(w, ha) for w in tasks) if s is not None]
     total: Counter[str] = Counter()
     for w in tasks:
         total.update(counts(w))
@@ -185,12 +186,15 @@ def report(results: dict[str, list[tuple[list[dict[str, float]], Counter[str], f
 
 async def run(args: argparse.Namespace, trace_dir: Path, workdir: Path) -> None:
     results: dict[str, list[tuple[list[dict[str, float]], Counter[str], float]]] = {}
-    trees: list[tuple[str, Path | None]] = [("this tree", None)]
+    systems: list[tuple[str, Path | None, bool]] = [("this tree", None, args.ha)]
     if args.base_tree is not None:
-        trees.append(("base tree", args.base_tree.resolve()))
+        systems.append(("base tree", args.base_tree.resolve(), args.ha))
+    if args.ha and args.also_without_ha:
+        systems.append(("HA off", None, False))
     for number in range(args.rounds):
-        for label, base in trees[number % len(trees):] + trees[:number % len(trees)]:
-            outcome = await one_round(args, trace_dir, workdir, base)
+        turn = number % len(systems)
+        for label, base, ha in systems[turn:] + systems[:turn]:
+            outcome = await one_round(args, trace_dir, workdir, base, ha)
             results.setdefault(label, []).append(outcome)
             print(f"  round {number + 1} {label}: p50 "
                   f"{statistics.median(t['end to end'] for t in outcome[0]):.2f} ms",
@@ -205,6 +209,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--ha", action="store_true")
     parser.add_argument("--base-tree", type=Path, metavar="DIR")
+    parser.add_argument("--also-without-ha", action="store_true",
+                        help="with --ha: this tree without HA too, in the same rounds")
     parser.add_argument("--keep", action="store_true", help="keep the trace files")
     args = parser.parse_args()
     trace_dir = Path(tempfile.mkdtemp(prefix="stage-trace-"))

@@ -256,7 +256,8 @@ class LogReader:
 
     Entries delivered in one loop turn (and while the previous run was being applied) are
     applied as one run: one call of ``apply`` with the last entry's offset (so one store
-    transaction, which holds each task's last record once), then one ack for all of them.
+    transaction, which holds each task's last record once). The credit goes back in one ack
+    once half a prefetch of entries is taken.
     """
 
     def __init__(self, channel: AbstractChannel, name: str, codec: LogCodec, apply: Apply, *,
@@ -270,6 +271,10 @@ class LogReader:
         #: open what it sealed. Matched on the whole sealed body, so nothing else can match.
         self.known = known
         self.prefetch = prefetch
+        #: Deliveries (entries, or credit only) taken between two acks.
+        self.ack_every = max(1, prefetch // 2)
+        self._unacked = 0
+        self.acks = 0
         #: Every entry before this one is applied.
         self.next_offset = 0
         self.applied_events = 0
@@ -386,9 +391,15 @@ class LogReader:
                 self.runs += 1
             self.applied_bytes += sum(entry.size for entry in taken)  # the snapshot schedule
             self.next_offset = last + 1
-        # On a stream an ack is credit, not deletion: one for the run lets delivery go on.
-        with contextlib.suppress(Exception):  # a closed channel: the credit went with it
-            await run[-1].message.ack(multiple=True)
+        # On a stream an ack is credit, not deletion (the offset is ours to keep): one for
+        # every half a prefetch of entries keeps delivery going, and spares the broker and this
+        # process an ack frame per entry while the log grows one entry at a time.
+        self._unacked += len(run)
+        if self._unacked >= self.ack_every:
+            self._unacked = 0
+            self.acks += 1
+            with contextlib.suppress(Exception):  # a closed channel: the credit went with it
+                await run[-1].message.ack(multiple=True)
         if self._waiting:
             async with self._progress:
                 self._progress.notify_all()

@@ -204,6 +204,26 @@ async def test_an_event_no_effect_waits_for_leaves_alone_after_a_while_or_when_h
     assert [e.id for e, _ in seen] == ["e0", "e1"]
 
 
+async def test_a_reader_acks_once_per_half_prefetch_and_is_never_starved(
+    channel: AbstractChannel, stream: str,
+) -> None:
+    """Entries one at a time (a quiet leader's log): the credit goes back once per half a
+    prefetch, not with an ack per entry, and delivery never stops for the lack of it."""
+    writer = LogWriter(channel, stream, LogCodec([KEY]))
+    seen: list[str] = []
+    reader = LogReader(channel, stream, LogCodec([KEY]),
+                       lambda batch, _: seen.extend(e.id for e in batch), prefetch=8)
+    await reader.start(0)
+    try:
+        for number in range(20):  # beyond two prefetches, each entry applied before the next
+            await writer.append(events(1, prefix=f"one{number}-")[0])
+            await reader.wait_for_offset(number + 1, timeout=20)
+    finally:
+        await reader.stop()
+    assert seen == [f"one{number}-0" for number in range(20)]
+    assert reader.acks == 20 // 4
+
+
 async def test_a_reader_starts_at_its_own_offset(channel: AbstractChannel, stream: str) -> None:
     writer = LogWriter(channel, stream, LogCodec([KEY]))
     for batch_number in range(5):
