@@ -11,7 +11,7 @@ over the tasks, per system; ``--base-tree`` runs another source tree's coordinat
 too, rounds alternating, for a before/after in one run.
 
     flock /tmp/bench.lock .venv/bin/python bench/stage_trace.py --ha [--tasks 300]
-        [--rounds 2] [--base-tree DIR] [--also-without-ha]
+        [--rounds 2] [--base-tree DIR] [--also-without-ha] [--floor]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -184,7 +185,56 @@ def report(results: dict[str, list[tuple[list[dict[str, float]], Counter[str], f
               f"{', '.join(f'{c:.2f}' for c in cpu)}; per task: {detail}")
 
 
+async def confirm_floor(rounds: int = 300) -> None:
+    """The broker's floor for one log append: a bare aio-pika publish + confirm loop of a
+    2 KB persistent message on a stream (as big as a task's batch), then the same with a
+    consumer reading the stream in the same process (as the leader's reader does), and on a
+    quorum queue for comparison."""
+    import aio_pika
+    from _common import BROKER_URL
+
+    connection = await aio_pika.connect(BROKER_URL)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        body = os.urandom(2100)
+        name = f"stage-trace-floor-{uuid.uuid4().hex[:6]}"
+
+        async def loop(queue: str) -> str:
+            times = []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                await channel.default_exchange.publish(
+                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=queue)
+                times.append((time.perf_counter() - started) * 1000)
+            times.sort()
+            return f"p50 {times[len(times) // 2]:.3f} ms, p99 {times[int(len(times) * .99)]:.3f}"
+
+        await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "stream"})
+        await channel.declare_queue(f"{name}-q", durable=True,
+                                    arguments={"x-queue-type": "quorum"})
+        try:
+            await loop(name)  # warm-up
+            print(f"stream publish -> confirm: {await loop(name)}")
+            reader = await connection.channel()
+            await reader.set_qos(prefetch_count=500)
+            queue = await reader.get_queue(name, ensure=False)
+
+            async def on_entry(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+                await message.ack()
+            await queue.consume(on_entry, arguments={"x-stream-offset": "next"})
+            print(f"stream publish -> confirm, a reader on it: {await loop(name)}")
+            print(f"quorum queue publish -> confirm: {await loop(f'{name}-q')}")
+        finally:
+            await channel.queue_delete(name)
+            await channel.queue_delete(f"{name}-q")
+    finally:
+        await connection.close()
+
+
 async def run(args: argparse.Namespace, trace_dir: Path, workdir: Path) -> None:
+    if args.floor:
+        await confirm_floor()
     results: dict[str, list[tuple[list[dict[str, float]], Counter[str], float]]] = {}
     systems: list[tuple[str, Path | None, bool]] = [("this tree", None, args.ha)]
     if args.base_tree is not None:
@@ -211,6 +261,8 @@ def main() -> None:
     parser.add_argument("--base-tree", type=Path, metavar="DIR")
     parser.add_argument("--also-without-ha", action="store_true",
                         help="with --ha: this tree without HA too, in the same rounds")
+    parser.add_argument("--floor", action="store_true",
+                        help="first, a bare publish + confirm loop on a stream (the floor)")
     parser.add_argument("--keep", action="store_true", help="keep the trace files")
     args = parser.parse_args()
     trace_dir = Path(tempfile.mkdtemp(prefix="stage-trace-"))

@@ -43,8 +43,10 @@ DEDUPE_WINDOW = 100_000
 #: Batches a writer remembers for its own reader (the leader reads back what it wrote).
 SENT_REMEMBERED = 10_000
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
-#: At most this long an event no effect waits for waits for a batch to ride with.
-UNAWAITED_FLUSH_S = 0.05
+#: At most this long an event no effect waits for waits for a batch to ride with: long enough
+#: for the next task's submission after a notice (a few ms), short, since a leader killed
+#: meanwhile loses it (a notice marked sent: its successor sends the notice again).
+UNAWAITED_FLUSH_S = 0.01
 
 
 class Event(NamedTuple):
