@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 DEDUPE_WINDOW = 100_000
 #: Batches a writer remembers for its own reader (the leader reads back what it wrote).
 SENT_REMEMBERED = 10_000
+#: Every entry's delivery mode.
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 #: At most this long an event no effect waits for waits for a batch to ride with: long enough
 #: for the next task's submission after a notice (a few ms), short, since a leader killed
