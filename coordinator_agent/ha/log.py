@@ -2,9 +2,10 @@
 
 Writers batch: every event appended in one event-loop turn, and in the turn after it (what the
 first turn woke up), goes out as one AMQP message, and the caller's future resolves when the
-broker confirms that message (replicated to a quorum of the stream's nodes). Nothing waits on a
-timer, so an idle system adds no latency, and a busy one pays one publish and one confirm for
-many events.
+broker confirms that message (replicated to a quorum of the stream's nodes). Nothing that an
+effect waits for waits on a timer, so an idle system adds no latency, and a busy one pays one
+publish and one confirm for many events. An event that no effect waits for (a notice marked
+sent) rides with the next batch instead of sending one of its own.
 
 Readers consume the stream from an offset they keep themselves (AMQP 0-9-1 clients get no
 server-side offset tracking) and apply each batch with its offset, so the store can keep the
@@ -24,9 +25,10 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import aio_pika
+import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -40,6 +42,12 @@ log = logging.getLogger(__name__)
 DEDUPE_WINDOW = 100_000
 #: Batches a writer remembers for its own reader (the leader reads back what it wrote).
 SENT_REMEMBERED = 10_000
+#: Every entry's delivery mode.
+PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+#: At most this long an event no effect waits for waits for a batch to ride with: long enough
+#: for the next task's submission after a notice (a few ms), short, since a leader killed
+#: meanwhile loses it (a notice marked sent: its successor sends the notice again).
+UNAWAITED_FLUSH_S = 0.01
 
 
 class Event(NamedTuple):
@@ -130,6 +138,8 @@ class LogWriter:
         #: Resolves when the open batch is confirmed: one future per batch, not per event.
         self._confirm: Confirm | None = None
         self._scheduled = False
+        #: The timer of a batch that holds only events no effect waits for.
+        self._unawaited: asyncio.TimerHandle | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         #: Batches this writer sealed, by their sealed body: its own reader takes them back as
         #: they are instead of opening them again (``LogReader(known=...)``). Bounded.
@@ -137,35 +147,55 @@ class LogWriter:
         self.batches = 0
         self.events = 0
 
+    @property
+    def unsent(self) -> int:
+        """Events appended and not yet handed to the broker."""
+        return len(self._batch)
+
     def sent(self, body: bytes) -> list[Event] | None:
         """The events of a batch this writer sealed as ``body`` (then forgotten), else None."""
         return self._sent.pop(body, None)
 
-    def append(self, event: Event) -> asyncio.Future[None]:
+    def append(self, event: Event, *, awaited: bool = True) -> asyncio.Future[None]:
         """Queue ``event`` for this turn's batch; the future resolves once it is confirmed.
 
         Every event of a batch gets the same future (a future and its callbacks per event were
         a measurable share of a busy leader's time); it cannot be cancelled (``Confirm``), so
         shield it where a wait must end on time (``asyncio.wait_for``).
+
+        ``awaited=False``: no effect waits for this event, so it sends no batch of its own: it
+        rides with the next batch that one waits for, or leaves after ``UNAWAITED_FLUSH_S``
+        (or at ``hasten``, when a barrier comes to wait for it after all).
         """
         confirm = self._confirm
         if confirm is None:
-            loop = asyncio.get_running_loop()
-            confirm = self._confirm = Confirm(loop=loop)
-            if not self._scheduled:
-                self._scheduled = True
-                # At the end of the turn after this one: no timer, no idle latency. The extra
-                # turn lets what these events woke up run first and join the batch (the
-                # dispatcher after a submission: a task's accepted and assigned records share
-                # one confirm).
-                loop.call_soon(loop.call_soon, self._flush)
+            confirm = self._confirm = Confirm(loop=asyncio.get_running_loop())
         self._batch.append(event)
         if len(self._batch) >= self.batch_max:
             self._flush()
+        elif awaited:
+            self.hasten()
+        elif not self._scheduled and self._unawaited is None:
+            self._unawaited = asyncio.get_running_loop().call_later(
+                UNAWAITED_FLUSH_S, self._flush)
         return confirm
+
+    def hasten(self) -> None:
+        """Send the open batch at the end of the turn after this one: no timer, no idle
+        latency. The extra turn lets what this turn's events woke up run first and join the
+        batch (the dispatcher after a submission: a task's accepted and assigned records share
+        one confirm)."""
+        if self._scheduled or not self._batch:
+            return
+        self._scheduled = True
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
+        if self._unawaited is not None:
+            self._unawaited.cancel()
+            self._unawaited = None
         if not self._batch or self._confirm is None:
             return
         batch, confirm = self._batch, self._confirm
@@ -182,10 +212,18 @@ class LogWriter:
             self._sent[body] = batch
             while len(self._sent) > SENT_REMEMBERED:
                 self._sent.popitem(last=False)
-            message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-            await asyncio.wait_for(
-                self.channel.default_exchange.publish(message, routing_key=self.queue),
-                self.publish_timeout_s)
+            # aiormq directly, bounded by a timeout scope rather than ``wait_for``: no task of
+            # its own, whose start and end were two more loop turns before a barrier woke up;
+            # and ``wait=False``: the frame joins the turn's writes (coalesce.py), the confirm
+            # is awaited all the same.
+            async with asyncio.timeout(self.publish_timeout_s):
+                # aio_pika's underlay is aiormq's Channel, whose publish takes ``wait``.
+                channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
+                # Properties of its own: aiormq writes the message id it matches returns by
+                # into them.
+                await channel.basic_publish(
+                    body, routing_key=self.queue, mandatory=True, wait=False,
+                    properties=aiormq.spec.Basic.Properties(delivery_mode=PERSISTENT))
         except Exception as exc:  # unsealable data, a nack, a timeout, a closed channel
             error = TransportError(f"log append of {len(batch)} events failed: {exc!r}")
         else:
@@ -221,7 +259,8 @@ class LogReader:
 
     Entries delivered in one loop turn (and while the previous run was being applied) are
     applied as one run: one call of ``apply`` with the last entry's offset (so one store
-    transaction, which holds each task's last record once), then one ack for all of them.
+    transaction, which holds each task's last record once). The credit goes back in one ack
+    once half a prefetch of entries is taken.
     """
 
     def __init__(self, channel: AbstractChannel, name: str, codec: LogCodec, apply: Apply, *,
@@ -235,6 +274,10 @@ class LogReader:
         #: open what it sealed. Matched on the whole sealed body, so nothing else can match.
         self.known = known
         self.prefetch = prefetch
+        #: Deliveries (entries, or credit only) taken between two acks.
+        self.ack_every = max(1, prefetch // 2)
+        self._unacked = 0
+        self.acks = 0
         #: Every entry before this one is applied.
         self.next_offset = 0
         self.applied_events = 0
@@ -351,12 +394,67 @@ class LogReader:
                 self.runs += 1
             self.applied_bytes += sum(entry.size for entry in taken)  # the snapshot schedule
             self.next_offset = last + 1
-        # On a stream an ack is credit, not deletion: one for the run lets delivery go on.
-        with contextlib.suppress(Exception):  # a closed channel: the credit went with it
-            await run[-1].message.ack(multiple=True)
+        # On a stream an ack is credit, not deletion (the offset is ours to keep): one for
+        # every half a prefetch of entries keeps delivery going, and spares the broker and this
+        # process an ack frame per entry while the log grows one entry at a time.
+        self._unacked += len(run)
+        if self._unacked >= self.ack_every:
+            self._unacked = 0
+            self.acks += 1
+            with contextlib.suppress(Exception):  # a closed channel: the credit went with it
+                await run[-1].message.ack(multiple=True)
         if self._waiting:
             async with self._progress:
                 self._progress.notify_all()
+
+
+#: A tail probe waits this long for the stream's last chunk to start arriving, then reads on
+#: until entries stop for ``TAIL_PAUSE_S``, or for ``TAIL_READ_S`` at most: under steady writes
+#: they never stop, and a probe that read on took every entry a second time (and, never
+#: returning, never reported a tail).
+TAIL_FIRST_S = 1.0
+TAIL_PAUSE_S = 0.1
+TAIL_READ_S = 0.25
+
+
+async def tail_offset(channel: AbstractChannel, name: str) -> int | None:
+    """The offset of the stream's last entry (or a later one), read through the last chunk:
+    AMQP 0-9-1 has no tail offset query, and the broker starts a ``last`` consumer at that
+    chunk's first entry. Every delivery is acked: a stream closes the connection on a nack or
+    a reject. Closes ``channel``. None: the stream is empty."""
+    offsets: list[int] = []
+    arrived = asyncio.Event()
+
+    async def on_entry(message: AbstractIncomingMessage) -> None:
+        header = (message.headers or {}).get("x-stream-offset")
+        await message.ack()
+        if isinstance(header, int):
+            offsets.append(header)
+            arrived.set()
+    loop = asyncio.get_running_loop()
+    try:
+        await channel.set_qos(prefetch_count=100)
+        queue = await channel.get_queue(log_queue(name), ensure=False)
+        tag = await queue.consume(on_entry, arguments={"x-stream-offset": "last"})
+        try:
+            wait, until = TAIL_FIRST_S, None
+            while True:
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), wait)
+                except TimeoutError:
+                    break
+                now = loop.time()
+                until = now + TAIL_READ_S if until is None else until
+                wait = min(TAIL_PAUSE_S, until - now)
+                if wait <= 0:
+                    break
+        finally:
+            await queue.cancel(tag)
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+    return max(offsets) if offsets else None
 
 
 async def writer_channel(connection: AbstractConnection) -> AbstractChannel:

@@ -12,6 +12,9 @@ The durability pipeline of an HA coordinator, in one place:
   confirm of the last event appended so far. Batches publish in order on one channel, so that
   covers every earlier one; a batch that ever failed fails every later barrier (the leader's
   memory is then ahead of the log, and it must not lead on).
+  A record that justifies no effect (a notice marked sent, ``UNAWAITED``) sends no batch of its
+  own: it rides with the next one, or leaves after ``UNAWAITED_FLUSH_S``, or at once when a
+  barrier comes to wait for it.
 - **Apply.** Every coordinator, the leader too, reads the log from the offset its store holds
   and applies each run of batches (what one loop turn delivers, ``LogReader``) in one SQLite
   transaction together with the new offset (exactly-once apply). The file therefore only ever
@@ -38,7 +41,7 @@ from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
 from coordinator_agent.coordinator.store import Row, TaskStore, task_row
 from coordinator_agent.coordinator.tasks import TaskRecord, TaskStatus
@@ -50,6 +53,7 @@ from coordinator_agent.ha.log import (
     LogWriter,
     Retention,
     declare,
+    tail_offset,
     writer_channel,
 )
 from coordinator_agent.ha.restore import restore_latest
@@ -60,13 +64,15 @@ from coordinator_agent.ha.snapshot import (
     publish_snapshot,
 )
 from coordinator_agent.wire import coalesce
-from coordinator_agent.wire.constants import log_queue
 
 log = logging.getLogger(__name__)
 
 EPOCH_STARTED = "epoch.started"
 ROUTING_OUTCOME = "routing.outcome"
 AGENT_DRAINED = "agent.drained"
+#: Records that justify no external effect: a notice marked sent only spares a new leader
+#: sending it again (clients keep the first). They ride with the next batch (``LogWriter``).
+UNAWAITED = frozenset({"task.notice_sent"})
 #: How often a reader looks for the stream's tail (for the lag gauge).
 TAIL_PROBE_S = 2.0
 #: Pause before applying a batch again after the store refused it.
@@ -210,7 +216,8 @@ class Replication:
         event_id = f"{self._event_prefix}{self._event_count:x}"
         if not self.writing or self._writer is None:
             return event_id  # a standby decides nothing
-        future = self._writer.append(Event(event_id, self.epoch(), kind, data))
+        future = self._writer.append(Event(event_id, self.epoch(), kind, data),
+                                     awaited=kind not in UNAWAITED)
         if future is not self._last:  # the batch's one future: one callback per batch
             future.add_done_callback(self._confirmed)
             self._last = future
@@ -229,6 +236,8 @@ class Replication:
         """Until every event recorded so far is confirmed; raises TransportError otherwise."""
         last = self._last
         if last is not None and not last.done():
+            if self._writer is not None:
+                self._writer.hasten()  # it may hold only events that nothing waited for
             with contextlib.suppress(Exception):
                 await last  # a batch's Confirm: waiting cannot cancel it for the others
         if self.failed is not None:
@@ -360,44 +369,11 @@ class Replication:
                     "connection_name": f"{self.name}/log-tail"})
                 async with connection:
                     while True:
-                        offset = await self._last_offset(await connection.channel())
+                        offset = await tail_offset(await connection.channel(), self.name)
                         if offset is not None and (self.tail is None or offset > self.tail):
                             self.tail = offset
                         await asyncio.sleep(TAIL_PROBE_S)
             await asyncio.sleep(TAIL_PROBE_S)
-
-    async def _last_offset(self, channel: AbstractChannel) -> int | None:
-        """The offset of the stream's last entry: read the last chunk through (the broker
-        starts a ``last`` consumer at that chunk's first entry). Every delivery is acked: a
-        stream closes the connection on a nack or a reject."""
-        offsets: list[int] = []
-        arrived = asyncio.Event()
-
-        async def on_entry(message: AbstractIncomingMessage) -> None:
-            header = (message.headers or {}).get("x-stream-offset")
-            await message.ack()
-            if isinstance(header, int):
-                offsets.append(header)
-                arrived.set()
-        try:
-            await channel.set_qos(prefetch_count=100)
-            queue = await channel.get_queue(log_queue(self.name), ensure=False)
-            tag = await queue.consume(on_entry, arguments={"x-stream-offset": "last"})
-            try:
-                wait = 1.0  # for the first entry; then until the chunk stops flowing
-                while True:
-                    arrived.clear()
-                    try:
-                        await asyncio.wait_for(arrived.wait(), wait)
-                    except TimeoutError:
-                        break
-                    wait = 0.1
-            finally:
-                await queue.cancel(tag)
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
-        return max(offsets) if offsets else None
 
 
 async def _bounded(step: Awaitable[Any], what: str) -> None:

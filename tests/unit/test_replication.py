@@ -134,7 +134,7 @@ async def test_a_reader_skips_a_fenced_batch_but_moves_the_offset(tmp_path: Path
     store.close()
 
 
-class _Exchange:
+class _Underlay:
     """A broker stand-in for the writer: each publish waits for the test to confirm or refuse."""
 
     def __init__(self) -> None:
@@ -142,7 +142,7 @@ class _Exchange:
         self.refuse = False
         self.published = 0
 
-    async def publish(self, message: Any, routing_key: str) -> None:
+    async def basic_publish(self, body: bytes, **kwargs: Any) -> None:
         await self.gate.wait()
         if self.refuse:
             raise ConnectionError("nacked")
@@ -151,7 +151,10 @@ class _Exchange:
 
 class _Channel:
     def __init__(self) -> None:
-        self.default_exchange = _Exchange()
+        self.underlay = _Underlay()
+
+    async def get_underlay_channel(self) -> _Underlay:
+        return self.underlay
 
 
 async def test_effects_wait_for_the_confirm_and_a_refused_batch_ends_the_term(
@@ -169,11 +172,11 @@ async def test_effects_wait_for_the_confirm_and_a_refused_batch_ends_the_term(
     barrier = asyncio.ensure_future(replication.barrier())
     await asyncio.sleep(0.05)
     assert not barrier.done()  # nothing may take effect before the broker confirms
-    channel.default_exchange.gate.set()
+    channel.underlay.gate.set()
     await asyncio.wait_for(barrier, 1)
-    assert channel.default_exchange.published == 1
+    assert channel.underlay.published == 1
 
-    channel.default_exchange.refuse = True
+    channel.underlay.refuse = True
     store.save(task(TaskStatus.SUCCEEDED, attempts=1))
     with pytest.raises(TransportError):
         await asyncio.wait_for(replication.barrier(), 1)
@@ -204,10 +207,40 @@ async def test_a_cancelled_wait_does_not_cancel_the_batch_for_the_others(
     cancelled.cancel()
     await asyncio.sleep(0.05)
     assert not cancelled.done() and not first.cancelled()  # held until the confirm
-    channel.default_exchange.gate.set()
+    channel.underlay.gate.set()
     await asyncio.wait_for(other, 1)  # confirmed, not cancelled
     with pytest.raises(asyncio.CancelledError):
         await cancelled
     assert first.done() and first.exception() is None
-    assert channel.default_exchange.published == 1 and replication.failed is None
+    assert channel.underlay.published == 1 and replication.failed is None
+    store.close()
+
+
+async def test_a_notice_marked_sent_waits_for_a_batch_until_a_barrier_needs_it(
+        tmp_path: Path) -> None:
+    """Nothing waits for ``task.notice_sent``: it sends no batch of its own (it rides with the
+    next one), but a barrier that comes to cover it sends it at once, not after a timer."""
+    store = TaskStore(tmp_path / "s.sqlite3")
+    codec = LogCodec([Fernet.generate_key().decode()])
+    replication = Replication("amqp://unused", "n", codec, store, epoch=lambda: 4)
+    channel = _Channel()
+    writer = replication._writer = LogWriter(channel, "n", codec)  # type: ignore[arg-type]
+    replication.writing = True
+    store.replicate(replication.record_task)
+    channel.underlay.gate.set()
+
+    store.save(task(TaskStatus.SUCCEEDED, attempts=1, notified=True))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert writer.unsent == 1 and channel.underlay.published == 0
+    barrier = asyncio.ensure_future(replication.barrier())
+    for _ in range(4):  # its own turn, then the two a batch waits for what it woke
+        await asyncio.sleep(0)
+    assert writer.unsent == 0
+    await asyncio.wait_for(barrier, 1)
+    assert channel.underlay.published == 1
+    store.save(task(TaskStatus.SUCCEEDED, attempts=1))  # awaited: sent without a barrier
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert writer.unsent == 0
     store.close()

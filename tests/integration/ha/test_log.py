@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -15,12 +16,16 @@ from pydantic import SecretStr
 
 from coordinator_agent.exceptions import TransportError
 from coordinator_agent.ha.log import (
+    TAIL_FIRST_S,
+    TAIL_READ_S,
+    UNAWAITED_FLUSH_S,
     Event,
     LogCodec,
     LogReader,
     LogWriter,
     Retention,
     declare,
+    tail_offset,
     writer_channel,
 )
 from coordinator_agent.ha.snapshot import SnapshotRetention, declare_snapshots
@@ -94,6 +99,129 @@ async def test_what_an_append_wakes_joins_its_batch(
     assert writer.batches == 1 and writer.events == 2
     seen, _ = await read_all(channel, stream, until=1)
     assert [(e.id, offset) for e, offset in seen] == [("e0", 0), ("e1", 0)]
+
+
+async def test_a_batch_is_confirmed_to_its_waiters_in_the_step_the_broker_confirm_lands(
+    channel: AbstractChannel, stream: str,
+) -> None:
+    """The broker's confirm wakes the task that published the batch, which resolves the
+    batch's Confirm in that same step: no task of its own around the publish (``wait_for``),
+    whose end and the wake-up after it were two more loop turns before a barrier returned."""
+    loop = asyncio.get_running_loop()
+    writer = LogWriter(channel, stream, LogCodec([KEY]))
+    underlay = await channel.get_underlay_channel()
+    assert isinstance(underlay, aiormq.Channel)
+    before = set(underlay.confirmations)
+    confirm = writer.append(events(1)[0])
+    while not set(underlay.confirmations) - before:  # the batch's frame is queued
+        await asyncio.sleep(0)
+    (tag,) = set(underlay.confirmations) - before
+    turns_after: list[int] = []
+
+    def count_turns(turns: int) -> None:
+        if confirm.done():
+            turns_after.append(turns)
+        else:
+            loop.call_soon(count_turns, turns + 1)
+
+    # Called in the step after the broker's confirm, after the publishing task's wake-up.
+    underlay.confirmations[tag].add_done_callback(lambda _: count_turns(0))
+    await confirm
+    while not turns_after:
+        await asyncio.sleep(0)
+    assert turns_after == [0]
+
+
+async def test_a_tail_probe_ends_while_the_log_is_written_and_finds_its_tail(
+    broker_url: str, channel: AbstractChannel, stream: str,
+) -> None:
+    """Under steady writes entries never stop arriving: the probe still returns, after at most
+    TAIL_READ_S of reading (one that read on took every entry twice and reported nothing)."""
+    writer = LogWriter(channel, stream, LogCodec([KEY]))
+    for number in range(3):
+        await writer.append(events(1, prefix=f"before{number}-")[0])
+    writing = asyncio.Event()
+
+    async def steady() -> None:
+        for number in range(1_000):
+            await writer.append(events(1, prefix=f"steady{number}-")[0])
+            writing.set()
+            await asyncio.sleep(0.01)
+
+    writer_task = asyncio.create_task(steady())
+    connection = await aio_pika.connect(broker_url)
+    try:
+        await writing.wait()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        tail = await asyncio.wait_for(tail_offset(await connection.channel(), stream),
+                                      TAIL_FIRST_S + TAIL_READ_S + 2)
+        assert loop.time() - started < TAIL_FIRST_S + TAIL_READ_S + 1
+        assert not writer_task.done()  # it was written all along
+        assert tail is not None and tail >= 3
+        writer_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer_task
+        await writer.flush()
+        quiet = await tail_offset(await connection.channel(), stream)
+        assert quiet is not None and quiet >= writer.batches - 1 >= tail
+    finally:
+        writer_task.cancel()
+        await close_connection(connection)
+
+
+async def test_an_event_no_effect_waits_for_rides_with_the_next_batch(
+    channel: AbstractChannel, stream: str,
+) -> None:
+    """A task's notice marked sent, then the next submission: one batch, one confirm."""
+    writer = LogWriter(channel, stream, LogCodec([KEY]))
+    notice_sent, accepted = events(2)
+    unawaited = writer.append(notice_sent, awaited=False)
+    for _ in range(5):  # well past the two turns an awaited event waits
+        await asyncio.sleep(0)
+    assert writer.unsent == 1 and not unawaited.done()
+    await writer.append(accepted)
+    assert unawaited.done() and writer.batches == 1 and writer.events == 2
+    seen, _ = await read_all(channel, stream, until=1)
+    assert [(e.id, offset) for e, offset in seen] == [("e0", 0), ("e1", 0)]
+
+
+async def test_an_event_no_effect_waits_for_leaves_alone_after_a_while_or_when_hastened(
+    channel: AbstractChannel, stream: str,
+) -> None:
+    writer = LogWriter(channel, stream, LogCodec([KEY]))
+    first, second = events(2)
+    await asyncio.wait_for(asyncio.shield(writer.append(first, awaited=False)),
+                           UNAWAITED_FLUSH_S + 10)
+    assert writer.batches == 1
+    confirm = writer.append(second, awaited=False)
+    writer.hasten()  # a barrier came to wait for it: sent in two turns, not after the timer
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert writer.unsent == 0
+    await confirm
+    seen, _ = await read_all(channel, stream, until=2)
+    assert [e.id for e, _ in seen] == ["e0", "e1"]
+
+
+async def test_a_reader_acks_once_per_half_prefetch_and_is_never_starved(
+    channel: AbstractChannel, stream: str,
+) -> None:
+    """Entries one at a time (a quiet leader's log): the credit goes back once per half a
+    prefetch, not with an ack per entry, and delivery never stops for the lack of it."""
+    writer = LogWriter(channel, stream, LogCodec([KEY]))
+    seen: list[str] = []
+    reader = LogReader(channel, stream, LogCodec([KEY]),
+                       lambda batch, _: seen.extend(e.id for e in batch), prefetch=8)
+    await reader.start(0)
+    try:
+        for number in range(20):  # beyond two prefetches, each entry applied before the next
+            await writer.append(events(1, prefix=f"one{number}-")[0])
+            await reader.wait_for_offset(number + 1, timeout=20)
+    finally:
+        await reader.stop()
+    assert seen == [f"one{number}-0" for number in range(20)]
+    assert reader.acks == 20 // 4
 
 
 async def test_a_reader_starts_at_its_own_offset(channel: AbstractChannel, stream: str) -> None:
