@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from coordinator_agent.routing.analysis import TaskAnalysis, TaskAnalyzer
 from coordinator_agent.routing.bandit import (
@@ -42,11 +42,11 @@ MAX_SIGNATURE_WORDS = 4
 Features = Sequence[tuple[str, float]]
 
 
-@dataclass(frozen=True, slots=True)
-class _Reading:
+class _Reading(NamedTuple):
     """What the learner reads in one description, the same every time: the text prior, its
     coarse contexts and the features they make with the description's keywords. Cached per
-    description (a task is read when it is decided and again when each attempt is learned)."""
+    description (a task is read when it is decided and again when each attempt is learned);
+    a tuple, the cheapest immutable record to build on a miss."""
 
     analysis: TaskAnalysis
     text: Mapping[str, float]  # P(kind | text); shared, never mutated

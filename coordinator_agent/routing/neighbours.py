@@ -167,7 +167,7 @@ class NeighbourEvidence:
         limit = self.similarity * norm
         weight = squares.get
         out = []
-        for seq in sorted(candidates, reverse=True):
+        for seq in candidates:
             attempt = attempts[seq]
             dot = 0.0
             for word in attempt.words:
@@ -176,6 +176,7 @@ class NeighbourEvidence:
             if length > 0.0 and dot >= limit * length:
                 # The stored length used the frequencies of its time: clip to a cosine.
                 out.append((seq, min(1.0, dot / (norm * length)), attempt))
+        out.sort(key=_newest_first)
         return out
 
     def local(self, keywords: Sequence[str]) -> dict[str, Local]:
@@ -217,3 +218,7 @@ class NeighbourEvidence:
                                    bool(success), float(predicted))
                 self._count(attempt.words)
                 self._remember(int(seq), attempt)
+
+
+def _newest_first(found: tuple[int, float, _Attempt]) -> int:
+    return -found[0]
