@@ -174,16 +174,26 @@ class BanditModel:
     def update(self, kind: str, prior: float, feats: Sequence[tuple[str, float]],
                success: bool, now: float) -> list[Row]:
         """Add one outcome; returns the changed rows, for the store."""
+        return self.predict_and_update(kind, prior, feats, success, now)[1]
+
+    def predict_and_update(self, kind: str, prior: float, feats: Sequence[tuple[str, float]],
+                           success: bool, now: float) -> tuple[float, list[Row]]:
+        """``update``, and the probability ``belief`` gave the outcome just before: one pass
+        over the weights, where the neighbours' residual needs both (neighbours.py)."""
         if self._t0 is None:
             self._t0 = now
         if (now - self._t0) / self.half_life_s > REBASE_EXPONENT:
+            predicted = self.belief(kind, prior, feats, now).probability  # the scale moves
             self._rebase(now)
+        else:
+            predicted = math.nan
         self._newest = max(self._newest, now)
         k = self._scale(now)
         w = self._w
         q0, keep = self.q0, self.keep
         current: list[tuple[str, float, float, float, float, float]] = []
         a = logit(prior)
+        mean = a  # the belief's mean (before the count decay), as ``beliefs`` sums it
         v = 0.0
         for name, x in feats:
             per_kind = w.get(name)
@@ -191,6 +201,7 @@ class BanditModel:
             if stat is None:
                 e = h = s = f = 0.0
             else:
+                mean += x * stat[1] * k / (q0 + stat[0] * k)
                 # Count decay: this weight's evidence shrinks towards the prior before it grows.
                 f_keep = k * keep
                 e, h, s, f = (stat[0] * f_keep, stat[1] * f_keep, stat[2] * f_keep,
@@ -217,7 +228,10 @@ class BanditModel:
             w.setdefault(name, {})[kind] = stat
             changed.append((kind, name, *stat, t0))
         self.updates += 1
-        return changed
+        if math.isnan(predicted):
+            predicted = sigmoid(-_LOGIT_CLIP if mean < -_LOGIT_CLIP else (
+                _LOGIT_CLIP if mean > _LOGIT_CLIP else mean))
+        return predicted, changed
 
     def _rebase(self, t0: float) -> None:
         assert self._t0 is not None

@@ -52,6 +52,8 @@ _SELECT_KNOWN = _SELECT_ALL.replace("ORDER BY", "WHERE outcome IS NOT NULL ORDER
 MAX_PENDING = 2048
 #: The log is pruned to ``max_rows`` every this many outcomes.
 PRUNE_EVERY = 1024
+#: ``json.dumps(..., separators=(",", ":"))`` without building an encoder per row.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
 Candidate = tuple[str, float | None, float, float | None]
@@ -129,7 +131,7 @@ def _row(pending: tuple[Any, ...]) -> tuple[object, ...]:
         if sd is not None:
             entry["sd"] = round(sd, 6)
         candidates[kind] = entry
-    return (*pending[:6], json.dumps(candidates, separators=(",", ":")), *pending[7:])
+    return (*pending[:6], _COMPACT.encode(candidates), *pending[7:])
 
 
 def read_log(db: sqlite3.Connection, *, with_outcome: bool = True) -> Iterator[LoggedDecision]:

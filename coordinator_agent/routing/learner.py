@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from coordinator_agent.routing.analysis import TaskAnalysis, TaskAnalyzer
 from coordinator_agent.routing.bandit import (
@@ -38,6 +38,22 @@ from coordinator_agent.routing.updates import LearningUpdate
 
 #: Vocabulary words that form the finer context of a task (its "signature").
 MAX_SIGNATURE_WORDS = 4
+
+Features = Sequence[tuple[str, float]]
+
+
+class _Reading(NamedTuple):
+    """What the learner reads in one description, the same every time: the text prior, its
+    coarse contexts and the features they make with the description's keywords. Cached per
+    description (a task is read when it is decided and again when each attempt is learned);
+    a tuple, the cheapest immutable record to build on a miss."""
+
+    analysis: TaskAnalysis
+    text: Mapping[str, float]  # P(kind | text); shared, never mutated
+    top: str  # the kind the text points at, or "-"
+    coarse: tuple[str, ...]  # ``Learner.contexts`` without a cluster
+    feats: tuple[tuple[str, float], ...]  # the coarse contexts and the analysis' keywords
+    watched: tuple[str, ...]  # ``Learner.watched(feats)``
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +137,9 @@ class Learner:
         #: Cluster rows changed by the last ``apply_outcome``, for the store.
         self.changed_clusters: list[ClusterRow] = []
         self._text_prior: TextPrior | None = None  # built on first use: it may load a model
+        #: Readings by description (its first ``max_description_chars``, all that is read),
+        #: the oldest out once ``analyzer.cache_size`` are kept.
+        self._readings: dict[str, _Reading] = {}
 
     @property
     def text_prior(self) -> TextPrior:
@@ -134,18 +153,54 @@ class Learner:
         return self._text_prior is not None
 
     def drop_caches(self) -> None:
+        self._readings = {}
         if self._text_prior is not None:
             self._text_prior.drop_caches()
+
+    def _read(self, description: str, analysis: TaskAnalysis) -> _Reading:
+        """The description's reading, from the cache when it holds one of this analysis."""
+        key = description[: self.config.learning.max_description_chars]
+        reading = self._readings.get(key)
+        if reading is not None and reading.analysis is analysis:
+            return reading
+        text = self.text_prior.probabilities(description)
+        top = _top_kind(text)
+        coarse = self._coarse(analysis, top)
+        feats = tuple(self.features(analysis.keywords, coarse))
+        reading = _Reading(analysis, text, top, coarse, feats, tuple(self.watched(feats)))
+        readings, size = self._readings, self.analyzer.cache_size
+        if size > 0:
+            if key not in readings and len(readings) >= size:
+                del readings[next(iter(readings))]  # the oldest (dicts keep insertion order)
+            readings[key] = reading
+        return reading
+
+    def _coarse(self, analysis: TaskAnalysis, top: str) -> tuple[str, ...]:
+        index = self.analyzer.domain_index
+        vocabulary = sorted(w for w in analysis.keywords if w in index)[:MAX_SIGNATURE_WORDS]
+        return ("k:" + top, "v:" + " ".join(vocabulary))
+
+    def _features(self, reading: _Reading, keywords: Sequence[str],
+                  contexts: tuple[str, ...]) -> Features:
+        """``features(keywords, contexts)``: the reading's own when they are its."""
+        if contexts is reading.coarse and (keywords is reading.analysis.keywords
+                                           or tuple(keywords) == reading.analysis.keywords):
+            return reading.feats
+        return self.features(keywords, contexts)
+
+    def _watched(self, reading: _Reading, feats: Features) -> Sequence[str]:
+        return reading.watched if feats is reading.feats else self.watched(feats)
 
     def contexts(self, analysis: TaskAnalysis, text: Mapping[str, float],
                  cluster: int | None = None) -> tuple[str, ...]:
         """Groups of similar tasks, coarse then fine: the kind the text points at, the set of
         vocabulary words the description uses, and its cluster of similar descriptions (when
         it has one: clusters.py)."""
-        index = self.analyzer.domain_index
-        vocabulary = sorted(w for w in analysis.keywords if w in index)[:MAX_SIGNATURE_WORDS]
         top = _top_kind(text)
-        coarse = ("k:" + top, "v:" + " ".join(vocabulary))
+        return self._contexts(self._coarse(analysis, top), top, cluster)
+
+    def _contexts(self, coarse: tuple[str, ...], top: str,
+                  cluster: int | None) -> tuple[str, ...]:
         if cluster is None:
             return coarse
         fine = f"{CLUSTER_PREFIX}{cluster}"
@@ -188,15 +243,16 @@ class Learner:
                now: float, *, chances: bool = False) -> list[BanditScore]:
         """What is believed about each kind for this task (no side effects); ``chances`` adds
         each kind's probability of being picked (an integral per kind: for explanations)."""
-        text = self.text_prior.probabilities(description)
+        reading = self._read(description, analysis)
+        text = reading.text
         unknown = 1.0 / max(1, len(text))
-        cluster = self.clusters.assign(analysis.keywords, _top_kind(text))
-        contexts = self.contexts(analysis, text, cluster)
-        feats = self.features(analysis.keywords, contexts)
+        cluster = self.clusters.assign(analysis.keywords, reading.top)
+        contexts = self._contexts(reading.coarse, reading.top, cluster)
+        feats = self._features(reading, analysis.keywords, contexts)
         shares = {kind: text.get(kind, unknown) for kind in kinds}
         b = self.config.bandit
         low, span = b.success_if_wrong, b.success_if_right - b.success_if_wrong
-        groups = self.watched(feats)
+        groups = self._watched(reading, feats)
         priors = {kind: low + span * p for kind, p in shares.items()}
         flagged = self.changes.flagged(groups, b.drift_votes) if self.changes.enabled else ()
         if flagged:
@@ -238,9 +294,14 @@ class Learner:
                 probability: float, success: bool, *, cluster: int | None = None) -> None:
         """A first try of the kind a decision chose, and the confidence it had: the residual
         the surprise detector and the change test watch."""
-        text = self.text_prior.probabilities(description)
-        feats = self.features(analysis.keywords, self.contexts(analysis, text, cluster))
-        for name in self.watched(feats):
+        reading = self._read(description, analysis)
+        contexts = self._contexts(reading.coarse, reading.top, cluster)
+        self._observe(reading, self._features(reading, analysis.keywords, contexts), kind,
+                      probability, success)
+
+    def _observe(self, reading: _Reading, feats: Features, kind: str, probability: float,
+                 success: bool) -> None:
+        for name in self._watched(reading, feats):
             self.surprise.observe(name, kind, probability, success)
             self.changes.observe(name, kind, probability, success)
 
@@ -253,20 +314,26 @@ class Learner:
         computed again; ``keywords`` those recorded with the decision, else the analysis';
         ``cluster`` the task's cluster, else the one it is most similar to now.
         """
-        text = self.text_prior.probabilities(description)
-        if prior is None:
-            prior = self.prior_success(text, kind)
+        reading = self._read(description, analysis)
         words = analysis.keywords if keywords is None else keywords
         if cluster is None:
-            cluster = self.clusters.assign(words, _top_kind(text))
-        feats = self.features(words, self.contexts(analysis, text, cluster))
-        if self.neighbours.enabled:
-            # The residual the neighbours keep is against the shared model as it stood.
-            predicted = self.model.belief(kind, prior, feats, now).probability
-            row = self.neighbours.add(words, kind, success, predicted)
-            if row is not None:
-                self.changed_neighbours.append(row)
-        return self.model.update(kind, prior, feats, success, now)
+            cluster = self.clusters.assign(words, reading.top)
+        feats = self._features(reading, words,
+                               self._contexts(reading.coarse, reading.top, cluster))
+        return self._learn(reading, words, feats, kind, success, now=now, prior=prior)
+
+    def _learn(self, reading: _Reading, words: Sequence[str], feats: Features, kind: str,
+               success: bool, *, now: float, prior: float | None) -> list[Row]:
+        if prior is None:
+            prior = self.prior_success(reading.text, kind)
+        if not self.neighbours.enabled:
+            return self.model.update(kind, prior, feats, success, now)
+        # The residual the neighbours keep is against the shared model as it stood.
+        predicted, rows = self.model.predict_and_update(kind, prior, feats, success, now)
+        row = self.neighbours.add(words, kind, success, predicted)
+        if row is not None:
+            self.changed_neighbours.append(row)
+        return rows
 
     def apply_outcome(self, update: LearningUpdate) -> list[Row]:
         """Everything one ended attempt teaches: the model's weights, and for a first try of
@@ -274,27 +341,35 @@ class Learner:
         update carries its time), so a standby replaying the leader's updates in order ends in
         the same state; returns the weights it changed, for the store."""
         analysis = self.analyzer.analyze(update.description)
+        reading = self._read(update.description, analysis)
         self.changed_clusters = []
         self.changed_neighbours = []
+        words = update.keywords
         if update.first_try:
             # A task joins a cluster once, when its first try is learned.
-            cluster = self.join_cluster(update.description, update.keywords)
+            cluster = self._join(reading.top, words)
         else:
-            cluster = self.clusters.assign(
-                update.keywords, _top_kind(self.text_prior.probabilities(update.description)))
-        rows = self.learn(update.description, analysis, update.kind, update.success, update.at,
-                          prior=update.prior, keywords=update.keywords, cluster=cluster)
+            cluster = self.clusters.assign(words, reading.top)
+        contexts = self._contexts(reading.coarse, reading.top, cluster)
+        feats = self._features(reading, words, contexts)
+        rows = self._learn(reading, words, feats, update.kind, update.success, now=update.at,
+                           prior=update.prior)
         if update.model_probability is not None:
             self.calibrator.update(update.model_probability, update.success)
         if update.confidence is not None:
-            self.observe(update.description, analysis, update.kind, update.confidence,
-                         update.success, cluster=cluster)
+            # The surprise sums watch the analysis' keywords (the same as the update's unless
+            # the analyser changed); nothing learned above moves the contexts.
+            if tuple(words) != analysis.keywords:
+                feats = self._features(reading, analysis.keywords, contexts)
+            self._observe(reading, feats, update.kind, update.confidence, update.success)
         return rows
 
     def join_cluster(self, description: str, keywords: Sequence[str]) -> int | None:
         """Put a learned task in its cluster, nested in the kind its text points at; the
         changed row waits in ``changed_clusters`` for the store."""
-        group = _top_kind(self.text_prior.probabilities(description))
+        return self._join(_top_kind(self.text_prior.probabilities(description)), keywords)
+
+    def _join(self, group: str, keywords: Sequence[str]) -> int | None:
         cluster, row = self.clusters.learn(keywords, group)
         if row is not None:
             self.changed_clusters.append(row)

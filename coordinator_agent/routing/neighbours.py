@@ -138,25 +138,30 @@ class NeighbourEvidence:
 
         Candidates are the newest attempts sharing the task's rarest words (at most
         ``MAX_CANDIDATES``), then each one's cosine is computed over all its words."""
-        if not self.enabled or not self._attempts:
+        return [(seq, sim) for seq, sim, _ in self._similar(keywords)]
+
+    def _similar(self, keywords: Sequence[str]) -> list[tuple[int, float, _Attempt]]:
+        """``neighbours``, each with its attempt."""
+        attempts = self._attempts
+        if not self.enabled or not attempts:
             return []
         df = self._df
+        log, n = math.log, 2.0 + len(attempts)
         squares: dict[str, float] = {}
         for word in keywords:
-            idf = self.idf(word)
+            idf = log(n / (1.0 + df.get(word, 0)))  # ``idf``
             squares[word] = idf * idf
         norm = math.sqrt(sum(squares.values()))
         if norm <= 0.0:
             return []
-        attempts = self._attempts
-        candidates: dict[int, None] = {}
+        candidates: set[int] = set()
+        postings = self._postings
+        remembered = attempts.keys()
         for word in sorted(squares, key=lambda w: df.get(w, 0)):
-            posting = self._postings.get(word)
+            posting = postings.get(word)
             if posting is None:
                 continue
-            for seq in reversed(posting):
-                if seq in attempts:
-                    candidates[seq] = None
+            candidates |= remembered & posting  # a posting may outlive its oldest attempts
             if len(candidates) >= MAX_CANDIDATES:
                 break
         limit = self.similarity * norm
@@ -167,22 +172,21 @@ class NeighbourEvidence:
             dot = 0.0
             for word in attempt.words:
                 dot += weight(word, 0.0)
-            if attempt.norm > 0.0 and dot >= limit * attempt.norm:
+            length = attempt.norm
+            if length > 0.0 and dot >= limit * length:
                 # The stored length used the frequencies of its time: clip to a cosine.
-                out.append((seq, min(1.0, dot / (norm * attempt.norm))))
-        out.sort(reverse=True)
+                out.append((seq, min(1.0, dot / (norm * length)), attempt))
+        out.sort(key=_newest_first)
         return out
 
     def local(self, keywords: Sequence[str]) -> dict[str, Local]:
         """Per kind that similar recent tasks ran: the local log-odds shift (no side effects)."""
-        found = self.neighbours(keywords)
+        found = self._similar(keywords)
         if not found:
             return {}
         sums: dict[str, list[float]] = {}  # kind -> [R, V, W, decay]
-        attempts = self._attempts
         keep = self.keep
-        for seq, sim in found:
-            a = attempts[seq]
+        for _, sim, a in found:
             s = sums.get(a.kind)
             if s is None:
                 s = sums[a.kind] = [0.0, 0.0, 0.0, 1.0]
@@ -214,3 +218,7 @@ class NeighbourEvidence:
                                    bool(success), float(predicted))
                 self._count(attempt.words)
                 self._remember(int(seq), attempt)
+
+
+def _newest_first(found: tuple[int, float, _Attempt]) -> int:
+    return -found[0]

@@ -20,9 +20,17 @@ transaction that commits once, at the end of the turn (``call_soon``, no timer),
 outcomes of that turn; a burst of results costs one commit, not one each. The counters and the
 bandit weights the turn's outcomes changed are written once, at that commit, as they stand
 then; so are the turn's outcome rows (one ``executemany``, in order: the table only ever takes
-them and the prune) and the neighbours' forgetting (one delete up to the last point, which only
-moves forward). Without a running loop each outcome commits at once. A crash loses at most the
-last turn's learning, which is advisory.
+them and the prune), the neighbours' new rows (in order too, each keyed by its own sequence
+number) and their forgetting (one delete up to the last point, which only moves forward, after
+them). An outcome's rows are taken for the commit only once its own statements went through, so
+an outcome whose statements fail is still undone alone; an outcome with a single statement of
+one row needs no savepoint for that (SQLite undoes a failed statement by itself). Without a
+running loop each outcome commits at once. A crash loses at most the last turn's learning, which
+is advisory.
+
+The store's connection keeps its temporary files in memory (``temp_store``): the statement
+journal of an outcome's savepoint holds the pages it changes, scattered ones when task ids are
+random, and spilling it to a file cost more than the statements.
 """
 
 from __future__ import annotations
@@ -189,6 +197,7 @@ class PatternStore:
         self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA temp_store=MEMORY")  # module docstring
         self._db.executescript(_SCHEMA)
         self._t0 = 0.0  # set by the first outcome
         self._newest = 0.0
@@ -205,6 +214,7 @@ class PatternStore:
         self._counters: Mapping[str, float] | None = None
         self._weights: dict[tuple[object, object], Sequence[object]] = {}
         self._rows: list[tuple[object, ...]] = []  # the turn's outcomes, for one executemany
+        self._neighbours: list[Sequence[object]] = []  # the turn's new neighbours' rows, too
         self._forget: int | None = None  # the neighbours' forgetting point after the turn
         self._load()
 
@@ -215,29 +225,37 @@ class PatternStore:
 
     def record(self, outcome: Outcome, *, counters: Mapping[str, float] | None = None,
                weights: Sequence[Sequence[object]] = (), also: Statements = (),
+               neighbours: Sequence[Sequence[object]] = (),
                forget_neighbours: int | None = None) -> None:
         """Persist one outcome and, all or nothing, any further statements (the decision
         log's); committed with the loop turn's other outcomes (module docstring), together
         with the planner's ``counters``, the bandit ``weights`` (rows keyed by kind and
-        feature) and the neighbours' memory up to ``forget_neighbours`` forgotten, as they
-        stand after the turn's last outcome."""
+        feature), the ``neighbours``' new rows and their memory up to ``forget_neighbours``
+        forgotten, as they stand after the turn's last outcome."""
         deferred = self._begin_group()
-        self._db.execute("SAVEPOINT outcome")
+        # One statement of one row is all or nothing by itself (module docstring).
+        savepoint = len(also) > 1 or (len(also) == 1 and len(also[0][1]) > 1)
         try:
-            for sql, rows in also:
-                self._db.executemany(sql, rows)
-            self._db.execute("RELEASE outcome")
+            if savepoint:
+                self._db.execute("SAVEPOINT outcome")
+                try:
+                    for sql, rows in also:
+                        self._db.executemany(sql, rows)
+                except BaseException:
+                    self._db.execute("ROLLBACK TO outcome")
+                    self._db.execute("RELEASE outcome")
+                    raise
+                self._db.execute("RELEASE outcome")
+            elif also:
+                self._db.executemany(*also[0])
             self._rows.append(_row(outcome))
+            self._neighbours.extend(neighbours)
             if counters:
                 self._counters = counters
             for row in weights:
                 self._weights[row[0], row[1]] = row
             if forget_neighbours is not None:
                 self._forget = forget_neighbours
-        except BaseException:
-            self._db.execute("ROLLBACK TO outcome")
-            self._db.execute("RELEASE outcome")
-            raise
         finally:
             if not deferred:
                 self.commit()
@@ -271,6 +289,7 @@ class PatternStore:
         forget, self._forget = self._forget, None
         try:
             self._write_rows()
+            self._write_neighbours()
             if forget is not None:
                 self._db.execute(FORGET_NEIGHBOURS, (forget,))
             if counters:
@@ -287,6 +306,11 @@ class PatternStore:
         rows, self._rows = self._rows, []
         if rows:
             self._db.executemany(_INSERT, rows)
+
+    def _write_neighbours(self) -> None:
+        rows, self._neighbours = self._neighbours, []
+        if rows:
+            self._db.executemany(INSERT_NEIGHBOUR, rows)
 
     def record_many(self, outcomes: Iterable[Outcome]) -> None:
         """Bulk import in one transaction (benchmarks, migrations)."""
@@ -333,6 +357,7 @@ class PatternStore:
         return rows
 
     def save_neighbours(self, rows: Iterable[Sequence[object]], forget: int) -> None:
+        self._write_neighbours()  # the turn's so far first: in order
         self._db.executemany(INSERT_NEIGHBOUR, list(rows))
         self._db.execute(FORGET_NEIGHBOURS, (forget,))
 

@@ -53,12 +53,7 @@ from coordinator_agent.routing.decision_cost import DecisionWork
 from coordinator_agent.routing.decisions import DecisionLog
 from coordinator_agent.routing.fleet import REFRESH_BUDGET, Fleet, Pool, pick
 from coordinator_agent.routing.learner import BanditScore, Learner
-from coordinator_agent.routing.patterns import (
-    INSERT_NEIGHBOUR,
-    UPSERT_CLUSTER,
-    Outcome,
-    PatternStore,
-)
+from coordinator_agent.routing.patterns import UPSERT_CLUSTER, Outcome, PatternStore
 from coordinator_agent.routing.phases import split_phases
 from coordinator_agent.routing.policy import Choice
 from coordinator_agent.routing.updates import LearningUpdate
@@ -580,12 +575,10 @@ class CoordinationPlanner:
                                                       update.success, update.at))
         if self.learner.changed_clusters:
             also.append((UPSERT_CLUSTER, self.learner.changed_clusters))
-        forget = None
-        if self.learner.changed_neighbours:
-            also.append((INSERT_NEIGHBOUR, self.learner.changed_neighbours))
-            forget = self.learner.neighbours.forgotten
+        neighbours = self.learner.changed_neighbours
+        forget = self.learner.neighbours.forgotten if neighbours else None
         self.store.record(update.outcome(), counters=self._counters, weights=weights,
-                          also=also, forget_neighbours=forget)
+                          also=also, neighbours=neighbours, forget_neighbours=forget)
         self._unsaved = False
 
     def next_step(self, task: TaskRecord, outcome: AttemptOutcome | None = None) -> FallbackStep:

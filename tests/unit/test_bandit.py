@@ -108,6 +108,25 @@ def test_count_decay_follows_a_drop_within_a_window() -> None:
     assert after_drop(40) < 40 < after_drop(1e9)
 
 
+def test_predict_and_update_is_the_belief_before_and_the_update() -> None:
+    """One pass gives what ``belief`` said just before the outcome and what ``update`` does,
+    to the last bit; also across a rebase of the reference time."""
+    rng = random.Random(8)
+    fused = BanditModel(prior_strength=4.0, window=50.0, half_life_s=3600.0)
+    plain = BanditModel(prior_strength=4.0, window=50.0, half_life_s=3600.0)
+    words = ["deploy", "stage", "rollback", "cach", "test", "doc"]
+    now = NOW
+    for i in range(300):
+        feats = features(rng.sample(words, rng.randint(0, 4)), ["k:cicd", f"v:{i % 3}"])
+        prior, success = rng.uniform(0.2, 0.9), rng.random() < 0.6
+        # Every 100th outcome comes 70 half-lives later: the model rebases its scale.
+        now += 70 * 3600.0 if i % 100 == 99 else rng.uniform(0.0, 60.0)
+        expected = plain.belief("cicd", prior, feats, now).probability
+        rows = plain.update("cicd", prior, feats, success, now)
+        assert fused.predict_and_update("cicd", prior, feats, success, now) == (expected, rows)
+    assert list(fused.rows()) == list(plain.rows())
+
+
 def test_time_decay_fades_evidence_back_to_the_prior() -> None:
     model = BanditModel(prior_strength=2.0, window=1e6, half_life_s=3600.0)
     feats = features(["deploy"], "cicd")

@@ -179,3 +179,39 @@ def test_route_shows_the_similar_tasks_and_their_shift() -> None:
     table = _bandit_table({"documentation": {"parts": parts}}, ["documentation"])
     header, row = table.splitlines()[:2]
     assert "SIMILAR: SHIFT" in header and "2.3: -1.23" in row
+
+
+def _reference(memory: NeighbourEvidence, keywords: tuple[str, ...]) -> list[tuple[int, float]]:
+    """``neighbours`` written plainly: the same candidates, each cosine summed word by word in
+    the attempt's order, newest first."""
+    attempts = memory._attempts
+    squares = {w: memory.idf(w) ** 2 for w in keywords}
+    norm = math.sqrt(sum(squares.values()))
+    candidates: list[int] = []
+    for word in sorted(squares, key=lambda w: memory._df.get(w, 0)):
+        candidates += [s for s in reversed(memory._postings.get(word, ())) if s in attempts]
+        if len(set(candidates)) >= MAX_CANDIDATES:
+            break
+    out = []
+    for seq in set(candidates):
+        dot = 0.0
+        for word in attempts[seq].words:
+            dot += squares.get(word, 0.0)
+        length = attempts[seq].norm
+        if length > 0 and dot >= memory.similarity * norm * length:
+            out.append((seq, min(1.0, dot / (norm * length))))
+    return sorted(out, reverse=True)
+
+
+def test_neighbours_are_those_of_the_plain_computation_to_the_last_bit() -> None:
+    """The lookup's shortcuts (set operations on the postings, candidates sorted before the
+    cosines) change nothing: the same attempts and the same floats, also once the oldest
+    attempts are forgotten while their words' postings still name them."""
+    memory = _memory(memory=150)
+    rng = random.Random(4)
+    _fill(memory, rng, 400, faq_docs=0.3)
+    queries = [(*FAQ, "billing", "api"), (*NOTES, "search"), ("rotat", "leak", "billing"),
+               ("unknown", "words"), FAQ[:1], (*OTHERS[0], *SERVICES[2], "hotfix")]
+    for keywords in queries:
+        assert memory.neighbours(keywords) == _reference(memory, keywords), keywords
+    assert any(memory.neighbours(q) for q in queries)

@@ -11,7 +11,6 @@ import pytest
 
 from coordinator_agent.routing import patterns
 from coordinator_agent.routing.patterns import (
-    INSERT_NEIGHBOUR,
     Evidence,
     Outcome,
     PatternStore,
@@ -249,10 +248,42 @@ async def test_the_neighbours_are_forgotten_once_per_turn_up_to_its_last_point(
     try:
         for seq, forget in ((1, None), (2, None), (3, 0), (4, 1), (5, 3), (6, 4)):
             row = (seq, "deploy api", "cicd", 1, 0.5, 1.0)
-            store.record(_outcome("deploy api", "cicd"), also=[(INSERT_NEIGHBOUR, [row])],
+            store.record(_outcome("deploy api", "cicd"), neighbours=[row],
                          forget_neighbours=forget)
+        with pytest.raises(sqlite3.OperationalError):  # undone: its row is not written
+            store.record(_outcome("undone", "cicd"), neighbours=[(7, "x", "cicd", 1, 0.5, 1.0)],
+                         also=[("INSERT INTO nowhere VALUES (?)", [(1,)])], forget_neighbours=5)
+        assert not store.neighbours(100), "written when the turn commits"
         await asyncio.sleep(0)
         assert [row[0] for row in store.neighbours(100)] == [5, 6]
+        # Stored apart (a logged outcome learned), after the turn's rows: in order.
+        store.record(_outcome("deploy api", "cicd"), neighbours=[(8, "a", "cicd", 1, 0.5, 1.0)])
+        store.save_neighbours([(9, "b", "cicd", 0, 0.5, 1.0)], 5)
+        await asyncio.sleep(0)
+        assert [row[0] for row in store.neighbours(100)] == [6, 8, 9]
+    finally:
+        store.close()
+
+
+async def test_an_outcome_of_one_statement_is_undone_alone_without_a_savepoint(
+        tmp_path: Path) -> None:
+    """A single statement of one row goes without a savepoint: when it fails part way, SQLite
+    undoes all of it, and the turn's other outcomes stay."""
+    path = tmp_path / "learning.sqlite3"
+    store = PatternStore(path, half_life_s=DAY)
+    try:
+        store.db.execute("CREATE TABLE t (v INTEGER CHECK (v < 3))")
+        store.db.executemany("INSERT INTO t VALUES (?)", [(1,), (2,)])
+        store.record(_outcome("deploy api", "cicd"), also=[("INSERT INTO t VALUES (?)", [(0,)])])
+        with pytest.raises(sqlite3.IntegrityError):  # 1 -> 2 done, then 2 -> 3 refused
+            store.record(_outcome("undone", "cicd"), also=[("UPDATE t SET v = v + 1", [()])],
+                         neighbours=[(1, "x", "cicd", 1, 0.5, 1.0)])
+        store.record(_outcome("deploy web", "cicd"), also=[("INSERT INTO t VALUES (?)", [(2,)])])
+        await asyncio.sleep(0)
+        with sqlite3.connect(path) as other:
+            values = sorted(v for (v,) in other.execute("SELECT v FROM t"))
+        assert values == [0, 1, 2, 2]
+        assert _stored(path) == 2 and not store.neighbours(10)
     finally:
         store.close()
 
