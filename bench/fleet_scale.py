@@ -38,6 +38,7 @@ coordinator shed them (it says so in ``coordinator_status_shed_total`` when it d
 
     .venv/bin/python bench/fleet_scale.py [--agents 1000,5000,10000,20000] [--window 60]
         [--code DIR]   # run the coordinator and worker from another copy of the package
+        [--ha]         # the coordinator with its replicated log (leads alone)
 
 ``--code`` lets one machine measure the code before a change against the code after it, with
 the same load generator.
@@ -312,6 +313,8 @@ class Run:
             COORDINATOR_MONITORING_PORT=str(self.port),
             COORDINATOR_LOG_LEVEL="INFO",
             COORDINATOR_LIVENESS__HEARTBEAT_INTERVAL_S=str(self.args.interval),
+            # --ha: the replicated log on, the lease on the broker (no registry here, above).
+            **({"COORDINATOR_HA__ENABLED": "true"} if self.args.ha else {}),
             **extra,
         )
         return env
@@ -676,6 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decisions", type=int, default=200,
                         help="tasks submitted at once after the sequential ones (0: none)")
     parser.add_argument("--label", default=None)
+    parser.add_argument("--ha", action="store_true",
+                        help="the coordinator with ha.enabled (its lease on the broker)")
     parser.add_argument("--keep-log", default=None, metavar="PREFIX",
                         help="copy the coordinator's log to PREFIX-N.log before cleaning up")
     # The generator child's own arguments.
