@@ -157,15 +157,21 @@ class _Channel:
         return self.underlay
 
 
-async def test_effects_wait_for_the_confirm_and_a_refused_batch_ends_the_term(
-        tmp_path: Path) -> None:
+def leading(tmp_path: Path) -> tuple[TaskStore, Replication, _Channel, LogWriter]:
+    """A leader's replication over a broker stand-in: the store's writes become log events."""
     store = TaskStore(tmp_path / "s.sqlite3")
     codec = LogCodec([Fernet.generate_key().decode()])
     replication = Replication("amqp://unused", "n", codec, store, epoch=lambda: 4)
     channel = _Channel()
-    replication._writer = LogWriter(channel, "n", codec)  # type: ignore[arg-type]
+    writer = replication._writer = LogWriter(channel, "n", codec)  # type: ignore[arg-type]
     replication.writing = True
     store.replicate(replication.record_task)
+    return store, replication, channel, writer
+
+
+async def test_effects_wait_for_the_confirm_and_a_refused_batch_ends_the_term(
+        tmp_path: Path) -> None:
+    store, replication, channel, _ = leading(tmp_path)
 
     store.save(task(TaskStatus.PENDING))
     store.save(task(TaskStatus.ASSIGNED, attempts=1))  # the same turn: one batch
@@ -190,13 +196,7 @@ async def test_a_cancelled_wait_does_not_cancel_the_batch_for_the_others(
     """Every event of a batch and every barrier shares the batch's one confirm: a waiter
     cancelled meanwhile (its handler stopped) is cancelled once the confirm resolves, and the
     others still see the confirm."""
-    store = TaskStore(tmp_path / "s.sqlite3")
-    codec = LogCodec([Fernet.generate_key().decode()])
-    replication = Replication("amqp://unused", "n", codec, store, epoch=lambda: 4)
-    channel = _Channel()
-    writer = replication._writer = LogWriter(channel, "n", codec)  # type: ignore[arg-type]
-    replication.writing = True
-    store.replicate(replication.record_task)
+    store, replication, channel, writer = leading(tmp_path)
 
     store.save(task(TaskStatus.PENDING))
     first = writer.append(event(4, n=1))
@@ -220,13 +220,7 @@ async def test_a_notice_marked_sent_waits_for_a_batch_until_a_barrier_needs_it(
         tmp_path: Path) -> None:
     """Nothing waits for ``task.notice_sent``: it sends no batch of its own (it rides with the
     next one), but a barrier that comes to cover it sends it at once, not after a timer."""
-    store = TaskStore(tmp_path / "s.sqlite3")
-    codec = LogCodec([Fernet.generate_key().decode()])
-    replication = Replication("amqp://unused", "n", codec, store, epoch=lambda: 4)
-    channel = _Channel()
-    writer = replication._writer = LogWriter(channel, "n", codec)  # type: ignore[arg-type]
-    replication.writing = True
-    store.replicate(replication.record_task)
+    store, replication, channel, writer = leading(tmp_path)
     channel.underlay.gate.set()
 
     store.save(task(TaskStatus.SUCCEEDED, attempts=1, notified=True))
