@@ -39,22 +39,24 @@ Event = tuple[float, str, str, str]  # time, process, kind, what (message type, 
 #: (stage, process, kind, what): a stage ends at the first such event after the previous one
 #: ended. The log's steps are skipped where absent (HA off): the stage after them then runs
 #: from the end of the one before.
+#: A barrier's steps after the log flush: the batch out, the broker's confirm, the wake-up.
+_BARRIER = [
+    ("  log flush -> batch sealed, published", "coordinator", "pub", "log"),
+    ("  log publish -> broker confirm", "coordinator", "conf", "log"),
+    ("  confirm -> barrier returns", "coordinator", "bar1", "-"),
+]
 STAGES = [
     ("client: task.submit published -> the coordinator has it", "coordinator", "recv",
      "task.submit"),
     ("coordinator: submission handled, the dispatcher's turn -> log flush", "coordinator",
      "logflush", "-"),
-    ("  log flush -> batch sealed, published", "coordinator", "pub", "log"),
-    ("  log publish -> broker confirm", "coordinator", "conf", "log"),
-    ("  confirm -> barrier returns", "coordinator", "bar1", "-"),
+    *_BARRIER,
     ("coordinator: -> task.assign published", "coordinator", "pub", "task.assign"),
     ("task.assign -> the agent has it", "agent", "recv", "task.assign"),
     ("agent: assignment -> task.result published", "agent", "pub", "task.result"),
     ("task.result -> the coordinator has it", "coordinator", "recv", "task.result"),
     ("coordinator: result handled -> log flush", "coordinator", "logflush", "-"),
-    ("  log flush -> batch sealed, published", "coordinator", "pub", "log"),
-    ("  log publish -> broker confirm", "coordinator", "conf", "log"),
-    ("  confirm -> barrier returns", "coordinator", "bar1", "-"),
+    *_BARRIER,
     ("coordinator: -> task.completed published", "coordinator", "pub", "task.completed"),
     ("task.completed -> the client has it", "client", "recv", "task.completed"),
 ]
