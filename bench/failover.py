@@ -41,22 +41,22 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from bench._common import (
     BROKER_URL,
     PYTHON,
     Children,
     clean_environ,
-    delete_queues,
     empty_config,
     median,
     percentile,
     table,
 )
 from coordinator_agent.client import CoordinatorClient
-from coordinator_agent.ha.log import log_queue
 from coordinator_agent.settings import load_settings
-from coordinator_agent.wire import constants as c
 from coordinator_agent.wire.keyring import Keyring
+from coordinator_agent.wire.messaging import delete_namespace
 
 AGENTS = ("agent-1", "agent-2")
 OPERATOR = "operator-1"
@@ -310,10 +310,7 @@ async def main(kill_count: int, burst_size: int, rate: float) -> dict[str, Any]:
         children.stop_all()
         for name in names:
             with contextlib.suppress(Exception):
-                await delete_queues(
-                    [c.tasks_queue(name), c.status_queue(name), c.dead_letter_queue(name),
-                     log_queue(name), *(c.agent_queue(name, a) for a in AGENTS)],
-                    [c.dead_letter_exchange(name)])
+                await delete_namespace(SecretStr(BROKER_URL), name, AGENTS, (OPERATOR,))
     return results
 
 

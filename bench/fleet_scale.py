@@ -583,7 +583,8 @@ class Run:
                 await self.client.close()
         self.children.stop_all()
         with contextlib.suppress(Exception):
-            await delete_namespace(Settings().broker_url, self.name, [WORKER, "late-joiner"])
+            await delete_namespace(Settings().broker_url, self.name, [WORKER, "late-joiner"],
+                                   (OPERATOR,))
 
 
 def report(rows: list[dict[str, Any]], label: str) -> None:

@@ -134,13 +134,25 @@ async def run_demo(
 ) -> int:
     demo_settings, keyring, workdir = _prepare(settings, agents, forever)
     coordinator = CoordinatorAgent(demo_settings, keyring)
+
+    async def clean_up() -> None:
+        """A one-shot demo leaves nothing behind: its files, its queues."""
+        if forever:
+            return
+        shutil.rmtree(workdir, ignore_errors=True)
+        agent_ids = [p.id for p in keyring.principals.values() if p.role == "agent"]
+        with contextlib.suppress(Exception):
+            await delete_namespace(demo_settings.broker_url, demo_settings.name, agent_ids,
+                                   [OPERATOR])
+
     try:
         await coordinator.start()
     except BaseException:
-        # A second `make run` finds the monitoring port taken: close what had started, so the
-        # one-line error is all that is printed.
+        # A second `make run` finds the monitoring port taken: close what had started (the
+        # queues it declared too), so the one-line error is all that is printed.
         with contextlib.suppress(Exception):
             await coordinator.stop()
+        await clean_up()
         raise
     processes = await _start_agents(demo_settings, agents)
     client = CoordinatorClient(demo_settings, keyring, OPERATOR)
@@ -155,12 +167,7 @@ async def run_demo(
         await client.close()
         await _stop_agents(processes)
         await coordinator.stop()
-        if not forever:
-            shutil.rmtree(workdir, ignore_errors=True)
-            agent_ids = [p.id for p in keyring.principals.values() if p.role == "agent"]
-            with contextlib.suppress(Exception):
-                await delete_namespace(demo_settings.broker_url, demo_settings.name, agent_ids,
-                                       [OPERATOR])
+        await clean_up()
     print(json.dumps(summary))
     return 0 if summary["succeeded"] == tasks else 1
 

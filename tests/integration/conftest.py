@@ -5,6 +5,7 @@ Each test gets its own coordinator name, hence its own queues, and removes them 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -65,8 +66,14 @@ def settings(
 @pytest.fixture
 async def cleanup_namespace(settings: Settings, keyring: Keyring) -> AsyncIterator[None]:
     yield
-    operators = [p.id for p in keyring.principals.values() if p.role == "operator"]
-    await delete_namespace(settings.broker_url, settings.name, AGENT_IDS, operators)
+    # Every principal's queues: a test, or a command it runs (the demo), may add its own to
+    # the keyring or to its file.
+    principals = list(keyring.principals.values())
+    with contextlib.suppress(Exception):
+        principals += Keyring.load(settings.keyring_path).principals.values()
+    agents = {*AGENT_IDS, *(p.id for p in principals if p.role == "agent")}
+    operators = {p.id for p in principals if p.role == "operator"}
+    await delete_namespace(settings.broker_url, settings.name, sorted(agents), sorted(operators))
 
 
 @pytest.fixture
