@@ -13,7 +13,11 @@ Policies, all in the same run on the same task sequence and seeds:
 * ``seed formula``: the planner with ``policy: seed``;
 * ``static keyword``: the analyser's best domain kind, or the fallback kind; never learns;
 * ``e-greedy (domain)``: epsilon-greedy (0.1) on success rates keyed on the analyser's best domain;
-* ``thompson (true category)``: Beta(1, 1) Thompson sampling keyed on the *true* category.
+* ``thompson (true category)``: Beta(1, 1) Thompson sampling keyed on the *true* category;
+* ``thompson (told the drift)``: the same, also told the drift itself (the moment, the category
+  and the kind that drops), on which it forgets that kind's outcomes in that category: a ceiling
+  for the drift share that no policy seeing only descriptions and outcomes can be expected to
+  pass.
 
 Reported, averaged over the seeds: regret (sum over tasks of the best kind's success
 probability minus the chosen kind's, at that moment), the share of the drifted category's first
@@ -173,10 +177,15 @@ def epsilon_run(analyzer: TaskAnalyzer, kinds: Sequence[str], rng: random.Random
     return Run("e-greedy (domain)", choose, learn)
 
 
-def thompson_truth_run(kinds: Sequence[str], rng: random.Random) -> Run:
+def thompson_truth_run(kinds: Sequence[str], rng: random.Random,
+                       told: Truth | None = None) -> Run:
     stats: dict[tuple[str, str], list[int]] = {}
+    forget = {(int(c["at_task"]), c["category"], c["kind"]) for c in told.drift} if told else set()
 
     def choose(task: Task, step: int) -> tuple[str, float | None]:
+        for at, category, kind in forget:
+            if step == at:
+                stats.pop((category, kind), None)
         draws = {}
         for k in kinds:
             s = stats.get((task.category, k), [0, 0])
@@ -189,7 +198,7 @@ def thompson_truth_run(kinds: Sequence[str], rng: random.Random) -> Run:
         s[0] += int(success)
         s[1] += 1
 
-    return Run("thompson (true category)", choose, learn)
+    return Run("thompson (told the drift)" if told else "thompson (true category)", choose, learn)
 
 
 # --- the simulation ---------------------------------------------------------------------------
@@ -239,6 +248,7 @@ def simulate(tasks: list[Task], truth: Truth, config: RoutingConfig, seed: int,
             static_run(analyzer, config.fallback_kind),
             epsilon_run(analyzer, kinds, random.Random(seed + 1)),
             thompson_truth_run(kinds, random.Random(seed + 2)),
+            thompson_truth_run(kinds, random.Random(seed + 3), told=truth),
         ]
         # Every policy faces the same outcome draw per step: u < p(kind) means success.
         for step, task in enumerate(order):
@@ -301,7 +311,8 @@ def main() -> int:
         return sum(values) / len(values) if values else None
 
     def fmt(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
+        width = int(spec.partition(".")[0])
+        return f"{'-':>{width}}" if value is None else format(value, spec)
 
     summary = {name: {k: mean(v) for k, v in row.items()} | {"per_seed_regret": row["regret"]}
                for name, row in totals.items()}
