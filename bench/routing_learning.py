@@ -64,10 +64,36 @@ class Task:
 
 
 class Truth:
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.success: dict[str, dict[str, float]] = {
-            cat: {k: float(p) for k, p in kinds.items()} for cat, kinds in data["success"].items()}
-        self.drift: list[dict[str, Any]] = list(data.get("drift", []))
+    """Success probability per (category, kind), and the drifts; refuses a malformed file with
+    a message that says what is wrong (``SystemExit``)."""
+
+    def __init__(self, data: Any) -> None:
+        success = data.get("success") if isinstance(data, dict) else None
+        if not isinstance(success, dict) or not success:
+            raise SystemExit("truth: needs an object 'success': {category: {kind: probability}}")
+        self.success: dict[str, dict[str, float]] = {}
+        for cat, kinds in success.items():
+            if not isinstance(kinds, dict) or not kinds:
+                raise SystemExit(f"truth: success.{cat} must map kinds to probabilities")
+            self.success[cat] = {k: _probability(p, f"success.{cat}.{k}")
+                                 for k, p in kinds.items()}
+        drift = data.get("drift", [])
+        if not isinstance(drift, list):
+            raise SystemExit("truth: 'drift' must be a list")
+        self.drift: list[dict[str, Any]] = []
+        for n, change in enumerate(drift):
+            where = f"drift[{n}]"
+            if not isinstance(change, dict) or not {"at_task", "category", "kind",
+                                                    "success"} <= change.keys():
+                raise SystemExit(f"truth: {where} needs at_task, category, kind and success")
+            if change["category"] not in self.success:
+                raise SystemExit(f"truth: {where}: no category {change['category']!r}")
+            if change["kind"] not in self.success[change["category"]]:
+                raise SystemExit(f"truth: {where}: no kind {change['kind']!r} in its category")
+            if not isinstance(change["at_task"], int) or change["at_task"] < 0:
+                raise SystemExit(f"truth: {where}: at_task must be a task number")
+            _probability(change["success"], f"{where}.success")
+            self.drift.append(change)
 
     def at(self, step: int) -> dict[str, dict[str, float]]:
         table = {cat: dict(kinds) for cat, kinds in self.success.items()}
@@ -75,6 +101,19 @@ class Truth:
             if step >= int(change["at_task"]):
                 table[change["category"]][change["kind"]] = float(change["success"])
         return table
+
+
+def _probability(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise SystemExit(f"truth: {where} must be a probability in [0, 1], not {value!r}")
+    return float(value)
+
+
+def load_truth(path: Path) -> Truth:
+    try:
+        return Truth(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{path}: cannot read a truth ({exc})") from None
 
 
 def moved_drift(truth: Truth, category: str) -> Truth:
@@ -234,6 +273,11 @@ def simulate(tasks: list[Task], truth: Truth, config: RoutingConfig, seed: int,
     missing = {c for c in truth.success} ^ {t.category for t in tasks}
     if missing:
         raise SystemExit(f"categories in only one of tasks and truth: {sorted(missing)}")
+    unknown = {k for row in truth.success.values() for k in row} - set(kinds)
+    if unknown:
+        # The fleet has one agent per configured kind: no policy could choose these.
+        raise SystemExit(f"truth names kinds the routing config does not: {sorted(unknown)} "
+                         "(give a --config that lists them)")
     rng = random.Random(seed)
     order = [rng.choice(tasks) for _ in range(steps)]
     outcome_rng = random.Random(seed * 7919 + 1)
@@ -284,7 +328,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     tasks = load_tasks(args.tasks)
-    truth = Truth(json.loads(args.truth.read_text(encoding="utf-8")))
+    truth = load_truth(args.truth)
     if args.move_drift:
         truth = moved_drift(truth, args.move_drift)
     config = load_routing_config(args.config)

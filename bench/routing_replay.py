@@ -31,7 +31,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from routing_learning import DEFAULT_TASKS, DEFAULT_TRUTH, STEP_S, Truth, load_tasks, planner_run
+from routing_learning import (
+    DEFAULT_TASKS,
+    DEFAULT_TRUTH,
+    STEP_S,
+    Truth,
+    load_tasks,
+    load_truth,
+    planner_run,
+)
 
 from coordinator_agent.routing.config import (
     Exploration,
@@ -88,7 +96,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     tasks = load_tasks(args.tasks)
-    truth = Truth(json.loads(args.truth.read_text(encoding="utf-8")))
+    truth = load_truth(args.truth)
     base = default_routing_config()
     logging_config = base
     if args.explore:
