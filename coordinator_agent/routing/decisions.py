@@ -15,6 +15,7 @@ The table lives in the learning store's SQLite file and is pruned like the outco
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -134,11 +135,48 @@ def _row(pending: tuple[Any, ...]) -> tuple[object, ...]:
     return (*pending[:6], _COMPACT.encode(candidates), *pending[7:])
 
 
+class CorruptDecision(ValueError):
+    """A row of the decision log that the log cannot have written (the file was edited or
+    damaged): reading it on would turn it into nonsense estimates or a crash."""
+
+    def __init__(self, row_id: object, problem: str) -> None:
+        super().__init__(f"row {row_id} of the decision log is corrupted: {problem}")
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _checked(row: Sequence[Any]) -> dict[str, dict[str, float]]:
+    """The row's candidates, once every column holds what ``DecisionLog`` writes."""
+    try:
+        candidates: Any = json.loads(row[7])
+    except (TypeError, ValueError):
+        raise CorruptDecision(row[0], "its candidates are not JSON") from None
+    if not isinstance(candidates, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) for k, v in candidates.items()):
+        raise CorruptDecision(row[0], "its candidates are not a JSON object of kinds")
+    if not all(isinstance(row[i], str) for i in (1, 4, 5, 6, 8)):
+        raise CorruptDecision(row[0], "its task id, policy, reason, description or kind is "
+                                      "not text")
+    if not isinstance(row[2], int) or not _real(row[3]):
+        raise CorruptDecision(row[0], "its attempt or its time (at) is not a number")
+    if not _real(row[9]) or not 0.0 < row[9] <= 1.0:
+        raise CorruptDecision(row[0], f"its propensity {row[9]!r} is not a probability in "
+                                      "(0, 1]")
+    if not _real(row[10]) or row[11] not in (None, 0, 1):
+        raise CorruptDecision(row[0], "its confidence or its outcome is not what the log "
+                                      "writes")
+    return candidates
+
+
 def read_log(db: sqlite3.Connection, *, with_outcome: bool = True) -> Iterator[LoggedDecision]:
-    """Logged decisions in order; by default only those whose outcome is known."""
+    """Logged decisions in order; by default only those whose outcome is known.
+
+    Raises ``CorruptDecision`` at a row that the log cannot have written."""
     rows = db.execute(_SELECT_KNOWN if with_outcome else _SELECT_ALL)
     for row in rows:
-        candidates: Any = json.loads(row[7])
+        candidates = _checked(row)
         yield LoggedDecision(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
                              candidates, row[8], row[9], row[10],
                              None if row[11] is None else bool(row[11]))

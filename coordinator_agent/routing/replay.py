@@ -28,7 +28,7 @@ from typing import Any
 
 from coordinator_agent.exceptions import ConfigError
 from coordinator_agent.routing.config import RoutingConfig
-from coordinator_agent.routing.decisions import read_log
+from coordinator_agent.routing.decisions import CorruptDecision, read_log
 from coordinator_agent.routing.planner import CoordinationPlanner
 
 #: Decisions the policy made itself; the others say nothing about a policy's choice.
@@ -54,12 +54,22 @@ def replay(store_path: Path | str, target: RoutingConfig, *, seed: int = 0) -> d
     path = Path(store_path)
     if not path.exists():
         raise ConfigError(f"learning store {path} does not exist: nothing to replay")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    if path.is_dir():
+        raise ConfigError(f"learning store {path} is a directory: name the store's file "
+                          "(<data_dir>/<name>.routing.sqlite3)")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"learning store {path} cannot be opened ({exc})") from None
     try:
         try:
             rows = [d for d in read_log(db) if d.attempt == 1 and d.reason in POLICY_REASONS]
         except sqlite3.OperationalError as exc:
             raise ConfigError(f"learning store {path} has no decision log ({exc})") from None
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(f"learning store {path} is not a SQLite database ({exc})") from None
+        except CorruptDecision as exc:
+            raise ConfigError(f"learning store {path}: {exc}; nothing was estimated") from None
     finally:
         db.close()
     now = [rows[0].at if rows else 0.0]

@@ -463,3 +463,49 @@ def test_planner_explores_more_after_its_best_kind_starts_failing() -> None:
                                        {"cicd": False, "general": True}).routing["kind"]
                                 for _ in range(60))
     assert picks["general"] > 30
+
+
+def _small_log(path: Path) -> None:
+    """A real decision log of a few routed tasks."""
+    planner = CoordinationPlanner(8, config=_config(), store_path=path, rng=random.Random(5))
+    for i in range(6):
+        _route(planner, _fleet(), f"Deploy the {i} service to staging", i % 3 != 0)
+    planner.close()
+
+
+@pytest.mark.parametrize(("column", "value", "problem"), [
+    ("candidates", "not json", "candidates"),
+    ("candidates", "null", "candidates"),
+    ("candidates", '"abc"', "candidates"),
+    ("propensity", "abc", "propensity"),
+    ("propensity", 0.0, "propensity"),
+    ("propensity", -1.0, "propensity"),
+    ("propensity", 2.0, "propensity"),
+    ("at", "yesterday", "time"),
+    ("description", b"\xff\x00", "description"),
+])
+def test_replay_of_a_corrupted_log_row_is_a_clear_error(
+    tmp_path: Path, column: str, value: object, problem: str
+) -> None:
+    from coordinator_agent.exceptions import ConfigError
+
+    path = tmp_path / "r.sqlite3"
+    _small_log(path)
+    db = sqlite3.connect(path)
+    row_id = db.execute("SELECT MIN(id) FROM decisions").fetchone()[0]
+    db.execute(f"UPDATE decisions SET {column} = ? WHERE id = ?", (value, row_id))
+    db.commit()
+    db.close()
+    with pytest.raises(ConfigError, match=rf"row {row_id} .*{problem}"):
+        replay(path, default_routing_config())
+
+
+def test_replay_of_a_file_that_is_no_store_is_a_clear_error(tmp_path: Path) -> None:
+    from coordinator_agent.exceptions import ConfigError
+
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_text("hello\n")
+    with pytest.raises(ConfigError, match="not a SQLite"):
+        replay(junk, default_routing_config())
+    with pytest.raises(ConfigError, match="is a directory"):
+        replay(tmp_path, default_routing_config())
