@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from coordinator_agent.cli.progress import format_table
 from coordinator_agent.cli.reach import api_get, monitoring_url
-from coordinator_agent.exceptions import CoordinatorError
+from coordinator_agent.exceptions import CoordinatorError, UsageError
 from coordinator_agent.settings import Settings
 
 if TYPE_CHECKING:
@@ -277,6 +277,14 @@ def cold_start(explained: dict[str, Any], prior: TextPrior, description: str) ->
 
 
 def cmd_route(args: argparse.Namespace, settings: Settings) -> int:
+    from coordinator_agent.wire.protocol import MAX_DESCRIPTION_CHARS
+
+    # The coordinator's /api/route takes what a task may carry, and so does --local: the
+    # answer never depends on whether a coordinator happens to be listening.
+    length = len(args.description.strip())
+    if not 1 <= length <= MAX_DESCRIPTION_CHARS:
+        raise UsageError(f"a description is 1 to {MAX_DESCRIPTION_CHARS} characters (not "
+                         f"counting surrounding blanks), as a task's is; this one has {length}")
     explained: dict[str, Any] | None = None
     if not args.local:
         query = [("description", args.description),

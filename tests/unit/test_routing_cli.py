@@ -119,3 +119,14 @@ def test_routing_replay_reads_the_decision_log_of_the_store(tmp_path: Path) -> N
     missing = run_cli("routing", "replay", "--store", str(tmp_path / "none.sqlite3"),
                       cwd=tmp_path)
     assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize("description", ["", "   ", "deploy " * 1200])
+def test_route_refuses_a_description_no_task_could_have(tmp_path: Path, description: str) -> None:
+    # `submit` refuses these (a description is 1 to 8192 characters), and so does the
+    # coordinator's /api/route: `route` says so instead of explaining a task that cannot exist.
+    for local in ([], ["--local"]):
+        done = run_cli("route", description, "--json", *local, cwd=tmp_path)
+        assert done.returncode == 2, (local, done.stdout[:200])
+        assert "1 to 8192 characters" in done.stderr and done.stdout == ""
+        assert "Traceback" not in done.stderr
