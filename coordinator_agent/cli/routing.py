@@ -30,8 +30,9 @@ NO_AGENT = {
     "no_matching_agent": "no known agent can take it (none of that kind, or none with every "
                          "required capability): a task like this would wait for one until its "
                          "timeout, then fail",
-    "no_free_agent": "every agent that could take it is busy right now: a task like this would "
-                     "wait for a free slot",
+    "no_free_agent": "no agent that could take it is both healthy and free right now (busy, "
+                     "draining, or not heard lately: `coordinator-agent agents` shows which): a "
+                     "task like this would wait for one",
 }
 
 

@@ -130,3 +130,17 @@ def test_route_refuses_a_description_no_task_could_have(tmp_path: Path, descript
         assert done.returncode == 2, (local, done.stdout[:200])
         assert "1 to 8192 characters" in done.stderr and done.stdout == ""
         assert "Traceback" not in done.stderr
+
+
+def test_route_words_for_agents_that_are_not_healthy_do_not_call_them_busy() -> None:
+    from coordinator_agent.cli.routing import NO_AGENT
+    from coordinator_agent.coordinator.state import AgentLiveness, AgentRecord
+    from coordinator_agent.routing.planner import CoordinationPlanner
+
+    planner = CoordinationPlanner(8)
+    silent = AgentRecord("cicd-1", "cicd", frozenset(), 8)
+    silent.liveness = AgentLiveness.SUSPECT  # idle, and not heard lately: not busy
+    explained = planner.explain("Deploy the billing service", [silent])
+    planner.close()
+    words = NO_AGENT[explained["reason"]]
+    assert "healthy" in words and "coordinator-agent agents" in words
