@@ -230,7 +230,7 @@ def cmd_routing(args: argparse.Namespace, settings: Settings) -> int:
 
 def explain_locally(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """The decision from the configuration and the learning store on disk (no agents known)."""
-    from coordinator_agent.routing.config import load_routing_config
+    from coordinator_agent.routing.config import Policy, load_routing_config
     from coordinator_agent.routing.planner import CoordinationPlanner
     from coordinator_agent.routing.text_prior import TextPrior
 
@@ -246,7 +246,9 @@ def explain_locally(args: argparse.Namespace, settings: Settings) -> dict[str, A
                                     required_capabilities=args.capability)
     finally:
         planner.close()
-    if args.kind is None:
+    if args.kind is None and config.policy is Policy.BANDIT:
+        # The bandit starts from the text prior; the seed formula never reads it, so under
+        # `policy: seed` the formula's own choice stands, learned or not.
         explained = cold_start(explained, TextPrior(config), args.description)
     return {**explained, "source": f"local ({store if store.exists() else 'no learning store'})"}
 

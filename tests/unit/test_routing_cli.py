@@ -144,3 +144,30 @@ def test_route_words_for_agents_that_are_not_healthy_do_not_call_them_busy() -> 
     planner.close()
     words = NO_AGENT[explained["reason"]]
     assert "healthy" in words and "coordinator-agent agents" in words
+
+
+def test_route_under_the_seed_policy_names_the_kind_the_seed_formula_picks(
+    tmp_path: Path,
+) -> None:
+    # The seed formula does not read the text prior: with nothing learned, `route --local`
+    # must still say what the seed formula would choose, not what the text prior prefers.
+    from coordinator_agent.routing.config import load_routing_config
+    from coordinator_agent.routing.planner import CoordinationPlanner
+
+    packaged = Path(__file__).parents[2] / "coordinator_agent/routing/data/routing.yaml"
+    seed = tmp_path / "seed.yaml"
+    seed.write_text(packaged.read_text().replace("\npolicy: bandit\n", "\npolicy: seed\n"))
+    description = "Okta SSO login loop for contractors in the EU tenant"
+    planner = CoordinationPlanner(8, config=load_routing_config(seed))
+    expected = planner.explain(description)["kind"]
+    planner.close()
+    env = {"COORDINATOR_CONFIG": str(tmp_path / "none.yaml"), "COORDINATOR_DATA_DIR":
+           str(tmp_path), "COORDINATOR_ROUTING_CONFIG": str(seed), "PATH": "/usr/bin:/bin"}
+    (tmp_path / "none.yaml").write_text("{}\n")
+    done = subprocess.run([sys.executable, "-m", "coordinator_agent", "route", description,
+                           "--local", "--json"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    explained = json.loads(done.stdout)
+    assert explained["policy"] == "seed"
+    assert explained["kind"] == expected
