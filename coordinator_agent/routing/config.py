@@ -268,6 +268,11 @@ class Phases(_Model):
     #: Words that separate phases ("then", "and then", "after that", ";" always separates).
     separators: Words = ["then", "afterwards", "finally"]
     max_steps: int = Field(5, ge=2, le=20)
+    #: Words that make a with-clause a phase of its own ("with a security audit"), where
+    #: without one it is the means of the clause before ("with ArgoCD", "with a feature flag").
+    work_words: Words = ["audit", "review", "scan", "pentest", "assessment", "test", "testing",
+                         "analysis", "inspection", "investigation", "deployment", "rollout",
+                         "documentation", "runbook", "changelog", "writeup"]
 
 
 class PriorSettings(_Model):

@@ -394,6 +394,67 @@ def test_a_multi_phase_description_becomes_steps() -> None:
                         Phases(enabled=False, separators=[])) is None
 
 
+@pytest.mark.parametrize(("description", "steps"), [
+    # A tool or means after "with" stays in its clause, which is then read whole.
+    ("Rotate the Vault root token, then redeploy payments-api with ArgoCD, finally write the "
+     "runbook", [("Rotate the Vault root token", "security"),
+                 ("redeploy payments-api with ArgoCD", "cicd"),
+                 ("write the runbook", "documentation")]),
+    ("Deploy the api with Helm, then update the runbook",
+     [("Deploy the api with Helm", "cicd"), ("update the runbook", "documentation")]),
+    ("Provision the staging cluster with Terraform, then run a security scan",
+     [("Provision the staging cluster with Terraform", "cicd"),
+      ("run a security scan", "security")]),
+    ("Roll out the checkout redesign with a feature flag, then document it in the changelog",
+     [("Roll out the checkout redesign with a feature flag", "cicd"),
+      ("document it in the changelog", "documentation")]),
+    ("Migrate the orders table with Alembic, then deploy",
+     [("Migrate the orders table with Alembic", "development"), ("deploy", "cicd")]),
+    ("Rotate the TLS certificates with cert-manager, then redeploy the ingress",
+     [("Rotate the TLS certificates with cert-manager", "security"),
+      ("redeploy the ingress", "cicd")]),
+    # Work of the clause's own kind is part of that work, not a step.
+    ("Fix the login bug with a regression test, then deploy",
+     [("Fix the login bug with a regression test", "development"), ("deploy", "cicd")]),
+    ("Refactor the payment client with a code review, then deploy to production",
+     [("Refactor the payment client with a code review", "development"),
+      ("deploy to production", "cicd")]),
+    # Work of another kind after "with" is a step of its own.
+    ("Implement rate limiting with a security audit, then deploy",
+     [("Implement rate limiting", "development"), ("a security audit", "security"),
+      ("deploy", "cicd")]),
+    ("Implement rate limiting, with a security audit, then deploy",
+     [("Implement rate limiting", "development"), ("a security audit", "security"),
+      ("deploy", "cicd")]),
+    ("Implement the SSO login with a penetration test, then release it",
+     [("Implement the SSO login", "development"), ("a penetration test", "security"),
+      ("release it", "cicd")]),
+    ("Build the image with a Trivy scan, then push it to the registry",
+     [("Build the image", "cicd"), ("a Trivy scan", "security"),
+      ("push it to the registry", "cicd")]),
+    ("Add the export endpoint with documentation, then deploy",
+     [("Add the export endpoint", "development"), ("documentation", "documentation"),
+      ("deploy", "cicd")]),
+])
+def test_with_starts_a_step_only_before_work_of_another_kind(
+    description: str, steps: list[tuple[str, str]],
+) -> None:
+    prior = TextPrior(default_routing_config())
+    assert split_phases(description, prior, Phases()) == steps
+
+
+def test_the_work_words_that_make_a_with_clause_a_step_are_configurable() -> None:
+    prior = TextPrior(default_routing_config())
+    text = "Implement rate limiting with a security audit, then deploy"
+    # Without "audit" among the work words, the with-clause stays in its clause, which the
+    # text prior is not clearly sure of: it joins "deploy", one step, and the task stays whole.
+    assert split_phases(text, prior, Phases(work_words=["review"])) is None
+    # A bare tool name never names work, whatever its kind.
+    assert split_phases("Implement the exporter with ArgoCD, then write the runbook", prior,
+                        Phases()) == [("Implement the exporter with ArgoCD", "development"),
+                                      ("write the runbook", "documentation")]
+
+
 def test_phases_show_in_route_and_can_be_switched_off() -> None:
     planner = CoordinationPlanner(8, config=default_routing_config())
     text = "Implement rate limiting with a security audit, then deploy"
