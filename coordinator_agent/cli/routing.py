@@ -22,6 +22,7 @@ from coordinator_agent.exceptions import CoordinatorError, UsageError
 from coordinator_agent.settings import Settings
 
 if TYPE_CHECKING:
+    from coordinator_agent.routing.config import RoutingConfig
     from coordinator_agent.routing.text_prior import TextPrior
 
 
@@ -131,23 +132,42 @@ def route_explanation(explained: Mapping[str, Any]) -> str:
     workflow = explained.get("workflow")
     if workflow:
         steps = " -> ".join(f"{s.get('kind')} ({s.get('description')!r})" for s in workflow)
-        lines += ["", f"workflow   {steps}"]
-        missing = explained.get("workflow_missing_kinds")
-        if missing:
-            lines.append(f"           runs whole: no live agent of kind {', '.join(missing)}")
+        lines += ["", f"workflow   {steps}", *_runs_as(explained, len(workflow))]
     chosen = explained.get("kind") or "(none)"
     agent = explained.get("agent")
     via = f" -> agent {agent}" if agent else ""
     fallback = " (fallback kind)" if explained.get("fallback_used") else ""
     reason = explained.get("reason") or "-"
-    lines += ["", f"kind       {chosen}{fallback}{via}",
+    whole = " (the description whole: see runs as)" if explained.get(
+        "runs_as") == "workflow" else ""
+    lines += ["", f"kind       {chosen}{fallback}{via}{whole}",
               f"why        {NO_AGENT.get(reason, reason)}",
               f"policy     {explained.get('policy') or 'seed'}   threshold "
               f"{explained.get('threshold')}   source {explained.get('source')}"]
     if explained.get("priority"):  # a live coordinator: scheduling.py and limits.py
         lines.append(f"priority   {explained['priority']}   "
                      f"{'held: ' + explained['held'] if explained.get('held') else 'not held'}")
+    lines += [f"note       {note}" for note in explained.get("notes") or []]
     return "\n".join(lines)
+
+
+def _runs_as(explained: Mapping[str, Any], steps: int) -> list[str]:
+    """What a task with this description runs as: the steps, or one task of ``kind``."""
+    missing = explained.get("workflow_missing_kinds")
+    if missing:
+        return [f"runs as    task: no live agent of kind {', '.join(missing)}, so a task with "
+                "this description is not split;",
+                "           it runs whole, as the kind below"]
+    lines = [f"runs as    workflow: a task with this description runs as these {steps} steps, "
+             "in order, each",
+             "           on its step's kind. The kind below is what the description gets "
+             "whole, which is",
+             "           what runs only with splitting off (phases: {enabled: false})"]
+    if not str(explained.get("source", "")).startswith("coordinator"):
+        lines += ["           not checked here: the coordinator splits it only when a live agent "
+                  "runs every",
+                  "           step's kind; otherwise it runs whole, as the kind below"]
+    return lines
 
 
 def _bandit_table(kinds: Mapping[str, Any], order: list[str]) -> str:
@@ -250,7 +270,30 @@ def explain_locally(args: argparse.Namespace, settings: Settings) -> dict[str, A
         # The bandit starts from the text prior; the seed formula never reads it, so under
         # `policy: seed` the formula's own choice stands, learned or not.
         explained = cold_start(explained, TextPrior(config), args.description)
-    return {**explained, "source": f"local ({store if store.exists() else 'no learning store'})"}
+    return {**explained, **_unchecked(args, config),
+            "source": f"local ({store if store.exists() else 'no learning store'})"}
+
+
+def _unchecked(args: argparse.Namespace, config: RoutingConfig) -> dict[str, Any]:
+    """What a local answer takes on trust: the agents it would check are the coordinator's."""
+    notes: list[str] = []
+    extra: dict[str, Any] = {}
+    if args.kind is not None:
+        listed = list(dict.fromkeys([*config.kinds, config.fallback_kind]))
+        extra["kind_configured"] = args.kind in listed
+        if args.kind not in listed:
+            # Not an error: agents may announce kinds the configuration does not list, and a
+            # task may ask for one (the coordinator then routes to it without a domain bonus).
+            notes.append(f"kind {args.kind!r} is not in the routing configuration ("
+                         f"{', '.join(listed)}): taken as given; a task asking for it runs "
+                         "only if an agent announces that kind")
+    if args.capability:
+        extra["capabilities_checked"] = False
+        notes.append(f"capabilities ({', '.join(args.capability)}) cannot be checked without a "
+                     "coordinator: it knows which agents have them")
+    if notes:
+        extra["notes"] = notes
+    return extra
 
 
 def _evidence(parts: Mapping[str, Any]) -> float:
@@ -302,6 +345,9 @@ def cmd_route(args: argparse.Namespace, settings: Settings) -> int:
             print(f"note: {exc}; explaining from local configuration instead", file=sys.stderr)
     if explained is None:
         explained = explain_locally(args, settings)
+    # A coordinator older than the field: the same rule (``CoordinatorService.explain_route``).
+    explained.setdefault("runs_as", "workflow" if explained.get("workflow") and not explained.get(
+        "workflow_missing_kinds") else "task")
     words = NO_AGENT.get(str(explained.get("reason")))
     if words is not None:
         explained["explanation"] = words

@@ -621,6 +621,8 @@ class CoordinatorAgent:
         if explained.get("workflow"):
             explained["workflow_missing_kinds"] = self.intake.kinds_missing_for(
                 explained["workflow"])
+            if explained["workflow_missing_kinds"]:
+                explained["runs_as"] = "task"  # intake runs it whole (``Intake._phased``)
         kind = explained.get("kind")
         return views.with_scheduling(
             explained, priority=self.intake.priority_for(None, description),

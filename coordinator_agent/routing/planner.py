@@ -659,8 +659,13 @@ class CoordinationPlanner:
             "policy": self.config.policy.value,
             "threshold": self._threshold(), "kinds": {}, "kind": None,
             "fallback_used": False, "reason": "", "alternatives": [],
-            "workflow": self.phases(description) if kind is None else None,
+            # As intake splits: only a submission that names no kind and no capabilities.
+            "workflow": (self.phases(description)
+                         if kind is None and not required_capabilities else None),
         }
+        # "workflow": a task with this description runs as those steps, not as ``kind`` (the
+        # kind of the description whole); the coordinator also needs a live agent per step kind.
+        result["runs_as"] = "workflow" if result["workflow"] else "task"
         pools: dict[str, Pool] | None = None
         if agents is None:
             names = [kind] if kind else [*self.config.kinds, self.config.fallback_kind]

@@ -258,6 +258,11 @@ async def test_a_multi_phase_description_runs_as_steps(
     coordinator: CoordinatorAgent, start_worker: StartWorker, client: CoordinatorClient,
 ) -> None:
     await fleet(start_worker, coordinator)
+    explained = coordinator.explain_route(PHASED, kind=None, required_capabilities=[])
+    assert explained["runs_as"] == "workflow" and explained["workflow_missing_kinds"] == []
+    # A submission that asks for capabilities is never split: route says it runs whole.
+    asking = coordinator.explain_route(PHASED, kind=None, required_capabilities=["gpu"])
+    assert asking["workflow"] is None and asking["runs_as"] == "task"
     task_id = await client.submit(PHASED, input={"op": "noop"})
     result = await client.wait(task_id, 20)
     parent = coordinator.state.get_task(task_id)
@@ -277,6 +282,7 @@ async def test_a_multi_phase_description_runs_whole_when_a_step_kind_has_no_agen
     explained = coordinator.explain_route(PHASED, kind=None, required_capabilities=[])
     assert [s["kind"] for s in explained["workflow"]] == ["development", "security", "cicd"]
     assert explained["workflow_missing_kinds"] == ["cicd", "security"]
+    assert explained["runs_as"] == "task"
     task_id = await client.submit(PHASED, input={"op": "noop"})
     result = await client.wait(task_id, 20)
     assert result.status == "succeeded"

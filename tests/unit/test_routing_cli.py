@@ -171,3 +171,72 @@ def test_route_under_the_seed_policy_names_the_kind_the_seed_formula_picks(
     explained = json.loads(done.stdout)
     assert explained["policy"] == "seed"
     assert explained["kind"] == expected
+
+
+PHASED = ("Rotate the Vault root token, then redeploy payments-api with ArgoCD, finally write "
+          "the runbook")
+
+
+def test_route_of_a_multi_phase_description_says_it_runs_as_its_steps(tmp_path: Path) -> None:
+    done = run_cli("route", PHASED, "--local", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    explained = json.loads(done.stdout)
+    # `kind` stays the kind of the description whole; `runs_as` says what a task would run as.
+    assert explained["kind"] == "security" and explained["runs_as"] == "workflow"
+    assert [s["kind"] for s in explained["workflow"]] == ["security", "cicd", "documentation"]
+    text = run_cli("route", PHASED, "--local", cwd=tmp_path).stdout
+    assert "runs as    workflow: a task with this description runs as these 3 steps" in text
+    assert "kind       security (the description whole: see runs as)" in text
+    # Locally the fleet is unknown: it says on what the split depends.
+    assert "not checked here: the coordinator splits it only when a live agent runs" in text
+    single = json.loads(run_cli("route", "Deploy release 2.3 to staging", "--local", "--json",
+                                cwd=tmp_path).stdout)
+    assert single["runs_as"] == "task" and single["workflow"] is None
+    # Asking for capabilities (or a kind), a task is not split, and route says so.
+    asking = json.loads(run_cli("route", PHASED, "--local", "--json", "--capability", "vault",
+                                cwd=tmp_path).stdout)
+    assert asking["workflow"] is None and asking["runs_as"] == "task"
+
+
+def test_route_table_says_a_workflow_runs_whole_when_a_step_kind_has_no_agent() -> None:
+    text = route_explanation({
+        "kinds": {}, "kind": "security", "agent": "sec-1", "reason": "confident",
+        "source": "coordinator", "runs_as": "task", "workflow_missing_kinds": ["cicd"],
+        "workflow": [{"description": "audit", "kind": "security"},
+                     {"description": "deploy", "kind": "cicd"}],
+    })
+    assert "runs as    task: no live agent of kind cicd" in text
+    assert "kind       security -> agent sec-1\n" in text
+    live = route_explanation({
+        "kinds": {}, "kind": "security", "agent": "sec-1", "reason": "confident",
+        "source": "coordinator", "runs_as": "workflow", "workflow_missing_kinds": [],
+        "workflow": [{"description": "audit", "kind": "security"},
+                     {"description": "deploy", "kind": "cicd"}],
+    })
+    assert "runs as    workflow: a task with this description runs as these 2 steps" in live
+    assert "not checked here" not in live
+
+
+def test_route_locally_notes_a_kind_the_configuration_does_not_list_and_capabilities(
+    tmp_path: Path,
+) -> None:
+    args = ("route", "Deploy the api", "--local", "--kind", "frobnicator", "--capability",
+            "gpu", "--capability", "cuda")
+    done = run_cli(*args, "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    explained = json.loads(done.stdout)
+    # A note, not an error: agents may announce kinds the configuration does not list.
+    assert explained["kind"] == "frobnicator" and explained["kind_configured"] is False
+    assert explained["capabilities_checked"] is False
+    assert any("'frobnicator' is not in the routing configuration" in n
+               for n in explained["notes"])
+    assert any("capabilities (gpu, cuda) cannot be checked without a coordinator" in n
+               for n in explained["notes"])
+    text = run_cli(*args, cwd=tmp_path).stdout
+    assert "note       kind 'frobnicator' is not in the routing configuration (development," in text
+    assert "note       capabilities (gpu, cuda) cannot be checked without a coordinator" in text
+    # A listed kind and no capability: nothing to note.
+    listed = json.loads(run_cli("route", "Deploy the api", "--local", "--kind", "cicd", "--json",
+                                cwd=tmp_path).stdout)
+    assert listed["kind_configured"] is True and "notes" not in listed
+    assert "capabilities_checked" not in listed
