@@ -134,16 +134,19 @@ async def run_demo(
 ) -> int:
     demo_settings, keyring, workdir = _prepare(settings, agents, forever)
     coordinator = CoordinatorAgent(demo_settings, keyring)
+    # Named now (nothing is declared before ``start``), so the clean-up knows its reply queue.
+    client = CoordinatorClient(demo_settings, keyring, OPERATOR)
 
     async def clean_up() -> None:
-        """A one-shot demo leaves nothing behind: its files, its queues."""
+        """A one-shot demo leaves nothing behind: its files, its queues (the client's reply
+        queue too, which would otherwise wait out its expiry on the broker)."""
         if forever:
             return
         shutil.rmtree(workdir, ignore_errors=True)
         agent_ids = [p.id for p in keyring.principals.values() if p.role == "agent"]
         with contextlib.suppress(Exception):
             await delete_namespace(demo_settings.broker_url, demo_settings.name, agent_ids,
-                                   [OPERATOR])
+                                   [OPERATOR], queues=[client.reply_queue])
 
     try:
         await coordinator.start()
@@ -155,7 +158,6 @@ async def run_demo(
         await clean_up()
         raise
     processes = await _start_agents(demo_settings, agents)
-    client = CoordinatorClient(demo_settings, keyring, OPERATOR)
     try:
         await _wait_for_agents(coordinator, agents, 60)
         await client.start()

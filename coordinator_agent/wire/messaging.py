@@ -911,15 +911,17 @@ def lane_for(coordinator: str, message_type: str) -> str:
 
 async def delete_namespace(
     broker_url: SecretStr, coordinator: str, agent_ids: list[str] | tuple[str, ...] = (),
-    operators: Iterable[str] = (),
+    operators: Iterable[str] = (), queues: Iterable[str] = (),
 ) -> None:
     """Remove a coordinator's queues, its HA streams and its dead-letter exchange (demo, bench
-    and test clean-up); ``operators``: whose submission lanes to remove too."""
+    and test clean-up); ``operators``: whose submission lanes to remove too; ``queues``: other
+    queues of the run (a client's reply queue, ``CoordinatorClient.reply_queue``)."""
     connection = await aio_pika.connect(broker_url.get_secret_value(), timeout=10)
     try:
         names = [*c.namespace_queues(coordinator),
                  *(c.agent_queue(coordinator, agent_id) for agent_id in agent_ids),
-                 *(c.submit_queue(coordinator, operator) for operator in operators)]
+                 *(c.submit_queue(coordinator, operator) for operator in operators),
+                 *queues]
         for name in names:
             channel = await connection.channel()
             with contextlib.suppress(*BROKER_ERRORS):

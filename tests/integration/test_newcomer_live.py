@@ -10,11 +10,14 @@ import socket
 import sys
 from pathlib import Path
 
+import aio_pika
 import aiohttp
+import aiormq
 import pytest
 
 from coordinator_agent.agent.examples import example_handler
 from coordinator_agent.agent.worker import WorkerAgent
+from coordinator_agent.cli import demo
 from coordinator_agent.client import CoordinatorClient
 from coordinator_agent.coordinator.service import CoordinatorAgent
 from coordinator_agent.exceptions import SubmissionTooLarge, WaitTimeout
@@ -233,3 +236,34 @@ async def test_a_taken_monitoring_port_is_one_line_naming_the_port_and_the_optio
         "--monitoring-port or COORDINATOR_MONITORING_PORT (0 picks a free one)"
     ], text
     assert out == b""
+
+
+async def test_a_one_shot_demo_deletes_its_client_reply_queue(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The demo names its own coordinator, keyring and client; record the client it makes so
+    # the real broker can be asked, afterwards, for that client's reply queue.
+    made: list[CoordinatorClient] = []
+
+    class Recorded(CoordinatorClient):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            made.append(self)
+
+    monkeypatch.setattr(demo, "CoordinatorClient", Recorded)
+    try:
+        code = await demo.run_demo(settings, agents=1, tasks=3, as_json=True, forever=False,
+                                   rate=1.0)
+        assert code == 0, capsys.readouterr()
+        assert json.loads(capsys.readouterr().out)["succeeded"] == 3
+        assert len(made) == 1 and made[0].reply_queue.startswith("ca.client.demo-operator.")
+        connection = await aio_pika.connect(settings.broker_url.get_secret_value())
+        async with connection:
+            channel = await connection.channel()
+            with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+                await channel.declare_queue(made[0].reply_queue, passive=True)
+    finally:  # the old behaviour left it for its expiry: do not leave it on the shared broker
+        if made:
+            connection = await aio_pika.connect(settings.broker_url.get_secret_value())
+            async with connection:
+                await (await connection.channel()).queue_delete(made[0].reply_queue)
