@@ -83,6 +83,12 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.1f}%"
 
 
+def _count(value: Any) -> str:
+    """A (decayed) count for display: one decimal, or a whole number when it rounds to one."""
+    tenths = round(float(value or 0) * 10)
+    return str(tenths // 10) if tenths % 10 == 0 else f"{tenths / 10:.1f}"
+
+
 def routing_summary(stats: Mapping[str, Any]) -> str:
     lines = [
         f"decisions {stats.get('decisions', 0)}   first-try success {_pct(stats.get('accuracy'))}"
@@ -94,7 +100,7 @@ def routing_summary(stats: Mapping[str, Any]) -> str:
     ]
     kinds = stats.get("kinds") or {}
     confidence = stats.get("average_confidence_by_kind") or {}
-    rows = [(kind, _pct(k.get("success_rate")), k.get("outcomes", 0),
+    rows = [(kind, _pct(k.get("success_rate")), _count(k.get("outcomes")),
              "-" if k.get("mean_duration_s") is None else f"{k['mean_duration_s']:.3f}s",
              "-" if kind not in confidence else f"{float(confidence[kind]):.3f}")
             for kind, k in sorted(kinds.items())]

@@ -84,6 +84,16 @@ def test_routing_summary_with_and_without_history() -> None:
     assert "security" in text and "75.0%" in text and "0.710" in text
 
 
+def test_routing_summary_rounds_decayed_outcome_counts() -> None:
+    kinds = {"cicd": {"success_rate": 0.9, "outcomes": 26.999},
+             "security": {"success_rate": 0.5, "outcomes": 3.25},
+             "general": {"success_rate": 0.5, "outcomes": 4}}
+    rows = {line.split()[0]: line.split() for line in
+            routing_summary({"kinds": kinds}).splitlines()[2:]}
+    assert rows["cicd"][2] == "27" and rows["security"][2] == "3.2"
+    assert rows["general"][2] == "4"
+
+
 def test_routing_replay_reads_the_decision_log_of_the_store(tmp_path: Path) -> None:
     import random
 
