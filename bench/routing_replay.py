@@ -4,18 +4,19 @@ On the simulated fleet of ``routing_learning.py`` (same task set, ground truth a
 
 1. the *logging* router (the packaged configuration, or ``--config``) routes the tasks and
    writes its decision log to a learning store in a temporary directory;
-2. each *target* configuration is evaluated from that log alone (``replay.replay``: IPS and
-   doubly robust, 95 % intervals);
+2. each *target* configuration is evaluated from that log alone (``replay.replay``: IPS,
+   self-normalised IPS and doubly robust, 95 % intervals clipped to [0, 1]);
 3. the same target then routes the same task sequence online, against the same hidden success
    probabilities: its true value is the mean success probability of the kinds it chose (the
    expected first-try success, free of the outcome draws' noise).
 
 Targets: the seed's formula; the bandit without exploration (``exploration: greedy``); the
 bandit with a weaker text prior (``prior_strength: 0.5``); "always the fallback kind"
-(``credible: 0.99``). Reported per target: truth, IPS and DR with intervals, whether the interval
-covers the truth, the effective sample size. Off-policy estimates need the logging policy to be
-able to take what the target takes; ``--explore`` logs with a broad exploration
-(``exploration_scale 1, budget 1, gap 1, credible 0``) to show the difference.
+(``credible: 0.99``). Reported per target: truth, IPS, SNIPS and DR with intervals, whether each
+interval covers the truth, the effective sample size and whether the replay calls it fragile.
+Off-policy estimates need the logging policy to be able to take what the target takes;
+``--explore`` logs with a broad exploration (``exploration_scale 1, budget 1, gap 1,
+credible 0``) to show the difference.
 
     .venv/bin/python bench/routing_replay.py [--tasks F] [--truth F] [--seeds 1,2,3]
         [--steps 2000] [--explore] [--json FILE]
@@ -117,32 +118,38 @@ def main() -> int:
                                                   "logged_truth": logged, **estimate})
     print(f"routing replay vs truth: {args.steps} tasks, seeds {args.seeds}, logging policy "
           f"{'bandit, broad exploration' if args.explore else 'bandit (packaged)'}")
-    print(f"{'target':<20}{'truth':>7}{'IPS':>7}{'IPS 95% CI':>17}{'DR':>7}{'DR 95% CI':>17}"
-          f"{'covers':>8}{'ESS':>7}")
+    print(f"{'target':<20}{'truth':>7}{'IPS':>7}{'IPS 95% CI':>17}{'SNIPS':>7}"
+          f"{'SNIPS 95% CI':>17}{'DR':>7}{'DR 95% CI':>17}{'covers':>8}{'ESS':>7}")
+    estimators = ("ips", "self_normalised_ips", "doubly_robust")
     summary: dict[str, Any] = {}
     for name, runs in rows.items():
         for r in runs:
-            ips, dr = r["ips"], r["doubly_robust"]
-            covers = (ips["ci95"][0] <= r["truth"] <= ips["ci95"][1],
-                      dr["ci95"][0] <= r["truth"] <= dr["ci95"][1])
+            covers = tuple(r[e] is not None and r[e]["ci95"][0] <= r["truth"] <= r[e]["ci95"][1]
+                           for e in estimators)
             r["covers"] = covers
-            print(f"{name + ' #' + str(r['seed']):<20}{r['truth']:7.3f}{ips['estimate']:7.3f}"
-                  f"  [{ips['ci95'][0]:.3f}, {ips['ci95'][1]:.3f}]{dr['estimate']:7.3f}"
-                  f"  [{dr['ci95'][0]:.3f}, {dr['ci95'][1]:.3f}]"
+            cells = "".join(
+                "      -                 -" if r[e] is None else
+                f"{r[e]['estimate']:7.3f}  [{r[e]['ci95'][0]:.3f}, {r[e]['ci95'][1]:.3f}]"
+                for e in estimators)
+            print(f"{name + ' #' + str(r['seed']):<20}{r['truth']:7.3f}{cells}"
                   f"{'/'.join('y' if c else 'n' for c in covers):>8}"
-                  f"{r['effective_sample_size']:7.0f}")
+                  f"{r['effective_sample_size']:7.0f}{' fragile' if r['fragile'] else ''}")
         summary[name] = {
-            "mean_abs_error_ips": sum(abs(r["ips"]["estimate"] - r["truth"]) for r in runs)
-            / len(runs),
-            "mean_abs_error_dr": sum(abs(r["doubly_robust"]["estimate"] - r["truth"])
-                                     for r in runs) / len(runs),
-            "ips_coverage": sum(r["covers"][0] for r in runs) / len(runs),
-            "dr_coverage": sum(r["covers"][1] for r in runs) / len(runs),
+            **{f"mean_abs_error_{e}": sum(abs(r[e]["estimate"] - r["truth"]) for r in runs
+                                          if r[e] is not None) / len(runs)
+               for e in estimators},
+            **{f"{e}_coverage": sum(r["covers"][i] for r in runs) / len(runs)
+               for i, e in enumerate(estimators)},
+            "fragile": sum(r["fragile"] for r in runs),
         }
+    print("(covers: IPS/SNIPS/DR 95 % interval holds the truth; fragile: the replay warns that "
+          "the effective sample size is too small)")
     for name, s in summary.items():
-        print(f"{name:<20} |IPS - truth| {s['mean_abs_error_ips']:.3f}   |DR - truth| "
-              f"{s['mean_abs_error_dr']:.3f}   coverage IPS {s['ips_coverage']:.0%} "
-              f"DR {s['dr_coverage']:.0%}")
+        print(f"{name:<20} |error| IPS {s['mean_abs_error_ips']:.3f} SNIPS "
+              f"{s['mean_abs_error_self_normalised_ips']:.3f} DR "
+              f"{s['mean_abs_error_doubly_robust']:.3f}   coverage IPS {s['ips_coverage']:.0%} "
+              f"SNIPS {s['self_normalised_ips_coverage']:.0%} "
+              f"DR {s['doubly_robust_coverage']:.0%}   fragile {s['fragile']}/{len(rows[name])}")
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "runs": rows}, indent=2),
                              encoding="utf-8")

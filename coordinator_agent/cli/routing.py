@@ -58,7 +58,8 @@ def add_routing_commands(
                         " [COORDINATOR_REPLAY_STORE]")
     replay.add_argument("--seed", dest="replay_seed", type=int,
                         default=int(os.environ.get("COORDINATOR_REPLAY_SEED", "0")),
-                        help="seed of the bootstrap [COORDINATOR_REPLAY_SEED]")
+                        help="seed of the bootstrap resampling: moves only the bootstrap "
+                        "intervals, never the estimates [COORDINATOR_REPLAY_SEED]")
     replay.add_argument("--json", dest="replay_json", action="store_true",
                         default=os.environ.get("COORDINATOR_JSON", "") not in ("", "0"),
                         help="JSON output [COORDINATOR_JSON=1]")
@@ -212,27 +213,52 @@ def _seed_table(kinds: Mapping[str, Any], order: list[str]) -> str:
 
 
 def replay_summary(result: Mapping[str, Any]) -> str:
+    """The replay for a person: every rate within [0, 100 %] (clipped ones marked), the
+    configuration evaluated, and a warning when the effective sample size is too small."""
+    target = (f"target {result.get('target_config') or '(packaged configuration)'}   policy "
+              f"{result.get('target_policy', '-')}")
     if not result.get("decisions"):
-        return f"decisions 0: {result.get('note', 'nothing to replay')}"
+        return f"{target}\ndecisions 0: {result.get('note', 'nothing to replay')}"
+    clipped = False
+
+    def pct(x: float) -> str:
+        return f"{100 * min(1.0, max(0.0, float(x))):5.1f}%"
 
     def line(name: str, key: str) -> str:
-        r = result[key]
+        nonlocal clipped
+        r = result.get(key)
+        if r is None:
+            return f"{name:<20}     -    (the target never takes a logged choice)"
+        mark = "*" if r.get("clipped") else " "
+        clipped = clipped or bool(r.get("clipped"))
         low, high = r["ci95"]
         b_low, b_high = r["bootstrap95"]
-        return (f"{name:<16}{100 * r['estimate']:6.1f}%   95% CI {100 * low:5.1f}% .. "
-                f"{100 * high:5.1f}%   bootstrap {100 * b_low:5.1f}% .. {100 * b_high:5.1f}%")
+        return (f"{name:<20}{pct(r['estimate'])}{mark}  95% CI {pct(low)} .. {pct(high)}   "
+                f"bootstrap {pct(b_low)} .. {pct(b_high)}")
 
-    return "\n".join([
-        f"decisions {result['decisions']} (first attempts chosen by the logged policy "
-        f"{', '.join(result['logged_policy'])}, outcome known)",
-        f"target policy {result['target_policy']}   agreement with the log "
-        f"{100 * result['agreement']:.1f}%   effective sample size "
-        f"{result['effective_sample_size']:.0f}",
-        "first-try success:",
+    n = result["decisions"]
+    ess = float(result["effective_sample_size"])
+    lines = [
+        target,
+        f"log {result.get('store', '-')}: {n} decisions (first attempts chosen by the logged "
+        f"policy {', '.join(result['logged_policy'])}, outcome known)",
+        f"agreement with the log {100 * result['agreement']:.1f}%   effective sample size "
+        f"{ess:.0f} of {n}",
+        f"first-try success (bootstrap seed {result.get('bootstrap_seed', 0)}):",
         line("  logged", "logged"),
         line("  target, IPS", "ips"),
+        line("  target, SNIPS", "self_normalised_ips"),
         line("  target, DR", "doubly_robust"),
-    ])
+    ]
+    if clipped:
+        lines.append("  * clipped to [0, 100%]: the unbiased mean of its terms lies outside "
+                     "(`unclipped_estimate` in --json)")
+    if result.get("fragile"):
+        lines.append(f"warning: effective sample size {ess:.0f} of {n} is too small to trust "
+                     "these estimates (under 100, or under a tenth of the log): the target "
+                     "seldom makes the logged choices; log more tasks, or log with more "
+                     "exploration")
+    return "\n".join(lines)
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
@@ -241,7 +267,8 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
     target = load_routing_config(args.replay_config)
     store = args.replay_store or settings.routing_store_path
-    result = replay(store, target, seed=args.replay_seed)
+    result = {"target_config": str(args.replay_config) if args.replay_config else None,
+              "store": str(store), **replay(store, target, seed=args.replay_seed)}
     print(json.dumps(result) if args.json or args.replay_json else replay_summary(result))
     return 0
 

@@ -126,6 +126,10 @@ def test_routing_replay_reads_the_decision_log_of_the_store(tmp_path: Path) -> N
     text = run_cli("routing", "replay", "--config", str(other), "--store", str(store),
                    cwd=tmp_path)
     assert text.returncode == 0 and "target, DR" in text.stdout
+    # It names what it evaluates: the configuration file and its policy, and the log.
+    assert f"target {other}   policy seed" in text.stdout and str(store) in text.stdout
+    assert result["target_config"] == str(other) and result["store"] == str(store)
+    assert "target, SNIPS" in text.stdout and "bootstrap seed 0" in text.stdout
     missing = run_cli("routing", "replay", "--store", str(tmp_path / "none.sqlite3"),
                       cwd=tmp_path)
     assert missing.returncode != 0 and "does not exist" in missing.stderr
