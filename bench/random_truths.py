@@ -65,25 +65,33 @@ def _row(rng: random.Random, kinds: list[str], fallback: str, best: str) -> dict
 
 def make_truth(rng: random.Random, kinds: list[str], fallback: str, pointed_at: dict[str, str],
                right: float, lead: float) -> dict[str, Any]:
-    success = {}
     categories = sorted(pointed_at)
-    for category in categories:
-        pointed = pointed_at[category]
-        best = pointed if rng.random() < right else rng.choice(
-            [k for k in kinds if k != pointed])
-        success[category] = _row(rng, kinds, fallback, best)
-    while True:  # a drift whose new best kind is well defined
-        category = rng.choice(categories)
-        row = success[category]
-        dropped = max(row, key=row.__getitem__)
-        after = {**row, dropped: round(rng.uniform(0.2, 0.35), 2)}
-        ranked = sorted(after.values(), reverse=True)
-        if ranked[0] - ranked[1] >= lead:
+    while True:  # until some category can drift onto a well-defined new best kind
+        success = {}
+        for category in categories:
+            pointed = pointed_at[category]
+            best = pointed if rng.random() < right else rng.choice(
+                [k for k in kinds if k != pointed])
+            success[category] = _row(rng, kinds, fallback, best)
+        # The runner-up must lead the third by ``lead``, and the dropped kind too.
+        candidates = [c for c in categories if _lead(success[c], 1) >= lead
+                      and sorted(success[c].values())[-2] - 0.2 >= lead]
+        if candidates:
             break
+    category = rng.choice(candidates)
+    row = success[category]
+    dropped = max(row, key=row.__getitem__)
+    runner_up = sorted(row.values())[-2]
     drift = {"at_task": rng.randrange(800, 1201), "category": category, "kind": dropped,
-             "success": after[dropped]}
+             "success": round(rng.uniform(0.2, min(0.35, runner_up - lead)), 2)}
     return {"note": "random truth (bench/random_truths.py)", "success": success,
             "drift": [drift]}
+
+
+def _lead(row: dict[str, float], rank: int) -> float:
+    """How far the kind ranked ``rank`` (0: best) is above the next one."""
+    ranked = sorted(row.values(), reverse=True)
+    return ranked[rank] - ranked[rank + 1]
 
 
 def main() -> int:
