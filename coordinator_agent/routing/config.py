@@ -242,7 +242,7 @@ class BanditSettings(_Model):
     drift_group_z: float = Field(0.0, ge=0, le=100)
     #: Evidence from similar recent tasks (neighbours.py): learned attempts remembered for it.
     #: 0: off.
-    neighbour_memory: int = Field(2000, ge=0, le=1_000_000)
+    neighbour_memory: int = Field(0, ge=0, le=1_000_000)
     #: Cosine (idf-weighted keywords) at which a remembered attempt counts as a neighbour.
     neighbour_similarity: float = Field(0.5, gt=0, le=1)
     #: Count decay per kind: about this many of a kind's most recent neighbours count.

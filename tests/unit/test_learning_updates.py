@@ -98,11 +98,13 @@ def _beliefs(planner: CoordinationPlanner) -> list[Any]:
 def test_a_standby_applying_the_leaders_updates_learns_the_same_state(
         tmp_path: Path, change_test: str) -> None:
     config = default_routing_config()
+    # Evidence from similar recent tasks (neighbours.py, off in the packaged file) replicates.
+    update: dict[str, Any] = {"neighbour_memory": 2000}
     if change_test != "packaged":  # the change test (drift.py) must replicate on any scope,
         # beside the clusters of similar descriptions (clusters.py; off in the packaged file)
-        config = config.model_copy(update={"bandit": config.bandit.model_copy(
-            update={"drift_threshold": 2.0, "drift_votes": 1, "drift_scope": change_test,
-                    "cluster_threshold": 0.4})})
+        update |= {"drift_threshold": 2.0, "drift_votes": 1, "drift_scope": change_test,
+                   "cluster_threshold": 0.4}
+    config = config.model_copy(update={"bandit": config.bandit.model_copy(update=update)})
     leader = CoordinationPlanner(8, config=config, store_path=tmp_path / "leader.sqlite3",
                                  rng=random.Random(1))
     shipped = _leader_run(leader, 150, seed=3)
