@@ -8,9 +8,10 @@ from .conftest import MakeFleet
 from .harness import Fleet, record, submit_many, wait_all_terminal
 
 FLOOD = 2500
-#: Past the router's bounded memory of recent outcomes (``bandit.neighbour_memory``, 2,000):
-#: the baseline is a coordinator whose learning state has stopped growing, so what the flood
-#: leaves behind is told apart from what any 2,000 tasks would have taught it.
+#: Past the router's bounded memory of recent outcomes (``bandit.neighbour_memory``, 2,000
+#: when a fleet turns it on; off in the packaged configuration): the baseline is a coordinator
+#: whose learning state has stopped growing, so what the flood leaves behind is told apart
+#: from what any 2,000 tasks would have taught it.
 WARM_UP = 2200
 #: RSS after the drain may exceed the baseline by this much.
 TOLERANCE_KIB = 5 * 1024
