@@ -73,9 +73,7 @@ def make_truth(rng: random.Random, kinds: list[str], fallback: str, pointed_at: 
             best = pointed if rng.random() < right else rng.choice(
                 [k for k in kinds if k != pointed])
             success[category] = _row(rng, kinds, fallback, best)
-        # The runner-up must lead the third by ``lead``, and the dropped kind too.
-        candidates = [c for c in categories if _lead(success[c], 1) >= lead
-                      and sorted(success[c].values())[-2] - 0.2 >= lead]
+        candidates = [c for c in categories if _can_drift(success[c], lead)]
         if candidates:
             break
     category = rng.choice(candidates)
@@ -88,10 +86,11 @@ def make_truth(rng: random.Random, kinds: list[str], fallback: str, pointed_at: 
             "drift": [drift]}
 
 
-def _lead(row: dict[str, float], rank: int) -> float:
-    """How far the kind ranked ``rank`` (0: best) is above the next one."""
+def _can_drift(row: dict[str, float], lead: float) -> bool:
+    """Whether the runner-up, once the best kind drops (to 0.2 at least), leads every other kind
+    by ``lead``."""
     ranked = sorted(row.values(), reverse=True)
-    return ranked[rank] - ranked[rank + 1]
+    return ranked[1] - max(ranked[2], 0.2) >= lead
 
 
 def main() -> int:

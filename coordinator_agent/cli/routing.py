@@ -221,8 +221,8 @@ def replay_summary(result: Mapping[str, Any]) -> str:
         return f"{target}\ndecisions 0: {result.get('note', 'nothing to replay')}"
     clipped = False
 
-    def pct(x: float) -> str:
-        return f"{100 * min(1.0, max(0.0, float(x))):5.1f}%"
+    def pct(x: float) -> str:  # replay() clips every rate to [0, 1]
+        return f"{100 * float(x):5.1f}%"
 
     def line(name: str, key: str) -> str:
         nonlocal clipped

@@ -74,7 +74,7 @@ def _clauses(text: str, prior: _Prior, settings: Phases) -> list[str]:
             clauses.append((start, end))
         if cut is not None:
             start = cut.end()
-            with_clause = re.split(r"[\s,;]+", cut.group(0).strip(" \t\n\r,;").lower()) == ["with"]
+            with_clause = cut.group(0).strip(" \t\n\r,;").lower() == "with"
     return [text[a:b].strip(" .") for a, b in clauses]
 
 

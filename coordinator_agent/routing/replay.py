@@ -66,9 +66,10 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
     return (values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))])
 
 
-def _bounded(estimate: float, half: float, bootstrap: tuple[float, float]) -> dict[str, Any]:
+def _bounded(estimate: float, ci95: tuple[float, float],
+             bootstrap: tuple[float, float]) -> dict[str, Any]:
     """An estimate of a probability: point and intervals clipped to [0, 1], the raw mean kept."""
-    return {"estimate": _clip(estimate), "ci95": [_clip(estimate - half), _clip(estimate + half)],
+    return {"estimate": _clip(estimate), "ci95": [_clip(ci95[0]), _clip(ci95[1])],
             "bootstrap95": [_clip(bootstrap[0]), _clip(bootstrap[1])],
             "unclipped_estimate": estimate, "clipped": not 0.0 <= estimate <= 1.0}
 
@@ -80,7 +81,7 @@ def _interval(terms: Sequence[float], rng: random.Random) -> dict[str, Any]:
     var = sum((t - mean) ** 2 for t in terms) / (n - 1) if n > 1 else 0.0
     half = Z95 * math.sqrt(var / n)
     means = [sum(rng.choices(terms, k=n)) / n for _ in range(BOOTSTRAP_SAMPLES)]
-    return _bounded(mean, half, _percentiles(means))
+    return _bounded(mean, (mean - half, mean + half), _percentiles(means))
 
 
 def _self_normalised(weights: Sequence[float], rewards: Sequence[float],
@@ -96,16 +97,13 @@ def _self_normalised(weights: Sequence[float], rewards: Sequence[float],
     # Wilson score interval on the effective sample size is that interval kept inside [0, 1]
     # and not of zero width when every matched decision succeeded (or failed).
     ess = sw * sw / sum(w * w for w in weights)
-    low, high = _wilson(value, ess)
     ratios = []
     for _ in range(BOOTSTRAP_SAMPLES):
         picks = rng.choices(range(n), k=n)
         total = sum(weights[i] for i in picks)
         ratios.append(sum(weights[i] * rewards[i] for i in picks) / total if total > 0
                       else value)
-    result = _bounded(value, 0.0, _percentiles(ratios))
-    result["ci95"] = [low, high]
-    return result
+    return _bounded(value, _wilson(value, ess), _percentiles(ratios))
 
 
 def _wilson(p: float, n: float) -> tuple[float, float]:
