@@ -188,13 +188,17 @@ def _bandit_table(kinds: Mapping[str, Any], order: list[str]) -> str:
                      # Similar recent tasks on this kind (neighbours.py): their summed
                      # similarity, and the log-odds shift their residuals add.
                      f"{float(p.get('neighbours') or 0):.1f}: {float(p.get('local') or 0):+.2f}",
+                     # Its recent first tries on a feature of the task fell far short.
+                     f"{float(p.get('shortfall') or 0):+.2f}",
                      f"+-{float(p.get('exploration') or 0):.3f}",
                      "-" if chance is None else f"{float(chance):.3f}",
                      f"{float(p.get('probability') or 0):.3f}"))
     return format_table(("KIND", "PRIOR P(KIND|TEXT)", "PRIOR SUCCESS", "EVIDENCE S/F",
-                         "SIMILAR: SHIFT", "EXPLORATION", "CHANCE", "PROBABILITY"), rows,
+                         "SIMILAR: SHIFT", "SHORTFALL", "EXPLORATION", "CHANCE", "PROBABILITY"),
+                        rows,
                         right=("PRIOR P(KIND|TEXT)", "PRIOR SUCCESS", "EVIDENCE S/F",
-                               "SIMILAR: SHIFT", "EXPLORATION", "CHANCE", "PROBABILITY"),
+                               "SIMILAR: SHIFT", "SHORTFALL", "EXPLORATION", "CHANCE",
+                               "PROBABILITY"),
                         empty="(no kind can take it)")
 
 

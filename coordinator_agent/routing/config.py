@@ -213,6 +213,9 @@ class BanditSettings(_Model):
     surprise_window: float = Field(20.0, ge=0, le=1_000_000)
     #: The widest exploration spread surprise may lead to (1 = plain Thompson sampling).
     max_exploration_scale: float = Field(1.0, ge=0, le=10)
+    #: Where a kind's surprise z on a feature of the task is below minus this, its log-odds
+    #: on the task drop by the residuals' own estimate R / (1 + V) (surprise.py). 0: off.
+    surprise_shift: float = Field(2.5, ge=0, le=100)
     #: Change detection (drift.py): a Bernoulli CUSUM per (feature, kind) of first tries
     #: against "success log-odds dropped by ``drift_shift``" trips at this threshold. 0: off.
     #: With the cluster context among the features, 6 was tried (docs/ROUTING.md).

@@ -72,6 +72,8 @@ class BanditScore:
     contexts: tuple[str, ...] = ()  # the task's contexts, coarse to fine (the same per kind)
     #: What similar recent tasks say about this kind (neighbours.py); None: none ran it.
     local: Local | None = None
+    #: The log-odds its recent shortfall on a feature of the task takes off (surprise.py).
+    shortfall: float = 0.0
 
     @property
     def confidence(self) -> float:
@@ -80,7 +82,7 @@ class BanditScore:
     def with_chance(self, chance: float) -> BanditScore:
         return BanditScore(self.kind, self.text, self.belief, self.exploration_scale,
                            self.calibrated, chance, self.cluster, self.cluster_members,
-                           self.contexts, self.local)
+                           self.contexts, self.local, self.shortfall)
 
     def parts(self) -> dict[str, Any]:
         b = self.belief
@@ -103,6 +105,9 @@ class BanditScore:
             # the log-odds shift their residuals add to the shared model (already in `model`).
             "neighbours": round(self.local.weight, 3) if self.local is not None else 0.0,
             "local": round(self.local.offset, 4) if self.local is not None else 0.0,
+            # Its recent first tries on a feature of this task fell far short of the model's
+            # prediction: the log-odds that takes off (surprise.py; already in `model`).
+            "shortfall": round(self.shortfall, 4),
         }
 
 
@@ -268,11 +273,18 @@ class Learner:
         if local:
             beliefs = [_shifted(b, local[b.kind].offset) if b.kind in local else b
                        for b in beliefs]
+        # A kind failing far more than predicted on a feature of this task (surprise.py).
+        shortfall = (self.surprise.shortfalls(groups, b.surprise_shift)
+                     if b.surprise_shift > 0 else {})
+        if shortfall:
+            beliefs = [_shifted(b, shortfall[b.kind]) if b.kind in shortfall else b
+                       for b in beliefs]
         scale = self.exploration_scale(groups, beliefs)
         calibrate = self.calibrator.apply_logit
         members = self.clusters.members(cluster) if cluster is not None else 0.0
         scores = [BanditScore(b.kind, shares[b.kind], b, scale, calibrate(b.mean), None,
-                              cluster, members, contexts, local.get(b.kind))
+                              cluster, members, contexts, local.get(b.kind),
+                              shortfall.get(b.kind, 0.0))
                   for b in beliefs]
         if chances:
             dist = self.policy.distribution(beliefs, scale=scale)
@@ -389,7 +401,7 @@ _CLUSTER_FEATURE = CONTEXT_PREFIX + CLUSTER_PREFIX
 
 
 def _shifted(belief: KindBelief, offset: float) -> KindBelief:
-    """The belief with the neighbours' local log-odds shift added to its mean."""
+    """The belief with a log-odds shift (the neighbours', a shortfall's) added to its mean."""
     mean = max(-8.0, min(8.0, belief.mean + offset))
     return KindBelief(belief.kind, belief.prior, mean, belief.std, belief.successes,
                       belief.failures)

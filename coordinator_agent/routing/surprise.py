@@ -21,6 +21,15 @@ an adaptive Kalman filter inflates its covariance by the innovations' excess): u
 Thompson sampling (``max_exploration_scale``). Only a shortfall counts: a kind doing better
 than believed is already being chosen more.
 
+A shortfall well past chance (``z < -shortfall_z``, ``bandit.surprise_shift``) also moves the
+kind's belief on the task: its log-odds drop by ``R / (1 + V)``, the one Newton step of a
+log-odds shift with a unit-precision prior fitted to those residuals (the most negative over the
+task's features). The shared weights follow a drift slowly when one sort of task that drifted
+shares contexts and words with sorts that did not; the residuals of its own features see it
+within a few first tries. Every kind is watched, not only the best: once the dropped kind is
+passed over, the kind taking its place may fail there too. A kind not chosen on a feature keeps
+its sums until it is tried there again, so the shift holds while the alternatives are explored.
+
 A feature localises the shortfall: tasks that share the coarse context but not the failing
 words (release notes beside docs, both pointing at documentation) do not dilute it. A decision
 costs one lookup per feature of the task, for the best kind only. The sums are short-term and
@@ -74,6 +83,22 @@ class SurpriseDetector:
                 z = rv[0] / math.sqrt(rv[1])
                 worst = min(worst, z)
         return max(1.0, -worst)
+
+    def shortfalls(self, groups: Iterable[str], threshold: float) -> dict[str, float]:
+        """Per kind, the log-odds shift ``R / (1 + V)`` of its worst shortfall over ``groups``
+        among those with ``z < -threshold`` (one lookup per group; kinds without one absent)."""
+        sums = self._sums
+        shifts: dict[str, float] = {}
+        for group in groups:
+            per_kind = sums.get(group)
+            if per_kind is None:
+                continue
+            for kind, (r, v) in per_kind.items():
+                if r < 0.0 and v > 1e-9 and r < -threshold * math.sqrt(v):
+                    shift = r / (1.0 + v)
+                    if shift < shifts.get(kind, 0.0):
+                        shifts[kind] = shift
+        return shifts
 
     def falling(self, group: str, threshold: float) -> list[str]:
         """The kinds whose ``z`` on ``group`` is below ``-threshold``, in a fixed order."""

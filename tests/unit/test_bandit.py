@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator_agent.cli.routing import _bandit_table
 from coordinator_agent.coordinator.state import AgentRecord
 from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
 from coordinator_agent.routing.bandit import BanditModel, Calibrator, KindBelief, features
@@ -568,6 +569,47 @@ def test_a_drop_makes_the_best_kind_surprising_and_widens_exploration() -> None:
         detector.observe("k:docs", "documentation", 0.3, True)
     assert detector.spread("k:docs", "documentation") == 1.0
     assert SurpriseDetector(window=0).spread("k:cicd", "cicd") == 1.0
+
+
+def test_a_shortfall_well_past_chance_shifts_that_kind_on_that_feature() -> None:
+    detector = SurpriseDetector(window=20)
+    for _ in range(6):
+        detector.observe("docs-word", "documentation", 0.8, False)
+        detector.observe("k:documentation", "documentation", 0.8, True)
+    r, v = detector.state()["docs-word"]["documentation"]
+    assert r / v ** 0.5 < -2.5
+    shifts = detector.shortfalls(["k:documentation", "docs-word"], 2.5)
+    assert shifts == {"documentation": pytest.approx(r / (1 + v))}
+    assert shifts["documentation"] < -1.0
+    # Within chance, on other features, or doing better than believed: no shift.
+    assert detector.shortfalls(["docs-word"], 10.0) == {}
+    assert detector.shortfalls(["k:documentation", "other"], 2.5) == {}
+    for _ in range(6):
+        detector.observe("k:general", "general", 0.3, True)
+    assert detector.shortfalls(["k:general"], 0.5) == {}
+
+
+def test_a_kind_failing_on_one_sort_of_task_is_shifted_down_there() -> None:
+    agents = _fleet()
+    docs = "Write the onboarding guide for the billing API in the docs portal"
+    for threshold in (2.5, 0.0):
+        clock = Clock()
+        planner = CoordinationPlanner(64, config=_config(surprise_shift=threshold), clock=clock,
+                                      rng=random.Random(3))
+        for _ in range(30):
+            _route(planner, agents, docs, {"documentation": True})
+            clock.now += 60
+        for _ in range(8):  # documentation starts failing on it while it is believed best
+            _route(planner, agents, docs, {"general": True})
+            clock.now += 60
+        kinds = planner.explain(docs, agents)["kinds"]
+        parts = kinds["documentation"]["parts"]
+        if threshold:
+            assert parts["shortfall"] < -0.5
+            header, row = _bandit_table(kinds, ["documentation"]).splitlines()[:2]
+            assert "SHORTFALL" in header and f"{parts['shortfall']:+.2f}" in row
+        else:
+            assert parts["shortfall"] == 0.0
 
 
 def test_planner_explores_more_after_its_best_kind_starts_failing() -> None:
