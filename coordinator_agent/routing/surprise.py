@@ -21,7 +21,7 @@ an adaptive Kalman filter inflates its covariance by the innovations' excess): u
 Thompson sampling (``max_exploration_scale``). Only a shortfall counts: a kind doing better
 than believed is already being chosen more.
 
-A shortfall well past chance (``z < -shortfall_z``, ``bandit.surprise_shift``) also moves the
+A shortfall well past chance (``z < -bandit.surprise_shift``) also moves the
 kind's belief on the task: its log-odds drop by ``R / (1 + V)``, the one Newton step of a
 log-odds shift with a unit-precision prior fitted to those residuals (the most negative over the
 task's features). The shared weights follow a drift slowly when one sort of task that drifted
@@ -31,8 +31,9 @@ passed over, the kind taking its place may fail there too. A kind not chosen on 
 its sums until it is tried there again, so the shift holds while the alternatives are explored.
 
 A feature localises the shortfall: tasks that share the coarse context but not the failing
-words (release notes beside docs, both pointing at documentation) do not dilute it. A decision
-costs one lookup per feature of the task, for the best kind only. The sums are short-term and
+words (release notes beside docs, both pointing at documentation) do not dilute it. The
+widening costs a decision one lookup per feature of the task, for the best kind only; the shift
+one per feature, for every kind with sums there. The sums are short-term and
 kept in memory (as many as the model's weights at most): after a restart the detector needs a
 few outcomes to see a drift again.
 """
