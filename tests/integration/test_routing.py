@@ -28,6 +28,7 @@ from .conftest import StartWorker
 from .helpers import wait_until
 
 CVE = "Scan repository for CVE-2024-12345 vulnerability"
+PENTEST = "Run a penetration test of the login page for injection vulnerabilities"
 PHASED = "Implement rate limiting with a security audit, then deploy"
 DEPLOY = "Deploy release 2.3 to staging"
 REFACTOR = "Refactor the payment module"
@@ -329,3 +330,51 @@ async def test_a_multi_phase_description_stays_whole_without_every_kind(
     result = await client.wait(task_id, 20)
     assert result.status == "succeeded"
     assert coordinator.state.get_task(task_id).child_ids == []
+
+
+async def test_a_kind_that_starts_failing_on_one_sort_of_task_shows_its_shortfall(
+    settings: Settings, keyring: Keyring, start_worker: StartWorker, client: CoordinatorClient,
+    cleanup_namespace: None, tmp_path: Path,
+) -> None:
+    broken = False
+
+    async def scanner(task: TaskContext) -> Any:
+        # Its CVE database breaks; pen tests, which share its context, still succeed.
+        if broken and "CVE" in task.description:
+            raise RuntimeError("scanner database is corrupt")
+        return {"ok": True}
+
+    # A threshold of 1 standard deviation: with two descriptions the weights themselves pass
+    # the scanner over within three failures, before the packaged 2.5 is reached.
+    packaged = yaml.safe_load(files("coordinator_agent.routing").joinpath(
+        "data/routing.yaml").read_text())["bandit"]
+    bandit = settings.model_copy(update={"routing_config": routing_file(
+        tmp_path, "bandit.yaml", policy="bandit", bandit={**packaged, "surprise_shift": 1.0})})
+    coordinator = CoordinatorAgent(bandit, keyring, registry=CollectorRegistry())
+    await coordinator.start()
+    shortfalls = []
+    try:
+        await fleet(start_worker, coordinator, security=scanner)
+        for _ in range(8):
+            for description in (CVE, PENTEST):
+                result, routing = await run(client, coordinator, description)
+                assert result.status == "succeeded" and routing["kind"] == "security"
+        broken = True
+        first_kinds, pentest_kinds = [], []
+        async with aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{coordinator.monitoring.port}"
+            for _ in range(10):
+                _, pentest = await run(client, coordinator, PENTEST)
+                pentest_kinds.append(pentest["kind"])
+                _, routing = await run(client, coordinator, CVE, max_retries=0)
+                first_kinds.append(routing["chain"][0]["kind"])
+                async with http.get(f"{base}/api/route",
+                                    params={"description": CVE}) as response:
+                    explained = await response.json()
+                shortfalls.append(explained["kinds"]["security"]["parts"]["shortfall"])
+    finally:
+        await coordinator.stop()
+    assert min(shortfalls) < -0.5, shortfalls
+    # Passed over on CVE scans (an exploratory try may still come), kept on pen tests.
+    assert first_kinds[0] == "security" and first_kinds.count("security") <= 4, first_kinds
+    assert pentest_kinds.count("security") >= 8, pentest_kinds
