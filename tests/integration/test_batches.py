@@ -169,11 +169,12 @@ async def test_client_batch_submit_gives_one_id_acceptance_and_result_per_task(
     # A client that sends batches is answered in batches too.
     assert coordinator.outbox.replies.batches > 0 and coordinator.outbox.replies.batched >= count
     # Resubmitting a batch: duplicates of the same tasks, no new ones.
-    before = len(coordinator.state.tasks)
+    # (Finished tasks may leave memory meanwhile: no task may appear, some may go.)
+    before = set(coordinator.state.tasks)
     await client.submit_many([{"description": "named", "task_id": "my-own-id",
                                "input": {"op": "noop"}}])
     await wait_until(lambda: client.accepted["my-own-id"].duplicate, 10, "the duplicate")
-    assert len(coordinator.state.tasks) == before
+    assert set(coordinator.state.tasks) <= before
 
 
 @pytest.fixture
