@@ -64,7 +64,8 @@ async def test_the_leader_killed_three_times_under_load_loses_and_doubles_nothin
     for label in ("a", "b", "c"):
         coordinators.start(label)
     await until(lambda: coordinators.leader() is not None, 30, "a leader")
-    await until(lambda: None not in coordinators.roles().values(), 60, "all three answer")
+    await until(lambda: None not in coordinators.roles().values(), 60, "all three answer",
+                coordinators.silent)
     for n in range(3):  # the test keyring holds three agents
         await start_worker(f"agent-{n + 1}", max_concurrency=4)
 

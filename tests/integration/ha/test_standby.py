@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,24 @@ from .test_lease import consul  # noqa: F401  (the private Consul fixture)
 LEASE_TTL_S = 2.0
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the ephemeral range: a port the kernel handed out for the test would
+    be free again once probed, and the outgoing connections of coordinators starting meanwhile
+    (to the broker, to Consul) take theirs from that range."""
+    while True:
+        port = random.randrange(20_000, 32_000)
+        if port in _handed_out:  # probed free, but maybe not bound yet by its process
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def get_json(url: str, timeout: float = 2.0) -> Any:
@@ -75,6 +90,15 @@ class Coordinators:
         except (OSError, urllib.error.URLError, ValueError):
             return None
 
+    def silent(self) -> str:
+        """Why the processes that do not answer are silent: exit status and end of log."""
+        lines = []
+        for label, role in self.roles().items():
+            if role is None:
+                tail = (self.tmp_path / f"{label}.log").read_text(errors="replace")[-3000:]
+                lines.append(f"{label} (exit status {self.processes[label].poll()}):\n{tail}")
+        return "\n".join(lines)
+
     def roles(self) -> dict[str, str | None]:
         """Each process's reported role; None for one that does not answer."""
         return {label: (self.status(label) or {}).get("role") for label in self.processes}
@@ -82,9 +106,9 @@ class Coordinators:
     async def leader_and_standby(self) -> None:
         """Start "a" and wait until it leads, then "b" until it stands by."""
         self.start("a")
-        await until(lambda: self.leader() == "a", 30, "a leads")
+        await until(lambda: self.leader() == "a", 30, "a leads", self.silent)
         self.start("b")
-        await until(lambda: self.roles().get("b") == "standby", 30, "b stands by")
+        await until(lambda: self.roles().get("b") == "standby", 30, "b stands by", self.silent)
 
     def leader(self) -> str | None:
         leaders = [label for label, role in self.roles().items() if role == "leader"]
@@ -126,11 +150,14 @@ def coordinators(settings: Settings, keyring: Keyring, consul: PrivateConsul,  #
     group.stop_all()
 
 
-async def until(condition: Any, timeout: float, what: str) -> None:
+async def until(condition: Any, timeout: float, what: str,
+                detail: Callable[[], str] | None = None) -> None:
     # The condition makes HTTP calls: run it off the event loop, which serves the agents.
     deadline = time.monotonic() + timeout
     while not await asyncio.to_thread(condition):
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                                 + (f"\n{detail()}" if detail is not None else ""))
         await asyncio.sleep(0.1)
 
 
