@@ -312,27 +312,28 @@ def test_average_confidence_per_kind_and_policy_in_snapshot() -> None:
 # --- replay -----------------------------------------------------------------------------------
 
 
-def test_replay_estimates_a_policy_whose_value_is_known(tmp_path: Path) -> None:
-    """Log an exploring bandit on a simulated fleet, then evaluate 'always general' (every kind
-    below a credibility of 0.99), whose true first-try success is known exactly."""
-    truth = {"deploy": {"cicd": 0.9, "general": 0.6}, "docs": {"documentation": 0.85,
-                                                               "general": 0.3}}
-    texts = {"deploy": "Deploy the {} service to staging",
-             "docs": "Write the README of the {} service"}
-    path = tmp_path / "routing.sqlite3"
+#: Every kind keeps a chance (credible 0): off-policy estimates need the logging policy to be
+#: able to take what a target takes.
+_EXPLORING = {"exploration_scale": 1.5, "exploration_budget": 1.0, "max_exploration_gap": 1.0,
+              "credible": 0.0}
+_REPLAY_TEXTS = {"deploy": "Deploy the {} service to staging",
+                 "docs": "Write the README of the {} service"}
+
+
+def _exploring_log(path: Path, truth: dict[str, dict[str, float]], tasks: int, *,
+                   seed: int, outcome_seed: int, prefix: str) -> None:
+    """A decision log of an exploring bandit on deploy and docs tasks (half each) whose
+    first-try success per kind is ``truth`` (0.1 for a kind it does not list)."""
     clock = Clock()
-    # Every kind keeps a chance (credible 0): off-policy estimates need the logging policy
-    # to be able to take what the target takes.
-    logging_config = _config(exploration_scale=1.5, exploration_budget=1.0,
-                             max_exploration_gap=1.0, credible=0.0)
-    planner = CoordinationPlanner(8, config=logging_config, store_path=path, clock=clock,
-                                  rng=random.Random(11))
+    planner = CoordinationPlanner(8, config=_config(**_EXPLORING), store_path=path, clock=clock,
+                                  rng=random.Random(seed))
     agents = _fleet()
-    rng = random.Random(12)
-    for i in range(1500):
+    rng = random.Random(outcome_seed)
+    for i in range(tasks):
         clock.now += 60
         category = "deploy" if rng.random() < 0.5 else "docs"
-        task = TaskRecord(id=f"r-{i}", description=texts[category].format(i % 7))
+        task = TaskRecord(id=f"{prefix}-{i}",
+                          description=_REPLAY_TEXTS[category].format(i % 7))
         decision = planner.select(task, agents)
         assert decision.agent is not None and decision.kind is not None
         ok = rng.random() < truth[category].get(decision.kind, 0.1)
@@ -340,6 +341,15 @@ def test_replay_estimates_a_policy_whose_value_is_known(tmp_path: Path) -> None:
             AttemptOutcome.SUCCEEDED if ok else AttemptOutcome.FAILED)))
         planner.record_outcome(task, decision.agent, ok)
     planner.close()
+
+
+def test_replay_estimates_a_policy_whose_value_is_known(tmp_path: Path) -> None:
+    """Log an exploring bandit on a simulated fleet, then evaluate 'always general' (every kind
+    below a credibility of 0.99), whose true first-try success is known exactly."""
+    truth = {"deploy": {"cicd": 0.9, "general": 0.6}, "docs": {"documentation": 0.85,
+                                                               "general": 0.3}}
+    path = tmp_path / "routing.sqlite3"
+    _exploring_log(path, truth, 1500, seed=11, outcome_seed=12, prefix="r")
     target = _config(credible=0.99)
     result = replay(path, target)
     assert result["decisions"] == 1500
@@ -348,35 +358,16 @@ def test_replay_estimates_a_policy_whose_value_is_known(tmp_path: Path) -> None:
     assert low - 0.03 <= true_value <= high + 0.03
     assert abs(result["doubly_robust"]["estimate"] - true_value) < 0.06
     # The logging policy evaluated on its own log: the estimate is its logged success.
-    same = replay(path, logging_config)
+    same = replay(path, _config(**_EXPLORING))
     assert abs(same["ips"]["estimate"] - same["logged"]["estimate"]) < 0.08
 
 
 def _small_exploring_log(path: Path, tasks: int, seed: int) -> None:
-    """A short log of an exploring bandit on two categories whose best kinds nearly always
-    succeed: large weights on a few successes, so IPS and DR can exceed 1."""
+    """A short log on two categories whose best kinds nearly always succeed: large weights on
+    a few successes, so IPS and DR can exceed 1."""
     truth = {"deploy": {"cicd": 0.98, "general": 0.6},
              "docs": {"documentation": 0.98, "general": 0.3}}
-    texts = {"deploy": "Deploy the {} service to staging",
-             "docs": "Write the README of the {} service"}
-    clock = Clock()
-    planner = CoordinationPlanner(8, config=_config(exploration_scale=1.5,
-                                                    exploration_budget=1.0,
-                                                    max_exploration_gap=1.0, credible=0.0),
-                                  store_path=path, clock=clock, rng=random.Random(seed))
-    agents = _fleet()
-    rng = random.Random(seed + 100)
-    for i in range(tasks):
-        clock.now += 60
-        category = "deploy" if rng.random() < 0.5 else "docs"
-        task = TaskRecord(id=f"s-{i}", description=texts[category].format(i % 7))
-        decision = planner.select(task, agents)
-        assert decision.agent is not None and decision.kind is not None
-        ok = rng.random() < truth[category].get(decision.kind, 0.1)
-        task.attempts.append(Attempt(1, decision.agent.id, 0.0, 1.0, outcome=(
-            AttemptOutcome.SUCCEEDED if ok else AttemptOutcome.FAILED)))
-        planner.record_outcome(task, decision.agent, ok)
-    planner.close()
+    _exploring_log(path, truth, tasks, seed=seed, outcome_seed=seed + 100, prefix="s")
 
 
 def test_replay_estimates_and_intervals_stay_probabilities_on_a_small_log(
