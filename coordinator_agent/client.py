@@ -82,7 +82,10 @@ class CoordinatorClient:
         await self.messages.start()
 
     async def close(self) -> None:
-        await self.messages.close()
+        """Disconnect, deleting the reply queue: its name is this client's alone, so whatever
+        came to it later would wait unread until it expired (the coordinator keeps a result
+        whose reply queue is gone for the API)."""
+        await self.messages.close(delete_queues=[self.reply_queue])
 
     async def submit(
         self,

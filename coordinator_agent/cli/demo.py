@@ -134,19 +134,17 @@ async def run_demo(
 ) -> int:
     demo_settings, keyring, workdir = _prepare(settings, agents, forever)
     coordinator = CoordinatorAgent(demo_settings, keyring)
-    # Named now (nothing is declared before ``start``), so the clean-up knows its reply queue.
-    client = CoordinatorClient(demo_settings, keyring, OPERATOR)
+    client = CoordinatorClient(demo_settings, keyring, OPERATOR)  # its close deletes its queue
 
     async def clean_up() -> None:
-        """A one-shot demo leaves nothing behind: its files, its queues (the client's reply
-        queue too, which would otherwise wait out its expiry on the broker)."""
+        """A one-shot demo leaves nothing behind: its files, its queues."""
         if forever:
             return
         shutil.rmtree(workdir, ignore_errors=True)
         agent_ids = [p.id for p in keyring.principals.values() if p.role == "agent"]
         with contextlib.suppress(Exception):
             await delete_namespace(demo_settings.broker_url, demo_settings.name, agent_ids,
-                                   [OPERATOR], queues=[client.reply_queue])
+                                   [OPERATOR])
 
     try:
         await coordinator.start()

@@ -270,14 +270,30 @@ class MessageHandler:
         _, pending = await asyncio.wait(set(self._in_progress), timeout=timeout)
         return not pending
 
-    async def close(self) -> None:
+    async def close(self, *, delete_queues: Iterable[str] = ()) -> None:
+        """Close the connection; ``delete_queues``: queues of this handler's own to delete
+        first, best effort (a broker out of reach deletes them when they expire)."""
         self._closing = True
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
             self._supervisor = None
+        if delete_queues:
+            await self._delete_queues(delete_queues)
         await self._close_connection()
+
+    async def _delete_queues(self, names: Iterable[str]) -> None:
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            return
+        # Our own consumers first: the broker would cancel them, which reads as a lost queue.
+        await self.stop_consuming()
+        with contextlib.suppress(*BROKER_ERRORS, TimeoutError):
+            channel = await asyncio.wait_for(connection.channel(), 5)
+            for name in names:
+                await asyncio.wait_for(channel.queue_delete(name), 5)
+            await asyncio.wait_for(channel.close(), 5)
 
     async def force_reconnect(self) -> None:
         """Drop the connection; the supervisor reconnects (used by tests and on channel errors)."""

@@ -26,7 +26,7 @@ from coordinator_agent.wire import protocol
 from coordinator_agent.wire.keyring import Keyring
 
 from .conftest import OPERATOR, StartWorker
-from .helpers import spawn, subprocess_env, wait_until
+from .helpers import spawn, subprocess_env, task_is, wait_until
 from .test_cli_live import cli
 
 
@@ -236,6 +236,36 @@ async def test_a_taken_monitoring_port_is_one_line_naming_the_port_and_the_optio
         "--monitoring-port or COORDINATOR_MONITORING_PORT (0 picks a free one)"
     ], text
     assert out == b""
+
+
+async def test_a_closed_client_deletes_its_reply_queue_and_its_result_stays_in_the_api(
+    settings: Settings, keyring: Keyring, coordinator: CoordinatorAgent,
+    start_worker: StartWorker,
+) -> None:
+    await start_worker("agent-1", "general", capabilities=["sleep"])
+    client = CoordinatorClient(settings, keyring, OPERATOR)
+    await client.start()
+    task_id = await client.submit("Wait a moment", required_capabilities=["sleep"],
+                                  input={"op": "sleep", "seconds": 1.0})
+    await wait_until(task_is(coordinator, task_id, "running"), 10, "the task to run")
+    await client.close()
+    assert client.messages.consumer_cancels == 0  # it cancelled its own consumer first
+    connection = await aio_pika.connect(settings.broker_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel()
+        with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+            await channel.declare_queue(client.reply_queue, passive=True)
+    # The result had nowhere to go: the coordinator keeps it, for the API.
+    await wait_until(task_is(coordinator, task_id, "succeeded"), 15, "the task to succeed")
+    await wait_until(lambda: getattr(coordinator.state.find_task(task_id), "notified", False),
+                     10, "the coordinator to settle the notice")
+    operator = keyring.get(OPERATOR)
+    assert operator is not None and operator.api_token is not None
+    token = {"Authorization": f"Bearer {operator.api_token.get_secret_value()}"}
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{base(coordinator)}/api/tasks/{task_id}", headers=token) as response:
+        assert response.status == 200
+        assert (await response.json())["status"] == "succeeded"
 
 
 async def test_a_one_shot_demo_deletes_its_client_reply_queue(
