@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -41,7 +42,7 @@ from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from coordinator_agent.coordinator.store import Row, TaskStore, task_row
 from coordinator_agent.coordinator.tasks import TaskRecord, TaskStatus
@@ -64,6 +65,7 @@ from coordinator_agent.ha.snapshot import (
     publish_snapshot,
 )
 from coordinator_agent.wire import coalesce
+from coordinator_agent.wire.messaging import BROKER_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ APPLY_RETRY_S = 0.5
 #: connection's close) may take before it is left behind: a broker that stops answering must
 #: not keep a stopping coordinator alive.
 STOP_STEP_S = 5.0
+#: How long a start that the broker fails is tried again (``Replication._prepare``).
+START_RETRY_S = 60.0
 
 #: The leader's own task rows kept for its reader, at most (then it opens them like any).
 OWN_ROWS_REMEMBERED = 10_000
@@ -161,19 +165,44 @@ class Replication:
         # Coalesced: an append and the reader's acks of one writer step leave in one write.
         self._connection = await coalesce.connect_robust(self.url, client_properties={
             "connection_name": f"{self.name}/log"})
-        writes = await writer_channel(self._connection)
-        await declare(writes, self.name, self.retention)
-        if self.snapshots is not None and self.store.path != ":memory:":
-            await declare_snapshots(writes, self.name, self.snapshots[0])
-            if await restore_latest(writes, self.name, self.codec, Path(self.store.path)):
-                self.store.reopen()
-                self.fence = EpochFence(int(self.store.meta("fence_epoch") or 0))
+        writes = await self._prepare(self._connection)
         self._writer = LogWriter(writes, self.name, self.codec)
         self._reader = LogReader(await self._connection.channel(), self.name, self.codec,
                                  self._apply, known=self._writer.sent)
         # From the entry the store holds, which must still be there (else a gap is counted).
         await self._reader.resume(self.store.log_offset())
         self._probe = asyncio.create_task(self._probe_tail(), name="log-tail")
+
+    async def _prepare(self, connection: AbstractRobustConnection) -> AbstractChannel:
+        """Declare the streams and restore the newest snapshot; returns the writer's channel.
+
+        Tried again while the broker fails it, for up to ``START_RETRY_S``: coordinators
+        starting together can append to a stream that another has just declared before the
+        stream's writer is up, and RabbitMQ answers that by closing the connection
+        (INTERNAL_ERROR). Each try starts over; a snapshot is replaced only by a whole one.
+        """
+        deadline = time.monotonic() + START_RETRY_S
+        delay = 0.5
+        while True:
+            writes = await writer_channel(connection)
+            try:
+                await declare(writes, self.name, self.retention)
+                if self.snapshots is not None and self.store.path != ":memory:":
+                    await declare_snapshots(writes, self.name, self.snapshots[0])
+                    if await restore_latest(writes, self.name, self.codec,
+                                            Path(self.store.path)):
+                        self.store.reopen()
+                        self.fence = EpochFence(int(self.store.meta("fence_epoch") or 0))
+                return writes
+            except BROKER_ERRORS as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("log: the broker failed the start (%r); trying again in %.1f s",
+                            exc, delay)
+                with contextlib.suppress(*BROKER_ERRORS, TimeoutError):
+                    await asyncio.wait_for(writes.close(), STOP_STEP_S)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
 
     async def stop(self) -> None:
         if self._writer is not None and self._reader is not None:

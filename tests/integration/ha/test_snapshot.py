@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aio_pika
+import aiormq
 import pytest
 from aio_pika.abc import AbstractChannel
 from cryptography.fernet import Fernet
 
 from coordinator_agent.coordinator.store import TaskStore
-from coordinator_agent.ha import snapshot
+from coordinator_agent.ha import replication, snapshot
 from coordinator_agent.ha.log import (
     Event,
     LogCodec,
@@ -160,3 +163,35 @@ async def test_resume_finds_its_entry_or_counts_a_gap(
     tail, reader = await read(offset)
     assert reader.gaps == 0
     assert tail[0][1][0] == run[-1] + 1, "resumes right after the entry it names, skipping it"
+
+
+async def test_a_replica_whose_start_the_broker_fails_tries_again_and_restores(
+        channel: AbstractChannel, name: str, tmp_path: Path, broker_url: str,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    leader = tmp_path / "leader" / "store.db"
+    fill(leader, range(50), offset=12)
+    await publish_snapshot(channel, name, CODEC, leader, RETENTION)
+    # The broker's answer to an append on a stream whose writer is not up yet (coordinators
+    # starting together): it closes the connection. Once, on the first try.
+    tries: list[int] = []
+
+    async def failing_once(*args: Any, **kwargs: Any) -> Any:
+        tries.append(1)
+        if len(tries) == 1:
+            raise aiormq.exceptions.ConnectionInternalError("INTERNAL_ERROR")
+        return await restore_latest(*args, **kwargs)
+
+    monkeypatch.setattr(replication, "restore_latest", failing_once)
+    store = TaskStore(tmp_path / "standby" / "store.db")
+    replica = replication.Replication(
+        broker_url, name, CODEC, store, epoch=lambda: 0,
+        snapshots=(RETENTION, snapshot.SnapshotSchedule(10**6, 10**9, 3600)))
+    with caplog.at_level(logging.WARNING, logger="coordinator_agent.ha.replication"):
+        await replica.start()
+    try:
+        assert len(tries) == 2
+        assert any("trying again" in r.getMessage() for r in caplog.records)
+        assert store.log_offset() == 12 and sum(store.counts().values()) == 50
+    finally:
+        await replica.stop()
+        store.close()

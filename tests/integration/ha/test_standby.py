@@ -222,7 +222,8 @@ async def test_sigkill_of_the_leader_a_standby_takes_over_and_assigns(
     for label in ("a", "b", "c"):
         coordinators.start(label)
     await until(lambda: coordinators.leader() is not None, 30, "a leader")
-    await until(lambda: None not in coordinators.roles().values(), 30, "all three answer")
+    await until(lambda: None not in coordinators.roles().values(), 30, "all three answer",
+                coordinators.silent)
     worker = await start_worker("agent-1", max_concurrency=4)
     first = coordinators.leader()
     assert first is not None
