@@ -184,8 +184,11 @@ class Replication:
         deadline = time.monotonic() + START_RETRY_S
         delay = 0.5
         while True:
-            writes = await writer_channel(connection)
+            writes: AbstractChannel | None = None
             try:
+                # On a connection the broker has just closed: an error, or a wait for the
+                # reconnect.
+                writes = await writer_channel(connection)
                 await declare(writes, self.name, self.retention)
                 if self.snapshots is not None and self.store.path != ":memory:":
                     await declare_snapshots(writes, self.name, self.snapshots[0])
@@ -199,8 +202,9 @@ class Replication:
                     raise
                 log.warning("log: the broker failed the start (%r); trying again in %.1f s",
                             exc, delay)
-                with contextlib.suppress(*BROKER_ERRORS, TimeoutError):
-                    await asyncio.wait_for(writes.close(), STOP_STEP_S)
+                if writes is not None:
+                    with contextlib.suppress(*BROKER_ERRORS, TimeoutError):
+                        await asyncio.wait_for(writes.close(), STOP_STEP_S)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 5.0)
 

@@ -171,6 +171,10 @@ async def test_a_replica_whose_start_the_broker_fails_tries_again_and_restores(
     leader = tmp_path / "leader" / "store.db"
     fill(leader, range(50), offset=12)
     await publish_snapshot(channel, name, CODEC, leader, RETENTION)
+    store = TaskStore(tmp_path / "standby" / "store.db")
+    replica = replication.Replication(
+        broker_url, name, CODEC, store, epoch=lambda: 0,
+        snapshots=(RETENTION, snapshot.SnapshotSchedule(10**6, 10**9, 3600)))
     # The broker's answer to an append on a stream whose writer is not up yet (coordinators
     # starting together): it closes the connection. Once, on the first try.
     tries: list[int] = []
@@ -178,14 +182,13 @@ async def test_a_replica_whose_start_the_broker_fails_tries_again_and_restores(
     async def failing_once(*args: Any, **kwargs: Any) -> Any:
         tries.append(1)
         if len(tries) == 1:
-            raise aiormq.exceptions.ConnectionInternalError("INTERNAL_ERROR")
+            error = aiormq.exceptions.ConnectionInternalError("INTERNAL_ERROR")
+            assert replica._connection is not None and replica._connection.transport
+            await replica._connection.transport.connection.close(error)
+            raise error
         return await restore_latest(*args, **kwargs)
 
     monkeypatch.setattr(replication, "restore_latest", failing_once)
-    store = TaskStore(tmp_path / "standby" / "store.db")
-    replica = replication.Replication(
-        broker_url, name, CODEC, store, epoch=lambda: 0,
-        snapshots=(RETENTION, snapshot.SnapshotSchedule(10**6, 10**9, 3600)))
     with caplog.at_level(logging.WARNING, logger="coordinator_agent.ha.replication"):
         await replica.start()
     try:
