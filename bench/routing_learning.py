@@ -161,6 +161,20 @@ class Run:
     calibration: list[tuple[float, bool]] = field(default_factory=list)
 
 
+def told_categories(tasks: Sequence[Task], analyzer: TaskAnalyzer) -> dict[tuple[str, ...], str]:
+    """Keywords -> true category, for the diagnostic; descriptions of two categories that
+    read the same keywords get the first one's (said once, on stderr)."""
+    told: dict[tuple[str, ...], str] = {}
+    clashes = 0
+    for task in tasks:
+        keywords = analyzer.analyze(task.description).keywords
+        clashes += told.setdefault(keywords, task.category) != task.category
+    if clashes:
+        print(f"{TOLD_CATEGORY}: {clashes} descriptions read the keywords of another "
+              "category's; they get its category", file=sys.stderr)
+    return told
+
+
 def planner_run(name: str, config: RoutingConfig, kinds: Sequence[str], seed: int,
                 clock: list[float], workdir: Path,
                 categories: dict[tuple[str, ...], str] | None = None) -> Run:
@@ -302,7 +316,7 @@ def simulate(tasks: list[Task], truth: Truth, config: RoutingConfig, seed: int,
     seed_config = config.model_copy(update={"policy": Policy.SEED})
     with tempfile.TemporaryDirectory(prefix="bench-learning-") as tmp:
         workdir = Path(tmp)
-        told = {analyzer.analyze(t.description).keywords: t.category for t in reversed(tasks)}
+        told = told_categories(tasks, analyzer)
         runs = [
             planner_run("router", config, kinds, seed, clock, workdir),
             planner_run(TOLD_CATEGORY, config, kinds, seed, clock, workdir, told),

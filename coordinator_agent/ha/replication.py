@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
@@ -83,8 +84,13 @@ APPLY_RETRY_S = 0.5
 #: connection's close) may take before it is left behind: a broker that stops answering must
 #: not keep a stopping coordinator alive.
 STOP_STEP_S = 5.0
-#: How long a start that the broker fails is tried again (``Replication._prepare``).
+#: How long a start that the broker fails is tried again (``Replication._prepare``) ...
 START_RETRY_S = 60.0
+#: ... when it failed this way: the connection lost (aiormq says "closed" with a RuntimeError
+#: when a channel is opened on it), not a refusal (a stream's arguments changed, access
+#: refused) nor a disk error, which no retry mends.
+CONNECTION_LOST = (aiormq.exceptions.AMQPConnectionError, ConnectionError, RuntimeError,
+                   TimeoutError)
 
 #: The leader's own task rows kept for its reader, at most (then it opens them like any).
 OWN_ROWS_REMEMBERED = 10_000
@@ -176,7 +182,7 @@ class Replication:
     async def _prepare(self, connection: AbstractRobustConnection) -> AbstractChannel:
         """Declare the streams and restore the newest snapshot; returns the writer's channel.
 
-        Tried again while the broker fails it, for up to ``START_RETRY_S``: coordinators
+        Tried again while the connection is lost, for up to ``START_RETRY_S``: coordinators
         starting together can append to a stream that another has just declared before the
         stream's writer is up, and RabbitMQ answers that by closing the connection
         (INTERNAL_ERROR). Each try starts over; a snapshot is replaced only by a whole one.
@@ -197,7 +203,7 @@ class Replication:
                         self.store.reopen()
                         self.fence = EpochFence(int(self.store.meta("fence_epoch") or 0))
                 return writes
-            except BROKER_ERRORS as exc:
+            except CONNECTION_LOST as exc:
                 if time.monotonic() + delay > deadline:
                     raise
                 log.warning("log: the broker failed the start (%r); trying again in %.1f s",

@@ -53,6 +53,8 @@ Topology = Callable[[AbstractChannel], Awaitable[None]]
 
 #: What aiormq and the socket raise when the broker or the connection fails.
 BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError)
+#: How long ``close(delete_queues=...)`` may spend deleting them.
+DELETE_ON_CLOSE_S = 5.0
 
 
 async def close_connection(connection: AbstractConnection, timeout: float = 5.0) -> None:
@@ -231,6 +233,9 @@ class MessageHandler:
     async def stop_consuming(self) -> None:
         """Cancel consumers (graceful stop). Channels stay open so in-flight work can still ack."""
         self._consuming = False
+        await self._cancel_consumers()
+
+    async def _cancel_consumers(self) -> None:
         for underlay, tag in self._consumer_tags:
             with contextlib.suppress(*BROKER_ERRORS, TimeoutError):
                 await underlay.basic_cancel(tag, timeout=5)
@@ -284,16 +289,25 @@ class MessageHandler:
         await self._close_connection()
 
     async def _delete_queues(self, names: Iterable[str]) -> None:
+        """Best effort, bounded as a whole: a broker that stops answering must not hold up a
+        close (a CLI command's end) for longer than ``DELETE_ON_CLOSE_S``."""
         connection = self._connection
-        if connection is None or connection.is_closed:
+        if connection is None or connection.is_closed or not self._ready.is_set():
             return
-        # Our own consumers first: the broker would cancel them, which reads as a lost queue.
-        await self.stop_consuming()
+
+        async def delete() -> None:
+            # Our own consumers first: the broker would cancel them, which reads as a lost
+            # queue.
+            await self._cancel_consumers()
+            channel = await connection.channel()
+            try:
+                for name in names:
+                    await channel.queue_delete(name)
+            finally:
+                await channel.close()
+
         with contextlib.suppress(*BROKER_ERRORS, TimeoutError):
-            channel = await asyncio.wait_for(connection.channel(), 5)
-            for name in names:
-                await asyncio.wait_for(channel.queue_delete(name), 5)
-            await asyncio.wait_for(channel.close(), 5)
+            await asyncio.wait_for(delete(), DELETE_ON_CLOSE_S)
 
     async def force_reconnect(self) -> None:
         """Drop the connection; the supervisor reconnects (used by tests and on channel errors)."""

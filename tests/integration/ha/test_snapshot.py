@@ -198,3 +198,27 @@ async def test_a_replica_whose_start_the_broker_fails_tries_again_and_restores(
     finally:
         await replica.stop()
         store.close()
+
+
+async def test_a_replica_start_the_broker_refuses_fails_at_once(
+        name: str, tmp_path: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A refusal (a stream declared with other arguments, access refused) is not mended by
+    # trying again: the start fails on the first try, not after a minute of them.
+    tries: list[int] = []
+
+    async def refused(*args: Any, **kwargs: Any) -> Any:
+        tries.append(1)
+        raise aiormq.exceptions.ChannelPreconditionFailed("PRECONDITION_FAILED")
+
+    monkeypatch.setattr(replication, "restore_latest", refused)
+    store = TaskStore(tmp_path / "standby" / "store.db")
+    replica = replication.Replication(
+        broker_url, name, CODEC, store, epoch=lambda: 0,
+        snapshots=(RETENTION, snapshot.SnapshotSchedule(10**6, 10**9, 3600)))
+    try:
+        with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+            await replica.start()
+        assert tries == [1]
+    finally:
+        await replica.stop()
+        store.close()
