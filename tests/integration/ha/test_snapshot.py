@@ -53,6 +53,19 @@ async def name(broker_url: str, channel: AbstractChannel) -> AsyncIterator[str]:
     await close_connection(connection)
 
 
+@pytest.fixture
+async def standby(name: str, tmp_path: Path,
+                  broker_url: str) -> AsyncIterator[replication.Replication]:
+    """A replica that restores snapshots, over an empty store; not started."""
+    store = TaskStore(tmp_path / "standby" / "store.db")
+    replica = replication.Replication(
+        broker_url, name, CODEC, store, epoch=lambda: 0,
+        snapshots=(RETENTION, snapshot.SnapshotSchedule(10**6, 10**9, 3600)))
+    yield replica
+    await replica.stop()
+    store.close()
+
+
 def fill(path: Path, tasks: range, offset: int, pad: int = 200) -> None:
     """Write tasks and the log offset into a store file, as a standby's apply would."""
     TaskStore(path).close()  # the schema
@@ -166,15 +179,11 @@ async def test_resume_finds_its_entry_or_counts_a_gap(
 
 
 async def test_a_replica_whose_start_the_broker_fails_tries_again_and_restores(
-        channel: AbstractChannel, name: str, tmp_path: Path, broker_url: str,
+        channel: AbstractChannel, name: str, tmp_path: Path, standby: replication.Replication,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     leader = tmp_path / "leader" / "store.db"
     fill(leader, range(50), offset=12)
     await publish_snapshot(channel, name, CODEC, leader, RETENTION)
-    store = TaskStore(tmp_path / "standby" / "store.db")
-    replica = replication.Replication(
-        broker_url, name, CODEC, store, epoch=lambda: 0,
-        snapshots=(RETENTION, snapshot.SnapshotSchedule(10**6, 10**9, 3600)))
     # The broker's answer to an append on a stream whose writer is not up yet (coordinators
     # starting together): it closes the connection. Once, on the first try.
     tries: list[int] = []
@@ -183,25 +192,22 @@ async def test_a_replica_whose_start_the_broker_fails_tries_again_and_restores(
         tries.append(1)
         if len(tries) == 1:
             error = aiormq.exceptions.ConnectionInternalError("INTERNAL_ERROR")
-            assert replica._connection is not None and replica._connection.transport
-            await replica._connection.transport.connection.close(error)
+            connection = standby._connection
+            assert connection is not None and connection.transport is not None
+            await connection.transport.connection.close(error)
             raise error
         return await restore_latest(*args, **kwargs)
 
     monkeypatch.setattr(replication, "restore_latest", failing_once)
     with caplog.at_level(logging.WARNING, logger="coordinator_agent.ha.replication"):
-        await replica.start()
-    try:
-        assert len(tries) == 2
-        assert any("trying again" in r.getMessage() for r in caplog.records)
-        assert store.log_offset() == 12 and sum(store.counts().values()) == 50
-    finally:
-        await replica.stop()
-        store.close()
+        await standby.start()
+    assert len(tries) == 2
+    assert any("trying again" in r.getMessage() for r in caplog.records)
+    assert standby.store.log_offset() == 12 and sum(standby.store.counts().values()) == 50
 
 
 async def test_a_replica_start_the_broker_refuses_fails_at_once(
-        name: str, tmp_path: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        standby: replication.Replication, monkeypatch: pytest.MonkeyPatch) -> None:
     # A refusal (a stream declared with other arguments, access refused) is not mended by
     # trying again: the start fails on the first try, not after a minute of them.
     tries: list[int] = []
@@ -211,14 +217,6 @@ async def test_a_replica_start_the_broker_refuses_fails_at_once(
         raise aiormq.exceptions.ChannelPreconditionFailed("PRECONDITION_FAILED")
 
     monkeypatch.setattr(replication, "restore_latest", refused)
-    store = TaskStore(tmp_path / "standby" / "store.db")
-    replica = replication.Replication(
-        broker_url, name, CODEC, store, epoch=lambda: 0,
-        snapshots=(RETENTION, snapshot.SnapshotSchedule(10**6, 10**9, 3600)))
-    try:
-        with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
-            await replica.start()
-        assert tries == [1]
-    finally:
-        await replica.stop()
-        store.close()
+    with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+        await standby.start()
+    assert tries == [1]
