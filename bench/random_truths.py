@@ -12,8 +12,8 @@ can be judged on).
 Then it runs ``routing_learning.py`` on each truth (all its policies in the same run, the seeds
 given) and prints, per truth and in total, the router's regret against Thompson sampling
 keyed on the true category, the drift share in tasks 51-100 after the drop against the
-ceiling (Thompson sampling told the drift) and the router told the category (a diagnostic:
-the same learner, the true category one more context), and the ECE.
+ceiling (Thompson sampling told the drift) and the router given each task's category as a
+label (``labelled``), and the ECE.
 
     .venv/bin/python bench/random_truths.py [--truths 10] [--seed 100] [--seeds 1,2,3,4,5]
         [--right 0.75] [--lead 0.1] [--out DIR] [--config routing.yaml]
@@ -33,7 +33,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from routing_learning import DEFAULT_TASKS, TOLD_CATEGORY, Task, load_tasks
+from routing_learning import DEFAULT_TASKS, LABELLED, Task, load_tasks
 
 from coordinator_agent.routing.config import RoutingConfig, load_routing_config
 from coordinator_agent.routing.text_prior import TextPrior
@@ -118,9 +118,9 @@ def main() -> int:
     rng = random.Random(args.seed)
     out = args.out or Path(tempfile.mkdtemp(prefix="random-truths-"))
     out.mkdir(parents=True, exist_ok=True)
-    met = {"regret": 0, "drift": 0, "told": 0, "ceiling": 0, "ece": 0}
+    met = {"regret": 0, "drift": 0, "labelled": 0, "ceiling": 0, "ece": 0}
     print(f"{'truth':<8}{'drift in':<15}{'regret':>8}{'thompson':>10}{'drift':>7}"
-          f"{'told':>6}{'ceiling':>9}{'ECE':>7}", flush=True)
+          f"{'labelled':>10}{'ceiling':>9}{'ECE':>7}", flush=True)
     for n in range(args.truths):
         truth = make_truth(rng, kinds, config.fallback_kind, pointed_at, args.right,
                            args.lead)
@@ -137,18 +137,19 @@ def main() -> int:
         summary = json.loads(result.read_text(encoding="utf-8"))["summary"]
         router, oracle = summary["router"], summary["thompson (true category)"]
         ceiling = summary["thompson (told the drift)"]["drift_late"]
-        late, told = router["drift_late"], summary[TOLD_CATEGORY]["drift_late"]
+        late, labelled = router["drift_late"], summary[LABELLED]["drift_late"]
         met["regret"] += router["regret"] <= oracle["regret"]
         met["drift"] += late > 0.5
-        met["told"] += told > 0.5
+        met["labelled"] += labelled > 0.5
         met["ceiling"] += ceiling > 0.5
         met["ece"] += router["ece"] <= 0.05
         print(f"{n:<8}{truth['drift'][0]['category']:<15}{router['regret']:8.1f}"
-              f"{oracle['regret']:10.1f}{late:7.2f}{told:6.2f}{ceiling:9.2f}{router['ece']:7.3f}",
+              f"{oracle['regret']:10.1f}{late:7.2f}{labelled:10.2f}{ceiling:9.2f}{router['ece']:7.3f}",
               flush=True)
     total = args.truths
     print(f"regret <= thompson (true category): {met['regret']}/{total}; drift share > 0.5 in "
-          f"tasks 51-100: router {met['drift']}/{total}, told the category {met['told']}/{total}, "
+          f"tasks 51-100: router {met['drift']}/{total}, "
+          f"with the category as label {met['labelled']}/{total}, "
           f"ceiling {met['ceiling']}/{total}; "
           f"ECE <= 0.05: {met['ece']}/{total}  (truths and results in {out})")
     return 0

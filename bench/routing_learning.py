@@ -10,9 +10,9 @@ router sees only the description and the outcome; it is the real ``CoordinationP
 Policies, all in the same run on the same task sequence and seeds:
 
 * ``router``: the planner with its configured policy (``bandit`` by default);
-* ``router (told the category)``: the same, its learner also given the task's true category as
-  a context (a diagnostic: what the learner achieves once the descriptions are not the limit;
-  no deployment has the true category);
+* ``router (category as label)``: the same, each task submitted with its true category as a
+  label (``task.submit`` ``labels``): what the router achieves when the submitter's ticket
+  system says what sort of task it is (a type, a component), not the text alone;
 * ``seed formula``: the planner with ``policy: seed``;
 * ``static keyword``: the analyser's best domain kind, or the fallback kind; never learns;
 * ``e-greedy (domain)``: epsilon-greedy (0.1) on success rates keyed on the analyser's best domain;
@@ -47,7 +47,7 @@ from typing import Any
 
 from coordinator_agent.coordinator.state import AgentRecord
 from coordinator_agent.coordinator.tasks import Attempt, AttemptOutcome, TaskRecord
-from coordinator_agent.routing.analysis import TaskAnalysis, TaskAnalyzer
+from coordinator_agent.routing.analysis import TaskAnalyzer
 from coordinator_agent.routing.config import Policy, RoutingConfig, load_routing_config
 from coordinator_agent.routing.planner import CoordinationPlanner
 
@@ -58,7 +58,7 @@ STEP_S = 60.0  # simulated time between tasks
 EPSILON = 0.1
 DRIFT_WINDOW = 100
 ECE_BINS = 10
-TOLD_CATEGORY = "router (told the category)"
+LABELLED = "router (category as label)"
 
 
 @dataclass(frozen=True)
@@ -161,36 +161,11 @@ class Run:
     calibration: list[tuple[float, bool]] = field(default_factory=list)
 
 
-def told_categories(tasks: Sequence[Task], analyzer: TaskAnalyzer) -> dict[tuple[str, ...], str]:
-    """Keywords -> true category, for the diagnostic; descriptions of two categories that
-    read the same keywords get the first one's (said once, on stderr)."""
-    told: dict[tuple[str, ...], str] = {}
-    clashes = 0
-    for task in tasks:
-        keywords = analyzer.analyze(task.description).keywords
-        clashes += told.setdefault(keywords, task.category) != task.category
-    if clashes:
-        print(f"{TOLD_CATEGORY}: {clashes} descriptions read the keywords of another "
-              "category's; they get its category", file=sys.stderr)
-    return told
-
-
 def planner_run(name: str, config: RoutingConfig, kinds: Sequence[str], seed: int,
-                clock: list[float], workdir: Path,
-                categories: dict[tuple[str, ...], str] | None = None) -> Run:
-    """The real planner. ``categories`` (keywords -> true category): a diagnostic, the learner
-    gets the task's true category as one more context, like those it reads in the text."""
+                clock: list[float], workdir: Path, *, labelled: bool = False) -> Run:
+    """The real planner; ``labelled``: each task carries its true category as a label."""
     planner = CoordinationPlanner(64, config=config, store_path=workdir / f"{name}.sqlite3",
                                   clock=lambda: clock[0], rng=random.Random(seed))
-    if categories is not None:
-        coarse = planner.learner._coarse
-
-        def told(analysis: TaskAnalysis, top: str) -> tuple[str, ...]:
-            category = categories.get(analysis.keywords)
-            found = coarse(analysis, top)
-            return found if category is None else (*found, "t:" + category)
-
-        planner.learner._coarse = told  # type: ignore[method-assign]
     agents = [AgentRecord(f"{kind}-1", kind, frozenset(), 64) for kind in kinds]
     by_id = {a.id: a for a in agents}
     pending: dict[str, TaskRecord] = {}
@@ -198,7 +173,8 @@ def planner_run(name: str, config: RoutingConfig, kinds: Sequence[str], seed: in
 
     def choose(task: Task, step: int) -> tuple[str, float | None]:
         counter[0] += 1
-        record = TaskRecord(id=f"{name}-{counter[0]}", description=task.description)
+        record = TaskRecord(id=f"{name}-{counter[0]}", description=task.description,
+                            labels=[task.category] if labelled else [])
         decision = planner.select(record, agents)
         assert decision.agent is not None and decision.kind is not None
         pending[decision.kind] = record
@@ -316,10 +292,9 @@ def simulate(tasks: list[Task], truth: Truth, config: RoutingConfig, seed: int,
     seed_config = config.model_copy(update={"policy": Policy.SEED})
     with tempfile.TemporaryDirectory(prefix="bench-learning-") as tmp:
         workdir = Path(tmp)
-        told = told_categories(tasks, analyzer)
         runs = [
             planner_run("router", config, kinds, seed, clock, workdir),
-            planner_run(TOLD_CATEGORY, config, kinds, seed, clock, workdir, told),
+            planner_run(LABELLED, config, kinds, seed, clock, workdir, labelled=True),
             planner_run("seed formula", seed_config, kinds, seed, clock, workdir),
             static_run(analyzer, config.fallback_kind),
             epsilon_run(analyzer, kinds, random.Random(seed + 1)),

@@ -98,6 +98,7 @@ class CoordinatorClient:
         max_retries: int | None = None,
         task_id: str | None = None,
         priority: protocol.PriorityName | int | None = None,
+        labels: list[str] | None = None,
         **fields: Any,
     ) -> str:
         """Publish a task.submit (confirmed by the broker); returns the task id.
@@ -112,7 +113,7 @@ class CoordinatorClient:
             task_id=task_id, description=description, kind=kind,
             required_capabilities=required_capabilities or [], input=input,
             timeout_s=timeout_s, max_retries=max_retries, reply_to=self.reply_queue,
-            priority=priority, **fields,
+            priority=priority, labels=labels or [], **fields,
         )
         encoded = protocol.encode(protocol.make_envelope(spec, sender=self.principal_id))
         size = fernet_token_bytes(len(encoded))

@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--capability", action="append", default=None,
                         help="required capability, repeatable "
                         "[COORDINATOR_TASK_CAPABILITIES, comma-separated]")
+    submit.add_argument("--label", action="append", default=None,
+                        help="what your ticket system knows of the task (a type, a "
+                        "component); the router learns per label (docs/ROUTING.md), "
+                        "repeatable, at most 8 [COORDINATOR_TASK_LABELS, comma-separated]")
     submit.add_argument("--subtask", action="append", default=[], metavar="DESCRIPTION",
                         help="fan out: one sub-task per use, run in parallel and merged "
                         "[COORDINATOR_TASK_SUBTASKS, one per line]")
@@ -438,10 +442,14 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             raise UsageError(f"--input is not valid JSON: {exc.msg}") from None
     capabilities = args.capability or _csv(_env("COORDINATOR_TASK_CAPABILITIES"))
     priority = priority_option(args.priority) if args.priority else None
+    labels = args.label or _csv(_env("COORDINATOR_TASK_LABELS"))
     fields = composite_fields(args, kind=args.kind, required_capabilities=capabilities,
-                              timeout_s=args.timeout, task_id=args.task_id, priority=priority)
+                              timeout_s=args.timeout, task_id=args.task_id, priority=priority,
+                              labels=labels)
     if priority is not None:
         fields["priority"] = priority
+    if labels:
+        fields["labels"] = labels
     keyring = Keyring.load(settings.keyring_path)
     principal = operator_id(keyring, args.principal)
     require_broker(settings.broker_url.get_secret_value())

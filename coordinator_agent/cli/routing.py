@@ -73,6 +73,11 @@ def add_routing_commands(
                            "COORDINATOR_ROUTE_CAPABILITIES", "").split(",") if c.strip()],
                        help="required capability, repeatable "
                        "[COORDINATOR_ROUTE_CAPABILITIES, comma-separated]")
+    route.add_argument("--label", action="append",
+                       default=[c.strip() for c in os.environ.get(
+                           "COORDINATOR_ROUTE_LABELS", "").split(",") if c.strip()],
+                       help="a label the task would carry (its type, its component), "
+                       "repeatable [COORDINATOR_ROUTE_LABELS, comma-separated]")
     route.add_argument("--local", action="store_true",
                        default=os.environ.get("COORDINATOR_ROUTE_LOCAL", "") not in ("", "0"),
                        help="do not ask the coordinator; config and learning store only "
@@ -300,7 +305,7 @@ def explain_locally(args: argparse.Namespace, settings: Settings) -> dict[str, A
     )
     try:
         explained = planner.explain(args.description, kind=args.kind,
-                                    required_capabilities=args.capability)
+                                    required_capabilities=args.capability, labels=args.label)
     finally:
         planner.close()
     if args.kind is None and config.policy is Policy.BANDIT:
@@ -360,7 +365,7 @@ def cold_start(explained: dict[str, Any], prior: TextPrior, description: str) ->
 
 
 def cmd_route(args: argparse.Namespace, settings: Settings) -> int:
-    from coordinator_agent.wire.protocol import MAX_DESCRIPTION_CHARS
+    from coordinator_agent.wire.protocol import MAX_DESCRIPTION_CHARS, task_labels
 
     # The coordinator's /api/route takes what a task may carry, and so does --local: the
     # answer never depends on whether a coordinator happens to be listening.
@@ -368,10 +373,15 @@ def cmd_route(args: argparse.Namespace, settings: Settings) -> int:
     if not 1 <= length <= MAX_DESCRIPTION_CHARS:
         raise UsageError(f"a description is 1 to {MAX_DESCRIPTION_CHARS} characters (not "
                          f"counting surrounding blanks), as a task's is; this one has {length}")
+    try:
+        args.label = task_labels(args.label)
+    except ValueError as exc:
+        raise UsageError(f"--label: {exc}") from None
     explained: dict[str, Any] | None = None
     if not args.local:
         query = [("description", args.description),
-                 *(("capability", c) for c in args.capability)]
+                 *(("capability", c) for c in args.capability),
+                 *(("label", x) for x in args.label)]
         if args.kind:
             query.append(("kind", args.kind))
         try:

@@ -615,9 +615,11 @@ class CoordinatorAgent:
         return self.planner.export_metrics()
 
     def explain_route(self, description: str, *, kind: str | None,
-                      required_capabilities: list[str]) -> dict[str, Any]:
+                      required_capabilities: list[str],
+                      labels: list[str] | None = None) -> dict[str, Any]:
         explained = self.planner.explain(description, self.state.agents.values(), kind=kind,
-                                         required_capabilities=required_capabilities)
+                                         required_capabilities=required_capabilities,
+                                         labels=labels or ())
         if explained.get("workflow"):
             explained["workflow_missing_kinds"] = self.intake.kinds_missing_for(
                 explained["workflow"])

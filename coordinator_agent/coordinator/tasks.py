@@ -116,6 +116,8 @@ class TaskRecord:
     workflow: dict[str, Any] | None = None
     #: Priority band 0-9 (scheduling.py): low 2, medium 5, high 8.
     priority: int = 5
+    #: The submitter's labels (``task.submit``): contexts of the router's evidence.
+    labels: list[str] = field(default_factory=list)
     #: Operator actions on the task (desk.py): action, by, at, and what was chosen.
     desk: list[dict[str, Any]] = field(default_factory=list)
 

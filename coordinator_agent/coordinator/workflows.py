@@ -333,7 +333,7 @@ class WorkflowEngine:
                                                               or []),
             input=spec.get("input"), timeout_s=spec.get("timeout_s") or parent.timeout_s,
             max_retries=parent.max_retries, reply_to=None, submitted_by=parent.submitted_by,
-            parent_id=parent.id, priority=parent.priority,
+            parent_id=parent.id, priority=parent.priority, labels=list(parent.labels),
         )
 
     def _output(self, child: Child) -> Any:

@@ -84,7 +84,8 @@ class CoordinatorView(Protocol):
     def routing_view(self) -> dict[str, Any]: ...
 
     def explain_route(self, description: str, *, kind: str | None,
-                      required_capabilities: list[str]) -> dict[str, Any]: ...
+                      required_capabilities: list[str],
+                      labels: list[str] | None = None) -> dict[str, Any]: ...
 
     def submit(self, spec: protocol.TaskSubmit, *, submitted_by: str,
                default_id: str) -> tuple[TaskRecord, bool]: ...
@@ -229,9 +230,13 @@ class MonitoringServer:
             return _error(400, "give ?description= (1 to "
                           f"{protocol.MAX_DESCRIPTION_CHARS} characters)")
         capabilities = [c for c in request.query.getall("capability", []) if c]
+        try:
+            labels = protocol.task_labels([x for x in request.query.getall("label", []) if x])
+        except ValueError as exc:
+            return _error(400, f"?label=: {exc}")
         explained = self.coordinator.explain_route(
             description, kind=request.query.get("kind") or None,
-            required_capabilities=capabilities)
+            required_capabilities=capabilities, labels=labels)
         return _json(explained)
 
     async def drain(self, request: web.Request) -> web.Response:

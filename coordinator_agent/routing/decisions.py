@@ -37,16 +37,17 @@ CREATE TABLE IF NOT EXISTS decisions (
     propensity REAL NOT NULL,
     confidence REAL NOT NULL,
     outcome INTEGER,                -- 1 success, 0 failure, NULL not known yet
-    ended_at REAL
+    ended_at REAL,
+    labels TEXT NOT NULL DEFAULT '' -- the task's labels, space-separated (none contain a space)
 );
 CREATE INDEX IF NOT EXISTS decisions_task ON decisions (task_id, attempt);
 """
 _INSERT = ("INSERT INTO decisions (task_id, attempt, at, policy, reason, description, candidates,"
-           " kind, propensity, confidence) VALUES (?,?,?,?,?,?,?,?,?,?)")
+           " kind, propensity, confidence, labels) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
 _OUTCOME = ("UPDATE decisions SET outcome = ?, ended_at = ? WHERE task_id = ? AND attempt = ?"
             " AND outcome IS NULL")
 _SELECT_ALL = ("SELECT id, task_id, attempt, at, policy, reason, description, candidates, kind, "
-               "propensity, confidence, outcome FROM decisions ORDER BY id")
+               "propensity, confidence, outcome, labels FROM decisions ORDER BY id")
 _SELECT_KNOWN = _SELECT_ALL.replace("ORDER BY", "WHERE outcome IS NOT NULL ORDER BY")
 #: Buffered decisions are written by ``add`` itself only once this many wait (a burst of
 #: decisions with no outcome and no scrape in between); otherwise outcomes and scrapes do it.
@@ -74,24 +75,29 @@ class LoggedDecision:
     propensity: float
     confidence: float
     outcome: bool | None
+    labels: tuple[str, ...] = ()
 
 
 class DecisionLog:
     def __init__(self, store: PatternStore, *, max_rows: int) -> None:
         self._db: sqlite3.Connection = store.db
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(decisions)")}
+        if "labels" not in columns:
+            # A store written before tasks had labels: its decisions had none.
+            self._db.execute("ALTER TABLE decisions ADD COLUMN labels TEXT NOT NULL DEFAULT ''")
         self.max_rows = max_rows
         self._pending: list[tuple[Any, ...]] = []
         self._since_prune = 0
 
     def add(self, *, task_id: str, attempt: int, at: float, policy: str, reason: str,
             description: str, candidates: Sequence[Candidate], kind: str,
-            propensity: float, confidence: float) -> bool:
+            propensity: float, confidence: float, labels: Sequence[str] = ()) -> bool:
         """Buffer one decision; ``candidates`` are (kind, P(kind | text), predicted success,
         log-odds spread), None where the policy has no such thing. True when the buffer was
         full and written to the store (then, on the caller's time)."""
         self._pending.append((task_id, attempt, at, policy, reason, description, candidates,
-                              kind, propensity, confidence))
+                              kind, propensity, confidence, " ".join(labels)))
         if len(self._pending) >= MAX_PENDING:
             self.flush()
             return True
@@ -167,6 +173,8 @@ def _checked(row: Sequence[Any]) -> dict[str, dict[str, float]]:
     if not _real(row[10]) or row[11] not in (None, 0, 1):
         raise CorruptDecision(row[0], "its confidence or its outcome is not what the log "
                                       "writes")
+    if not isinstance(row[12], str):
+        raise CorruptDecision(row[0], "its labels are not text")
     return candidates
 
 
@@ -179,4 +187,4 @@ def read_log(db: sqlite3.Connection, *, with_outcome: bool = True) -> Iterator[L
         candidates = _checked(row)
         yield LoggedDecision(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
                              candidates, row[8], row[9], row[10],
-                             None if row[11] is None else bool(row[11]))
+                             None if row[11] is None else bool(row[11]), tuple(row[12].split()))

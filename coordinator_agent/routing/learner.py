@@ -197,15 +197,19 @@ class Learner:
         return reading.watched if feats is reading.feats else self.watched(feats)
 
     def contexts(self, analysis: TaskAnalysis, text: Mapping[str, float],
-                 cluster: int | None = None) -> tuple[str, ...]:
+                 cluster: int | None = None, labels: Sequence[str] = ()) -> tuple[str, ...]:
         """Groups of similar tasks, coarse then fine: the kind the text points at, the set of
-        vocabulary words the description uses, and its cluster of similar descriptions (when
-        it has one: clusters.py)."""
+        vocabulary words the description uses, each label the submitter gave the task, and
+        its cluster of similar descriptions (when it has one: clusters.py)."""
         top = _top_kind(text)
-        return self._contexts(self._coarse(analysis, top), top, cluster)
+        return self._contexts(self._coarse(analysis, top), top, cluster, labels)
 
-    def _contexts(self, coarse: tuple[str, ...], top: str,
-                  cluster: int | None) -> tuple[str, ...]:
+    def _contexts(self, coarse: tuple[str, ...], top: str, cluster: int | None,
+                  labels: Sequence[str] = ()) -> tuple[str, ...]:
+        if labels:
+            # What the submitter's ticket system knows (a type, a component) groups tasks
+            # that the text alone may write in many ways: each label pools their evidence.
+            coarse = (*coarse, *label_contexts(labels))
         if cluster is None:
             return coarse
         fine = f"{CLUSTER_PREFIX}{cluster}"
@@ -245,14 +249,16 @@ class Learner:
         return b.success_if_wrong + (b.success_if_right - b.success_if_wrong) * p_text
 
     def scores(self, description: str, analysis: TaskAnalysis, kinds: Iterable[str],
-               now: float, *, chances: bool = False) -> list[BanditScore]:
+               now: float, *, chances: bool = False,
+               labels: Sequence[str] = ()) -> list[BanditScore]:
         """What is believed about each kind for this task (no side effects); ``chances`` adds
-        each kind's probability of being picked (an integral per kind: for explanations)."""
+        each kind's probability of being picked (an integral per kind: for explanations);
+        ``labels`` are the task's (``task.submit``)."""
         reading = self._read(description, analysis)
         text = reading.text
         unknown = 1.0 / max(1, len(text))
         cluster = self.clusters.assign(analysis.keywords, reading.top)
-        contexts = self._contexts(reading.coarse, reading.top, cluster)
+        contexts = self._contexts(reading.coarse, reading.top, cluster, labels)
         feats = self._features(reading, analysis.keywords, contexts)
         shares = {kind: text.get(kind, unknown) for kind in kinds}
         b = self.config.bandit
@@ -303,11 +309,12 @@ class Learner:
         return max(b.exploration_scale, min(b.max_exploration_scale, widened))
 
     def observe(self, description: str, analysis: TaskAnalysis, kind: str,
-                probability: float, success: bool, *, cluster: int | None = None) -> None:
+                probability: float, success: bool, *, cluster: int | None = None,
+                labels: Sequence[str] = ()) -> None:
         """A first try of the kind a decision chose, and the confidence it had: the residual
         the surprise detector and the change test watch."""
         reading = self._read(description, analysis)
-        contexts = self._contexts(reading.coarse, reading.top, cluster)
+        contexts = self._contexts(reading.coarse, reading.top, cluster, labels)
         self._observe(reading, self._features(reading, analysis.keywords, contexts), kind,
                       probability, success)
 
@@ -319,19 +326,21 @@ class Learner:
 
     def learn(self, description: str, analysis: TaskAnalysis, kind: str, success: bool,
               now: float, *, prior: float | None = None,
-              keywords: Sequence[str] | None = None, cluster: int | None = None) -> list[Row]:
+              keywords: Sequence[str] | None = None, cluster: int | None = None,
+              labels: Sequence[str] = ()) -> list[Row]:
         """Teach the model one outcome; returns the weights it changed, for the store.
 
         ``prior`` is the prior success the decision saw (recorded on the task), else it is
         computed again; ``keywords`` those recorded with the decision, else the analysis';
-        ``cluster`` the task's cluster, else the one it is most similar to now.
+        ``cluster`` the task's cluster, else the one it is most similar to now; ``labels``
+        the task's.
         """
         reading = self._read(description, analysis)
         words = analysis.keywords if keywords is None else keywords
         if cluster is None:
             cluster = self.clusters.assign(words, reading.top)
         feats = self._features(reading, words,
-                               self._contexts(reading.coarse, reading.top, cluster))
+                               self._contexts(reading.coarse, reading.top, cluster, labels))
         return self._learn(reading, words, feats, kind, success, now=now, prior=prior)
 
     def _learn(self, reading: _Reading, words: Sequence[str], feats: Features, kind: str,
@@ -362,7 +371,7 @@ class Learner:
             cluster = self._join(reading.top, words)
         else:
             cluster = self.clusters.assign(words, reading.top)
-        contexts = self._contexts(reading.coarse, reading.top, cluster)
+        contexts = self._contexts(reading.coarse, reading.top, cluster, update.labels)
         feats = self._features(reading, words, contexts)
         rows = self._learn(reading, words, feats, update.kind, update.success, now=update.at,
                            prior=update.prior)
@@ -398,6 +407,13 @@ class Learner:
 
 
 _CLUSTER_FEATURE = CONTEXT_PREFIX + CLUSTER_PREFIX
+#: A label's context: ``l:`` and the label in lower case (ticket systems do not agree on case).
+LABEL_PREFIX = "l:"
+
+
+def label_contexts(labels: Iterable[str]) -> tuple[str, ...]:
+    """The contexts of a task's labels, each once, in the order given."""
+    return tuple(dict.fromkeys(LABEL_PREFIX + label.lower() for label in labels))
 
 
 def _shifted(belief: KindBelief, offset: float) -> KindBelief:

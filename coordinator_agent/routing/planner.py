@@ -373,7 +373,7 @@ class CoordinationPlanner:
         """``policy: bandit``: Thompson sampling over the predicted success (policy.py)."""
         self.work.prior_built |= not self.learner.prior_ready
         scores = self.learner.scores(task.description, analysis, workloads, self._clock(),
-                                     chances=explain)
+                                     chances=explain, labels=task.labels)
         # Best first for the fallback chain; equal probabilities in random order, not by name.
         keyed = [(-s.confidence, self._rng.random(), s) for s in scores]
         keyed.sort(key=lambda item: (item[0], item[1]))
@@ -486,7 +486,7 @@ class CoordinationPlanner:
             policy=self.config.policy.value, reason=plan.label,
             description=task.description[: self.config.learning.max_description_chars],
             candidates=candidates, kind=plan.chosen.kind, propensity=plan.propensity,
-            confidence=plan.chosen.confidence)
+            confidence=plan.chosen.confidence, labels=task.labels)
 
     def _select_with_router(
         self, task: TaskRecord, agents: Iterable[AgentRecord]
@@ -546,6 +546,7 @@ class CoordinationPlanner:
             task_id=task.id, attempt=attempt.number, at=self._clock(),
             description=task.description[: self.config.learning.max_description_chars],
             kind=kind, success=success, keywords=tuple(str(k) for k in info.get("keywords", ())),
+            labels=tuple(task.labels),
             category=str(info.get("category", "general")),
             complexity=str(info.get("complexity", "medium")), agent_id=attempt.agent_id,
             quality=1.0 if quality is None else quality,
@@ -649,10 +650,12 @@ class CoordinationPlanner:
     def explain(
         self, description: str, agents: Iterable[AgentRecord] | None = None, *,
         kind: str | None = None, required_capabilities: Sequence[str] = (),
+        labels: Sequence[str] = (),
     ) -> dict[str, Any]:
         """The decision for a description, without side effects (``route --json``)."""
         task = TaskRecord(id="explain", description=description, kind=kind,
-                          required_capabilities=list(required_capabilities))
+                          required_capabilities=list(required_capabilities),
+                          labels=list(labels))
         analysis = self.analyzer.analyze(description)
         result: dict[str, Any] = {
             "analysis": {**analysis.to_dict(), "domain_match": dict(analysis.domain_match)},
@@ -696,13 +699,14 @@ class CoordinationPlanner:
 
     # --- offline evaluation (replay.py) -------------------------------------------------------
 
-    def policy_distribution(self, description: str, kinds: Sequence[str],
-                            now: float) -> tuple[dict[str, float], dict[str, float]]:
+    def policy_distribution(self, description: str, kinds: Sequence[str], now: float,
+                            labels: Sequence[str] = (),
+                            ) -> tuple[dict[str, float], dict[str, float]]:
         """(P(this planner's policy picks kind), predicted success of kind) for a logged task
         whose candidate kinds were ``kinds``; the policy's exploration share moves by its
         expectation."""
         analysis = self.analyzer.analyze(description)
-        scores = self.learner.scores(description, analysis, kinds, now)
+        scores = self.learner.scores(description, analysis, kinds, now, labels=labels)
         predicted = {s.kind: s.confidence for s in scores}
         if self.config.policy is Policy.BANDIT:
             return self.learner.replay_distribution(scores), predicted
@@ -710,9 +714,10 @@ class CoordinationPlanner:
         plan = self._plan(task, analysis, dict.fromkeys(kinds, 0.0), explain=True)
         return {k: float(k == plan.chosen.kind) for k in kinds}, predicted
 
-    def learn_logged(self, description: str, kind: str, success: bool, at: float) -> None:
+    def learn_logged(self, description: str, kind: str, success: bool, at: float,
+                     labels: Sequence[str] = ()) -> None:
         """Learn a logged outcome as if it had happened here (both policies' state)."""
-        outcome = self._learn_description(description, kind, success, at)
+        outcome = self._learn_description(description, kind, success, at, labels)
         self.store.record(outcome)
         self._save_neighbours()
 
@@ -736,10 +741,11 @@ class CoordinationPlanner:
         self.learner.changed_neighbours = []
 
     def _learn_description(self, description: str, kind: str, success: bool,
-                           at: float) -> Outcome:
+                           at: float, labels: Sequence[str] = ()) -> Outcome:
         analysis = self.analyzer.analyze(description)
         cluster = self.learner.join_cluster(description, analysis.keywords)
-        self.learner.learn(description, analysis, kind, success, at, cluster=cluster)
+        self.learner.learn(description, analysis, kind, success, at, cluster=cluster,
+                           labels=labels)
         return Outcome(keywords=analysis.keywords, kind=kind, success=success,
                        category=analysis.category, complexity=analysis.complexity.value, at=at)
 

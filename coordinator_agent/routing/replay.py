@@ -150,7 +150,7 @@ def replay(store_path: Path | str, target: RoutingConfig, *, seed: int = 0) -> d
         for d in rows:
             now[0] = d.at
             kinds = list(d.candidates) or [d.kind]
-            pi, predicted = planner.policy_distribution(d.description, kinds, d.at)
+            pi, predicted = planner.policy_distribution(d.description, kinds, d.at, d.labels)
             reward = 1.0 if d.outcome else 0.0
             w = pi.get(d.kind, 0.0) / max(d.propensity, 1e-6)
             r_hat = predicted.get(d.kind, 0.0)
@@ -158,7 +158,7 @@ def replay(store_path: Path | str, target: RoutingConfig, *, seed: int = 0) -> d
             dr.append(sum(pi[k] * predicted[k] for k in pi) + w * (reward - r_hat))
             weights.append(w)
             agree += pi.get(d.kind, 0.0)
-            planner.learn_logged(d.description, d.kind, bool(d.outcome), d.at)
+            planner.learn_logged(d.description, d.kind, bool(d.outcome), d.at, d.labels)
     finally:
         planner.close()
     n = len(rows)

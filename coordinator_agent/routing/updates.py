@@ -34,6 +34,7 @@ class LearningUpdate:
     kind: str  # the kind that ran the attempt
     success: bool
     keywords: tuple[str, ...]  # the analyser's, as recorded with the decision
+    labels: tuple[str, ...] = ()  # the task's (task.submit): contexts of its evidence
     category: str = "general"
     complexity: str = "medium"
     agent_id: str = ""
@@ -54,9 +55,14 @@ class LearningUpdate:
                        duration_s=self.duration_s, at=self.at)
 
     def to_dict(self) -> dict[str, Any]:
-        # Every field is a scalar but the keywords: no need for asdict's deep copy.
+        # Every field is a scalar but the keywords and labels: no need for asdict's deep copy.
         data = {name: getattr(self, name) for name in _FIELDS}
         data["keywords"] = list(self.keywords)
+        if self.labels:
+            data["labels"] = list(self.labels)
+        else:
+            # Absent rather than empty: a coordinator of the version before labels reads it.
+            del data["labels"]
         data["version"] = VERSION
         return data
 
@@ -87,10 +93,11 @@ class LearningUpdate:
                 values[name] = data[name]
         if "success" not in values:
             raise ValueError("learning update: missing field 'success'")
-        words = data.get("keywords", [])
-        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-            raise ValueError("learning update: 'keywords' must be a list of strings")
-        values["keywords"] = tuple(words)
+        for name in ("keywords", "labels"):
+            words = data.get(name, [])
+            if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+                raise ValueError(f"learning update: {name!r} must be a list of strings")
+            values[name] = tuple(words)
         if "quality" in data:
             values["quality"] = _number(data, "quality")
         for name in ("duration_s", "prior", "model_probability", "confidence"):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeAlias, Union
 
 import orjson
@@ -34,11 +36,28 @@ from coordinator_agent.exceptions import ProtocolError
 from coordinator_agent.wire.constants import PROTOCOL_VERSION
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")]
+_LABEL = re.compile(r"[A-Za-z0-9_.:-]+")
 Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 ShortText = Annotated[str, Field(max_length=1024)]
 MAX_DESCRIPTION_CHARS = 8192
 Description = Annotated[str, Field(min_length=1, max_length=MAX_DESCRIPTION_CHARS)]
 Labels = Annotated[list[Label], Field(max_length=64)]
+#: Most labels one task may carry (``task.submit`` ``labels``): each is a context the router
+#: reads on every decision and every outcome of the task.
+MAX_TASK_LABELS = 8
+TaskLabels = Annotated[list[Label], Field(max_length=MAX_TASK_LABELS)]
+
+
+def task_labels(values: Sequence[str]) -> list[str]:
+    """``values`` as a task's labels (each once, in order), checked by the rule of
+    ``task.submit``; a ``ValueError`` says what is wrong (for ``route`` and ``/api/route``)."""
+    labels = list(dict.fromkeys(values))
+    if len(labels) > MAX_TASK_LABELS:
+        raise ValueError(f"at most {MAX_TASK_LABELS} labels, not {len(labels)}")
+    for label in labels:
+        if not 1 <= len(label) <= 64 or _LABEL.fullmatch(label) is None:
+            raise ValueError(f"label {label[:80]!r}: 1 to 64 of A-Z a-z 0-9 _ . : -")
+    return labels
 
 #: Every integer on the wire, named or inside a JSON value, fits in a signed 64-bit word:
 #: what other languages hold natively, and what the coordinator's store can write.
@@ -233,6 +252,10 @@ class TaskSubmit(Model):
     #: ``high``, ``medium``, ``low`` or a band 0-9 (higher first); omitted: from the analysis'
     #: urgency when the coordinator is configured so, else ``medium``. See PROTOCOL.md §20.1.
     priority: PriorityName | Annotated[int, Field(ge=0, le=9)] | None = None
+    #: What the submitter's ticket system already knows of the task (its type, component,
+    #: team...): the router pools the evidence of every task with a label (ROUTING.md,
+    #: "Labels"); sub-tasks and steps inherit them.
+    labels: TaskLabels = []
     #: Queue for task.accepted / task.completed (default exchange); omitted = no replies.
     reply_to: Annotated[str, Field(max_length=255)] | None = None
     # --- composite tasks (workflows.py); a composite task is never assigned to an agent itself.

@@ -378,3 +378,61 @@ async def test_a_kind_that_starts_failing_on_one_sort_of_task_shows_its_shortfal
     # Passed over on CVE scans (an exploratory try may still come), kept on pen tests.
     assert first_kinds[0] == "security" and first_kinds.count("security") <= 4, first_kinds
     assert pentest_kinds.count("security") >= 8, pentest_kinds
+
+
+async def test_labels_reach_the_record_the_children_the_log_and_the_router(
+    settings: Settings, keyring: Keyring, start_worker: StartWorker, client: CoordinatorClient,
+    cleanup_namespace: None, tmp_path: Path,
+) -> None:
+    """What tasks of a label taught the router counts for a task of that label whose words it
+    has never seen; the labels are kept on the task, its sub-tasks and the decision log."""
+    import sqlite3
+
+    from coordinator_agent.routing.decisions import read_log
+
+    bandit = settings.model_copy(update={
+        "routing_config": routing_file(tmp_path, "bandit.yaml", policy="bandit")})
+    coordinator = CoordinatorAgent(bandit, keyring, registry=CollectorRegistry())
+    await coordinator.start()
+    unseen = "Rotate the merchant webhook secret"
+    try:
+        await fleet(start_worker, coordinator)
+        for description in (CVE, DEPLOY, REFACTOR) * 2:
+            result, _ = await run(client, coordinator, description, labels=["Payments"])
+            assert result.status == "succeeded"
+        parent_id = await client.submit("Summarise the ledger", labels=["Payments", "Payments"],
+                                        subtasks=[{"description": REFACTOR, "kind": "development"},
+                                                  {"description": DEPLOY, "kind": "cicd"}])
+        assert (await client.wait(parent_id, 20)).status == "succeeded"
+        async with aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{coordinator.monitoring.port}"
+            answers = []
+            for params in ({"description": unseen, "label": "payments"},
+                           {"description": unseen}):
+                async with http.get(f"{base}/api/route", params=params) as response:
+                    answers.append(await response.json())
+            async with http.get(f"{base}/api/route", params={
+                    "description": unseen, "label": "two words"}) as response:
+                refused = response.status, await response.json()
+            async with http.get(f"{base}/api/tasks/{parent_id}") as response:
+                parent = await response.json()
+        parent_record = coordinator.state.get_task(parent_id)
+        children = [coordinator.state.get_task(c) for c in parent_record.child_ids]
+    finally:
+        await coordinator.stop()
+    labelled, plain = answers
+    assert "l:payments" in labelled["contexts"]["names"]
+    assert "l:payments" not in plain["contexts"]["names"]
+    # Each kind succeeded twice under the label, on words the unseen task does not share.
+    for kind in ("development", "security", "cicd"):
+        with_label, without = (a["kinds"][kind]["parts"]["model"] for a in answers)
+        assert with_label > without + 0.02, (kind, with_label, without)
+    assert refused[0] == 400 and "label" in refused[1]["error"], refused
+    assert parent["labels"] == ["Payments"]
+    assert len(children) == 2 and all(c.labels == ["Payments"] for c in children)
+    db = sqlite3.connect(bandit.routing_store_path)
+    try:
+        logged = list(read_log(db))
+    finally:
+        db.close()
+    assert len(logged) == 8 and all(d.labels == ("Payments",) for d in logged)

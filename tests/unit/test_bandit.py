@@ -651,6 +651,7 @@ def _small_log(path: Path) -> None:
     ("propensity", 2.0, "propensity"),
     ("at", "yesterday", "time"),
     ("description", b"\xff\x00", "description"),
+    ("labels", b"\xff\x00", "labels"),
 ])
 def test_replay_of_a_corrupted_log_row_is_a_clear_error(
     tmp_path: Path, column: str, value: object, problem: str

@@ -254,3 +254,21 @@ def test_route_locally_notes_a_kind_the_configuration_does_not_list_and_capabili
                                 cwd=tmp_path).stdout)
     assert listed["kind_configured"] is True and "notes" not in listed
     assert "capabilities_checked" not in listed
+
+
+def test_route_takes_labels_and_refuses_one_no_task_could_have(tmp_path: Path) -> None:
+    done = run_cli("route", "Payouts delayed since Friday", "--local", "--json", "--label",
+                   "Payments", "--label", "bug", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["contexts"]["names"][-2:] == ["l:payments", "l:bug"]
+    refused = run_cli("route", "Payouts delayed", "--local", "--label", "two words",
+                      cwd=tmp_path)
+    assert refused.returncode == 2 and "--label: label 'two words'" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_submit_refuses_bad_labels_before_it_needs_a_broker(tmp_path: Path) -> None:
+    nine = [arg for i in range(9) for arg in ("--label", f"l{i}")]
+    done = run_cli("submit", "Fix the login", *nine, cwd=tmp_path)
+    assert done.returncode == 2 and "invalid task: labels" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
