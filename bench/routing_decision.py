@@ -11,6 +11,9 @@ No broker: this times the planner alone, in this process.
 * D decisions (after a warm-up), each a fresh task with a fresh description; 10 % carry required
   capabilities and 5 % an explicit kind. Each ``select`` is timed with perf_counter_ns.
 * R ``record_outcome`` calls on decided tasks (each commits one row to the SQLite file).
+* ``--labels N``: every task carries N labels of 50 (``component:NN``), and the warm-up's
+  decisions are learned, so the labels' contexts have weights when the timed decisions read
+  them (the cost of labels, against a run without).
 
 ``--path live`` (the default) decides as the dispatcher does: on the whole fleet with its
 version (``fleet_version``), while the fleet changes (``--churn``: the share of decisions after
@@ -30,7 +33,7 @@ outcomes, so the store holds both states.
     .venv/bin/python bench/routing_decision.py [--outcomes 100000] [--agents 1000]
         [--decisions 20000] [--records 5000] [--policy bandit|seed] [--json FILE]
         [--path live|subset] [--churn 0.05] [--sweep-every 50] [--baseline DIR]
-        [--config FILE]
+        [--config FILE] [--labels N]
 """
 
 from __future__ import annotations
@@ -112,13 +115,26 @@ def fill_store(planner: CoordinationPlanner, rng: random.Random, count: int,
 
 
 def make_task(rng: random.Random, i: int, vocab: dict[str, list[str]],
-              kinds: list[str]) -> TaskRecord:
+              kinds: list[str], labels: int = 0) -> TaskRecord:
     roll = rng.random()
-    return TaskRecord(
+    task = TaskRecord(
         id=f"bench-{i}", description=describe(rng, vocab, rng.choice(kinds)),
         kind=rng.choice(kinds) if roll < 0.05 else None,
         required_capabilities=rng.sample(CAPABILITIES, 1) if 0.05 <= roll < 0.15 else [],
     )
+    if labels:
+        task.labels = [f"component:{n:02d}" for n in rng.sample(range(50), labels)]
+    return task
+
+
+def learn(planner: CoordinationPlanner, task: TaskRecord, agent: AgentRecord,
+          success: bool, rng: random.Random) -> None:
+    task.attempts.append(Attempt(
+        1, agent.id, 0.0, 60.0,
+        AttemptOutcome.SUCCEEDED if success else AttemptOutcome.FAILED,
+        duration_s=rng.uniform(0.05, 5.0),
+    ))
+    planner.record_outcome(task, agent, success)
 
 
 class LiveFleet:
@@ -152,7 +168,7 @@ class LiveFleet:
 def run(*, outcomes: int = 100_000, agents: int = 1000, decisions: int = 20_000,
         records: int = 5000, seed: int = 7, policy: str = "bandit", path: str = "live",
         churn: float = 0.05, sweep_every: int = 50,
-        config_path: Path | None = None) -> dict[str, Any]:
+        config_path: Path | None = None, labels: int = 0) -> dict[str, Any]:
     rng = random.Random(seed)
     loaded = load_routing_config(config_path) if config_path else default_routing_config()
     config = loaded.model_copy(update={"policy": Policy(policy)})
@@ -181,7 +197,10 @@ def run(*, outcomes: int = 100_000, agents: int = 1000, decisions: int = 20_000,
             return planner.select(task, live.agents.values(), fleet_version=live.version)
 
         for i in range(min(1000, decisions)):
-            decide(make_task(rng, -i, vocab, kinds))
+            task = make_task(rng, -i, vocab, kinds, labels)
+            warm = decide(task)
+            if labels and warm.agent is not None:
+                learn(planner, task, warm.agent, rng.random() < 0.8, rng)
 
         # Tasks are made one at a time, as they arrive, and dropped after their decision
         # (except those kept for record_outcome): a backlog of 20,000 decided tasks held in
@@ -197,7 +216,7 @@ def run(*, outcomes: int = 100_000, agents: int = 1000, decisions: int = 20_000,
         steady: list[float] = []  # CPU time of decisions that did not regroup the fleet
         sweep_ms: list[float] = []  # refresh_fleet, as the sweep calls it (live path)
         for i in range(decisions):
-            task = make_task(rng, i, vocab, kinds)
+            task = make_task(rng, i, vocab, kinds, labels)
             if live is not None:
                 if rng.random() < churn:
                     live.churn(rng)
@@ -232,13 +251,8 @@ def run(*, outcomes: int = 100_000, agents: int = 1000, decisions: int = 20_000,
         record_ms: list[float] = []
         for task, agent in chosen:
             success = rng.random() < 0.8
-            task.attempts.append(Attempt(
-                1, agent.id, 0.0, 60.0,
-                AttemptOutcome.SUCCEEDED if success else AttemptOutcome.FAILED,
-                duration_s=rng.uniform(0.05, 5.0),
-            ))
             t0 = clock()
-            planner.record_outcome(task, agent, success)
+            learn(planner, task, agent, success, rng)
             record_ms.append((clock() - t0) / 1e6)
         snap = planner.snapshot()
         planner.close()
@@ -246,7 +260,7 @@ def run(*, outcomes: int = 100_000, agents: int = 1000, decisions: int = 20_000,
         shutil.rmtree(workdir, ignore_errors=True)
 
     summary = {
-        "outcomes": outcomes, "agents": agents, "decisions": len(latencies),
+        "outcomes": outcomes, "agents": agents, "decisions": len(latencies), "labels": labels,
         "path": path, "churn": churn if live is not None else 0.0,
         "code": str(Path(coordinator_agent.__file__).parent.parent),
         "sweep_p50_ms": median(sweep_ms) if sweep_ms else float("nan"),
@@ -267,6 +281,7 @@ def run(*, outcomes: int = 100_000, agents: int = 1000, decisions: int = 20_000,
     }
     summary["policy"] = policy
     print(f"routing decision (policy {policy}): {outcomes:,} stored outcomes, {agents:,} agents, "
+          f"{labels} labels per task, "
           f"{len(latencies):,} decisions ({routed:,} routed); store filled in {fill_s:.1f}s, "
           f"reopened (aggregates rebuilt) in {reopen_s:.2f}s; path {path}, code from "
           f"{summary['code']}")
@@ -312,6 +327,8 @@ def main() -> int:
     parser.add_argument("--config", type=Path, default=None,
                         help="routing config of this checkout (default: packaged; the "
                              "baseline always runs its own packaged one)")
+    parser.add_argument("--labels", type=int, default=0, choices=range(9), metavar="0-8",
+                        help="labels per task (of 50), learned in the warm-up")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     base: dict[str, Any] | None = None
@@ -319,7 +336,7 @@ def main() -> int:
         base = run_baseline(args)
     summary = run(outcomes=args.outcomes, agents=args.agents, decisions=args.decisions,
                   records=args.records, policy=args.policy, path=args.path, churn=args.churn,
-                  sweep_every=args.sweep_every, config_path=args.config)
+                  sweep_every=args.sweep_every, config_path=args.config, labels=args.labels)
     if base is not None:
         rows = [[name, f"{base[name]:.3f}", f"{summary[name]:.3f}",
                  f"{base[name] / summary[name]:.2f}x" if summary[name] else ""]
@@ -342,6 +359,8 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
                    str(args.records), "--policy", args.policy, "--path", args.path,
                    "--churn", str(args.churn), "--sweep-every", str(args.sweep_every),
                    "--json", str(out)]
+        if args.labels:
+            command += ["--labels", str(args.labels)]
         env = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
         subprocess.run(command, env=env, check=False)
         result: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))

@@ -166,7 +166,12 @@ class TaskRecord:
         return self.max_retries + 1 - used
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.labels:
+            # Absent rather than empty: a coordinator of the version before labels (a standby
+            # during an upgrade) reads the records of unlabelled tasks.
+            del data["labels"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskRecord:
@@ -180,6 +185,7 @@ class TaskRecord:
     def public_view(self) -> dict[str, Any]:
         """What the API and CLI show: no reply queue, bounded."""
         view = self.to_dict()
+        view["labels"] = list(self.labels)
         view.pop("reply_to", None)
         view.pop("notified", None)
         if self.workflow is not None:

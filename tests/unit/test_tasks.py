@@ -202,6 +202,17 @@ def test_round_trip_through_json() -> None:
     assert type(restored.attempts[1].outcome) is AttemptOutcome
 
 
+def test_labels_round_trip_and_an_unlabelled_record_reads_as_before_them() -> None:
+    task = _full_task()
+    task.labels = ["bug", "component:gateway"]
+    assert TaskRecord.from_dict(orjson.loads(orjson.dumps(task.to_dict()))) == task
+    plain = _full_task()
+    # Absent, not empty: the records of unlabelled tasks are what the version before wrote.
+    assert "labels" not in plain.to_dict()
+    assert TaskRecord.from_dict(plain.to_dict()).labels == []
+    assert plain.public_view()["labels"] == [] and task.public_view()["labels"] == task.labels
+
+
 def test_to_dict_is_a_copy() -> None:
     task = _full_task()
     data = task.to_dict()
