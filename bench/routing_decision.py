@@ -11,9 +11,9 @@ No broker: this times the planner alone, in this process.
 * D decisions (after a warm-up), each a fresh task with a fresh description; 10 % carry required
   capabilities and 5 % an explicit kind. Each ``select`` is timed with perf_counter_ns.
 * R ``record_outcome`` calls on decided tasks (each commits one row to the SQLite file).
-* ``--labels N``: every task carries N labels of 50 (``component:NN``), and the warm-up's
-  decisions are learned, so the labels' contexts have weights when the timed decisions read
-  them (the cost of labels, against a run without).
+* The 1,000 warm-up decisions are learned. ``--labels N``: every task carries N labels of 50
+  (``component:NN``), so the labels' contexts have weights when the timed decisions read them
+  (the cost of labels, against a run without).
 
 ``--path live`` (the default) decides as the dispatcher does: on the whole fleet with its
 version (``fleet_version``), while the fleet changes (``--churn``: the share of decisions after
@@ -199,7 +199,7 @@ def run(*, outcomes: int = 100_000, agents: int = 1000, decisions: int = 20_000,
         for i in range(min(1000, decisions)):
             task = make_task(rng, -i, vocab, kinds, labels)
             warm = decide(task)
-            if labels and warm.agent is not None:
+            if warm.agent is not None:
                 learn(planner, task, warm.agent, rng.random() < 0.8, rng)
 
         # Tasks are made one at a time, as they arrive, and dropped after their decision

@@ -75,7 +75,7 @@ class Intake:
             description=spec.description,
             kind=spec.kind,
             required_capabilities=list(spec.required_capabilities),
-            labels=list(dict.fromkeys(spec.labels)),
+            labels=list(spec.labels),
             input=spec.input,
             timeout_s=spec.timeout_s or self.limits.task_timeout_s,
             max_retries=self.limits.max_retries if spec.max_retries is None else spec.max_retries,

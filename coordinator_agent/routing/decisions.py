@@ -82,10 +82,14 @@ class DecisionLog:
     def __init__(self, store: PatternStore, *, max_rows: int) -> None:
         self._db: sqlite3.Connection = store.db
         self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(decisions)")}
-        if "labels" not in columns:
+        if not _has_labels(self._db):
             # A store written before tasks had labels: its decisions had none.
-            self._db.execute("ALTER TABLE decisions ADD COLUMN labels TEXT NOT NULL DEFAULT ''")
+            try:
+                self._db.execute(
+                    "ALTER TABLE decisions ADD COLUMN labels TEXT NOT NULL DEFAULT ''")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):  # another process added it first
+                    raise
         self.max_rows = max_rows
         self._pending: list[tuple[Any, ...]] = []
         self._since_prune = 0
@@ -141,6 +145,10 @@ def _row(pending: tuple[Any, ...]) -> tuple[object, ...]:
     return (*pending[:6], _COMPACT.encode(candidates), *pending[7:])
 
 
+def _has_labels(db: sqlite3.Connection) -> bool:
+    return any(row[1] == "labels" for row in db.execute("PRAGMA table_info(decisions)"))
+
+
 class CorruptDecision(ValueError):
     """A row of the decision log that the log cannot have written (the file was edited or
     damaged): reading it on would turn it into nonsense estimates or a crash."""
@@ -182,7 +190,10 @@ def read_log(db: sqlite3.Connection, *, with_outcome: bool = True) -> Iterator[L
     """Logged decisions in order; by default only those whose outcome is known.
 
     Raises ``CorruptDecision`` at a row that the log cannot have written."""
-    rows = db.execute(_SELECT_KNOWN if with_outcome else _SELECT_ALL)
+    query = _SELECT_KNOWN if with_outcome else _SELECT_ALL
+    if not _has_labels(db):  # a store from before labels, opened read-only (replay)
+        query = query.replace(", labels FROM", ", '' FROM")
+    rows = db.execute(query)
     for row in rows:
         candidates = _checked(row)
         yield LoggedDecision(row[0], row[1], row[2], row[3], row[4], row[5], row[6],

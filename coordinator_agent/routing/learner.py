@@ -10,6 +10,7 @@ keeps what was learned.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -226,12 +227,17 @@ class Learner:
                  contexts: Sequence[str]) -> list[tuple[str, float]]:
         """``bandit.features``, the cluster context weighing ``bandit.cluster_weight``: its
         evidence moves the log-odds that many times faster (a fine context exists to catch
-        what the coarse ones average away)."""
+        what the coarse ones average away). A task's labels are one part, like its keywords:
+        each weighs 1/sqrt(number of labels), so several labels, seen or not, add no more
+        prior spread than one."""
         feats = features(keywords, contexts)
         weight = self.config.bandit.cluster_weight
-        if weight == 1.0:
+        labels = sum(c.startswith(LABEL_PREFIX) for c in contexts)
+        if weight == 1.0 and labels < 2:
             return feats
-        return [(name, weight if name.startswith(_CLUSTER_FEATURE) else x)
+        share = 1.0 / math.sqrt(labels) if labels else 1.0
+        return [(name, weight if name.startswith(_CLUSTER_FEATURE)
+                 else share if name.startswith(_LABEL_FEATURE) else x)
                 for name, x in feats]
 
     def watched(self, feats: Sequence[tuple[str, float]]) -> list[str]:
@@ -409,6 +415,7 @@ class Learner:
 _CLUSTER_FEATURE = CONTEXT_PREFIX + CLUSTER_PREFIX
 #: A label's context: ``l:`` and the label in lower case (ticket systems do not agree on case).
 LABEL_PREFIX = "l:"
+_LABEL_FEATURE = CONTEXT_PREFIX + LABEL_PREFIX
 
 
 def label_contexts(labels: Iterable[str]) -> tuple[str, ...]:

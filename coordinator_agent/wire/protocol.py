@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeAlias, Union
@@ -36,7 +35,6 @@ from coordinator_agent.exceptions import ProtocolError
 from coordinator_agent.wire.constants import PROTOCOL_VERSION
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")]
-_LABEL = re.compile(r"[A-Za-z0-9_.:-]+")
 Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 ShortText = Annotated[str, Field(max_length=1024)]
 MAX_DESCRIPTION_CHARS = 8192
@@ -45,19 +43,33 @@ Labels = Annotated[list[Label], Field(max_length=64)]
 #: Most labels one task may carry (``task.submit`` ``labels``): each is a context the router
 #: reads on every decision and every outcome of the task.
 MAX_TASK_LABELS = 8
-TaskLabels = Annotated[list[Label], Field(max_length=MAX_TASK_LABELS)]
+
+
+def _distinct_labels(labels: list[str]) -> list[str]:
+    """Each label once, whatever its case (the router reads them in lower case), the first
+    spelling kept; then at most ``MAX_TASK_LABELS``."""
+    seen: dict[str, str] = {}
+    for label in labels:
+        seen.setdefault(label.lower(), label)
+    if len(seen) > MAX_TASK_LABELS:
+        raise ValueError(f"at most {MAX_TASK_LABELS} labels, not {len(seen)}")
+    return list(seen.values())
+
+
+TaskLabels = Annotated[Labels, AfterValidator(_distinct_labels)]
+_TASK_LABELS: TypeAdapter[list[str]] = TypeAdapter(TaskLabels)
 
 
 def task_labels(values: Sequence[str]) -> list[str]:
-    """``values`` as a task's labels (each once, in order), checked by the rule of
-    ``task.submit``; a ``ValueError`` says what is wrong (for ``route`` and ``/api/route``)."""
-    labels = list(dict.fromkeys(values))
-    if len(labels) > MAX_TASK_LABELS:
-        raise ValueError(f"at most {MAX_TASK_LABELS} labels, not {len(labels)}")
-    for label in labels:
-        if not 1 <= len(label) <= 64 or _LABEL.fullmatch(label) is None:
-            raise ValueError(f"label {label[:80]!r}: 1 to 64 of A-Z a-z 0-9 _ . : -")
-    return labels
+    """``values`` as a task's labels, by the rule of ``task.submit``; a ``ValueError`` says
+    what is wrong (for ``route`` and ``/api/route``)."""
+    try:
+        return _TASK_LABELS.validate_python(list(values))
+    except ValidationError as exc:
+        problem = exc.errors(include_url=False, include_input=False)[0]
+        where = problem["loc"][0] if problem["loc"] else None
+        label = f"label {values[where][:80]!r}: " if isinstance(where, int) else ""
+        raise ValueError(label + problem["msg"].removeprefix("Value error, ")) from None
 
 #: Every integer on the wire, named or inside a JSON value, fits in a signed 64-bit word:
 #: what other languages hold natively, and what the coordinator's store can write.
@@ -301,6 +313,15 @@ class TaskSubmit(Model):
         if self.subtask_retries is not None and self.on_subtask_error != "retry":
             raise ValueError('subtask_retries needs on_subtask_error="retry"')
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_empty_labels(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Left out when empty, so that a coordinator of the version before labels takes the
+        # submissions of a client that gives none.
+        data: dict[str, Any] = handler(self)
+        if data.get("labels") == []:
+            del data["labels"]
+        return data
 
     @property
     def composite(self) -> bool:

@@ -75,14 +75,20 @@ def _belief(planner: CoordinationPlanner, labels: list[str]) -> dict[str, float]
 def test_a_submission_takes_up_to_eight_labels_of_the_protocols_label_rule() -> None:
     spec = protocol.TaskSubmit(description="Fix the login", labels=["bug", "team:auth"])
     assert spec.labels == ["bug", "team:auth"]
-    assert protocol.TaskSubmit(description="Fix the login").labels == []
+    plain = protocol.TaskSubmit(description="Fix the login")
+    assert plain.labels == []
+    # Left out of the message when empty: the coordinator before labels takes it.
+    assert "labels" not in plain.model_dump(mode="json")
+    assert spec.model_dump(mode="json")["labels"] == ["bug", "team:auth"]
     for bad in (["two words"], [""], ["x" * 65], [f"l{i}" for i in range(9)], "bug"):
         with pytest.raises(ValidationError, match="labels"):
             protocol.TaskSubmit(description="Fix the login", labels=bad)
 
 
 def test_task_labels_checks_and_keeps_each_label_once() -> None:
-    assert protocol.task_labels(["Bug", "ui", "Bug"]) == ["Bug", "ui"]
+    # Whatever its case, the first spelling kept; repeats do not count towards the limit.
+    assert protocol.task_labels(["Bug", "ui", "bug", "BUG"]) == ["Bug", "ui"]
+    assert protocol.TaskSubmit(description="x", labels=["bug"] * 9).labels == ["bug"]
     assert protocol.task_labels([]) == []
     with pytest.raises(ValueError, match="at most 8 labels, not 9"):
         protocol.task_labels([f"l{i}" for i in range(9)])
@@ -105,8 +111,12 @@ def test_a_label_pools_what_tasks_written_other_ways_taught() -> None:
         with_label = _belief(planner, [label.lower()])
         assert with_label[good] == max(with_label.values()), (label, with_label)
         assert with_label[good] > without[good] + 0.1, (label, with_label, without)
-    # A label never seen reads nothing.
+    # A label never seen reads nothing; labels are one part of a task, so eight never seen
+    # widen the exploration no more than one.
     assert _belief(planner, ["billing"]) == without
+    spread = [planner.explain(UNSEEN, labels=labels)["kinds"]["inventory"]["parts"][
+        "exploration"] for labels in ([], ["new"], [f"new{i}" for i in range(8)])]
+    assert spread[0] < spread[1] == spread[2], spread
     planner.close()
 
 
@@ -143,12 +153,9 @@ def test_an_update_without_labels_reads_as_the_version_before_them() -> None:
 # --- the decision log and replay --------------------------------------------------------------
 
 
-def test_the_decision_log_keeps_labels_and_a_store_from_before_them_is_read(
-    tmp_path: Path,
-) -> None:
-    old = tmp_path / "old.sqlite3"
-    db = sqlite3.connect(old)
-    # The table as stores written before labels have it, with one logged decision.
+def _store_from_before_labels(path: Path) -> Path:
+    """The decision log as stores written before labels have it, with one logged decision."""
+    db = sqlite3.connect(path)
     db.executescript("""
         CREATE TABLE decisions (id INTEGER PRIMARY KEY, task_id TEXT NOT NULL,
             attempt INTEGER NOT NULL, at REAL NOT NULL, policy TEXT NOT NULL,
@@ -161,6 +168,19 @@ def test_the_decision_log_keeps_labels_and_a_store_from_before_them_is_read(
     """)
     db.commit()
     db.close()
+    return path
+
+
+def test_replay_reads_a_store_from_before_labels_without_changing_it(tmp_path: Path) -> None:
+    old = _store_from_before_labels(tmp_path / "old.sqlite3")
+    estimate = replay(old, default_routing_config())  # opens it read-only
+    assert estimate["decisions"] == 1 and estimate["logged"]["estimate"] == 1.0
+
+
+def test_the_decision_log_keeps_labels_and_a_store_from_before_them_is_read(
+    tmp_path: Path,
+) -> None:
+    old = _store_from_before_labels(tmp_path / "old.sqlite3")
     planner = CoordinationPlanner(32, config=default_routing_config(), store_path=old,
                                   clock=lambda: NOW, rng=random.Random(5))
     _route(planner, TaskRecord(id="new", description=WORDINGS[0], labels=["bug", "ui"]),
